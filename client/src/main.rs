@@ -1,0 +1,4 @@
+//! `fusion-client`.
+#![forbid(unsafe_code)]
+
+fn main() {}

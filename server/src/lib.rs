@@ -1,0 +1,2 @@
+//! The model owner.
+#![forbid(unsafe_code)]

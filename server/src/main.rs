@@ -1,0 +1,4 @@
+//! `fusion-server`.
+#![forbid(unsafe_code)]
+
+fn main() {}
