@@ -1,0 +1,370 @@
+//! Checking a mixed batch's results (Fusion, client side).
+//!
+//! After the secure inference the client un-shuffles the T + R*B results with its secret
+//! [`MixPlan`] and checks, in this order:
+//!
+//! - (a) every public row's label equals the label the server published for that pool
+//!   entry (bound to the model by the pool digest);
+//! - (b) the R copies of each own input gave identical results;
+//! - (c) the accuracy on the public rows against the true labels is not significantly
+//!   below the accuracy the server claims: an exact one-sided binomial test,
+//!   P[Bin(T, claimed) <= correct] >= 1 - confidence.
+//!
+//! Any failure returns a [`CheckError`] naming the check and the number of rows; no result
+//! of that batch is released.
+
+use super::mix::{MixPlan, Origin};
+
+/// A result row that has a label (a label itself, or logits whose first argmax is one).
+pub trait RowOutput: Clone + PartialEq {
+    /// The top-1 label of this row.
+    fn label(&self) -> usize;
+}
+
+impl RowOutput for usize {
+    fn label(&self) -> usize {
+        *self
+    }
+}
+
+impl RowOutput for u8 {
+    fn label(&self) -> usize {
+        usize::from(*self)
+    }
+}
+
+impl RowOutput for Vec<i64> {
+    /// First argmax, as the fixed-point evaluator defines it.
+    fn label(&self) -> usize {
+        let mut best = 0;
+        for (i, v) in self.iter().enumerate() {
+            if *v > self[best] {
+                best = i;
+            }
+        }
+        best
+    }
+}
+
+/// What the client expects of the public rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Expectations<'a> {
+    /// the server's published label for each pool position (digest already verified)
+    pub pool_labels: &'a [u8],
+    /// the true label of each pool position (public data set)
+    pub pool_truth: &'a [u8],
+    /// the accuracy the server claims for its model, in [0, 1]
+    pub claimed_accuracy: f64,
+    /// confidence of check (c), e.g. 0.999 (the honest server is flagged with probability
+    /// at most 1 - confidence)
+    pub confidence: f64,
+}
+
+/// Why a batch was rejected. The server misbehaved (or, for (c) only, was unlucky with
+/// probability at most 1 - confidence).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckError {
+    /// The batch has the wrong number of results.
+    #[error("the server returned {actual} results for a batch of {expected} rows")]
+    CountMismatch {
+        /// rows sent
+        expected: usize,
+        /// results received
+        actual: usize,
+    },
+    /// A public position outside the pool (a client-side inconsistency).
+    #[error("pool position {position} outside a pool of {pool}")]
+    PoolPosition {
+        /// the position
+        position: usize,
+        /// pool size
+        pool: usize,
+    },
+    /// Check (a).
+    #[error("check (a) failed: {rows} of {of} public rows differ from the published labels")]
+    PublicMismatch {
+        /// public rows with a wrong label
+        rows: usize,
+        /// public rows in the batch (T)
+        of: usize,
+    },
+    /// Check (b).
+    #[error(
+        "check (b) failed: the copies of {samples} of {of} own inputs disagree ({rows} rows involved)"
+    )]
+    CopiesDisagree {
+        /// own inputs whose copies disagree
+        samples: usize,
+        /// own inputs in the batch (B)
+        of: usize,
+        /// rows of those inputs (R each)
+        rows: usize,
+    },
+    /// Check (c).
+    #[error(
+        "check (c) failed: {correct} of {of} public rows correct, below the claimed accuracy {claimed:.4} (p = {p_value:.3e})"
+    )]
+    AccuracyBelowClaim {
+        /// public rows whose label is the true label
+        correct: usize,
+        /// T
+        of: usize,
+        /// the server's claim
+        claimed: f64,
+        /// P[Bin(T, claimed) <= correct]
+        p_value: f64,
+    },
+}
+
+impl CheckError {
+    /// A short name of the failed check, for reports and exit messages.
+    pub fn check_name(&self) -> &'static str {
+        match self {
+            Self::PublicMismatch { .. } => "a: public rows",
+            Self::CopiesDisagree { .. } => "b: copies agree",
+            Self::AccuracyBelowClaim { .. } => "c: accuracy",
+            Self::CountMismatch { .. } | Self::PoolPosition { .. } => "batch shape",
+        }
+    }
+}
+
+/// The verified results: one per own input, in the order the inputs were given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified<O> {
+    /// result of own input s
+    pub outputs: Vec<O>,
+    /// public rows whose label was the true label (check (c))
+    pub public_correct: usize,
+    /// the p-value of check (c)
+    pub p_value: f64,
+}
+
+/// Runs checks (a), (b), (c) on the results of a batch assembled with `plan`.
+pub fn check<O: RowOutput>(
+    plan: &MixPlan,
+    results: &[O],
+    exp: &Expectations<'_>,
+) -> Result<Verified<O>, CheckError> {
+    if results.len() != plan.rows() {
+        return Err(CheckError::CountMismatch {
+            expected: plan.rows(),
+            actual: results.len(),
+        });
+    }
+    let pool = exp.pool_labels.len().min(exp.pool_truth.len());
+    let positions = plan.public_positions();
+    if let Some(&p) = positions.iter().find(|&&p| p >= pool) {
+        return Err(CheckError::PoolPosition { position: p, pool });
+    }
+
+    // Un-shuffle.
+    let mut own: Vec<Vec<Option<&O>>> = vec![vec![None; plan.r()]; plan.b()];
+    let mut public_wrong = 0;
+    let mut public_correct = 0;
+    for (i, out) in results.iter().enumerate() {
+        match plan.origin(i) {
+            Origin::Public(j) => {
+                let p = positions[j];
+                let label = out.label();
+                if label != usize::from(exp.pool_labels[p]) {
+                    public_wrong += 1;
+                }
+                if label == usize::from(exp.pool_truth[p]) {
+                    public_correct += 1;
+                }
+            }
+            Origin::Own { sample, copy } => own[sample][copy] = Some(out),
+        }
+    }
+
+    // (a)
+    if public_wrong > 0 {
+        return Err(CheckError::PublicMismatch {
+            rows: public_wrong,
+            of: plan.t(),
+        });
+    }
+
+    // (b)
+    let mut outputs = Vec::with_capacity(plan.b());
+    let mut disagree = 0;
+    for copies in &own {
+        let first = copies[0];
+        if copies.iter().any(|c| *c != first) {
+            disagree += 1;
+        }
+        if let Some(o) = first {
+            outputs.push(o.clone());
+        }
+    }
+    if disagree > 0 {
+        return Err(CheckError::CopiesDisagree {
+            samples: disagree,
+            of: plan.b(),
+            rows: disagree * plan.r(),
+        });
+    }
+
+    // (c)
+    let p_value = binomial_cdf(plan.t(), exp.claimed_accuracy, public_correct);
+    if plan.t() > 0 && p_value < 1.0 - exp.confidence {
+        return Err(CheckError::AccuracyBelowClaim {
+            correct: public_correct,
+            of: plan.t(),
+            claimed: exp.claimed_accuracy,
+            p_value,
+        });
+    }
+
+    Ok(Verified {
+        outputs,
+        public_correct,
+        p_value,
+    })
+}
+
+/// P[Bin(n, p) <= k], summed in log space (exact to double precision for n up to millions).
+pub fn binomial_cdf(n: usize, p: f64, k: usize) -> f64 {
+    if k >= n {
+        return 1.0;
+    }
+    if p <= 0.0 {
+        return 1.0;
+    }
+    if p >= 1.0 {
+        return 0.0; // k < n successes are impossible
+    }
+    let (lp, lq) = (p.ln(), (-p).ln_1p());
+    // ln C(n, i) built up incrementally.
+    let mut ln_c = 0.0f64;
+    let mut terms = Vec::with_capacity(k + 1);
+    for i in 0..=k {
+        if i > 0 {
+            ln_c += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        terms.push(ln_c + i as f64 * lp + (n - i) as f64 * lq);
+    }
+    let m = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let s: f64 = terms.iter().map(|t| (t - m).exp()).sum();
+    (m + s.ln()).exp().min(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha12Rng;
+
+    /// A plan, the honest results for it (label = pool position % 10 for public rows,
+    /// `own[s]` for own rows), and the pool.
+    fn setup(b: usize, t: usize, r: usize, seed: u64) -> (MixPlan, Vec<usize>, Vec<u8>) {
+        let mut rng = ChaCha12Rng::seed_from_u64(seed);
+        let pool: Vec<u8> = (0..50u8).map(|i| i % 10).collect();
+        let plan = MixPlan::new(b, t, r, pool.len(), &mut rng).unwrap();
+        let own: Vec<usize> = (0..b).map(|s| (s * 3) % 10).collect();
+        let rows = plan.assemble(&own, |p| usize::from(pool[p])).unwrap();
+        (plan, rows, pool)
+    }
+
+    fn exp(pool: &[u8]) -> Expectations<'_> {
+        Expectations {
+            pool_labels: pool,
+            pool_truth: pool,
+            claimed_accuracy: 0.98,
+            confidence: 0.999,
+        }
+    }
+
+    #[test]
+    fn honest_results_pass_and_come_back_in_input_order() {
+        let (plan, rows, pool) = setup(6, 8, 3, 1);
+        let v = check(&plan, &rows, &exp(&pool)).unwrap();
+        assert_eq!(v.outputs, (0..6).map(|s| (s * 3) % 10).collect::<Vec<_>>());
+        assert_eq!(v.public_correct, 8);
+    }
+
+    #[test]
+    fn each_check_names_itself() {
+        let (plan, rows, pool) = setup(6, 8, 3, 2);
+        // (a): alter one public row.
+        let i = (0..plan.rows())
+            .find(|&i| matches!(plan.origin(i), Origin::Public(_)))
+            .unwrap();
+        let mut bad = rows.clone();
+        bad[i] = (bad[i] + 1) % 10;
+        assert_eq!(
+            check(&plan, &bad, &exp(&pool)).unwrap_err(),
+            CheckError::PublicMismatch { rows: 1, of: 8 }
+        );
+        // (b): alter one copy of an own input.
+        let i = (0..plan.rows())
+            .find(|&i| matches!(plan.origin(i), Origin::Own { copy: 1, .. }))
+            .unwrap();
+        let mut bad = rows.clone();
+        bad[i] = (bad[i] + 1) % 10;
+        let e = check(&plan, &bad, &exp(&pool)).unwrap_err();
+        assert_eq!(
+            e,
+            CheckError::CopiesDisagree {
+                samples: 1,
+                of: 6,
+                rows: 3
+            }
+        );
+        assert_eq!(e.check_name(), "b: copies agree");
+        // Altering a whole group consistently escapes (a) and (b) by design.
+        let sample = match plan.origin(i) {
+            Origin::Own { sample, .. } => sample,
+            Origin::Public(_) => unreachable!(),
+        };
+        let mut bad = rows.clone();
+        for (k, row) in bad.iter_mut().enumerate() {
+            if matches!(plan.origin(k), Origin::Own { sample: s, .. } if s == sample) {
+                *row = (*row + 1) % 10;
+            }
+        }
+        assert!(check(&plan, &bad, &exp(&pool)).is_ok());
+        // Wrong count.
+        assert!(matches!(
+            check(&plan, &rows[1..], &exp(&pool)),
+            Err(CheckError::CountMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn accuracy_check_flags_a_model_worse_than_claimed() {
+        // Published labels agree with the results, but half of them are not the truth.
+        let (plan, rows, pool) = setup(2, 40, 2, 3);
+        let truth: Vec<u8> = pool
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| if i % 2 == 0 { l } else { (l + 1) % 10 })
+            .collect();
+        let e = Expectations {
+            pool_truth: &truth,
+            ..exp(&pool)
+        };
+        let err = check(&plan, &rows, &e).unwrap_err();
+        assert!(
+            matches!(err, CheckError::AccuracyBelowClaim { of: 40, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn logits_rows_use_first_argmax_and_exact_copy_equality() {
+        assert_eq!(vec![1i64, 5, 5, -2].label(), 1);
+        assert_eq!(vec![-3i64].label(), 0);
+    }
+
+    #[test]
+    fn binomial_cdf_matches_hand_values() {
+        // Bin(3, 0.5): P[<= 1] = 4/8.
+        assert!((binomial_cdf(3, 0.5, 1) - 0.5).abs() < 1e-12);
+        // Bin(10, 0.9): P[<= 7] = 1 - P[8] - P[9] - P[10] = 0.0701908...
+        assert!((binomial_cdf(10, 0.9, 7) - 0.070_190_8).abs() < 1e-6);
+        assert_eq!(binomial_cdf(5, 0.3, 5), 1.0);
+        assert_eq!(binomial_cdf(5, 1.0, 4), 0.0);
+    }
+}
