@@ -117,7 +117,7 @@ pub fn escape_rows(t: usize, r: usize, b: usize, k: usize) -> Ratio {
             den: BigUint::one(),
         };
     }
-    if k % r != 0 || k / r > b {
+    if !k.is_multiple_of(r) || k / r > b {
         return Ratio {
             num: BigUint::zero(),
             den: BigUint::one(),
