@@ -28,10 +28,7 @@ use crate::channel::Channel;
 const QUERY_DOMAIN: &str = "query ciphertext a";
 
 /// Runs `f`; refuses if the session is poisoned and poisons it if `f` fails.
-fn guarded<T>(
-    poisoned: &AtomicBool,
-    f: impl FnOnce() -> Result<T, HeError>,
-) -> Result<T, HeError> {
+fn guarded<T>(poisoned: &AtomicBool, f: impl FnOnce() -> Result<T, HeError>) -> Result<T, HeError> {
     if poisoned.load(Ordering::SeqCst) {
         return Err(HeError::Poisoned);
     }
@@ -323,17 +320,26 @@ impl ServerSession {
         let count = Packing::choose(p, &shape)?.output_cts(&shape);
         let mut msgs = Vec::with_capacity(count + 1);
         msgs.push(encode_response_header(p, &shape, count)?);
-        let ys = self.evaluate_core(weights, bias, xs, shape, header, cts, rng, |c0, c1, kept| {
-            // Modulus switching to 2^K0 (kept c0) and 2^K1 (all of c1): the trimmed form.
-            let c0_out: Vec<u64> = kept
-                .iter()
-                .map(|pos| switch_coefficient(c0, *pos, p, &p.switch_c0, p.c0_bits()))
-                .collect();
-            let c1_out: Vec<u64> = (0..DEGREE)
-                .map(|j| switch_coefficient(c1, j, p, &p.switch_c1, p.c1_bits()))
-                .collect();
-            msgs.push(encode_response_ct(p, &c1_out, &c0_out));
-        })?;
+        let ys = self.evaluate_core(
+            weights,
+            bias,
+            xs,
+            shape,
+            header,
+            cts,
+            rng,
+            |c0, c1, kept| {
+                // Modulus switching to 2^K0 (kept c0) and 2^K1 (all of c1): the trimmed form.
+                let c0_out: Vec<u64> = kept
+                    .iter()
+                    .map(|pos| switch_coefficient(c0, *pos, p, &p.switch_c0, p.c0_bits()))
+                    .collect();
+                let c1_out: Vec<u64> = (0..DEGREE)
+                    .map(|j| switch_coefficient(c1, j, p, &p.switch_c1, p.c1_bits()))
+                    .collect();
+                msgs.push(encode_response_ct(p, &c1_out, &c0_out));
+            },
+        )?;
         Ok((msgs, ys))
     }
 

@@ -223,14 +223,8 @@ impl Packing {
         // Row blocks: all full but maybe the last; same for output blocks.
         let rb = self.row_blocks(s);
         let ob = self.out_blocks(s);
-        for (rows, nr) in [
-            (self.rows, rb - 1),
-            (self.rows_in(s, rb - 1), 1),
-        ] {
-            for (outs, no) in [
-                (self.outputs, ob - 1),
-                (self.outputs_in(s, ob - 1), 1),
-            ] {
+        for (rows, nr) in [(self.rows, rb - 1), (self.rows_in(s, rb - 1), 1)] {
+            for (outs, no) in [(self.outputs, ob - 1), (self.outputs_in(s, ob - 1), 1)] {
                 total += nr * no * Self::response_ct_bytes(p, rows * outs);
             }
         }

@@ -132,7 +132,7 @@ pub(crate) fn c1_rounding_bound() -> u64 {
 /// `terms` weight terms of at most `weight_bits` signed bits (module doc, "noise").
 pub(crate) fn noise_bound(weight_bits: u32, terms: u64) -> u128 {
     // (|e| + 1/2) * sum |w| <= 21.5 * terms * 2^(wb-1) = 43 * terms * 2^(wb-2)
-    let product = (43u128 * u128::from(terms) << (weight_bits - 1)).div_ceil(2);
+    let product = ((43u128 * u128::from(terms)) << (weight_bits - 1)).div_ceil(2);
     // plaintext rounding (1/2), re-randomisation e1 - e_pk*u + e2*s
     let rerand = u128::from(CBD_PAIRS) * (2 * DEGREE as u128 + 1);
     product + 1 + rerand
@@ -151,7 +151,8 @@ impl HeParams {
                 ring_bits,
             });
         }
-        let ring = Ring::new(ring_bits).map_err(|_| HeError::UnsupportedRing { bits: ring_bits })?;
+        let ring =
+            Ring::new(ring_bits).map_err(|_| HeError::UnsupportedRing { bits: ring_bits })?;
         let c1_bits = ring_bits + C1_EXTRA_BITS;
         let c0_bits = ring_bits + C0_EXTRA_BITS;
         let noise = noise_bound(weight_bits, 1 << LOG_MAX_WEIGHT_TERMS);
@@ -228,7 +229,10 @@ impl HeParams {
             .map(|m| NttOperator::new(m, DEGREE))
             .collect::<Option<_>>()
             .ok_or_else(|| HeError::NoParameters("NTT unsupported".into()))?;
-        let residue_bits = moduli.iter().map(|p| 64 - (p - 1).leading_zeros()).collect();
+        let residue_bits = moduli
+            .iter()
+            .map(|p| 64 - (p - 1).leading_zeros())
+            .collect();
         let t = BigUint::one() << ring.bits() as usize;
         let delta_big = q_big / &t;
         let rho = (q_big % &t)
@@ -269,8 +273,11 @@ impl HeParams {
             return Err(HeError::NoParameters("first two primes too small".into()));
         }
         let log2_q = q_big.bits() as f64
-            + ((q_big >> (q_big.bits() as usize - 53)).to_f64().unwrap_or(1.0) / 2f64.powi(53))
-                .log2();
+            + ((q_big >> (q_big.bits() as usize - 53))
+                .to_f64()
+                .unwrap_or(1.0)
+                / 2f64.powi(53))
+            .log2();
         let mut h = blake3::Hasher::new_derive_key("fusion-common he params v1");
         h.update(&(DEGREE as u64).to_le_bytes());
         for p in &moduli {
@@ -372,7 +379,12 @@ fn pick_primes(sizes: &[u32], two_n: u64) -> Option<Vec<u64>> {
     let mut out: Vec<u64> = Vec::with_capacity(sizes.len());
     for &b in sizes {
         let mut upper = 1u64 << b;
-        if let Some(prev) = out.iter().copied().filter(|p| 64 - p.leading_zeros() == b).min() {
+        if let Some(prev) = out
+            .iter()
+            .copied()
+            .filter(|p| 64 - p.leading_zeros() == b)
+            .min()
+        {
             upper = prev;
         }
         out.push(generate_prime(b as usize, two_n, upper)?);

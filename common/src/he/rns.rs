@@ -324,7 +324,13 @@ mod tests {
         let q = q_of(&p);
         let ring = p.ring();
         let mut poly = RnsPoly::zero(3);
-        let xs = [0, 1, ring.mask(), ring.from_signed(ring.max_signed()), ring.from_signed(ring.min_signed())];
+        let xs = [
+            0,
+            1,
+            ring.mask(),
+            ring.from_signed(ring.max_signed()),
+            ring.from_signed(ring.min_signed()),
+        ];
         for (j, x) in xs.iter().enumerate() {
             for i in 0..3 {
                 poly.data[i * DEGREE + j] = encode_scaled(*x, &p, i);

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha12Rng;
 use super::packing::Packing;
 use super::rns::RnsPoly;
 use super::*;
-use crate::channel::{Channel, Counting, memory_pair};
+use crate::channel::{Channel, CostReport, Counting, memory_pair};
 use crate::ring::Ring;
 
 /// W X + b mod 2^l, the reference: W is n_o x n_i, X is B x n_i, result B x n_o.
@@ -61,22 +61,22 @@ impl Layer {
     fn x(&self, ring: Ring) -> Vec<u64> {
         match &self.xs {
             None => self.xc.clone(),
-            Some(xs) => self.xc.iter().zip(xs).map(|(a, b)| ring.add(*a, *b)).collect(),
+            Some(xs) => self
+                .xc
+                .iter()
+                .zip(xs)
+                .map(|(a, b)| ring.add(*a, *b))
+                .collect(),
         }
     }
 }
 
+/// Per layer (yc, ys), then the client's and the server's cost reports.
+type SessionRun = (Vec<(Vec<u64>, Vec<u64>)>, CostReport, CostReport);
+
 /// Runs setup and the layers over `memory_pair()` on two threads; returns per layer
 /// (yc, ys) and both parties' cost reports.
-fn run_session(
-    params: &Arc<HeParams>,
-    layers: &[Layer],
-    seed: u64,
-) -> (
-    Vec<(Vec<u64>, Vec<u64>)>,
-    crate::channel::CostReport,
-    crate::channel::CostReport,
-) {
+fn run_session(params: &Arc<HeParams>, layers: &[Layer], seed: u64) -> SessionRun {
     let (a, b) = memory_pair();
     thread::scope(|scope| {
         let server = scope.spawn(|| {
@@ -128,14 +128,26 @@ fn check_layers(params: &Arc<HeParams>, layers: &[Layer], seed: u64) {
         assert_ne!(ys, &expected);
         // Bytes and flights against the formula.
         let cost = layer_cost(params, &l.shape).unwrap();
-        let c = client.steps.iter().find(|s| s.step == format!("layer{i}")).unwrap();
+        let c = client
+            .steps
+            .iter()
+            .find(|s| s.step == format!("layer{i}"))
+            .unwrap();
         assert_eq!(c.bytes_sent as usize, cost.query_bytes, "{:?}", l.shape);
-        assert_eq!(c.bytes_received as usize, cost.response_bytes, "{:?}", l.shape);
+        assert_eq!(
+            c.bytes_received as usize, cost.response_bytes,
+            "{:?}",
+            l.shape
+        );
         assert_eq!(c.messages_sent as usize, cost.input_cts + 1);
         assert_eq!(c.messages_received as usize, cost.output_cts + 1);
         // The setup message and the first query travel in the same flight.
         assert_eq!(c.rounds, if i == 0 { 1 } else { 2 });
-        let s = server.steps.iter().find(|s| s.step == format!("layer{i}")).unwrap();
+        let s = server
+            .steps
+            .iter()
+            .find(|s| s.step == format!("layer{i}"))
+            .unwrap();
         assert_eq!(
             (s.bytes_received, s.bytes_sent),
             (c.bytes_sent, c.bytes_received)
@@ -281,7 +293,10 @@ fn no_residual_noise_with_extreme_weights_and_shares() {
     let mut rng = ChaCha12Rng::seed_from_u64(16);
     let shape = LinearShape::new(2, 300, 24);
     let pk = Packing::choose(&params, &shape).unwrap();
-    assert!(pk.weight_terms(&shape) > 1 << (LOG_MAX_WEIGHT_TERMS - 3), "{pk:?}");
+    assert!(
+        pk.weight_terms(&shape) > 1 << (LOG_MAX_WEIGHT_TERMS - 3),
+        "{pk:?}"
+    );
     let min = ring.from_signed(ring.min_signed());
     let max = ring.from_signed(ring.max_signed());
     let layer = Layer {
@@ -289,7 +304,13 @@ fn no_residual_noise_with_extreme_weights_and_shares() {
         w: vec![min; shape.outputs * shape.inputs],
         b: vec![max; shape.outputs],
         xc: (0..shape.rows * shape.inputs)
-            .map(|i| if i % 3 == 0 { max } else { ring.random(&mut rng) })
+            .map(|i| {
+                if i % 3 == 0 {
+                    max
+                } else {
+                    ring.random(&mut rng)
+                }
+            })
             .collect(),
         xs: Some(random_vec(ring, shape.rows * shape.inputs, &mut rng)),
     };
@@ -297,7 +318,15 @@ fn no_residual_noise_with_extreme_weights_and_shares() {
     let server = ServerSession::from_setup(params.clone(), &setup).unwrap();
     let q = client.encrypt_layer(&layer.xc, shape, &mut rng).unwrap();
     let (resp, ys) = server
-        .evaluate_layer(&layer.w, &layer.b, layer.xs.as_deref(), shape, &q[0], &q[1..], &mut rng)
+        .evaluate_layer(
+            &layer.w,
+            &layer.b,
+            layer.xs.as_deref(),
+            shape,
+            &q[0],
+            &q[1..],
+            &mut rng,
+        )
         .unwrap();
     let raw = client.decrypt_raw(shape, &resp[0], &resp[1..]).unwrap();
     let yc = client.decrypt_layer(shape, &resp[0], &resp[1..]).unwrap();
@@ -312,7 +341,10 @@ fn no_residual_noise_with_extreme_weights_and_shares() {
         let noise = ((noise << (64 - k1)) as i64) >> (64 - k1);
         worst = worst.max(noise.abs());
     }
-    assert!(worst < 1 << (shift - 1), "noise {worst} reaches the rounding bound");
+    assert!(
+        worst < 1 << (shift - 1),
+        "noise {worst} reaches the rounding bound"
+    );
 }
 
 /// The integer in [0, Q) with the given residues.
@@ -360,7 +392,10 @@ fn flooding_noise_is_present_and_exceeds_the_claimed_bound() {
                 sk.mul_into(&mut v, &params);
                 v.intt(&params);
                 v.add_assign(c0, &params);
-                at_q.push((kept.iter().map(|j| crt(&params, &v, *j)).collect(), kept.to_vec()));
+                at_q.push((
+                    kept.iter().map(|j| crt(&params, &v, *j)).collect(),
+                    kept.to_vec(),
+                ));
             },
         )
         .unwrap();
@@ -403,15 +438,15 @@ fn flooding_noise_is_present_and_exceeds_the_claimed_bound() {
     // Uniform on [-B_f, B_f]: 75% beyond B_f/4, standard deviation B_f/sqrt(3).
     assert!(big * 100 > n * 65, "{big} of {n} beyond B_f/4");
     let std = (sum_sq / n as f64).sqrt();
-    assert!(std > 0.5 * bf && std < 0.65 * bf, "std {std:e} vs B_f {bf:e}");
+    assert!(
+        std > 0.5 * bf && std < 0.65 * bf,
+        "std {std:e} vs B_f {bf:e}"
+    );
     // Every coefficient's noise is far above the claimed bound E on the product noise.
     assert!(max > e * 2f64.powi(STAT_SEC as i32));
 }
 
-fn setup_pair(
-    params: &Arc<HeParams>,
-    rng: &mut ChaCha12Rng,
-) -> (ClientSession, ServerSession) {
+fn setup_pair(params: &Arc<HeParams>, rng: &mut ChaCha12Rng) -> (ClientSession, ServerSession) {
     let (c, m) = ClientSession::generate(params.clone(), rng);
     (c, ServerSession::from_setup(params.clone(), &m).unwrap())
 }
@@ -459,7 +494,10 @@ fn short_tampered_and_miscounted_messages_are_refused() {
     let shape = LinearShape::new(3, 200, 40);
     let ring = params.ring();
     let xc = random_vec(ring, 600, &mut rng);
-    let (w, b) = (random_vec(ring, 8000, &mut rng), random_vec(ring, 40, &mut rng));
+    let (w, b) = (
+        random_vec(ring, 8000, &mut rng),
+        random_vec(ring, 40, &mut rng),
+    );
     let q = client.encrypt_layer(&xc, shape, &mut rng).unwrap();
     let eval = |hdr: &[u8], cts: &[Vec<u8>]| {
         let mut rng = ChaCha12Rng::seed_from_u64(1);
@@ -468,9 +506,15 @@ fn short_tampered_and_miscounted_messages_are_refused() {
     // A short ciphertext.
     let mut cts = q[1..].to_vec();
     cts[0].pop();
-    assert!(matches!(eval(&q[0], &cts), Err(HeError::MalformedLength { .. })));
+    assert!(matches!(
+        eval(&q[0], &cts),
+        Err(HeError::MalformedLength { .. })
+    ));
     // A short header.
-    assert!(matches!(eval(&q[0][..50], &q[1..]), Err(HeError::MalformedLength { .. })));
+    assert!(matches!(
+        eval(&q[0][..50], &q[1..]),
+        Err(HeError::MalformedLength { .. })
+    ));
     // A residue not below its prime (the first residue of prime 0 set to all ones).
     let mut cts = q[1..].to_vec();
     let bits = 64 - (params.moduli()[0] - 1).leading_zeros() as usize;
@@ -479,7 +523,11 @@ fn short_tampered_and_miscounted_messages_are_refused() {
     }
     assert!(matches!(
         eval(&q[0], &cts),
-        Err(HeError::CoefficientOutOfRange { prime: 0, index: 0, .. })
+        Err(HeError::CoefficientOutOfRange {
+            prime: 0,
+            index: 0,
+            ..
+        })
     ));
     // A wrong row count in the header.
     let mut hdr = q[0].clone();
@@ -492,7 +540,10 @@ fn short_tampered_and_miscounted_messages_are_refused() {
     // A wrong packing and a wrong count in the header.
     let mut hdr = q[0].clone();
     hdr[45] ^= 1;
-    assert!(matches!(eval(&hdr, &q[1..]), Err(HeError::PackingMismatch { .. })));
+    assert!(matches!(
+        eval(&hdr, &q[1..]),
+        Err(HeError::PackingMismatch { .. })
+    ));
     let mut hdr = q[0].clone();
     hdr[57..61].copy_from_slice(&99u32.to_le_bytes());
     let expected = Packing::choose(&params, &shape).unwrap().input_cts(&shape);
@@ -508,13 +559,21 @@ fn short_tampered_and_miscounted_messages_are_refused() {
     // Another message kind.
     let mut hdr = q[0].clone();
     hdr[0] = 0x53;
-    assert!(matches!(eval(&hdr, &q[1..]), Err(HeError::WrongMessage { .. })));
+    assert!(matches!(
+        eval(&hdr, &q[1..]),
+        Err(HeError::WrongMessage { .. })
+    ));
 
     // The client side: the untampered response decrypts; tampered ones are refused.
     let (resp, ys) = eval(&q[0], &q[1..]).unwrap();
     let yc = client.decrypt_layer(shape, &resp[0], &resp[1..]).unwrap();
     let expected = plain_linear(ring, &w, &b, &xc, shape);
-    assert!(yc.iter().zip(&ys).zip(&expected).all(|((a, b), e)| ring.add(*a, *b) == *e));
+    assert!(
+        yc.iter()
+            .zip(&ys)
+            .zip(&expected)
+            .all(|((a, b), e)| ring.add(*a, *b) == *e)
+    );
     let mut short = resp.clone();
     short[1].truncate(100);
     assert!(matches!(
@@ -539,27 +598,54 @@ fn local_inputs_are_checked() {
     let shape = LinearShape::new(1, 4, 2);
     assert!(matches!(
         client.encrypt_layer(&[0; 3], shape, &mut rng),
-        Err(HeError::InputLength { expected: 4, actual: 3, .. })
+        Err(HeError::InputLength {
+            expected: 4,
+            actual: 3,
+            ..
+        })
     ));
     assert!(matches!(
         client.encrypt_layer(&[0, 0, 1 << 32, 0], shape, &mut rng),
         Err(HeError::NotInRing { index: 2, .. })
     ));
-    let q = client.encrypt_layer(&[1, 2, 3, 4], shape, &mut rng).unwrap();
+    let q = client
+        .encrypt_layer(&[1, 2, 3, 4], shape, &mut rng)
+        .unwrap();
     // Weight bound 16 bits: -2^15 is fine, 2^15 is not.
     let ring = params.ring();
-    let w = [ring.from_signed(-(1 << 15)), 5, 0, 1, 2, 3, 4, ring.from_signed(1 << 15)];
+    let w = [
+        ring.from_signed(-(1 << 15)),
+        5,
+        0,
+        1,
+        2,
+        3,
+        4,
+        ring.from_signed(1 << 15),
+    ];
     assert!(matches!(
         server.evaluate_layer(&w, &[0, 0], None, shape, &q[0], &q[1..], &mut rng),
         Err(HeError::WeightOutOfRange { index: 7, bits: 16 })
     ));
-    let w = [ring.from_signed(-(1 << 15)), 5, 0, 1, 2, 3, 4, ring.from_signed((1 << 15) - 1)];
+    let w = [
+        ring.from_signed(-(1 << 15)),
+        5,
+        0,
+        1,
+        2,
+        3,
+        4,
+        ring.from_signed((1 << 15) - 1),
+    ];
     let (resp, ys) = server
         .evaluate_layer(&w, &[7, 9], None, shape, &q[0], &q[1..], &mut rng)
         .unwrap();
     let yc = client.decrypt_layer(shape, &resp[0], &resp[1..]).unwrap();
     let expected = plain_linear(ring, &w, &[7, 9], &[1, 2, 3, 4], shape);
-    assert_eq!(vec![ring.add(yc[0], ys[0]), ring.add(yc[1], ys[1])], expected);
+    assert_eq!(
+        vec![ring.add(yc[0], ys[0]), ring.add(yc[1], ys[1])],
+        expected
+    );
     assert!(matches!(
         server.evaluate_layer(&w, &[0], None, shape, &q[0], &q[1..], &mut rng),
         Err(HeError::InputLength { what: "bias", .. })
@@ -595,7 +681,13 @@ fn a_wrong_row_count_over_the_channel_poisons_the_server_session() {
         }
         server.join().unwrap();
         // The server hung up without answering: the client's receive fails and poisons.
-        let r = client_linear(&mut ch, &sess, &[0; 30], LinearShape::new(3, 10, 3), &mut rng);
+        let r = client_linear(
+            &mut ch,
+            &sess,
+            &[0; 30],
+            LinearShape::new(3, 10, 3),
+            &mut rng,
+        );
         assert!(r.is_err());
         assert!(sess.is_poisoned());
     });
