@@ -121,6 +121,14 @@
 //! per output ciphertext N K1 / 8 = 49,152 bytes + ceil(kept K0 / 8). Setup: 156,737 bytes
 //! once. The packing minimises the sum over B', n_i', n_o' with B' n_i' n_o' <= N; per row
 //! the cost is about 2 sqrt(n_i n_o log Q K1 N / B'), so it falls with the batch.
+//!
+//! # Input-independent preprocessing (Delphi style)
+//!
+//! The same exchange with the client's share a fresh random r, `xs = None` and a zero
+//! bias gives the client W r - R' and the server R' (Delphi, Mishra et al. 2020, §4). Online,
+//! the client sends d = Xc - r (l bits per input, uniform to the server) and the shares of
+//! W X + b are (W r - R', W (d + Xs) + b + R'): no HE online. The preprocessing can run
+//! at the largest batch (B = 512) whatever the online batch size.
 
 mod keys;
 mod linear;
