@@ -16,7 +16,7 @@ use num_traits::{One, ToPrimitive};
 use super::HeError;
 use crate::ring::Ring;
 
-/// Polynomial degree N (the ring is Z_Q[X]/(X^N + 1)).
+/// Polynomial degree N (the ring is `Z_Q[X]/(X^N + 1)`).
 pub const DEGREE: usize = 8192;
 /// log2 N.
 pub const LOG_DEGREE: u32 = 13;
