@@ -6,7 +6,7 @@ use std::thread;
 
 use num_bigint::BigUint;
 use num_traits::{One, ToPrimitive, Zero};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
 
 use super::packing::Packing;
@@ -701,8 +701,7 @@ fn debug_output_redacts_the_secret_key() {
     let d = format!("{client:?}");
     assert!(d.contains("[redacted]"));
     assert!(format!("{:?}", client.secret_key()).contains("[redacted]"));
-    assert!(!format!("{server:?}").is_empty());
-    let _ = rng.random::<u8>();
+    assert!(format!("{server:?}").contains("PublicKey"));
 }
 
 #[test]
