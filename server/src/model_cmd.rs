@@ -240,11 +240,23 @@ fn print_summary(model: &Model, report: &EvalReport) {
         &report.heldout,
     );
     println!(
-        "  largest |accumulator| on the test set: {} (headroom {} bits; {} wrapped)",
+        "  largest |accumulator| on the test set: {} (headroom {} bits; {} wrapped); per dense layer: {}",
         report.fixed.max_abs_acc,
         report.fixed.headroom_bits(),
-        report.fixed.wrapped
+        report.fixed.wrapped,
+        report
+            .fixed
+            .layer_max_abs_acc
+            .iter()
+            .map(|(i, m)| format!("layer {i}: {m}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
+    if report.fixed.headroom_bits() < i64::from(REQUIRED_HEADROOM_BITS) {
+        println!(
+            "  WARNING: headroom below the {REQUIRED_HEADROOM_BITS} bits the secure protocols assume"
+        );
+    }
     if let Some(e) = model.evaluation() {
         println!(
             "  recorded calibration ({}): largest |accumulator| {}, headroom {} bits",
@@ -308,37 +320,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
     }
 
     if args.json {
-        let mut out = serde_json::json!({
-            "model": args.model.display().to_string(),
-            "model_digest": model.digest().to_hex(),
-            "ring_bits": model.fixed_point().ring_bits(),
-            "frac_bits": model.fixed_point().frac_bits(),
-            "images": report.all.images,
-            "f32_accuracy": report.all.f32_accuracy(),
-            "fixed_accuracy": report.all.fixed_accuracy(),
-            "agreement": report.all.agreement(),
-            "heldout": {
-                "from": report.heldout_from,
-                "images": report.heldout.images,
-                "f32_accuracy": report.heldout.f32_accuracy(),
-                "fixed_accuracy": report.heldout.fixed_accuracy(),
-                "agreement": report.heldout.agreement(),
-            },
-            "max_abs_acc": report.fixed.max_abs_acc,
-            "headroom_bits": report.fixed.headroom_bits(),
-            "wrapped": report.fixed.wrapped,
-            "record_matches": mismatches.is_empty(),
-        });
-        if let Some(r) = &args.range {
-            let labels = &report.fixed.labels[r.clone()];
-            let logits: Vec<Vec<i64>> = r
-                .clone()
-                .filter_map(|i| report.fixed.signed_logits(i))
-                .collect();
-            out["range"] = serde_json::json!([r.start, r.end]);
-            out["labels"] = serde_json::json!(labels);
-            out["logits"] = serde_json::json!(logits);
-        }
+        let out = eval_json(args, &model, &report, &mismatches);
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print_summary(&model, &report);
@@ -370,6 +352,58 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The JSON of `fusion-server eval --json`.
+fn eval_json(
+    args: &EvalArgs,
+    model: &Model,
+    report: &EvalReport,
+    mismatches: &[&str],
+) -> serde_json::Value {
+    let mut out = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "model_digest": model.digest().to_hex(),
+        "ring_bits": model.fixed_point().ring_bits(),
+        "frac_bits": model.fixed_point().frac_bits(),
+        "images": report.all.images,
+        "f32_accuracy": report.all.f32_accuracy(),
+        "fixed_accuracy": report.all.fixed_accuracy(),
+        "agreement": report.all.agreement(),
+        "heldout": {
+            "from": report.heldout_from,
+            "images": report.heldout.images,
+            "f32_accuracy": report.heldout.f32_accuracy(),
+            "fixed_accuracy": report.heldout.fixed_accuracy(),
+            "agreement": report.heldout.agreement(),
+        },
+        "max_abs_acc": report.fixed.max_abs_acc,
+        "headroom_bits": report.fixed.headroom_bits(),
+        "wrapped": report.fixed.wrapped,
+        "layer_max_abs_acc": report.fixed.layer_max_abs_acc,
+        "calibration": model.evaluation().map(|e| serde_json::json!({
+            "images": e.calibration,
+            "max_abs_acc": e.max_abs_acc,
+            "headroom_bits": e.headroom_bits(model.fixed_point().ring_bits()),
+        })),
+        "claimed_accuracy": model.claimed_accuracy(),
+        "public_pool": model.public_pool().map(|p| serde_json::json!({
+            "size": p.len(),
+            "digest": p.digest.to_hex(),
+        })),
+        "record_matches": mismatches.is_empty(),
+    });
+    if let Some(r) = &args.range {
+        let labels = report.fixed.labels.get(r.clone()).unwrap_or_default();
+        let logits: Vec<Vec<i64>> = r
+            .clone()
+            .filter_map(|i| report.fixed.signed_logits(i))
+            .collect();
+        out["range"] = serde_json::json!([r.start, r.end]);
+        out["labels"] = serde_json::json!(labels);
+        out["logits"] = serde_json::json!(logits);
+    }
+    out
 }
 
 /// `fusion-server eval --sweep-frac-bits A..B`.
@@ -413,4 +447,114 @@ fn sweep_frac_bits(
         println!("{}", serde_json::to_string_pretty(&rows)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Cmd,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Cmd {
+        Train(TrainArgs),
+        Eval(EvalArgs),
+    }
+
+    fn repo(rel: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(rel)
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("0..10"), Ok(0..10));
+        assert_eq!(parse_range("5..5"), Ok(5..5));
+        assert!(parse_range("7..3").is_err());
+        assert!(parse_range("7").is_err());
+        assert!(parse_range("a..3").is_err());
+        assert!(parse_range("-1..3").is_err());
+    }
+
+    #[test]
+    fn arguments_and_defaults() {
+        let cli =
+            Cli::try_parse_from(["x", "train", "--hidden", "64,32", "--epochs", "3"]).unwrap();
+        let Cmd::Train(t) = cli.command else {
+            panic!("train")
+        };
+        assert_eq!(t.hidden, vec![64, 32]);
+        assert_eq!(t.epochs, 3);
+        assert_eq!((t.seed, t.batch, t.shift, t.frac_bits), (1, 128, 1, 12));
+        assert_eq!(t.out, PathBuf::from("models/mnist-dnn.safetensors"));
+        let cli = Cli::try_parse_from(["x", "eval", "--model", "m", "--range", "3..7", "--json"])
+            .unwrap();
+        let Cmd::Eval(e) = cli.command else {
+            panic!("eval")
+        };
+        assert_eq!(e.range, Some(3..7));
+        assert!(e.json);
+        assert!(Cli::try_parse_from(["x", "eval", "--range", "9..1"]).is_err());
+    }
+
+    /// `train` end to end at a tiny size (one epoch, 8 hidden units), then `eval`'s JSON.
+    #[test]
+    fn train_then_eval() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("tiny.safetensors");
+        let args = TrainArgs {
+            data: repo("data/mnist"),
+            out: out.clone(),
+            epochs: 1,
+            hidden: vec![8],
+            seed: 3,
+            lr: 3e-3,
+            batch: 128,
+            shift: 0,
+            weight_decay: 0.0,
+            frac_bits: 12,
+            quiet: true,
+        };
+        run_train(&args).unwrap();
+        let model = Model::load(&out).unwrap();
+        let e = model.evaluation().unwrap();
+        assert!(e.test.f32_accuracy() > 0.8, "{e:?}");
+        assert_eq!(
+            model.fixed_point().ring_bits(),
+            ring_bits_for(e.max_abs_acc, REQUIRED_HEADROOM_BITS).max(26)
+        );
+        assert_eq!(model.public_pool().unwrap().len(), MNIST_POOL_SIZE);
+
+        let eval_args = EvalArgs {
+            model: out,
+            data: repo("data/mnist"),
+            range: Some(2..5),
+            json: true,
+            sweep_frac_bits: None,
+        };
+        run_eval(&eval_args).unwrap();
+        let test_set = mnist::load(repo("data/mnist"), Split::Test).unwrap();
+        let report = evaluate(&model, &test_set, e.heldout_from).unwrap();
+        let json = eval_json(&eval_args, &model, &report, &[]);
+        assert_eq!(json["f32_accuracy"], e.test.f32_accuracy());
+        assert_eq!(json["fixed_accuracy"], e.test.fixed_accuracy());
+        assert_eq!(json["agreement"], e.test.agreement());
+        assert_eq!(json["labels"].as_array().unwrap().len(), 3);
+        let logits = json["logits"].as_array().unwrap();
+        assert_eq!(logits.len(), 3);
+        assert_eq!(logits[0].as_array().unwrap().len(), 10);
+        assert_eq!(
+            logits[1],
+            serde_json::json!(report.fixed.signed_logits(3).unwrap())
+        );
+        assert_eq!(json["labels"][2], report.fixed.labels[4]);
+        assert_eq!(json["record_matches"], true);
+        assert_eq!(json["ring_bits"], model.fixed_point().ring_bits());
+    }
 }

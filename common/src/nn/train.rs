@@ -346,6 +346,7 @@ pub fn train(
 
     'epochs: for epoch in 0..config.epochs {
         order.shuffle(&mut rng);
+        bar.set_message(format!("epoch {}/{}", epoch + 1, config.epochs));
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         for idx in order.chunks(config.batch) {
             if step >= total_steps {
