@@ -252,6 +252,13 @@ fn print_summary(model: &Model, report: &EvalReport) {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let bound = pixel_range_bound(model);
+    println!(
+        "  worst case over all inputs in [0, 1]^{} (interval bound): |accumulator| <= {} (headroom {} bits)",
+        model.architecture().input_len(),
+        bound["max_abs_acc"],
+        bound["headroom_bits"]
+    );
     if report.fixed.headroom_bits() < i64::from(REQUIRED_HEADROOM_BITS) {
         println!(
             "  WARNING: headroom below the {REQUIRED_HEADROOM_BITS} bits the secure protocols assume"
@@ -354,6 +361,26 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// The interval bound on the accumulators over every input in [0, 1] (pixels), and its
+/// headroom in the model's ring.
+fn pixel_range_bound(model: &Model) -> serde_json::Value {
+    let fp = model.fixed_point();
+    let bound = model
+        .fixed_model()
+        .accumulator_bound(0, 1i64 << fp.frac_bits());
+    match u64::try_from(bound) {
+        Ok(b) => serde_json::json!({
+            "max_abs_acc": b,
+            "headroom_bits": headroom_bits(fp.ring_bits(), b),
+        }),
+        // Beyond 2^64: no headroom at all in any supported ring.
+        Err(_) => serde_json::json!({
+            "max_abs_acc": bound.to_string(),
+            "headroom_bits": i64::from(fp.ring_bits()) - 1 - 128 + i64::from(bound.leading_zeros()),
+        }),
+    }
+}
+
 /// The JSON of `fusion-server eval --json`.
 fn eval_json(
     args: &EvalArgs,
@@ -386,6 +413,7 @@ fn eval_json(
             "max_abs_acc": e.max_abs_acc,
             "headroom_bits": e.headroom_bits(model.fixed_point().ring_bits()),
         })),
+        "pixel_range_bound": pixel_range_bound(model),
         "claimed_accuracy": model.claimed_accuracy(),
         "public_pool": model.public_pool().map(|p| serde_json::json!({
             "size": p.len(),

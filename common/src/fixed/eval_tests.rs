@@ -86,6 +86,14 @@ fn hand_made_network_gives_the_integers_computed_by_hand() {
     assert_eq!(out.wrapped, 0);
     assert_eq!(out.headroom_bits(), 5); // 15 - bit_len(818) = 15 - 10
     assert_eq!(out.require_headroom(2), Ok(()));
+    // Over all inputs in [-1, 1] (encoded [-16, 16]), by hand: layer 0 rows give
+    // B +- 16 sum|W| = [-416, 480], [-464, 432], [-63, 65], [-384, 384] (bound 480);
+    // >> 4 and ReLU: [0, 30], [0, 27], [0, 4], [0, 24]; layer 2 row 0 reaches
+    // -3 + 16*30 + 32*27 = 1341 and at least -3 - 24*4 - 8*24 = -291, row 1 lies in
+    // [2 - 12*30, 2 + 16*27 + 4*4 + 32*24] = [-358, 1218]. The measured 818 is inside.
+    assert_eq!(fm.accumulator_bound(-16, 16), 1341);
+    // Zero inputs: the accumulators are the biases, then [2, 0, 0, 0] gives [29, -22].
+    assert_eq!(fm.accumulator_bound(0, 0), 32);
 
     // The f32 evaluator on the same network and inputs: the same labels, and logits
     // within the fixed-point error (computed by hand: [-0.025390625, -0.1357421875] and
@@ -301,6 +309,10 @@ fn evaluator_matches_plain_integer_reference() {
                 .collect();
             let out = eval_fixed(fm, &inputs).unwrap();
             let (logits, labels, max_abs, wrapped) = reference_eval(fm, &inputs);
+            if !full && l < 64 && wrapped == 0 {
+                let b = fm.accumulator_bound(-(1i64 << f), 1i64 << f);
+                assert!(max_abs <= b, "bound {b} below measured {max_abs}");
+            }
             assert_eq!(out.logits, logits, "widths {widths:?} l {l} rows {rows}");
             assert_eq!(out.labels, labels);
             if l < 64 && rows > 0 {
