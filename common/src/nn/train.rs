@@ -1,6 +1,7 @@
 //! Training of multi-layer perceptrons (Dense/ReLU, softmax cross-entropy) with ndarray:
 //! He initialisation, mini-batch Adam, an optional cosine learning-rate decay, a fresh
-//! shuffle every epoch. Deterministic for a seed: every random choice comes from one
+//! shuffle every epoch, optional random-shift augmentation of image inputs and optional
+//! decoupled weight decay (AdamW). Deterministic for a seed: every random choice comes from one
 //! ChaCha8 stream seeded with it (bit-identical runs need the same CPU features too, since
 //! the matrix kernels may use FMA where available).
 //!
