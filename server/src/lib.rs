@@ -1,2 +1,4 @@
 //! The model owner.
 #![forbid(unsafe_code)]
+
+pub mod model_cmd;
