@@ -59,8 +59,8 @@ pub fn to_json(report: &CostReport) -> String {
     serde_json::to_string_pretty(&summarize(report)).unwrap_or_default()
 }
 
-/// Bytes with thousands separators.
-fn group(n: u64) -> String {
+/// A number with thousands separators: `1,048,576`.
+pub fn group(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
@@ -178,8 +178,14 @@ mod tests {
         let s = summarize(&r);
         let setup = s.setup.clone().unwrap();
         let online = s.online.clone().unwrap();
-        assert_eq!((setup.bytes_sent, setup.bytes_received, setup.rounds), (101, 202, 3));
-        assert_eq!((online.step.as_str(), online.bytes_sent), ("online", 1_234_567));
+        assert_eq!(
+            (setup.bytes_sent, setup.bytes_received, setup.rounds),
+            (101, 202, 3)
+        );
+        assert_eq!(
+            (online.step.as_str(), online.bytes_sent),
+            ("online", 1_234_567)
+        );
         assert_eq!(s.total.bytes_sent, 1_234_668);
         let t = render_table(&r);
         let lines: Vec<&str> = t.lines().collect();
@@ -189,7 +195,10 @@ mod tests {
         assert!(lines[6].starts_with("setup "));
         assert!(lines[8].starts_with("total"));
         let widths: Vec<usize> = lines.iter().map(|l| l.chars().count()).collect();
-        assert!(widths.iter().all(|&w| w == widths[0]), "aligned: {widths:?}");
+        assert!(
+            widths.iter().all(|&w| w == widths[0]),
+            "aligned: {widths:?}"
+        );
         let json: CostSummary = serde_json::from_str(&to_json(&r)).unwrap();
         assert_eq!(json, s);
     }

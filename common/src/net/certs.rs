@@ -141,9 +141,12 @@ pub fn generate(spec: &CertSpec) -> Result<CertBundle, CertError> {
         .ok_or(CertError::BadValidity(spec.days))?;
 
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "Fusion CA");
+    // a distinct name per CA, so a certificate from another Fusion CA is reported as
+    // from an unknown issuer rather than as a bad signature
+    ca_params.distinguished_name.push(
+        DnType::CommonName,
+        format!("Fusion CA {:08x}", rand::random::<u32>()),
+    );
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -203,8 +206,16 @@ impl CertBundle {
         let mut files: Vec<(PathBuf, &[u8], bool)> =
             vec![(dir.join("ca.pem"), self.ca_pem.as_bytes(), false)];
         for c in std::iter::once(&self.server).chain(&self.clients) {
-            files.push((dir.join(format!("{}.pem", c.name)), c.cert_pem.as_bytes(), false));
-            files.push((dir.join(format!("{}.key", c.name)), c.key_pem.as_bytes(), true));
+            files.push((
+                dir.join(format!("{}.pem", c.name)),
+                c.cert_pem.as_bytes(),
+                false,
+            ));
+            files.push((
+                dir.join(format!("{}.key", c.name)),
+                c.key_pem.as_bytes(),
+                true,
+            ));
         }
         if !overwrite {
             if let Some((p, _, _)) = files.iter().find(|(p, _, _)| p.exists()) {
@@ -249,10 +260,7 @@ mod tests {
         let b = generate(&spec).unwrap();
         assert_eq!(b.clients.len(), 2);
         assert_eq!(b.clients[1].identity().subject().unwrap(), "CN=alice");
-        assert_eq!(
-            b.server.identity().subject().unwrap(),
-            "CN=fusion-server"
-        );
+        assert_eq!(b.server.identity().subject().unwrap(), "CN=fusion-server");
         let dir = tempfile::tempdir().unwrap();
         let written = b.write_to(dir.path(), false).unwrap();
         let names: Vec<_> = written

@@ -6,13 +6,17 @@
 //! the authority; requests carry `https` as their scheme (`Endpoint::origin`).
 
 use std::fmt;
+use std::io;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -55,7 +59,10 @@ impl FromStr for ServerAddress {
             return Err(err("no path is allowed"));
         }
         let host = uri.host().ok_or_else(|| err("no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         if host.is_empty() {
             return Err(err("no host"));
         }
@@ -106,6 +113,13 @@ impl ServerAddress {
 
 /// Connects to `addr` over TLS 1.3 with `config`, checking the server certificate
 /// against `server_name`, and returns tonic's channel (HTTP/2 established).
+///
+/// In TLS 1.3 the client's handshake ends before the server has judged the client's
+/// certificate; a refusal arrives as an alert on the first read. So the connector
+/// waits for the server's first bytes (its HTTP/2 settings, which the server sends at
+/// once) before handing the connection to HTTP/2: a refused certificate then fails the
+/// connect with the server's alert (e.g. `CertificateRequired`, `UnknownCA`) instead of
+/// a bare "connection closed" later.
 pub async fn connect(
     addr: &ServerAddress,
     server_name: ServerName<'static>,
@@ -130,19 +144,89 @@ pub async fn connect(
         async move {
             let tcp = TcpStream::connect(&target).await?;
             tcp.set_nodelay(true)?;
-            let tls = TlsConnector::from(config)
-                .connect(server_name, tcp)
-                .await?;
+            let mut tls = TlsConnector::from(config).connect(server_name, tcp).await?;
             if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
                     "the server did not agree to HTTP/2 (ALPN h2)",
                 ));
             }
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
+            let mut first = vec![0u8; 4096];
+            let n = tokio::time::timeout(CONNECT_TIMEOUT, tls.read(&mut first))
+                .await
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "no answer after the TLS handshake")
+                })??;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the server closed the connection after the TLS handshake",
+                ));
+            }
+            first.truncate(n);
+            Ok::<_, io::Error>(TokioIo::new(Prefixed {
+                prefix: first,
+                pos: 0,
+                inner: tls,
+            }))
         }
     });
     endpoint.connect_with_connector(connector).await
+}
+
+/// A stream that first yields bytes already read from `inner`.
+#[derive(Debug)]
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(rest) = this.prefix.get(this.pos..).filter(|r| !r.is_empty()) {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 #[cfg(test)]
@@ -159,8 +243,30 @@ mod tests {
         assert_eq!(b.authority(), "[::1]:7");
         let c: ServerAddress = "https://fusion.example".parse().unwrap();
         assert_eq!(c.port(), 443);
-        for bad in ["http://localhost:1", "localhost:1", "https://h:1/path", "", "https://"] {
+        for bad in [
+            "http://localhost:1",
+            "localhost:1",
+            "https://h:1/path",
+            "",
+            "https://",
+        ] {
             assert!(bad.parse::<ServerAddress>().is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn prefixed_stream_yields_the_prefix_then_the_rest() {
+        use tokio::io::AsyncWriteExt;
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut p = Prefixed {
+            prefix: b"hello ".to_vec(),
+            pos: 0,
+            inner: a,
+        };
+        b.write_all(b"world").await.unwrap();
+        drop(b);
+        let mut out = String::new();
+        p.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
     }
 }

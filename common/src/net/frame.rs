@@ -439,7 +439,10 @@ mod tests {
             ("overlap", vec![mk(0, 0, 40, 16), mk(0, 8, 40, 16)]),
             ("length changed", vec![mk(0, 0, 40, 16), mk(0, 16, 48, 16)]),
             ("overrun", vec![mk(0, 0, 20, 16), mk(0, 16, 20, 16)]),
-            ("empty continuation", vec![mk(0, 0, 40, 16), mk(0, 16, 40, 0)]),
+            (
+                "empty continuation",
+                vec![mk(0, 0, 40, 16), mk(0, 16, 40, 0)],
+            ),
             ("foreign seq", vec![mk(0, 0, 40, 16), mk(5, 0, 4, 4)]),
         ];
         for (name, chunks) in cases {

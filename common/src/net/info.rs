@@ -367,6 +367,67 @@ impl ModelSummary {
     }
 }
 
+/// The dataset the model module's public pool indexes (the MNIST test set, t10k; see
+/// `crate::nn` pool docs).
+pub const MNIST_POOL_DATASET: &str = "mnist-t10k";
+
+fn shape(s: &[usize]) -> Vec<u64> {
+    s.iter().map(|&d| d as u64).collect()
+}
+
+impl Architecture {
+    /// The public part of a model architecture.
+    pub fn from_nn(a: &crate::nn::Architecture) -> Self {
+        let layers: Vec<LayerInfo> = a
+            .layers()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| LayerInfo {
+                kind: l.kind().to_owned(),
+                input_shape: shape(a.layer_input_shape(i).unwrap_or_default()),
+                output_shape: shape(a.layer_output_shape(i).unwrap_or_default()),
+            })
+            .collect();
+        let output_shape = layers
+            .last()
+            .map_or_else(|| shape(a.input_shape()), |l| l.output_shape.clone());
+        Self {
+            input_shape: shape(a.input_shape()),
+            layers,
+            output_shape,
+        }
+    }
+}
+
+impl ModelSummary {
+    /// The public description of a loaded model: architecture, l and f, the claimed
+    /// accuracy (0 with `accuracy_samples = 0` when the file records no evaluation), the
+    /// digests, and the public pool's size (0 and an empty digest when it has none).
+    pub fn from_model(name: &str, m: &crate::nn::Model) -> Self {
+        let fixed = m.fixed_point();
+        let (claimed_accuracy, accuracy_samples) = match m.evaluation() {
+            Some(e) => (e.claimed_accuracy(), e.heldout.images as u64),
+            None => (0.0, 0),
+        };
+        let (pool_size, pool_digest) = match m.public_pool() {
+            Some(p) => (p.len() as u64, p.digest.as_bytes().to_vec()),
+            None => (0, vec![]),
+        };
+        Self {
+            name: name.to_owned(),
+            architecture: Architecture::from_nn(m.architecture()),
+            ring_bits: fixed.ring_bits(),
+            scale_bits: fixed.frac_bits(),
+            claimed_accuracy,
+            accuracy_samples,
+            model_digest: m.digest().as_bytes().to_vec(),
+            pool_dataset: MNIST_POOL_DATASET.to_owned(),
+            pool_size,
+            pool_digest,
+        }
+    }
+}
+
 impl ServiceInfo {
     /// The wire form.
     pub fn to_pb(&self) -> pb::ModelInfo {
@@ -412,7 +473,7 @@ impl ServiceInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolEntry {
     /// index into the public dataset
-    pub index: u64,
+    pub index: u32,
     /// the served model's label on it
     pub label: u32,
 }
@@ -446,8 +507,34 @@ impl PublicPool {
         }
     }
 
+    /// The model module's form of the pool (for [`crate::nn::PublicPool::verify`]).
+    pub fn to_nn(&self) -> Result<crate::nn::PublicPool, InfoError> {
+        let digest: [u8; 32] = self
+            .digest
+            .as_slice()
+            .try_into()
+            .map_err(|_| out_of_range("pool.digest", format!("{} bytes", self.digest.len())))?;
+        Ok(crate::nn::PublicPool {
+            indices: self.entries.iter().map(|e| e.index).collect(),
+            labels: self.entries.iter().map(|e| e.label).collect(),
+            digest: crate::nn::PoolDigest(digest),
+        })
+    }
+
+    /// From the model module's form.
+    pub fn from_nn(dataset: &str, pool: &crate::nn::PublicPool) -> Self {
+        Self {
+            dataset: dataset.to_owned(),
+            entries: pool
+                .entries()
+                .map(|(index, label)| PoolEntry { index, label })
+                .collect(),
+            digest: pool.digest.as_bytes().to_vec(),
+        }
+    }
+
     /// From the wire form, checked for size (the digest is checked by the client
-    /// against the model's, with the model's own digest function).
+    /// against the model's, with [`crate::nn::PublicPool::verify`]).
     pub fn from_pb(p: pb::PublicPool) -> Result<Self, InfoError> {
         check_name("pool.dataset", &p.dataset)?;
         check_digest("pool.digest", &p.digest)?;
@@ -549,10 +636,7 @@ mod tests {
         assert!(ServiceInfo::from_pb(p).is_err());
         let mut p = info().to_pb();
         p.output = 0;
-        assert_eq!(
-            ServiceInfo::from_pb(p),
-            Err(InfoError::Missing("output"))
-        );
+        assert_eq!(ServiceInfo::from_pb(p), Err(InfoError::Missing("output")));
         let mut p = info().to_pb();
         p.budget = None;
         assert!(ServiceInfo::from_pb(p).is_err());

@@ -36,15 +36,20 @@ pub mod stream;
 pub mod tls;
 
 /// The generated protobuf messages and gRPC stubs of `proto/fusion.proto`.
-#[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all
+)]
 pub mod pb {
     tonic::include_proto!("fusion.v1");
 }
 
 pub use frame::{DEFAULT_FRAME_LIMIT, FrameLimits};
 pub use info::{
-    Architecture, Budget, InfoError, LayerInfo, ModelSummary, OutputMode, PoolEntry,
-    PublicPool, ServiceInfo,
+    Architecture, Budget, InfoError, LayerInfo, ModelSummary, OutputMode, PoolEntry, PublicPool,
+    ServiceInfo,
 };
 pub use session::{SessionAccepted, SessionStart, StartError};
 pub use stream::{ChannelConfig, GrpcChannel};

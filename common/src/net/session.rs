@@ -95,7 +95,9 @@ impl SessionStart {
             backend: self.backend.clone(),
             rows: self.rows,
             cols: self.cols,
-            output: self.output.map_or(pb::OutputMode::Unspecified, |o| o.to_pb()) as i32,
+            output: self
+                .output
+                .map_or(pb::OutputMode::Unspecified, |o| o.to_pb()) as i32,
             params: self.params.clone().into_iter().collect(),
             max_frame_bytes: recv.frame_limit as u64,
             max_message_bytes: recv.max_message as u64,

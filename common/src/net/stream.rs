@@ -142,7 +142,9 @@ impl GrpcChannel {
     }
 
     /// Ends the session with an error the peer sees: on the server a gRPC status with
-    /// `code`, on the client an abort frame (the server then ends the stream).
+    /// `code`; on the client an abort frame, after which the client waits (at most the
+    /// idle timeout) for the server to end its side, so the abort is not lost to a
+    /// stream reset.
     pub fn abort(mut self, code: Code, reason: &str) {
         let reason = clip(reason);
         match self.out.take() {
@@ -154,7 +156,14 @@ impl GrpcChannel {
                 let frame = pb::Frame {
                     kind: Some(Kind::Abort(pb::Abort { reason })),
                 };
-                let _ = self.block(tx.send(frame));
+                if let Ok(Ok(())) = self.block(tx.send(frame)) {
+                    drop(tx);
+                    let deadline = self.config.idle_timeout;
+                    let inbound = &mut self.inbound;
+                    let _ = block_on(&self.handle, deadline, async {
+                        while let Some(Ok(_)) = inbound.recv().await {}
+                    });
+                }
             }
         }
     }
@@ -379,7 +388,11 @@ mod tests {
         while let Ok(f) = out_rx.try_recv() {
             frames.push(f);
         }
-        assert_eq!(frames.len(), 5, "4 chunks for the large message, 1 for the empty one");
+        assert_eq!(
+            frames.len(),
+            5,
+            "4 chunks for the large message, 1 for the empty one"
+        );
         for f in &frames {
             match &f.kind {
                 Some(Kind::Chunk(c)) => assert!(c.payload.len() <= MIN_FRAME_LIMIT),
@@ -508,7 +521,10 @@ mod tests {
     #[test]
     fn client_abort_sends_an_abort_frame() {
         let rt = runtime();
-        let (ch, mut out_rx, _in) = client_end(config(MIN_FRAME_LIMIT, 1 << 20, None), &rt);
+        let (ch, mut out_rx, in_tx) =
+            client_end(config(MIN_FRAME_LIMIT, 1 << 20, Some(5_000)), &rt);
+        // the server ends its side: the abort does not wait for the timeout
+        drop(in_tx);
         ch.abort(Code::Aborted, "check failed");
         match out_rx.try_recv() {
             Ok(pb::Frame {
