@@ -322,11 +322,12 @@ fn with_hint(detail: String) -> String {
         "BadCertificate",
         "DecryptError",
         "CertificateUnknown",
+        "UnsupportedCertificate",
     ]
     .iter()
     .any(|a| detail.contains(&format!("fatal alert: {a}")))
     {
-        "the server did not accept this client certificate (issued by a CA it does not trust?)"
+        "the server did not accept this client certificate (from a CA it does not trust, or not a client certificate?)"
     } else if detail.contains("invalid peer certificate") {
         "the server's certificate was not accepted (check --ca and --server-name)"
     } else {

@@ -112,20 +112,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let info = client.model_info().await?;
     say(String::new());
     say(render_info(&info));
-    if let Some(m) = &info.model {
-        if m.pool_size > 0 {
-            let pool = client.public_pool().await?;
-            let digest: [u8; 32] = m
-                .model_digest
-                .as_slice()
-                .try_into()
-                .context("model digest is not 32 bytes")?;
-            pool.to_nn()?.verify(&ModelDigest(digest))?;
-            say(format!(
-                "public pool   {} entries received, digest verified against the model digest\n",
-                pool.entries.len()
-            ));
-        }
+    if let Some(m) = info.model.as_ref().filter(|m| m.pool_size > 0) {
+        let pool = client.public_pool().await?;
+        let digest: [u8; 32] = m
+            .model_digest
+            .as_slice()
+            .try_into()
+            .context("model digest is not 32 bytes")?;
+        pool.to_nn()?.verify(&ModelDigest(digest))?;
+        say(format!(
+            "public pool   {} entries received, digest verified against the model digest\n",
+            pool.entries.len()
+        ));
     }
 
     // 4. a measured echo

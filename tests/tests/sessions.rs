@@ -41,21 +41,23 @@ async fn info_reports_policy_budget_and_the_callers_subject() {
 
 /// A small model with a public pool, built in the test (no model file needed).
 fn small_model() -> ServedModel {
-    let arch = Architecture::mlp(&[4], &[3], 2).unwrap();
+    let arch = Architecture::mlp(&[4], &[3], 2).expect("test model");
     let params = vec![
         vec![
-            Tensor::new(vec![3, 4], (0..12).map(|i| i as f32 / 10.0 - 0.5).collect()).unwrap(),
-            Tensor::new(vec![3], vec![0.1, -0.2, 0.3]).unwrap(),
+            Tensor::new(vec![3, 4], (0..12).map(|i| i as f32 / 10.0 - 0.5).collect())
+                .expect("test model"),
+            Tensor::new(vec![3], vec![0.1, -0.2, 0.3]).expect("test model"),
         ],
         vec![],
         vec![
-            Tensor::new(vec![2, 3], vec![0.5, -0.5, 0.25, -0.25, 0.75, 0.1]).unwrap(),
-            Tensor::new(vec![2], vec![0.0, 0.05]).unwrap(),
+            Tensor::new(vec![2, 3], vec![0.5, -0.5, 0.25, -0.25, 0.75, 0.1]).expect("test model"),
+            Tensor::new(vec![2], vec![0.0, 0.05]).expect("test model"),
         ],
     ];
-    let model = Model::new(arch, params, FixedPoint::new(37, 12).unwrap()).unwrap();
-    let pool = PublicPool::new(model.digest(), vec![0, 1, 2], vec![1, 0, 1]).unwrap();
-    let model = model.with_public_pool(pool).unwrap();
+    let model =
+        Model::new(arch, params, FixedPoint::new(37, 12).expect("test model")).expect("test model");
+    let pool = PublicPool::new(model.digest(), vec![0, 1, 2], vec![1, 0, 1]).expect("test model");
+    let model = model.with_public_pool(pool).expect("test model");
     ServedModel::new("tiny", model)
 }
 

@@ -217,10 +217,9 @@ impl CertBundle {
                 true,
             ));
         }
-        if !overwrite {
-            if let Some((p, _, _)) = files.iter().find(|(p, _, _)| p.exists()) {
-                return Err(CertError::Exists(p.clone()));
-            }
+        let existing = files.iter().find(|(p, _, _)| p.exists());
+        if let (false, Some((p, _, _))) = (overwrite, existing) {
+            return Err(CertError::Exists(p.clone()));
         }
         for (path, bytes, secret) in &files {
             write_file(path, bytes, *secret).map_err(|source| CertError::Write {

@@ -647,7 +647,8 @@ mod tests {
             remaining_rows: 2,
         });
         assert!(ServiceInfo::from_pb(p).is_err());
-        let bad_models: Vec<Box<dyn Fn(&mut pb::ModelSummary)>> = vec![
+        type Spoil = Box<dyn Fn(&mut pb::ModelSummary)>;
+        let bad_models: Vec<Spoil> = vec![
             Box::new(|m| m.ring_bits = 65),
             Box::new(|m| m.ring_bits = 0),
             Box::new(|m| m.scale_bits = 37),

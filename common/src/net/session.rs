@@ -256,7 +256,8 @@ mod tests {
     #[test]
     fn malformed_starts_are_named() {
         let good = SessionStart::new("echo").to_pb(FrameLimits::default());
-        let cases: Vec<(pb::Start, fn(&StartError) -> bool)> = vec![
+        type Want = fn(&StartError) -> bool;
+        let cases: Vec<(pb::Start, Want)> = vec![
             (pb::Start::default(), |e| {
                 matches!(e, StartError::Version { got: 0 })
             }),
