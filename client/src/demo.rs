@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::Args;
-use fusion_common::cost::{human_bytes, render_table, to_json};
+use fusion_common::cost::{group, human_bytes, render_table, to_json};
 use fusion_common::net::certs::{CertSpec, generate};
 use fusion_common::net::tls::{read, server_config};
 use fusion_common::net::{DEFAULT_FRAME_LIMIT, Identity, SessionStart};
@@ -127,7 +127,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     // 4. a measured echo
-    let sizes: Vec<String> = ECHO_SIZES.iter().map(|&s| human_bytes(s as u64)).collect();
+    let sizes: Vec<String> = ECHO_SIZES
+        .iter()
+        .map(|&s| format!("{} B", group(s as u64)))
+        .collect();
     say(format!(
         "echo          {} messages ({}), frame limit {}",
         ECHO_SIZES.len(),

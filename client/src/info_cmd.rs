@@ -95,3 +95,53 @@ pub fn render_info(info: &ServiceInfo) -> String {
     );
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fusion_common::net::{Architecture, Budget, LayerInfo, ModelSummary, OutputMode};
+
+    #[test]
+    fn the_text_form_shows_layers_fixed_point_claim_and_budget() {
+        let info = ServiceInfo {
+            server_version: "0.1.0".into(),
+            model: Some(ModelSummary {
+                name: "mnist-dnn".into(),
+                architecture: Architecture {
+                    input_shape: vec![784],
+                    layers: vec![LayerInfo {
+                        kind: "dense".into(),
+                        input_shape: vec![784],
+                        output_shape: vec![10],
+                    }],
+                    output_shape: vec![10],
+                },
+                ring_bits: 37,
+                scale_bits: 12,
+                claimed_accuracy: 0.9812,
+                accuracy_samples: 9000,
+                model_digest: vec![0xab; 32],
+                pool_dataset: "mnist-t10k".into(),
+                pool_size: 1000,
+                pool_digest: vec![0xcd; 32],
+            }),
+            backends: vec!["echo".into()],
+            output: OutputMode::Labels,
+            max_rows: 64,
+            budget: Budget::Rows {
+                limit: 100,
+                remaining: 60,
+            },
+            max_frame_bytes: 1 << 20,
+            max_message_bytes: 1 << 30,
+            client_subject: "CN=alice".into(),
+        };
+        let t = render_info(&info);
+        assert!(t.contains("you are       CN=alice"), "{t}");
+        assert!(t.contains("layer 0     dense    [784] -> [10]"), "{t}");
+        assert!(t.contains("l = 37") && t.contains("f = 12"), "{t}");
+        assert!(t.contains("accuracy 98.12% on 9000 test images"), "{t}");
+        assert!(t.contains("1000 entries of mnist-t10k"), "{t}");
+        assert!(t.contains("your budget   60 of 100 rows"), "{t}");
+    }
+}
