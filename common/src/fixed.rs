@@ -15,6 +15,8 @@
 //! records the largest |acc| it sees, from which the headroom (bits between that magnitude
 //! and the sign bit) follows; see [`FixedEval::headroom_bits`].
 
+#[cfg(test)]
+mod eval_tests;
 mod model;
 
 pub use model::{FixedDense, FixedEval, FixedLayer, FixedModel, eval_fixed, first_argmax};

@@ -5,11 +5,13 @@
 //! - [`runner`]: [`runner::Registry`] of backends and the [`runner::SessionRunner`] trait;
 //! - [`service`]: the tonic service (`GetModelInfo`, `GetPublicPool`, `Session`);
 //! - [`server`]: [`server::spawn`] binds and serves, returning a [`server::ServerHandle`];
-//! - [`serve_cmd`], [`certs_cmd`]: the subcommands.
+//! - [`serve_cmd`], [`certs_cmd`]: the `serve` and `certs` subcommands;
+//! - [`model_cmd`]: `train` and `eval` (the model engineer's).
 #![forbid(unsafe_code)]
 
 pub mod certs_cmd;
 mod listener;
+pub mod model_cmd;
 pub mod runner;
 pub mod serve_cmd;
 pub mod server;

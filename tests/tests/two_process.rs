@@ -1,6 +1,6 @@
 //! The real binaries in two processes on loopback: `fusion-server certs` makes the
-//! certificates, `fusion-server serve` listens on port 0 and prints its address,
-//! `fusion-client info --json` asks it over mutual TLS.
+//! certificates, `fusion-server serve` (with the bundled model) listens on port 0 and
+//! prints its address, `fusion-client info --json` asks it over mutual TLS.
 //!
 //! The binaries belong to other packages, so `env!("CARGO_BIN_EXE_...")` is not
 //! available here: the test asks cargo to build them (same profile as the test) and
@@ -90,6 +90,8 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
     let mut server = Reaper(
         Command::new(&server_bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--budget", "500"])
+            .arg("--model")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/mnist-dnn.safetensors"))
             .arg("--cert")
             .arg(d("server.pem"))
             .arg("--key")
@@ -137,6 +139,13 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
     assert_eq!(v["backends"], serde_json::json!(["echo"]));
     assert_eq!(v["budget"]["kind"], "rows");
     assert_eq!(v["budget"]["remaining"], 500);
+    // the bundled model's public description came across
+    assert_eq!(v["model"]["name"], "mnist-dnn");
+    assert_eq!(
+        v["model"]["architecture"]["output_shape"],
+        serde_json::json!([10])
+    );
+    assert!(v["model"]["pool_size"].as_u64().unwrap() > 0);
 
     // a certificate that is not a client certificate (the server's own) is refused
     let refused = Command::new(&client_bin)

@@ -164,6 +164,49 @@ impl FixedModel {
         self.fixed.encode_pixels(pixels)
     }
 
+    /// An upper bound on |acc| of every dense layer over all inputs whose elements (signed
+    /// ring integers at scale 2^f) lie in [lo, hi], by interval arithmetic on the exact
+    /// integers (assuming nothing wraps, which holds while the bound stays below
+    /// 2^(l-1)). For pixels in [0, 1], lo = 0 and hi = 2^f. Unlike the accumulators
+    /// measured on MNIST, this covers any input a client could send within the range.
+    pub fn accumulator_bound(&self, lo: i64, hi: i64) -> u128 {
+        let f = self.fixed.frac_bits();
+        let width = self.input_len();
+        let mut ivals: Vec<(i128, i128)> =
+            vec![(i128::from(lo.min(hi)), i128::from(hi.max(lo))); width];
+        let mut bound = 0u128;
+        for layer in &self.layers {
+            match layer {
+                FixedLayer::Dense(d) => {
+                    let mut next = Vec::with_capacity(d.outputs);
+                    for (w, &b) in d
+                        .weight_signed
+                        .chunks_exact(d.inputs)
+                        .zip(d.bias_signed.iter())
+                    {
+                        let (mut a, mut z) = (i128::from(b), i128::from(b));
+                        for (&wj, &(l, h)) in w.iter().zip(&ivals) {
+                            let (p, q) = (i128::from(wj) * l, i128::from(wj) * h);
+                            a += p.min(q);
+                            z += p.max(q);
+                        }
+                        bound = bound.max(a.unsigned_abs()).max(z.unsigned_abs());
+                        // The arithmetic shift is monotone.
+                        next.push((a >> f, z >> f));
+                    }
+                    ivals = next;
+                }
+                FixedLayer::Relu => {
+                    for v in &mut ivals {
+                        *v = (v.0.max(0), v.1.max(0));
+                    }
+                }
+                FixedLayer::Flatten => {}
+            }
+        }
+        bound
+    }
+
     /// Runs [`eval_fixed`].
     pub fn eval(&self, inputs: &[u64]) -> Result<FixedEval, FixedError> {
         eval_fixed(self, inputs)

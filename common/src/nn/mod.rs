@@ -19,7 +19,9 @@ mod file;
 pub mod mnist;
 mod model;
 mod pool;
-
+#[cfg(test)]
+mod tests;
+pub mod train;
 pub use arch::{ArchError, Architecture, LayerSpec, MAX_DIMS, MAX_ELEMENTS, MAX_LAYERS, ParamSpec};
 pub use eval::{EvalReport, calibrate, evaluate};
 pub use file::{FORMAT, MAX_FILE_BYTES};

@@ -343,6 +343,10 @@ pub struct TrainingRecord {
     pub schedule: String,
     /// RNG seed.
     pub seed: u64,
+    /// Random-shift augmentation, in pixels (0: none).
+    pub shift: usize,
+    /// Decoupled weight decay (0: none).
+    pub weight_decay: f32,
     /// Mean training loss of the last epoch.
     pub final_loss: f32,
     /// Training accuracy of the last epoch (on the shuffled mini-batches, during training).
