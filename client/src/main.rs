@@ -1,4 +1,40 @@
 //! `fusion-client`.
 #![forbid(unsafe_code)]
 
-fn main() {}
+use clap::{Parser, Subcommand};
+use fusion_client::{demo, info_cmd};
+
+/// Fusion client: secure inference against a Fusion server over mutual TLS.
+#[derive(Debug, Parser)]
+#[command(name = "fusion-client", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the server's model, policy and your budget.
+    Info(info_cmd::InfoArgs),
+    /// Everything on this machine: ephemeral certificates, an in-process server on
+    /// 127.0.0.1 over real mutual TLS, the model info and a measured echo session.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    fusion_common::net::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match Cli::parse().command {
+        Command::Info(args) => runtime.block_on(info_cmd::run(args)),
+        Command::Demo(args) => runtime.block_on(demo::run(args)),
+    }
+}

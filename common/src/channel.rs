@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_MAX_MESSAGE: usize = 1 << 30;
 
 /// Errors of the transport.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ChannelError {
     /// The peer closed its end (or went away) before the message arrived.
@@ -42,7 +42,24 @@ pub enum ChannelError {
         /// bytes received
         actual: usize,
     },
-    /// A malformed frame from the transport (e.g. a truncated multi-frame message).
+    /// One transport frame over the frame limit.
+    #[error("frame of {actual} bytes exceeds the frame limit of {limit} bytes")]
+    FrameTooLarge {
+        /// payload bytes in the frame
+        actual: usize,
+        /// the limit
+        limit: usize,
+    },
+    /// A multi-frame message that ended early: the stream closed, or the next message
+    /// began, before all of its bytes arrived.
+    #[error("truncated message: expected {expected} bytes, got {received} before it ended")]
+    Truncated {
+        /// bytes the message declared
+        expected: usize,
+        /// bytes that arrived
+        received: usize,
+    },
+    /// A malformed frame from the transport (e.g. an inconsistent chunk sequence).
     #[error("malformed frame: {0}")]
     Malformed(String),
     /// No message within the receive timeout.

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod channel;
+pub mod cost;
 pub mod fixed;
 pub mod fusion;
 pub mod he;

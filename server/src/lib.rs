@@ -1,4 +1,23 @@
-//! The model owner.
+//! The model owner: the gRPC service over mutual TLS, its policy and budgets, the
+//! backend registry, and the `serve` / `certs` commands.
+//!
+//! - [`state`]: [`state::ServerState`] (served model, policy, budgets, limits);
+//! - [`runner`]: [`runner::Registry`] of backends and the [`runner::SessionRunner`] trait;
+//! - [`service`]: the tonic service (`GetModelInfo`, `GetPublicPool`, `Session`);
+//! - [`server`]: [`server::spawn`] binds and serves, returning a [`server::ServerHandle`];
+//! - [`serve_cmd`], [`certs_cmd`]: the `serve` and `certs` subcommands;
+//! - [`model_cmd`]: `train` and `eval` (the model engineer's).
 #![forbid(unsafe_code)]
 
+pub mod certs_cmd;
+mod listener;
 pub mod model_cmd;
+pub mod runner;
+pub mod serve_cmd;
+pub mod server;
+pub mod service;
+pub mod state;
+
+pub use runner::{Registry, RunnerError, SessionRunner, StartInfo};
+pub use server::{ServerError, ServerHandle, spawn};
+pub use state::{Policy, ServedModel, ServerState, SessionLimits};

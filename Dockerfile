@@ -1,0 +1,22 @@
+# Fusion: one image with both binaries (fusion-server, fusion-client).
+# Build: docker build -t fusion-demo:local .   (or: docker compose up --build)
+
+FROM rust:1-bookworm AS builder
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bins -p fusion-server -p fusion-client \
+ && mkdir -p /src/models
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --home-dir /opt/fusion --shell /usr/sbin/nologin fusion \
+ && mkdir -p /opt/fusion /certs \
+ && chown fusion:fusion /certs
+COPY --from=builder /src/target/release/fusion-server /src/target/release/fusion-client /usr/local/bin/
+COPY --from=builder /src/models /opt/fusion/models
+COPY --from=builder /src/data /opt/fusion/data
+WORKDIR /opt/fusion
+USER fusion
+# the certs job writes here; a named volume mounted on /certs starts with this ownership
+VOLUME ["/certs"]
+EXPOSE 50051
+CMD ["fusion-client", "--help"]

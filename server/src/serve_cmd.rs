@@ -1,0 +1,135 @@
+//! `fusion-server serve`: the model owner's long-running service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use fusion_common::net::frame::DEFAULT_MAX_MESSAGE;
+use fusion_common::net::tls::{Identity, read, server_config};
+use fusion_common::net::{DEFAULT_FRAME_LIMIT, FrameLimits, OutputMode};
+use tracing::info;
+
+use crate::runner::Registry;
+use crate::server::spawn;
+use crate::state::{Policy, ServerState, SessionLimits};
+
+/// Flags of `serve` (each also from the environment variable shown in `--help`).
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (TLS only; port 0 picks a free port).
+    #[arg(long, env = "FUSION_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Model file (safetensors, see `fusion-server train`). Without it only the
+    /// diagnostic `echo` backend is meaningful.
+    #[arg(long, env = "FUSION_MODEL")]
+    pub model: Option<PathBuf>,
+    /// The server's certificate chain (PEM).
+    #[arg(long, env = "FUSION_CERT")]
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    #[arg(long, env = "FUSION_KEY")]
+    pub key: PathBuf,
+    /// CA certificate(s) that issue client certificates (PEM); clients must present one.
+    #[arg(long = "client-ca", env = "FUSION_CLIENT_CA")]
+    pub client_ca: PathBuf,
+    /// Largest batch (rows) one session may declare.
+    #[arg(long, env = "FUSION_MAX_ROWS", default_value_t = 1024)]
+    pub max_rows: u64,
+    /// Rows each client certificate may query in total (default: unlimited).
+    #[arg(long, env = "FUSION_BUDGET")]
+    pub budget: Option<u64>,
+    /// What leaves the protocol: `labels` (argmax inside 2PC) or `logits`.
+    #[arg(long, env = "FUSION_OUTPUT", default_value = "labels")]
+    pub output: OutputMode,
+    /// Backends to offer, comma-separated (default: all available).
+    #[arg(long, env = "FUSION_BACKENDS", value_delimiter = ',')]
+    pub backends: Vec<String>,
+    /// Largest frame payload accepted, bytes.
+    #[arg(long, env = "FUSION_FRAME_LIMIT", default_value_t = DEFAULT_FRAME_LIMIT)]
+    pub frame_limit: usize,
+    /// Largest protocol message accepted, bytes.
+    #[arg(long, env = "FUSION_MAX_MESSAGE", default_value_t = DEFAULT_MAX_MESSAGE)]
+    pub max_message: usize,
+    /// Seconds a session may wait for its client before it is ended.
+    #[arg(long, env = "FUSION_IDLE_TIMEOUT", default_value_t = 600)]
+    pub idle_timeout: u64,
+    /// Sessions running at once.
+    #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32)]
+    pub max_sessions: usize,
+}
+
+impl ServeArgs {
+    fn policy(&self) -> Policy {
+        Policy {
+            backends: self.backends.clone(),
+            max_rows: self.max_rows,
+            output: self.output,
+            budget: self.budget,
+        }
+    }
+
+    fn limits(&self) -> SessionLimits {
+        SessionLimits {
+            frames: FrameLimits {
+                frame_limit: self.frame_limit,
+                max_message: self.max_message,
+            },
+            idle_timeout: Duration::from_secs(self.idle_timeout),
+            max_sessions: self.max_sessions,
+            ..SessionLimits::default()
+        }
+    }
+}
+
+/// Runs the server until Ctrl-C or SIGTERM.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    fusion_common::net::install_crypto_provider();
+    let identity = Identity::from_files(&args.cert, &args.key)?;
+    let client_ca = read(&args.client_ca, "client CA")?;
+    let tls = server_config(&identity, &client_ca).context("building the TLS configuration")?;
+    let state = ServerState::from_model_path(args.model.as_deref(), args.policy(), args.limits())
+        .context("loading the model")?;
+    if let Some(m) = &state.model {
+        info!(
+            model = %m.summary.name,
+            digest = %hex_digest(&m.summary.model_digest),
+            pool = m.summary.pool_size,
+            "model loaded"
+        );
+    }
+    let handle = spawn(args.listen, tls, state, Registry::with_builtins()).await?;
+    // one line on stdout for scripts (and the tests) that bind port 0
+    println!("fusion-server listening on {}", handle.local_addr());
+    shutdown_signal().await;
+    info!("shutting down");
+    handle.shutdown().await?;
+    Ok(())
+}
+
+fn hex_digest(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

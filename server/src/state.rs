@@ -1,0 +1,240 @@
+//! What the server knows and decides: the served model, the policy, per-client budgets
+//! and session limits.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fusion_common::net::info::{Budget, ModelSummary, OutputMode, PublicPool};
+use fusion_common::net::{FrameLimits, info::MNIST_POOL_DATASET};
+use fusion_common::nn::{Model, ModelError};
+
+/// The model this server serves: the model itself (weights stay here) with its public
+/// description and public pool as announced to clients.
+#[derive(Debug)]
+pub struct ServedModel {
+    /// the model (architecture, weights, fixed-point parameters, digest)
+    pub model: Model,
+    /// what `GetModelInfo` announces
+    pub summary: ModelSummary,
+    /// what `GetPublicPool` returns (empty when the file carries no pool)
+    pub pool: PublicPool,
+}
+
+impl ServedModel {
+    /// Wraps a loaded model; `name` is shown to clients.
+    pub fn new(name: &str, model: Model) -> Self {
+        let summary = ModelSummary::from_model(name, &model);
+        let pool = match model.public_pool() {
+            Some(p) => PublicPool::from_nn(MNIST_POOL_DATASET, p),
+            None => PublicPool::default(),
+        };
+        Self {
+            model,
+            summary,
+            pool,
+        }
+    }
+
+    /// Loads and checks a model file (see [`Model::load`]); the name is the file stem.
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let model = Model::load(path)?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        Ok(Self::new(&name, model))
+    }
+}
+
+/// The server's policy (the `serve` flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// backends offered; empty means every registered backend
+    pub backends: Vec<String>,
+    /// largest batch (rows) one session may declare
+    pub max_rows: u64,
+    /// what leaves the protocol: with `Labels`, a client asking for logits is refused
+    pub output: OutputMode,
+    /// rows per client certificate; `None` is unlimited
+    pub budget: Option<u64>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            backends: vec![],
+            max_rows: 1024,
+            output: OutputMode::Labels,
+            budget: None,
+        }
+    }
+}
+
+/// Transport limits of sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// what this server accepts per frame and per message
+    pub frames: FrameLimits,
+    /// how long a session may wait for the client (a send or receive)
+    pub idle_timeout: Duration,
+    /// how long the first frame may take
+    pub start_timeout: Duration,
+    /// sessions running at once (each holds one blocking thread)
+    pub max_sessions: usize,
+    /// time allowed for a TLS handshake
+    pub handshake_timeout: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            frames: FrameLimits::default(),
+            idle_timeout: Duration::from_secs(600),
+            start_timeout: Duration::from_secs(30),
+            max_sessions: 32,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A batch the budget does not cover.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("budget exhausted: {requested} rows requested, {remaining} of {limit} left")]
+pub struct BudgetExhausted {
+    /// rows asked for
+    pub requested: u64,
+    /// rows left
+    pub remaining: u64,
+    /// the per-client limit
+    pub limit: u64,
+}
+
+/// Rows used per client certificate subject, in memory.
+#[derive(Debug)]
+pub struct Budgets {
+    limit: Option<u64>,
+    used: Mutex<HashMap<String, u64>>,
+}
+
+impl Budgets {
+    /// Budgets of `limit` rows per client (`None`: unlimited).
+    pub fn new(limit: Option<u64>) -> Self {
+        Self {
+            limit,
+            used: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn used(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        // a panic elsewhere while holding the lock leaves a valid map: keep going
+        self.used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The budget `client` has left.
+    pub fn remaining(&self, client: &str) -> Budget {
+        match self.limit {
+            None => Budget::Unlimited,
+            Some(limit) => {
+                let used = self.used().get(client).copied().unwrap_or(0);
+                Budget::Rows {
+                    limit,
+                    remaining: limit.saturating_sub(used),
+                }
+            }
+        }
+    }
+
+    /// Charges `rows` to `client` if the budget covers them; the budget left after.
+    pub fn charge(&self, client: &str, rows: u64) -> Result<Budget, BudgetExhausted> {
+        let Some(limit) = self.limit else {
+            return Ok(Budget::Unlimited);
+        };
+        let mut used = self.used();
+        let u = used.entry(client.to_owned()).or_insert(0);
+        let remaining = limit.saturating_sub(*u);
+        if rows > remaining {
+            return Err(BudgetExhausted {
+                requested: rows,
+                remaining,
+                limit,
+            });
+        }
+        *u += rows;
+        Ok(Budget::Rows {
+            limit,
+            remaining: remaining - rows,
+        })
+    }
+}
+
+/// Everything a session may consult. Shared (read-only but for the budgets) by all
+/// sessions.
+#[derive(Debug)]
+pub struct ServerState {
+    /// the served model, if any (without one only diagnostic backends make sense)
+    pub model: Option<ServedModel>,
+    /// the policy
+    pub policy: Policy,
+    /// per-client budgets (from `policy.budget`)
+    pub budgets: Budgets,
+    /// session limits
+    pub limits: SessionLimits,
+}
+
+impl ServerState {
+    /// A state with budgets made from the policy.
+    pub fn new(model: Option<ServedModel>, policy: Policy, limits: SessionLimits) -> Self {
+        let budgets = Budgets::new(policy.budget);
+        Self {
+            model,
+            policy,
+            budgets,
+            limits,
+        }
+    }
+
+    /// The state for `fusion-server serve`: loads the model file when one is given.
+    pub fn from_model_path(
+        model: Option<&Path>,
+        policy: Policy,
+        limits: SessionLimits,
+    ) -> Result<Self, ModelError> {
+        let model = model.map(ServedModel::load).transpose()?;
+        Ok(Self::new(model, policy, limits))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_are_charged_per_client_and_refuse_overdraft() {
+        let b = Budgets::new(Some(10));
+        assert_eq!(
+            b.charge("CN=a", 4),
+            Ok(Budget::Rows {
+                limit: 10,
+                remaining: 6
+            })
+        );
+        assert_eq!(
+            b.charge("CN=a", 7),
+            Err(BudgetExhausted {
+                requested: 7,
+                remaining: 6,
+                limit: 10
+            })
+        );
+        // the refused batch was not charged
+        assert_eq!(b.remaining("CN=a").remaining(), 6);
+        assert_eq!(b.remaining("CN=b").remaining(), 10);
+        assert!(b.charge("CN=a", 6).is_ok());
+        assert!(b.charge("CN=a", 0).is_ok());
+        assert!(b.charge("CN=a", 1).is_err());
+        let u = Budgets::new(None);
+        assert_eq!(u.charge("CN=a", u64::MAX), Ok(Budget::Unlimited));
+    }
+}

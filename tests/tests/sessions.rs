@@ -1,0 +1,254 @@
+//! Round trips over real mutual TLS: the service description, the public pool, echo
+//! sessions with messages above the frame limit, budgets and policy refusals.
+
+use fusion_client::echo::echo_exchange;
+use fusion_common::channel::{Channel, ChannelError};
+use fusion_common::fixed::FixedPoint;
+use fusion_common::net::{Budget, DEFAULT_FRAME_LIMIT, OutputMode, SessionStart};
+use fusion_common::nn::{Architecture, Model, PublicPool, Tensor};
+use fusion_server::runner::{ECHO, Registry, RunnerError, StartInfo};
+use fusion_server::state::{Policy, ServedModel, ServerState, SessionLimits};
+use fusion_tests::TestServer;
+use rand::SeedableRng;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_reports_policy_budget_and_the_callers_subject() {
+    let policy = Policy {
+        max_rows: 77,
+        budget: Some(100),
+        ..Policy::default()
+    };
+    let s = TestServer::start(policy, SessionLimits::default(), Registry::with_builtins()).await;
+    let info = s.client().await.model_info().await.unwrap();
+    assert_eq!(info.client_subject, "CN=client");
+    assert_eq!(info.backends, vec!["echo"]);
+    assert_eq!(info.output, OutputMode::Labels);
+    assert_eq!(info.max_rows, 77);
+    assert_eq!(
+        info.budget,
+        Budget::Rows {
+            limit: 100,
+            remaining: 100
+        }
+    );
+    assert_eq!(info.max_frame_bytes, DEFAULT_FRAME_LIMIT as u64);
+    assert!(info.model.is_none());
+    // without a model there is no pool
+    let err = s.client().await.public_pool().await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition));
+}
+
+/// A small model with a public pool, built in the test (no model file needed).
+fn small_model() -> ServedModel {
+    let arch = Architecture::mlp(&[4], &[3], 2).expect("test model");
+    let params = vec![
+        vec![
+            Tensor::new(vec![3, 4], (0..12).map(|i| i as f32 / 10.0 - 0.5).collect())
+                .expect("test model"),
+            Tensor::new(vec![3], vec![0.1, -0.2, 0.3]).expect("test model"),
+        ],
+        vec![],
+        vec![
+            Tensor::new(vec![2, 3], vec![0.5, -0.5, 0.25, -0.25, 0.75, 0.1]).expect("test model"),
+            Tensor::new(vec![2], vec![0.0, 0.05]).expect("test model"),
+        ],
+    ];
+    let model =
+        Model::new(arch, params, FixedPoint::new(37, 12).expect("test model")).expect("test model");
+    let pool = PublicPool::new(model.digest(), vec![0, 1, 2], vec![1, 0, 1]).expect("test model");
+    let model = model.with_public_pool(pool).expect("test model");
+    ServedModel::new("tiny", model)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_with_a_model_reports_architecture_fixed_point_and_pool() {
+    let served = small_model();
+    let digest = *served.model.digest();
+    let state = ServerState::new(Some(served), Policy::default(), SessionLimits::default());
+    let s = TestServer::start_with_state(state, Registry::with_builtins()).await;
+    let client = s.client().await;
+    let info = client.model_info().await.unwrap();
+    let m = info.model.unwrap();
+    assert_eq!(m.name, "tiny");
+    assert_eq!((m.ring_bits, m.scale_bits), (37, 12));
+    assert_eq!(m.architecture.input_shape, vec![4]);
+    let kinds: Vec<_> = m
+        .architecture
+        .layers
+        .iter()
+        .map(|l| l.kind.as_str())
+        .collect();
+    assert_eq!(kinds, ["dense", "relu", "dense"]);
+    assert_eq!(m.architecture.layers[0].output_shape, vec![3]);
+    assert_eq!(m.architecture.output_shape, vec![2]);
+    assert_eq!(m.model_digest, digest.as_bytes().to_vec());
+    assert_eq!(m.pool_size, 3);
+    assert_eq!(m.accuracy_samples, 0, "no evaluation recorded: no claim");
+    let pool = client.public_pool().await.unwrap();
+    assert_eq!(pool.entries.len(), 3);
+    assert_eq!(pool.digest, m.pool_digest);
+    pool.to_nn().unwrap().verify(&digest).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_round_trip_with_messages_above_the_frame_limit() {
+    let s = TestServer::start_default().await;
+    let sizes = [
+        0,
+        1,
+        DEFAULT_FRAME_LIMIT - 1,
+        DEFAULT_FRAME_LIMIT,
+        DEFAULT_FRAME_LIMIT + 1,
+        2 * DEFAULT_FRAME_LIMIT + 17,
+    ];
+    let out = s
+        .client()
+        .await
+        .session(SessionStart::new(ECHO), move |ch, _| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            echo_exchange(ch, &sizes, &mut rng)
+        })
+        .await
+        .unwrap();
+    let total = out.cost.total("total");
+    let bytes: u64 = sizes.iter().map(|&n| n as u64).sum();
+    assert_eq!((total.bytes_sent, total.bytes_received), (bytes, bytes));
+    let n = sizes.len() as u64;
+    assert_eq!((total.messages_sent, total.messages_received), (n, n));
+    // every message is one flight out and one back
+    assert_eq!(total.rounds, 2 * n);
+    assert_eq!(out.cost.steps.len(), sizes.len());
+    assert_eq!(out.accepted.backend, "echo");
+    assert_eq!(s.handle.stats().sessions_accepted, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_is_charged_per_certificate_and_refused_when_exhausted() {
+    let policy = Policy {
+        budget: Some(10),
+        ..Policy::default()
+    };
+    let s = TestServer::start(policy, SessionLimits::default(), Registry::with_builtins()).await;
+    let client = s.client().await;
+    let batch = |rows| SessionStart::new(ECHO).with_batch(rows, 4);
+    let out = client
+        .session(batch(6), |_, _| Ok::<_, ChannelError>(()))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.accepted.budget,
+        Budget::Rows {
+            limit: 10,
+            remaining: 4
+        }
+    );
+    let err = client
+        .session(batch(5), |_, _| Ok::<_, ChannelError>(()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+    assert!(err.to_string().contains("budget exhausted"), "{err}");
+    assert_eq!(client.model_info().await.unwrap().budget.remaining(), 4);
+    // another certificate has its own budget
+    let alice = s.client_as("alice").await.unwrap();
+    let info = alice.model_info().await.unwrap();
+    assert_eq!(info.client_subject, "CN=alice");
+    assert_eq!(info.budget.remaining(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_refusals_carry_their_codes() {
+    let policy = Policy {
+        max_rows: 8,
+        ..Policy::default()
+    };
+    let s = TestServer::start(policy, SessionLimits::default(), Registry::with_builtins()).await;
+    let client = s.client().await;
+    let noop = |_: &mut dyn Channel, _: &_| Ok::<_, ChannelError>(());
+    let cases = [
+        (SessionStart::new("cheetah"), Code::Unimplemented),
+        (
+            SessionStart::new(ECHO).with_batch(9, 1),
+            Code::FailedPrecondition,
+        ),
+        (
+            SessionStart::new(ECHO).with_output(OutputMode::Logits),
+            Code::FailedPrecondition,
+        ),
+    ];
+    for (start, code) in cases {
+        let err = client.session(start.clone(), noop).await.unwrap_err();
+        assert_eq!(err.code(), Some(code), "{start:?}: {err}");
+    }
+    assert_eq!(s.handle.stats().sessions_refused, 3);
+    // labels may always be asked for
+    let ok = client
+        .session(
+            SessionStart::new(ECHO).with_output(OutputMode::Labels),
+            noop,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.accepted.output, OutputMode::Labels);
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the check of message {0} failed")]
+struct CheckFailed(usize);
+
+fn fails_after_one(
+    ch: &mut dyn Channel,
+    _: &StartInfo,
+    _: &ServerState,
+) -> Result<(), RunnerError> {
+    let m = ch.recv()?;
+    ch.send(&m)?;
+    let _ = ch.recv()?;
+    Err(RunnerError::protocol("flaky", CheckFailed(2)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_side_protocol_error_reaches_the_client_and_the_server_goes_on() {
+    let mut registry = Registry::with_builtins();
+    registry.register("flaky", fails_after_one).unwrap();
+    let s = TestServer::start(Policy::default(), SessionLimits::default(), registry).await;
+    let client = s.client().await;
+    let err = client
+        .session(SessionStart::new("flaky"), |ch, _| {
+            ch.send(b"one")?;
+            assert_eq!(ch.recv()?, b"one");
+            ch.send(b"two")?;
+            ch.recv()
+        })
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("Aborted") && text.contains("the check of message 2 failed"),
+        "{text}"
+    );
+    assert_eq!(s.await_failed_sessions(1).await, 1);
+    // a client error aborts the session and the server says why in its log
+    let err = client
+        .session(SessionStart::new(ECHO), |ch, _| {
+            ch.send(b"x")?;
+            ch.recv()?;
+            Err::<(), Box<dyn std::error::Error + Send + Sync>>(Box::new(CheckFailed(1)))
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, fusion_client::ClientError::Protocol { .. }),
+        "{err}"
+    );
+    assert_eq!(s.await_failed_sessions(2).await, 2);
+    // and the server still serves
+    client
+        .session(SessionStart::new(ECHO), |ch, _| {
+            ch.send(b"still here")?;
+            ch.recv()
+        })
+        .await
+        .unwrap();
+}
