@@ -1,1 +1,2 @@
-//! (to be written)
+//! (being written)
+pub use crate::ot::Party;
