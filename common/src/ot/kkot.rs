@@ -223,7 +223,14 @@ impl Kkot {
 
     /// Sender: the pads `pad_{i,j}` for `n` OTs and `big_n` messages each (KK13 §4,
     /// steps 3-4), from the receiver's extension matrix.
-    pub(crate) fn respond(&mut self, hash: &Tccr, msg: &[u8], n: usize, big_n: usize) -> Result<Vec<Block>, OtError> {
+    pub(crate) fn respond(
+        &mut self,
+        hash: &Tccr,
+        msg: &[u8],
+        n: usize,
+        big_n: usize,
+        sink: &mut dyn FnMut(usize, &[Block]),
+    ) -> Result<(), OtError> {
         let expected = Self::choose_len(n);
         if msg.len() != expected {
             return Err(OtError::msg(
@@ -263,20 +270,22 @@ impl Kkot {
             }
         }
         let dir = self.dir_send;
-        let mut pads = vec![0 as Block; n * big_n];
+        let mut pads = vec![0 as Block; big_n];
         let mut xs = vec![[0 as Block; 2]; big_n];
         for i in 0..n {
             for (j, x) in xs.iter_mut().enumerate() {
                 *x = [q[i][0] ^ self.cs[j][0], q[i][1] ^ self.cs[j][1]];
             }
             let tw = kk_tweak(dir, idx + i as u64);
-            hash.hash_wide_many(&xs, |_| tw, &mut pads[i * big_n..(i + 1) * big_n]);
+            hash.hash_wide_many(&xs, |_| tw, &mut pads);
+            sink(i, &pads);
         }
         q.zeroize();
         xs.zeroize();
         qcol.zeroize();
         m.zeroize();
-        Ok(pads)
+        pads.zeroize();
+        Ok(())
     }
 
     /// Receiver: `(c_i, H(i, t_i))` for every OT.

@@ -136,6 +136,41 @@ impl Drop for RotRecv {
     }
 }
 
+/// Appends `width`-bit values in the bit order of [`pack_bits`].
+pub(crate) struct BitWriter {
+    out: Vec<u8>,
+    acc: u128,
+    nbits: u32,
+}
+
+impl BitWriter {
+    pub(crate) fn with_capacity(bits: usize) -> Self {
+        Self {
+            out: Vec::with_capacity(bits.div_ceil(8)),
+            acc: 0,
+            nbits: 0,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn push(&mut self, x: u64, width: u32) {
+        self.acc |= u128::from(x) << self.nbits;
+        self.nbits += width;
+        while self.nbits >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.nbits -= 8;
+        }
+    }
+
+    pub(crate) fn finish(mut self) -> Vec<u8> {
+        if self.nbits > 0 {
+            self.out.push(self.acc as u8);
+        }
+        self.out
+    }
+}
+
 #[inline]
 fn tweak(dir: u8, idx: u64, sub: u16) -> Block {
     (u128::from(dir) << 127) | (u128::from(idx) << 16) | u128::from(sub)
@@ -163,7 +198,11 @@ impl OtSession<Iknp> {
         let sid = cot.session_id();
         let mut s = OtSession::new(cot, party, sid);
         if kk == KkotConfig::Kk13 {
+            // Bootstrap with exact batches so no COT is left over from setup.
+            let mb = s.min_batch;
+            s.min_batch = 1;
             s.enable_kk13(ch, rng)?;
+            s.min_batch = mb;
         }
         Ok(s)
     }
@@ -501,21 +540,32 @@ impl<C: RandomCot> OtSession<C> {
         Ok((KnChosen::Cots { cots, choices: choices.to_vec(), m }, msg))
     }
 
-    /// Sender of `n` 1-of-2^m OTs of `bits`-bit messages: `table[i*2^m + j]` is message j
-    /// of OT i. Returns the reply (`n·2^m·bits` bits).
-    pub fn kn_respond(&mut self, msg: &[u8], n: usize, m: u32, table: &[u64], bits: u32) -> Result<Vec<u8>, OtError> {
+    /// Sender of `n` 1-of-2^m OTs of `bits`-bit messages: `table(i, j)` is message j of
+    /// OT i (called once per pair, in order, so tables are never materialised). Returns
+    /// the reply (`n·2^m·bits` bits, packed).
+    pub fn kn_respond(
+        &mut self,
+        msg: &[u8],
+        n: usize,
+        m: u32,
+        bits: u32,
+        mut table: impl FnMut(usize, usize) -> u64,
+    ) -> Result<Vec<u8>, OtError> {
         let big_n = 1usize << m;
-        if table.len() != n * big_n || !(1..=64).contains(&bits) || !(1..=8).contains(&m) {
-            return Err(OtError::BadRequest(format!("1-of-{big_n} OT table of {} entries for {n} OTs", table.len())));
+        if !(1..=64).contains(&bits) || !(1..=8).contains(&m) {
+            return Err(OtError::BadRequest(format!("1-of-{big_n} OT of {bits}-bit messages")));
         }
         let mask = Ring::new(bits).map(|r| r.mask()).unwrap_or(u64::MAX);
-        let pads = if let Some(kk) = self.kk.as_mut() {
-            match kk.respond(&self.hash, msg, n, big_n) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.poisoned = true;
-                    return Err(e);
-                }
+        let mut out = BitWriter::with_capacity(n * big_n * bits as usize);
+        let mut sink = |i: usize, pads: &[Block]| {
+            for (j, p) in pads.iter().enumerate() {
+                out.push((table(i, j) ^ *p as u64) & mask, bits);
+            }
+        };
+        if let Some(kk) = self.kk.as_mut() {
+            if let Err(e) = kk.respond(&self.hash, msg, n, big_n, &mut sink) {
+                self.poisoned = true;
+                return Err(e);
             }
         } else {
             // Naor-Pinkas 1-of-N from m OTs: pad_j = ⊕_t H((i_t, j), K_{t, j_t}).
@@ -523,10 +573,11 @@ impl<C: RandomCot> OtSession<C> {
             let (idx, k) = self.derandomise(n * mu, msg, "1-of-N choice corrections")?;
             let dir = self.dir_send();
             let delta = self.delta;
-            let mut pads = vec![0 as Block; n * big_n];
+            let mut pads = vec![0 as Block; big_n];
             let mut xs = vec![0 as Block; big_n];
             let mut hs = vec![0 as Block; big_n];
             for i in 0..n {
+                pads.iter_mut().for_each(|p| *p = 0);
                 for t in 0..mu {
                     let kt = k[i * mu + t];
                     let it = idx + (i * mu + t) as u64;
@@ -535,14 +586,14 @@ impl<C: RandomCot> OtSession<C> {
                     }
                     self.hash.hash_many(&xs, |j| tweak(dir, it, 1 + j as u16), &mut hs);
                     for j in 0..big_n {
-                        pads[i * big_n + j] ^= hs[j];
+                        pads[j] ^= hs[j];
                     }
                 }
+                sink(i, &pads);
             }
-            pads
-        };
-        let e: Vec<u64> = table.iter().zip(&pads).map(|(&x, &p)| (x ^ p as u64) & mask).collect();
-        Ok(pack_bits(&e, bits))
+            pads.zeroize();
+        }
+        Ok(out.finish())
     }
 
     /// Receiver, step 2: the chosen messages.

@@ -158,7 +158,7 @@ fn one_of_n(kk: KkotConfig, m: u32, bits: u32) {
             ot.reserve(ch, need, 0).unwrap();
             let len = ot.kn_choose_len(n, m);
             let msg = ch.recv_exact(len).unwrap();
-            let e = ot.kn_respond(&msg, n, m, &t2, bits).unwrap();
+            let e = ot.kn_respond(&msg, n, m, bits, |i, j| t2[i * big_n + j]).unwrap();
             ch.send_vec(e).unwrap();
         },
         move |ot, ch| {
@@ -205,7 +205,7 @@ fn kk13_truncated_matrix_is_a_named_error_and_poisons() {
         KkotConfig::Kk13,
         |ot, ch| {
             let msg = ch.recv().unwrap();
-            let e = ot.kn_respond(&msg[1..], 10, 4, &[0; 160], 2);
+            let e = ot.kn_respond(&msg[1..], 10, 4, 2, |_, _| 0);
             let poisoned = ot.is_poisoned();
             let again = ot.reserve(ch, 1, 0);
             (e, poisoned, again)
