@@ -1,2 +1,4 @@
 //! The client.
 #![forbid(unsafe_code)]
+
+pub mod bench;

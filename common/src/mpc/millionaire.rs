@@ -166,13 +166,37 @@ impl<C: RandomCot> MpcSession<C> {
                     let re = if k > 0 { self.prg.bits(g.n) } else { vec![0; g.n] };
                     let w = if k > 0 { 2 } else { 1 };
                     // CrypTFlow2 Alg. 1 steps 7-9: table entry j = (lt ⊕ [x_k > j], eq ⊕ [x_k = j]).
-                    let reply = self.ot.kn_respond(&msg, g.n, mk, w, |i, j| {
-                        let a = (x[i] >> shift) & digit_mask;
-                        let j = j as u64;
-                        let gtb = u64::from(a > j) ^ u64::from(rg[i]);
-                        let eqb = u64::from(a == j) ^ u64::from(re[i]);
-                        gtb | (eqb << 1)
-                    })?;
+                    let big_n = 1usize << mk;
+                    let reply = if big_n * w as usize <= 128 {
+                        // All entries of one OT as one 128-bit row: gt bits at 2j, eq at 2j+1.
+                        let all: u128 = if big_n * w as usize == 128 { u128::MAX } else { (1u128 << (big_n * w as usize)) - 1 };
+                        let (gt_pat, eq_pat) = if w == 2 { (all / 3, (all / 3) << 1) } else { (all, 0) };
+                        let rows: Vec<u128> = (0..big_n)
+                            .map(|a| {
+                                let below: u128 = (0..a).fold(0, |r, j| r | (1u128 << (j * w as usize)));
+                                if w == 2 { below | (1u128 << (2 * a + 1)) } else { below }
+                            })
+                            .collect();
+                        self.ot.kn_respond_row(&msg, g.n, mk, w, |i| {
+                            let a = ((x[i] >> shift) & digit_mask) as usize;
+                            let mut r = rows[a];
+                            if rg[i] == 1 {
+                                r ^= gt_pat;
+                            }
+                            if re[i] == 1 {
+                                r ^= eq_pat;
+                            }
+                            r
+                        })?
+                    } else {
+                        self.ot.kn_respond(&msg, g.n, mk, w, |i, j| {
+                            let a = (x[i] >> shift) & digit_mask;
+                            let j = j as u64;
+                            let gtb = u64::from(a > j) ^ u64::from(rg[i]);
+                            let eqb = u64::from(a == j) ^ u64::from(re[i]);
+                            gtb | (eqb << 1)
+                        })?
+                    };
                     ch.send_vec(reply)?;
                     ggt.push(rg);
                     geq.push(re);

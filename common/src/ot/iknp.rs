@@ -20,8 +20,7 @@
 //! Columns are processed in chunks of [`CHUNK`] blocks (128 · CHUNK OTs) so the working
 //! set stays in cache; the wire layout is `[chunk][column j][block]`.
 
-use aes::Aes128;
-use aes::cipher::{BlockEncrypt, KeyInit};
+use super::aesni::Aes;
 use rand::{CryptoRng, Rng};
 use zeroize::Zeroize;
 
@@ -40,9 +39,9 @@ const CHUNK: usize = 32;
 pub struct Iknp {
     delta: Block,
     /// as COT sender: G keyed by k_j^{s_j}
-    send_g: Vec<Aes128>,
+    send_g: Vec<Aes>,
     /// as COT receiver: G keyed by (k_j^0, k_j^1)
-    recv_g: Vec<[Aes128; 2]>,
+    recv_g: Vec<[Aes; 2]>,
     send_ctr: u128,
     recv_ctr: u128,
     choice_prg: Prg,
@@ -62,28 +61,16 @@ impl Drop for Iknp {
     }
 }
 
-fn aes_from(k: Block) -> Aes128 {
-    let mut b = k.to_le_bytes();
-    let a = Aes128::new(&b.into());
-    b.zeroize();
-    a
+fn aes_from(k: Block) -> Aes {
+    Aes::new(k)
 }
 
 /// `out[b] = AES_k(ctr + b)`.
-fn expand(g: &Aes128, ctr: u128, out: &mut [Block]) {
-    let mut buf = [aes::Block::default(); 8];
-    for (c, chunk) in out.chunks_mut(8).enumerate() {
-        let n = chunk.len();
-        for (k, b) in buf.iter_mut().enumerate().take(n) {
-            *b = aes::Block::from((ctr + (c * 8 + k) as u128).to_le_bytes());
-        }
-        g.encrypt_blocks(&mut buf[..n]);
-        for (o, b) in chunk.iter_mut().zip(buf.iter()) {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(b);
-            *o = Block::from_le_bytes(a);
-        }
+fn expand(g: &Aes, ctr: u128, out: &mut [Block]) {
+    for (b, o) in out.iter_mut().enumerate() {
+        *o = ctr.wrapping_add(b as u128);
     }
+    g.encrypt(out);
 }
 
 impl Iknp {

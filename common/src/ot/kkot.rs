@@ -21,8 +21,7 @@
 //! OT (a COT for a few bits) the m-COT route is the cheaper one; [`KkotConfig`] chooses.
 //! H is the 2-block fixed-key hash [`Tccr::hash_wide_many`] with the OT index as tweak.
 
-use aes::Aes128;
-use aes::cipher::{BlockEncrypt, KeyInit};
+use super::aesni::Aes;
 use rand::{CryptoRng, Rng};
 use zeroize::Zeroize;
 
@@ -50,8 +49,8 @@ pub(crate) struct Kkot {
     s: [Block; 2],
     /// C(j) ∧ s for every j < 256
     cs: Vec<[Block; 2]>,
-    send_g: Vec<Aes128>,
-    recv_g: Vec<[Aes128; 2]>,
+    send_g: Vec<Aes>,
+    recv_g: Vec<[Aes; 2]>,
     send_ctr: u128,
     recv_ctr: u128,
     send_idx: u64,
@@ -88,27 +87,16 @@ impl std::fmt::Debug for KkRecv {
     }
 }
 
-fn aes_from(k: Block) -> Aes128 {
-    let mut b = k.to_le_bytes();
-    let a = Aes128::new(&b.into());
-    b.zeroize();
-    a
+fn aes_from(k: Block) -> Aes {
+    Aes::new(k)
 }
 
-fn expand(g: &Aes128, ctr: u128, out: &mut [Block]) {
-    let mut buf = [aes::Block::default(); 8];
-    for (c, chunk) in out.chunks_mut(8).enumerate() {
-        let n = chunk.len();
-        for (k, b) in buf.iter_mut().enumerate().take(n) {
-            *b = aes::Block::from((ctr + (c * 8 + k) as u128).to_le_bytes());
-        }
-        g.encrypt_blocks(&mut buf[..n]);
-        for (o, b) in chunk.iter_mut().zip(buf.iter()) {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(b);
-            *o = Block::from_le_bytes(a);
-        }
+/// `out[b] = AES_k(ctr + b)`.
+fn expand(g: &Aes, ctr: u128, out: &mut [Block]) {
+    for (b, o) in out.iter_mut().enumerate() {
+        *o = ctr.wrapping_add(b as u128);
     }
+    g.encrypt(out);
 }
 
 /// The Walsh-Hadamard codeword of `c`: bit j is parity(j & c), j < 256.
@@ -168,7 +156,8 @@ impl Kkot {
         n.div_ceil(128) * 128 * W / 8
     }
 
-    /// Receiver: the extension matrix for `choices` (KK13 §4, step 2).
+    /// Receiver: the extension matrix for `choices` (KK13 §4, step 2). Wire layout:
+    /// `[column j][block b]`, 16 bytes per block.
     pub(crate) fn choose(&mut self, choices: &[u16]) -> (KkRecv, Vec<u8>) {
         let n = choices.len();
         let nb = n.div_ceil(128);
@@ -176,32 +165,39 @@ impl Kkot {
         self.recv_ctr += nb as u128;
         let idx = self.recv_idx;
         self.recv_idx += n as u64;
-        let mut msg = vec![0u8; nb * 128 * W / 8];
-        let mut t = vec![[0 as Block; 2]; nb * 128];
-        let mut tcol = vec![0 as Block; W];
-        let mut g1 = [0 as Block; 1];
+        // Column j of the codeword matrix, per block: 2 transposes per block.
+        let mut code_cols = vec![0 as Block; W * nb];
         let mut m = [0 as Block; 128];
-        let mut code_cols = [[0 as Block; 128]; 2];
         for b in 0..nb {
-            // columns of the codeword matrix for this block of 128 OTs
-            for (h, cc) in code_cols.iter_mut().enumerate() {
-                for (i, row) in cc.iter_mut().enumerate() {
+            for h in 0..2 {
+                for (i, row) in m.iter_mut().enumerate() {
                     let c = choices.get(b * 128 + i).copied().unwrap_or(0) as usize;
                     *row = self.codes[c % W][h];
                 }
-                transpose128(cc);
+                transpose128(&mut m);
+                for (jj, col) in m.iter().enumerate() {
+                    code_cols[(h * 128 + jj) * nb + b] = *col;
+                }
             }
-            for (j, g) in self.recv_g.iter().enumerate() {
-                let mut t0 = [0 as Block; 1];
-                expand(&g[0], ctr + b as u128, &mut t0);
-                expand(&g[1], ctr + b as u128, &mut g1);
-                tcol[j] = t0[0];
-                let u = t0[0] ^ g1[0] ^ code_cols[j / 128][j % 128];
-                let p = (b * W + j) * 16;
-                msg[p..p + 16].copy_from_slice(&u.to_le_bytes());
+        }
+        let mut msg = Vec::with_capacity(nb * W * 16);
+        let mut tcols = vec![0 as Block; W * nb];
+        let mut g1 = vec![0 as Block; nb];
+        for (j, g) in self.recv_g.iter().enumerate() {
+            let tj = &mut tcols[j * nb..(j + 1) * nb];
+            expand(&g[0], ctr, tj);
+            expand(&g[1], ctr, &mut g1);
+            for b in 0..nb {
+                // KK13 §4: u_j = G(k_j^0) ⊕ G(k_j^1) ⊕ (column j of the codewords)
+                msg.extend_from_slice(&(tj[b] ^ g1[b] ^ code_cols[j * nb + b]).to_le_bytes());
             }
+        }
+        let mut t = vec![[0 as Block; 2]; nb * 128];
+        for b in 0..nb {
             for h in 0..2 {
-                m.copy_from_slice(&tcol[h * 128..(h + 1) * 128]);
+                for (jj, row) in m.iter_mut().enumerate() {
+                    *row = tcols[(h * 128 + jj) * nb + b];
+                }
                 transpose128(&mut m);
                 for i in 0..128 {
                     t[b * 128 + i][h] = m[i];
@@ -209,7 +205,8 @@ impl Kkot {
             }
         }
         t.truncate(n);
-        tcol.zeroize();
+        tcols.zeroize();
+        code_cols.zeroize();
         m.zeroize();
         (
             KkRecv {
@@ -222,7 +219,7 @@ impl Kkot {
     }
 
     /// Sender: the pads `pad_{i,j}` for `n` OTs and `big_n` messages each (KK13 §4,
-    /// steps 3-4), from the receiver's extension matrix.
+    /// steps 3-4), from the receiver's extension matrix, passed to `sink(i, pads_i)`.
     pub(crate) fn respond(
         &mut self,
         hash: &Tccr,
@@ -246,43 +243,48 @@ impl Kkot {
         self.send_ctr += nb as u128;
         let idx = self.send_idx;
         self.send_idx += n as u64;
-        let mut qcol = vec![0 as Block; W];
-        let mut m = [0 as Block; 128];
-        let mut q = vec![[0 as Block; 2]; nb * 128];
-        for b in 0..nb {
-            for (j, g) in self.send_g.iter().enumerate() {
-                let mut x = [0 as Block; 1];
-                expand(g, ctr + b as u128, &mut x);
-                if (self.s[j / 128] >> (j % 128)) & 1 == 1 {
-                    let p = (b * W + j) * 16;
+        let mut qcols = vec![0 as Block; W * nb];
+        for (j, g) in self.send_g.iter().enumerate() {
+            let qj = &mut qcols[j * nb..(j + 1) * nb];
+            expand(g, ctr, qj);
+            if (self.s[j / 128] >> (j % 128)) & 1 == 1 {
+                // KK13 §4: q_j = G(k_j^{s_j}) ⊕ s_j·u_j
+                for (b, x) in qj.iter_mut().enumerate() {
+                    let p = (j * nb + b) * 16;
                     let mut a = [0u8; 16];
                     a.copy_from_slice(&msg[p..p + 16]);
-                    x[0] ^= Block::from_le_bytes(a);
-                }
-                qcol[j] = x[0];
-            }
-            for h in 0..2 {
-                m.copy_from_slice(&qcol[h * 128..(h + 1) * 128]);
-                transpose128(&mut m);
-                for i in 0..128 {
-                    q[b * 128 + i][h] = m[i];
+                    *x ^= Block::from_le_bytes(a);
                 }
             }
         }
         let dir = self.dir_send;
+        let mut m = [0 as Block; 128];
+        let mut q = [[0 as Block; 2]; 128];
         let mut pads = vec![0 as Block; big_n];
         let mut xs = vec![[0 as Block; 2]; big_n];
-        for i in 0..n {
-            for (j, x) in xs.iter_mut().enumerate() {
-                *x = [q[i][0] ^ self.cs[j][0], q[i][1] ^ self.cs[j][1]];
+        for b in 0..nb {
+            for h in 0..2 {
+                for (jj, row) in m.iter_mut().enumerate() {
+                    *row = qcols[(h * 128 + jj) * nb + b];
+                }
+                transpose128(&mut m);
+                for i in 0..128 {
+                    q[i][h] = m[i];
+                }
             }
-            let tw = kk_tweak(dir, idx + i as u64);
-            hash.hash_wide_many(&xs, |_| tw, &mut pads);
-            sink(i, &pads);
+            for (k, qi) in q.iter().enumerate().take(n - b * 128) {
+                let i = b * 128 + k;
+                for (j, x) in xs.iter_mut().enumerate() {
+                    *x = [qi[0] ^ self.cs[j][0], qi[1] ^ self.cs[j][1]];
+                }
+                let tw = kk_tweak(dir, idx + i as u64);
+                hash.hash_wide_many(&xs, |_| tw, &mut pads);
+                sink(i, &pads);
+            }
         }
         q.zeroize();
         xs.zeroize();
-        qcol.zeroize();
+        qcols.zeroize();
         m.zeroize();
         pads.zeroize();
         Ok(())

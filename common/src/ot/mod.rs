@@ -27,6 +27,8 @@
 //! OTs are message-in/message-out functions so that the protocols of `crate::mpc` can put
 //! messages of several OTs into one flight.
 
+#[allow(unsafe_code)]
+mod aesni;
 mod base;
 mod hash;
 mod iknp;

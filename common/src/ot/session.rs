@@ -171,6 +171,51 @@ impl BitWriter {
     }
 }
 
+/// Random access to `count` packed `width`-bit values (the layout of [`pack_bits`]),
+/// with the same exact-length and zero-padding checks as [`unpack_bits`].
+pub(crate) struct PackedReader<'a> {
+    bytes: &'a [u8],
+    width: u32,
+}
+
+impl<'a> PackedReader<'a> {
+    pub(crate) fn new(what: &'static str, bytes: &'a [u8], count: usize, width: u32) -> Result<Self, OtError> {
+        let expected = (count * width as usize).div_ceil(8);
+        if bytes.len() != expected || !(1..=64).contains(&width) {
+            return Err(OtError::Malformed {
+                what,
+                source: crate::ring::RingError::PackedLength {
+                    count,
+                    expected,
+                    actual: bytes.len(),
+                },
+            });
+        }
+        let used = (count * width as usize) % 8;
+        if used != 0 && bytes.last().is_some_and(|&b| b >> used != 0) {
+            return Err(OtError::Malformed {
+                what,
+                source: crate::ring::RingError::Padding,
+            });
+        }
+        Ok(Self { bytes, width })
+    }
+
+    /// Value number `k` (the caller keeps `k < count`).
+    #[inline]
+    pub(crate) fn get(&self, k: usize) -> u64 {
+        let bit = k * self.width as usize;
+        let (byte, off) = (bit / 8, bit % 8);
+        let mut acc: u128 = 0;
+        let nbytes = (off + self.width as usize).div_ceil(8);
+        for (t, b) in self.bytes[byte..byte + nbytes].iter().enumerate() {
+            acc |= u128::from(*b) << (8 * t);
+        }
+        let mask = if self.width == 64 { u64::MAX } else { (1u64 << self.width) - 1 };
+        ((acc >> off) as u64) & mask
+    }
+}
+
 #[inline]
 fn tweak(dir: u8, idx: u64, sub: u16) -> Block {
     (u128::from(dir) << 127) | (u128::from(idx) << 16) | u128::from(sub)
@@ -327,15 +372,28 @@ impl<C: RandomCot> OtSession<C> {
                 return Err(e);
             }
         };
-        // Compact, then append.
-        self.send_keys.drain(..self.send_pos);
+        let mut batch = batch;
+        // Compact, then append (or take the batch's vectors when nothing is left).
+        if self.send_pos == self.send_keys.len() {
+            self.send_keys.zeroize();
+            self.send_keys = std::mem::take(&mut batch.send);
+        } else {
+            self.send_keys.drain(..self.send_pos);
+            self.send_keys.extend_from_slice(&batch.send);
+        }
         self.send_pos = 0;
-        self.send_keys.extend_from_slice(&batch.send);
-        self.recv_m.drain(..self.recv_pos);
-        self.recv_bits.drain(..self.recv_pos);
+        if self.recv_pos == self.recv_m.len() {
+            self.recv_m.zeroize();
+            self.recv_bits.zeroize();
+            self.recv_m = std::mem::take(&mut batch.recv);
+            self.recv_bits = std::mem::take(&mut batch.recv_bits);
+        } else {
+            self.recv_m.drain(..self.recv_pos);
+            self.recv_bits.drain(..self.recv_pos);
+            self.recv_m.extend_from_slice(&batch.recv);
+            self.recv_bits.extend_from_slice(&batch.recv_bits);
+        }
         self.recv_pos = 0;
-        self.recv_m.extend_from_slice(&batch.recv);
-        self.recv_bits.extend_from_slice(&batch.recv_bits);
         Ok(())
     }
 
@@ -568,30 +626,78 @@ impl<C: RandomCot> OtSession<C> {
                 return Err(e);
             }
         } else {
-            // Naor-Pinkas 1-of-N from m OTs: pad_j = ⊕_t H((i_t, j), K_{t, j_t}).
-            let mu = m as usize;
-            let (idx, k) = self.derandomise(n * mu, msg, "1-of-N choice corrections")?;
-            let dir = self.dir_send();
-            let delta = self.delta;
-            let mut pads = vec![0 as Block; big_n];
-            let mut xs = vec![0 as Block; big_n];
-            let mut hs = vec![0 as Block; big_n];
-            for i in 0..n {
-                pads.iter_mut().for_each(|p| *p = 0);
-                for t in 0..mu {
-                    let kt = k[i * mu + t];
-                    let it = idx + (i * mu + t) as u64;
-                    for (j, x) in xs.iter_mut().enumerate() {
-                        *x = if (j >> t) & 1 == 1 { kt ^ delta } else { kt };
-                    }
-                    self.hash.hash_many(&xs, |j| tweak(dir, it, 1 + j as u16), &mut hs);
-                    for j in 0..big_n {
-                        pads[j] ^= hs[j];
-                    }
+            self.np_pads(msg, n, m, &mut sink)?;
+        }
+        Ok(out.finish())
+    }
+
+    /// Naor-Pinkas 1-of-N from m OTs: `pad_j = ⊕_t H((i_t, j), K_{t, j_t})` for each OT.
+    fn np_pads(&mut self, msg: &[u8], n: usize, m: u32, sink: &mut dyn FnMut(usize, &[Block])) -> Result<(), OtError> {
+        let big_n = 1usize << m;
+        let mu = m as usize;
+        let (idx, k) = self.derandomise(n * mu, msg, "1-of-N choice corrections")?;
+        let dir = self.dir_send();
+        let delta = self.delta;
+        let mut pads = vec![0 as Block; big_n];
+        let mut xs = vec![0 as Block; big_n];
+        let mut hs = vec![0 as Block; big_n];
+        for i in 0..n {
+            pads.iter_mut().for_each(|p| *p = 0);
+            for t in 0..mu {
+                let kt = k[i * mu + t];
+                let it = idx + (i * mu + t) as u64;
+                for (j, x) in xs.iter_mut().enumerate() {
+                    *x = if (j >> t) & 1 == 1 { kt ^ delta } else { kt };
                 }
-                sink(i, &pads);
+                self.hash.hash_many(&xs, |j| tweak(dir, it, 1 + j as u16), &mut hs);
+                for j in 0..big_n {
+                    pads[j] ^= hs[j];
+                }
             }
-            pads.zeroize();
+            sink(i, &pads);
+        }
+        pads.zeroize();
+        Ok(())
+    }
+
+    /// [`Self::kn_respond`] for tables whose `2^m` messages of `bits` bits fit in 128 bits:
+    /// `row(i)` holds all messages of OT i, message j at bits `j·bits..(j+1)·bits`. Same
+    /// reply format, a fraction of the work (no per-entry callback).
+    pub fn kn_respond_row(
+        &mut self,
+        msg: &[u8],
+        n: usize,
+        m: u32,
+        bits: u32,
+        mut row: impl FnMut(usize) -> u128,
+    ) -> Result<Vec<u8>, OtError> {
+        let big_n = 1usize << m;
+        if !(1..=8).contains(&m) || bits == 0 || big_n * bits as usize > 128 {
+            return Err(OtError::BadRequest(format!("1-of-{big_n} OT of {bits}-bit messages in one row")));
+        }
+        let width = big_n as u32 * bits;
+        let mask = (1u128 << bits) - 1;
+        let mut out = BitWriter::with_capacity(n * width as usize);
+        let mut sink = |i: usize, pads: &[Block]| {
+            let mut p: u128 = 0;
+            for (j, pad) in pads.iter().enumerate() {
+                p |= (pad & mask) << (j as u32 * bits);
+            }
+            let v = row(i) ^ p;
+            if width > 64 {
+                out.push(v as u64, 64);
+                out.push((v >> 64) as u64, width - 64);
+            } else {
+                out.push(v as u64, width);
+            }
+        };
+        if let Some(kk) = self.kk.as_mut() {
+            if let Err(e) = kk.respond(&self.hash, msg, n, big_n, &mut sink) {
+                self.poisoned = true;
+                return Err(e);
+            }
+        } else {
+            self.np_pads(msg, n, m, &mut sink)?;
         }
         Ok(out.finish())
     }
@@ -599,7 +705,7 @@ impl<C: RandomCot> OtSession<C> {
     /// Receiver, step 2: the chosen messages.
     pub fn kn_finish(&self, st: KnChosen, n: usize, m: u32, reply: &[u8], bits: u32) -> Result<Vec<u64>, OtError> {
         let big_n = 1usize << m;
-        let e = unpack("1-of-N reply", reply, n * big_n, bits)?;
+        let e = PackedReader::new("1-of-N reply", reply, n * big_n, bits)?;
         let mask = Ring::new(bits).map(|r| r.mask()).unwrap_or(u64::MAX);
         let pads: Vec<(usize, Block)> = match st {
             KnChosen::Kk(st) => match &self.kk {
@@ -626,7 +732,7 @@ impl<C: RandomCot> OtSession<C> {
         Ok(pads
             .iter()
             .enumerate()
-            .map(|(i, &(c, p))| (e[i * big_n + c] ^ p as u64) & mask)
+            .map(|(i, &(c, p))| (e.get(i * big_n + c) ^ p as u64) & mask)
             .collect())
     }
 }
