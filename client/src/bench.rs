@@ -93,6 +93,19 @@ pub struct ReluReport {
     pub transport: String,
     /// whether the reconstructed outputs equal the plaintext ReLU (always checked)
     pub verified: bool,
+    /// CPU time of the server's thread during the ReLU batch, seconds (from
+    /// `/proc/thread-self/schedstat`; null where unavailable): wall time on a shared
+    /// machine depends on the load, CPU time much less
+    pub cpu_seconds_server: Option<f64>,
+    /// CPU time of the client's thread during the ReLU batch, seconds
+    pub cpu_seconds_client: Option<f64>,
+}
+
+/// This thread's CPU time so far, from `/proc/thread-self/schedstat` (Linux).
+fn thread_cpu() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 * 1e-9)
 }
 
 /// Errors of the bench runner.
@@ -133,26 +146,39 @@ pub fn run_relu_bench(b: ReluBench, transport: Transport) -> Result<ReluReport, 
     }
 }
 
-type PartyOut = (Vec<u64>, StepCost, StepCost);
+type PartyOut = (Vec<u64>, StepCost, StepCost, Option<f64>);
 
-fn party<C: Channel>(ch: C, who: Party, b: ReluBench, ring: Ring, x: Vec<u64>) -> Result<PartyOut, MpcError> {
+fn party<C: Channel>(
+    ch: C,
+    who: Party,
+    b: ReluBench,
+    ring: Ring,
+    x: Vec<u64>,
+) -> Result<PartyOut, MpcError> {
     let mut ch = Counting::new(ch);
     ch.set_step("setup");
     let mut rng = rand::rng();
     let mut s = MpcSession::setup(&mut ch, who, b.config, &mut rng)?;
     ch.set_step("relu");
+    let cpu0 = thread_cpu();
     let t = Instant::now();
     let y = s.relu(&mut ch, ring, &x)?;
     let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu0.and_then(|a| thread_cpu().map(|b| b - a));
     ch.set_step("end");
     let r = ch.report();
     let mut relu = r.total_with_prefix("relu");
     relu.seconds = secs;
-    Ok((y, r.total_with_prefix("setup"), relu))
+    Ok((y, r.total_with_prefix("setup"), relu, cpu))
 }
 
 /// Runs the bench over a connected pair of channels (server end, client end).
-pub fn run_relu_bench_over<A, B>(b: ReluBench, server: A, client: B, transport: &str) -> Result<ReluReport, BenchError>
+pub fn run_relu_bench_over<A, B>(
+    b: ReluBench,
+    server: A,
+    client: B,
+    transport: &str,
+) -> Result<ReluReport, BenchError>
 where
     A: Channel + 'static,
     B: Channel + 'static,
@@ -165,8 +191,14 @@ where
     let hc = std::thread::spawn(move || party(client, Party::Client, b, ring, x1));
     let rc = hc.join().map_err(|_| BenchError::Panicked)?;
     let rs = hs.join().map_err(|_| BenchError::Panicked)?;
-    let (y1, setup, relu) = rc.map_err(|source| BenchError::Protocol { party: Party::Client, source })?;
-    let (y0, _, srelu) = rs.map_err(|source| BenchError::Protocol { party: Party::Server, source })?;
+    let (y1, setup, relu, cpu_c) = rc.map_err(|source| BenchError::Protocol {
+        party: Party::Client,
+        source,
+    })?;
+    let (y0, _, srelu, cpu_s) = rs.map_err(|source| BenchError::Protocol {
+        party: Party::Server,
+        source,
+    })?;
     for i in 0..b.count {
         if ring.add(y0[i], y1[i]) != ring.from_signed(ring.to_signed(x[i]).max(0)) {
             return Err(BenchError::Wrong(i));
@@ -195,6 +227,8 @@ where
         leaf_bits: b.config.leaf_bits,
         transport: transport.into(),
         verified: true,
+        cpu_seconds_server: cpu_s,
+        cpu_seconds_client: cpu_c,
     })
 }
 
@@ -215,6 +249,9 @@ mod tests {
         assert!((r.bits_per_relu - r.bytes_total as f64 * 8.0 / 1000.0).abs() < 1e-9);
         assert!(r.setup.bytes_total > 128 * 32 * 2);
         assert!(r.rounds > 0);
-        assert!(matches!(run_relu_bench(b, Transport::Tls), Err(BenchError::Unavailable(_))));
+        assert!(matches!(
+            run_relu_bench(b, Transport::Tls),
+            Err(BenchError::Unavailable(_))
+        ));
     }
 }

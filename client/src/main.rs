@@ -64,7 +64,15 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Bench {
-            what: BenchCmd::Relu { count, bits, transport, leaf_bits, kn, json },
+            what:
+                BenchCmd::Relu {
+                    count,
+                    bits,
+                    transport,
+                    leaf_bits,
+                    kn,
+                    json,
+                },
         } => {
             let config = MpcConfig {
                 leaf_bits,
@@ -78,13 +86,31 @@ fn main() -> anyhow::Result<()> {
                 TransportArg::Memory => Transport::Memory,
                 TransportArg::Tls => Transport::Tls,
             };
-            let r = run_relu_bench(ReluBench { count, bits, config }, t).context("bench relu")?;
+            let r = run_relu_bench(
+                ReluBench {
+                    count,
+                    bits,
+                    config,
+                },
+                t,
+            )
+            .context("bench relu")?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
                     "{} ReLUs, l = {}: {:.0} bits/ReLU, {:.2} us/ReLU, {} rounds, {:.3} s; setup {} B, {:.3} s ({} OT, leaves {} m = {})",
-                    r.count, r.bits, r.bits_per_relu, r.us_per_relu, r.rounds, r.seconds, r.setup.bytes_total, r.setup.seconds, r.ot, r.kn, r.leaf_bits
+                    r.count,
+                    r.bits,
+                    r.bits_per_relu,
+                    r.us_per_relu,
+                    r.rounds,
+                    r.seconds,
+                    r.setup.bytes_total,
+                    r.setup.seconds,
+                    r.ot,
+                    r.kn,
+                    r.leaf_bits
                 );
             }
         }

@@ -310,7 +310,8 @@ impl<C: Channel> Counting<C> {
     pub fn report(&self) -> CostReport {
         let mut r = self.report.clone();
         r.steps[self.current].seconds += self.step_started.elapsed().as_secs_f64();
-        r.steps.retain(|s| s.step != "-" || s.bytes_total() > 0 || s.rounds > 0);
+        r.steps
+            .retain(|s| s.step != "-" || s.bytes_total() > 0 || s.rounds > 0);
         r
     }
 
@@ -446,7 +447,10 @@ mod tests {
         let ra = a.report();
         assert_eq!(ra.steps.len(), 2);
         let s = &ra.steps[0];
-        assert_eq!((s.step.as_str(), s.bytes_sent, s.bytes_received), ("setup", 15, 3));
+        assert_eq!(
+            (s.step.as_str(), s.bytes_sent, s.bytes_received),
+            ("setup", 15, 3)
+        );
         assert_eq!((s.messages_sent, s.messages_received, s.rounds), (2, 1, 2));
         let o = &ra.steps[1];
         assert_eq!((o.bytes_sent, o.rounds), (1, 1));

@@ -52,7 +52,11 @@ impl Ring {
         if bits < MIN_BITS || bits > MAX_BITS {
             return Err(RingError::BadWidth { bits });
         }
-        let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+        let mask = if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        };
         Ok(Self { bits, mask })
     }
 
@@ -167,7 +171,11 @@ pub const fn packed_len(count: usize, width: u32) -> usize {
 /// Packs the low `width` bits of each value, little-endian bit order, no gaps.
 pub fn pack_bits(xs: &[u64], width: u32) -> Vec<u8> {
     debug_assert!((1..=64).contains(&width));
-    let mask = if width == 64 { u64::MAX } else { (1u64 << width) - 1 };
+    let mask = if width == 64 {
+        u64::MAX
+    } else {
+        (1u64 << width) - 1
+    };
     let mut out = Vec::with_capacity(packed_len(xs.len(), width));
     let mut acc: u128 = 0;
     let mut nbits: u32 = 0;
@@ -197,7 +205,11 @@ pub fn unpack_bits(bytes: &[u8], count: usize, width: u32) -> Result<Vec<u64>, R
             actual: bytes.len(),
         });
     }
-    let mask = if width == 64 { u64::MAX } else { (1u64 << width) - 1 };
+    let mask = if width == 64 {
+        u64::MAX
+    } else {
+        (1u64 << width) - 1
+    };
     let mut out = Vec::with_capacity(count);
     let mut acc: u128 = 0;
     let mut nbits: u32 = 0;
@@ -241,7 +253,10 @@ mod tests {
         assert_eq!(r.from_signed(-1), r.mask());
         assert!(r.msb(r.from_signed(-1)));
         assert!(!r.msb(r.from_signed(r.max_signed())));
-        assert_eq!(r.add(r.from_signed(r.max_signed()), 1), r.from_signed(r.min_signed()));
+        assert_eq!(
+            r.add(r.from_signed(r.max_signed()), 1),
+            r.from_signed(r.min_signed())
+        );
     }
 
     #[test]
@@ -269,7 +284,10 @@ mod tests {
                 assert_eq!(r.unpack(&p, n).unwrap(), xs);
                 let mut longer = p.clone();
                 longer.push(0);
-                assert!(matches!(r.unpack(&longer, n), Err(RingError::PackedLength { .. })));
+                assert!(matches!(
+                    r.unpack(&longer, n),
+                    Err(RingError::PackedLength { .. })
+                ));
             }
         }
         // 3 elements of 7 bits = 21 bits -> 3 bytes with 3 padding bits.

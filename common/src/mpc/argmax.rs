@@ -37,7 +37,13 @@ pub fn argmax_precondition(ring: Ring, values: &[i64]) -> bool {
 impl<C: RandomCot> MpcSession<C> {
     /// Shares (mod 2^l) of the first argmax index of each row of `x` (row-major, `cols`
     /// per row). Cost: see [`super::cost::argmax`].
-    pub fn argmax(&mut self, ch: &mut dyn Channel, ring: Ring, x: &[u64], cols: usize) -> Result<Vec<u64>, MpcError> {
+    pub fn argmax(
+        &mut self,
+        ch: &mut dyn Channel,
+        ring: Ring,
+        x: &[u64],
+        cols: usize,
+    ) -> Result<Vec<u64>, MpcError> {
         self.guarded(|s| s.argmax_inner(ch, ring, x, cols))
     }
 
@@ -57,7 +63,9 @@ impl<C: RandomCot> MpcSession<C> {
             None => Ok(None),
             Some(v) => {
                 if let Some(bad) = v.iter().find(|&&i| i as usize >= cols) {
-                    self.guarded(|_| Err(MpcError::BadInput(format!("revealed index {bad} ≥ {cols}"))))
+                    self.guarded(|_| {
+                        Err(MpcError::BadInput(format!("revealed index {bad} ≥ {cols}")))
+                    })
                 } else {
                     Ok(Some(v.into_iter().map(|i| i as usize).collect()))
                 }
@@ -65,17 +73,36 @@ impl<C: RandomCot> MpcSession<C> {
         }
     }
 
-    fn argmax_inner(&mut self, ch: &mut dyn Channel, ring: Ring, x: &[u64], cols: usize) -> Result<Vec<u64>, MpcError> {
+    fn argmax_inner(
+        &mut self,
+        ch: &mut dyn Channel,
+        ring: Ring,
+        x: &[u64],
+        cols: usize,
+    ) -> Result<Vec<u64>, MpcError> {
         super::check_shares(ring, x)?;
-        if cols == 0 || x.len() % cols != 0 || ring.bits() < 2 || (cols as u128) > u128::from(ring.mask()) {
-            return Err(MpcError::BadInput(format!("argmax of {} values in rows of {cols}", x.len())));
+        if cols == 0
+            || x.len() % cols != 0
+            || ring.bits() < 2
+            || (cols as u128) > u128::from(ring.mask())
+        {
+            return Err(MpcError::BadInput(format!(
+                "argmax of {} values in rows of {cols}",
+                x.len()
+            )));
         }
         let rows = x.len() / cols;
         let server = self.is_server();
         // candidates per row: (value, index) shares
-        let mut vals: Vec<Vec<u64>> = (0..rows).map(|r| x[r * cols..(r + 1) * cols].to_vec()).collect();
+        let mut vals: Vec<Vec<u64>> = (0..rows)
+            .map(|r| x[r * cols..(r + 1) * cols].to_vec())
+            .collect();
         let mut idxs: Vec<Vec<u64>> = (0..rows)
-            .map(|_| (0..cols as u64).map(|j| if server { j } else { 0 }).collect())
+            .map(|_| {
+                (0..cols as u64)
+                    .map(|j| if server { j } else { 0 })
+                    .collect()
+            })
             .collect();
         let mut len = cols;
         while len > 1 {
@@ -91,7 +118,10 @@ impl<C: RandomCot> MpcSession<C> {
                     delta.push(ring.sub(idxs[r][h], idxs[r][l]));
                 }
             }
-            let g = [MillGroup { bits: ring.bits() - 1, n }];
+            let g = [MillGroup {
+                bits: ring.bits() - 1,
+                n,
+            }];
             let (a, b) = mill_cots(self.cfg.leaf_bits, self.kn_from_cots(), &g);
             self.reserve_dirs(ch, a + n, b + n)?;
             let d = self.drelu_inner(ch, ring, &diff)?;

@@ -85,7 +85,13 @@ impl Trace {
     /// Reservation of (server-sender, client-sender) COTs: an IKNP extension of what the
     /// buffers lack, rounded up to blocks of 128, then the COTs are used.
     fn ext(&mut self, s2c: usize, c2s: usize) {
-        let lack = |have: usize, need: usize| if need > have { (need - have).div_ceil(128) * 128 } else { 0 };
+        let lack = |have: usize, need: usize| {
+            if need > have {
+                (need - have).div_ceil(128) * 128
+            } else {
+                0
+            }
+        };
         let (es, ec) = (lack(self.avail.0, s2c), lack(self.avail.1, c2s));
         if es > 0 {
             self.send(16 * es);
@@ -98,7 +104,11 @@ impl Trace {
     fn mill(&mut self, p: Params, groups: &[MillGroup]) {
         for g in groups {
             for &mk in &leaf_sizes(g.bits, p.leaf_bits) {
-                self.send(if p.kk13 { 32 * g.n.div_ceil(128) * 128 } else { (g.n * mk as usize).div_ceil(8) });
+                self.send(if p.kk13 {
+                    32 * g.n.div_ceil(128) * 128
+                } else {
+                    (g.n * mk as usize).div_ceil(8)
+                });
             }
         }
         for g in groups {
@@ -107,13 +117,19 @@ impl Trace {
                 self.recv((g.n * (1usize << mk) * w).div_ceil(8));
             }
         }
-        let trees: Vec<_> = groups.iter().map(|g| tree(leaf_sizes(g.bits, p.leaf_bits).len())).collect();
+        let trees: Vec<_> = groups
+            .iter()
+            .map(|g| tree(leaf_sizes(g.bits, p.leaf_bits).len()))
+            .collect();
         let depth = trees.iter().map(|t| t.len()).max().unwrap_or(0);
         for lv in 0..depth {
             let mut bits = 0;
             for (g, t) in groups.iter().zip(&trees) {
                 if let Some(nodes) = t.get(lv) {
-                    bits += nodes.iter().map(|nd| (2 + usize::from(nd.need_eq)) * g.n).sum::<usize>();
+                    bits += nodes
+                        .iter()
+                        .map(|nd| (2 + usize::from(nd.need_eq)) * g.n)
+                        .sum::<usize>();
                 }
             }
             self.send(bits.div_ceil(8));
@@ -129,7 +145,10 @@ impl Trace {
 }
 
 fn carry_group(ring: Ring, n: usize) -> MillGroup {
-    MillGroup { bits: ring.bits() - 1, n }
+    MillGroup {
+        bits: ring.bits() - 1,
+        n,
+    }
 }
 
 /// [`MpcSession::drelu`](super::MpcSession::drelu) of `n` elements.
@@ -194,7 +213,11 @@ fn trunc_general(p: Params, ring: Ring, n: usize, f: u32, relu: bool) -> Cost {
     let mut t = Trace::default();
     t.ext(a, b);
     t.mill(p, &g);
-    t.send(if p.kk13 { 32 * n.div_ceil(128) * 128 } else { (3 * n).div_ceil(8) });
+    t.send(if p.kk13 {
+        32 * n.div_ceil(128) * 128
+    } else {
+        (3 * n).div_ceil(8)
+    });
     if relu {
         t.recv(n.div_ceil(8));
         t.send(ring.packed_len(n));

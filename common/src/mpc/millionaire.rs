@@ -39,10 +39,14 @@ pub(crate) struct Node {
     pub(crate) need_eq: bool,
 }
 
-/// The leaf sizes (low digit first) for `bits` and leaf width `m`.
+/// The leaf sizes (low digit first) for `bits` and leaf width at most `m`: the fewest
+/// leaves, sizes as equal as possible, the larger ones first (leaf 0 carries only the gt
+/// bit, so a larger table costs least there). E.g. 31 bits, m = 6: [6, 5, 5, 5, 5, 5]
+/// (a 1-of-2 leaf would cost 256 bits with KK13 for one bit of input).
 pub(crate) fn leaf_sizes(bits: u32, m: u32) -> Vec<u32> {
     let q = bits.div_ceil(m);
-    (0..q).map(|k| m.min(bits - k * m)).collect()
+    let (base, rem) = (bits / q, bits % q);
+    (0..q).map(|k| base + u32::from(k < rem)).collect()
 }
 
 /// The tree: per level, the combines (and whether an odd last position is carried).
@@ -128,8 +132,15 @@ impl<C: RandomCot> MpcSession<C> {
         mine: &[&[u64]],
     ) -> Result<Vec<Vec<u8>>, MpcError> {
         let m = self.cfg.leaf_bits;
-        if mine.len() != groups.len() || groups.iter().zip(mine).any(|(g, x)| x.len() != g.n || g.bits == 0 || g.bits > 64) {
-            return Err(MpcError::BadInput("millionaire groups and inputs disagree".into()));
+        if mine.len() != groups.len()
+            || groups
+                .iter()
+                .zip(mine)
+                .any(|(g, x)| x.len() != g.n || g.bits == 0 || g.bits > 64)
+        {
+            return Err(MpcError::BadInput(
+                "millionaire groups and inputs disagree".into(),
+            ));
         }
         let plans: Vec<(Vec<u32>, Vec<Vec<Node>>)> = groups
             .iter()
@@ -151,7 +162,11 @@ impl<C: RandomCot> MpcSession<C> {
             let mut msgs = Vec::new();
             for (g, (sizes, _)) in groups.iter().zip(&plans) {
                 for &mk in sizes {
-                    msgs.push(recv_len(ch, "millionaire leaf OT", self.ot.kn_choose_len(g.n, mk))?);
+                    msgs.push(recv_len(
+                        ch,
+                        "millionaire leaf OT",
+                        self.ot.kn_choose_len(g.n, mk),
+                    )?);
                 }
             }
             let mut it = msgs.into_iter();
@@ -163,18 +178,35 @@ impl<C: RandomCot> MpcSession<C> {
                     let msg = it.next().unwrap_or_default();
                     let digit_mask = (1u64 << mk) - 1;
                     let rg = self.prg.bits(g.n);
-                    let re = if k > 0 { self.prg.bits(g.n) } else { vec![0; g.n] };
+                    let re = if k > 0 {
+                        self.prg.bits(g.n)
+                    } else {
+                        vec![0; g.n]
+                    };
                     let w = if k > 0 { 2 } else { 1 };
                     // CrypTFlow2 Alg. 1 steps 7-9: table entry j = (lt ⊕ [x_k > j], eq ⊕ [x_k = j]).
                     let big_n = 1usize << mk;
                     let reply = if big_n * w as usize <= 128 {
                         // All entries of one OT as one 128-bit row: gt bits at 2j, eq at 2j+1.
-                        let all: u128 = if big_n * w as usize == 128 { u128::MAX } else { (1u128 << (big_n * w as usize)) - 1 };
-                        let (gt_pat, eq_pat) = if w == 2 { (all / 3, (all / 3) << 1) } else { (all, 0) };
+                        let all: u128 = if big_n * w as usize == 128 {
+                            u128::MAX
+                        } else {
+                            (1u128 << (big_n * w as usize)) - 1
+                        };
+                        let (gt_pat, eq_pat) = if w == 2 {
+                            (all / 3, (all / 3) << 1)
+                        } else {
+                            (all, 0)
+                        };
                         let rows: Vec<u128> = (0..big_n)
                             .map(|a| {
-                                let below: u128 = (0..a).fold(0, |r, j| r | (1u128 << (j * w as usize)));
-                                if w == 2 { below | (1u128 << (2 * a + 1)) } else { below }
+                                let below: u128 =
+                                    (0..a).fold(0, |r, j| r | (1u128 << (j * w as usize)));
+                                if w == 2 {
+                                    below | (1u128 << (2 * a + 1))
+                                } else {
+                                    below
+                                }
                             })
                             .collect();
                         self.ot.kn_respond_row(&msg, g.n, mk, w, |i| {
@@ -211,7 +243,10 @@ impl<C: RandomCot> MpcSession<C> {
                 let mut shift = 0;
                 for &mk in sizes {
                     let digit_mask = (1u64 << mk) - 1;
-                    let choices: Vec<u16> = y.iter().map(|&v| ((v >> shift) & digit_mask) as u16).collect();
+                    let choices: Vec<u16> = y
+                        .iter()
+                        .map(|&v| ((v >> shift) & digit_mask) as u16)
+                        .collect();
                     let (st, msg) = self.ot.kn_choose(&choices, mk)?;
                     ch.send_vec(msg)?;
                     states.push((st, g.n, mk));
@@ -231,7 +266,11 @@ impl<C: RandomCot> MpcSession<C> {
                     let reply = recv_len(ch, "millionaire leaf OT reply", len)?;
                     let v = self.ot.kn_finish(st, n, mk, &reply, w)?;
                     ggt.push(v.iter().map(|&x| (x & 1) as u8).collect());
-                    geq.push(if k > 0 { v.iter().map(|&x| ((x >> 1) & 1) as u8).collect() } else { vec![0; n] });
+                    geq.push(if k > 0 {
+                        v.iter().map(|&x| ((x >> 1) & 1) as u8).collect()
+                    } else {
+                        vec![0; n]
+                    });
                 }
                 gt.push(ggt);
                 eq.push(geq);
@@ -282,7 +321,8 @@ impl<C: RandomCot> MpcSession<C> {
                         if nd.need_eq {
                             let e2 = open[pos] ^ peer[pos];
                             pos += 1;
-                            let z2 = (c >> 1) ^ (d & (b >> 1)) ^ (e2 & a) ^ (u8::from(server) & d & e2);
+                            let z2 =
+                                (c >> 1) ^ (d & (b >> 1)) ^ (e2 & a) ^ (u8::from(server) & d & e2);
                             oe.push(z2);
                         }
                     }

@@ -33,7 +33,11 @@ use crate::ot::{Party, RandomCot};
 use crate::ring::Ring;
 
 fn low(x: u64, bits: u32) -> u64 {
-    if bits >= 64 { x } else { x & ((1u64 << bits) - 1) }
+    if bits >= 64 {
+        x
+    } else {
+        x & ((1u64 << bits) - 1)
+    }
 }
 
 impl<C: RandomCot> MpcSession<C> {
@@ -42,7 +46,12 @@ impl<C: RandomCot> MpcSession<C> {
     }
 
     /// Reserves `(server-sender, client-sender)` COTs, mirrored for our role.
-    pub(crate) fn reserve_dirs(&mut self, ch: &mut dyn Channel, s2c: usize, c2s: usize) -> Result<(), MpcError> {
+    pub(crate) fn reserve_dirs(
+        &mut self,
+        ch: &mut dyn Channel,
+        s2c: usize,
+        c2s: usize,
+    ) -> Result<(), MpcError> {
         if self.is_server() {
             self.ot.reserve(ch, s2c, c2s)?;
         } else {
@@ -63,7 +72,13 @@ impl<C: RandomCot> MpcSession<C> {
         let b = ring.bits() - 1;
         let top = low(u64::MAX, b);
         x.iter()
-            .map(|&v| if self.is_server() { low(v, b) } else { top - low(v, b) })
+            .map(|&v| {
+                if self.is_server() {
+                    low(v, b)
+                } else {
+                    top - low(v, b)
+                }
+            })
             .collect()
     }
 
@@ -71,13 +86,27 @@ impl<C: RandomCot> MpcSession<C> {
     fn low_input(&self, x: &[u64], f: u32) -> Vec<u64> {
         let top = low(u64::MAX, f);
         x.iter()
-            .map(|&v| if self.is_server() { low(v, f) } else { top - low(v, f) })
+            .map(|&v| {
+                if self.is_server() {
+                    low(v, f)
+                } else {
+                    top - low(v, f)
+                }
+            })
             .collect()
     }
 
-    pub(crate) fn drelu_inner(&mut self, ch: &mut dyn Channel, ring: Ring, x: &[u64]) -> Result<Vec<u8>, MpcError> {
+    pub(crate) fn drelu_inner(
+        &mut self,
+        ch: &mut dyn Channel,
+        ring: Ring,
+        x: &[u64],
+    ) -> Result<Vec<u8>, MpcError> {
         let inp = self.carry_input(ring, x);
-        let g = [MillGroup { bits: ring.bits() - 1, n: x.len() }];
+        let g = [MillGroup {
+            bits: ring.bits() - 1,
+            n: x.len(),
+        }];
         let carry = self.millionaire(ch, &g, &[&inp])?.swap_remove(0);
         let server = u8::from(self.is_server());
         Ok(x.iter()
@@ -88,10 +117,18 @@ impl<C: RandomCot> MpcSession<C> {
 
     /// XOR shares of DReLU(x) = [x ≥ 0] (signed) for every element.
     /// Cost: see [`super::cost::drelu`].
-    pub fn drelu(&mut self, ch: &mut dyn Channel, ring: Ring, x: &[u64]) -> Result<Vec<u8>, MpcError> {
+    pub fn drelu(
+        &mut self,
+        ch: &mut dyn Channel,
+        ring: Ring,
+        x: &[u64],
+    ) -> Result<Vec<u8>, MpcError> {
         self.guarded(|s| {
             Self::check_ring(ring, x)?;
-            let g = [MillGroup { bits: ring.bits() - 1, n: x.len() }];
+            let g = [MillGroup {
+                bits: ring.bits() - 1,
+                n: x.len(),
+            }];
             let (a, b) = mill_cots(s.cfg.leaf_bits, s.kn_from_cots(), &g);
             s.reserve_dirs(ch, a, b)?;
             s.drelu_inner(ch, ring, x)
@@ -110,7 +147,10 @@ impl<C: RandomCot> MpcSession<C> {
     ) -> Result<Vec<u64>, MpcError> {
         let n = d.len();
         if x.len() != n * w {
-            return Err(MpcError::BadInput(format!("mux of {n} bits and {} values", x.len())));
+            return Err(MpcError::BadInput(format!(
+                "mux of {n} bits and {} values",
+                x.len()
+            )));
         }
         // Cheetah MUX: we receive the peer's COT with our bit as choice ...
         let (st, msg) = self.ot.cot_choose(d)?;
@@ -136,7 +176,13 @@ impl<C: RandomCot> MpcSession<C> {
 
     /// Shares of `d·x` for XOR-shared bits `d` and additive shares `x` (same length).
     /// Cost: see [`super::cost::mux`].
-    pub fn mux(&mut self, ch: &mut dyn Channel, ring: Ring, d: &[u8], x: &[u64]) -> Result<Vec<u64>, MpcError> {
+    pub fn mux(
+        &mut self,
+        ch: &mut dyn Channel,
+        ring: Ring,
+        d: &[u8],
+        x: &[u64],
+    ) -> Result<Vec<u64>, MpcError> {
         self.guarded(|s| {
             check_shares(ring, x)?;
             s.reserve_dirs(ch, d.len(), d.len())?;
@@ -146,11 +192,19 @@ impl<C: RandomCot> MpcSession<C> {
 
     /// Shares of ReLU(x) = max(0, x) (signed) for every element.
     /// Cost: see [`super::cost::relu`].
-    pub fn relu(&mut self, ch: &mut dyn Channel, ring: Ring, x: &[u64]) -> Result<Vec<u64>, MpcError> {
+    pub fn relu(
+        &mut self,
+        ch: &mut dyn Channel,
+        ring: Ring,
+        x: &[u64],
+    ) -> Result<Vec<u64>, MpcError> {
         self.guarded(|s| {
             Self::check_ring(ring, x)?;
             let n = x.len();
-            let g = [MillGroup { bits: ring.bits() - 1, n }];
+            let g = [MillGroup {
+                bits: ring.bits() - 1,
+                n,
+            }];
             let (a, b) = mill_cots(s.cfg.leaf_bits, s.kn_from_cots(), &g);
             s.reserve_dirs(ch, a + n, b + n)?;
             let d = s.drelu_inner(ch, ring, x)?;
@@ -159,29 +213,46 @@ impl<C: RandomCot> MpcSession<C> {
     }
 
     /// Additive shares mod 2^l of XOR-shared bits. Cost: see [`super::cost::b2a`].
-    pub fn b2a(&mut self, ch: &mut dyn Channel, ring: Ring, d: &[u8]) -> Result<Vec<u64>, MpcError> {
+    pub fn b2a(
+        &mut self,
+        ch: &mut dyn Channel,
+        ring: Ring,
+        d: &[u8],
+    ) -> Result<Vec<u64>, MpcError> {
         self.guarded(|s| {
             let n = d.len();
             s.reserve_dirs(ch, n, 0)?;
             if s.is_server() {
                 let msg = recv_len(ch, "B2A choice corrections", n.div_ceil(8))?;
-                let corr: Vec<u64> = d.iter().map(|&b| ring.neg(ring.mul(2, u64::from(b & 1)))).collect();
+                let corr: Vec<u64> = d
+                    .iter()
+                    .map(|&b| ring.neg(ring.mul(2, u64::from(b & 1))))
+                    .collect();
                 let (r, reply) = s.ot.cot_respond(ring, &msg, &corr, 1)?;
                 ch.send_vec(reply)?;
-                Ok(d.iter().zip(&r).map(|(&b, &r)| ring.sub(u64::from(b & 1), r)).collect())
+                Ok(d.iter()
+                    .zip(&r)
+                    .map(|(&b, &r)| ring.sub(u64::from(b & 1), r))
+                    .collect())
             } else {
                 let (st, msg) = s.ot.cot_choose(d)?;
                 ch.send_vec(msg)?;
                 let reply = recv_len(ch, "B2A COT reply", ring.packed_len(n))?;
                 let y = s.ot.cot_finish(st, ring, &reply, 1)?;
-                Ok(d.iter().zip(&y).map(|(&b, &y)| ring.add(u64::from(b & 1), y)).collect())
+                Ok(d.iter()
+                    .zip(&y)
+                    .map(|(&b, &y)| ring.add(u64::from(b & 1), y))
+                    .collect())
             }
         })
     }
 
     fn check_f(ring: Ring, f: u32) -> Result<(), MpcError> {
         if f >= ring.bits() {
-            return Err(MpcError::BadInput(format!("truncation by {f} bits in a {}-bit ring", ring.bits())));
+            return Err(MpcError::BadInput(format!(
+                "truncation by {f} bits in a {}-bit ring",
+                ring.bits()
+            )));
         }
         Ok(())
     }
@@ -189,7 +260,13 @@ impl<C: RandomCot> MpcSession<C> {
     /// Exact truncation `x >> f` (floor) of values known to be non-negative
     /// (x < 2^(l-1) as a signed value, e.g. ReLU outputs). Precondition: the caller knows
     /// msb(x) = 0; for other inputs the result is wrong. Cost: [`super::cost::trunc_nonneg`].
-    pub fn trunc_nonneg(&mut self, ch: &mut dyn Channel, ring: Ring, x: &[u64], f: u32) -> Result<Vec<u64>, MpcError> {
+    pub fn trunc_nonneg(
+        &mut self,
+        ch: &mut dyn Channel,
+        ring: Ring,
+        x: &[u64],
+        f: u32,
+    ) -> Result<Vec<u64>, MpcError> {
         self.guarded(|s| {
             Self::check_ring(ring, x)?;
             Self::check_f(ring, f)?;
@@ -207,7 +284,10 @@ impl<C: RandomCot> MpcSession<C> {
             if s.is_server() {
                 let msg = recv_len(ch, "trunc choice corrections", (2 * n).div_ceil(8))?;
                 // B2A of c (δ = -2c_S) and the cross term of w = m_S ∨ m_C (δ = 2^(l-f)·m_S).
-                let mut corr: Vec<u64> = c.iter().map(|&b| ring.neg(ring.mul(2, u64::from(b)))).collect();
+                let mut corr: Vec<u64> = c
+                    .iter()
+                    .map(|&b| ring.neg(ring.mul(2, u64::from(b))))
+                    .collect();
                 corr.extend(m.iter().map(|&b| ring.mul(hi, u64::from(b))));
                 let (r, reply) = s.ot.cot_respond(ring, &msg, &corr, 1)?;
                 ch.send_vec(reply)?;
@@ -238,18 +318,33 @@ impl<C: RandomCot> MpcSession<C> {
 
     /// Exact arithmetic shift `x >> f` (floor of the signed value), for every input.
     /// Cost: see [`super::cost::trunc`].
-    pub fn trunc(&mut self, ch: &mut dyn Channel, ring: Ring, x: &[u64], f: u32) -> Result<Vec<u64>, MpcError> {
+    pub fn trunc(
+        &mut self,
+        ch: &mut dyn Channel,
+        ring: Ring,
+        x: &[u64],
+        f: u32,
+    ) -> Result<Vec<u64>, MpcError> {
         self.guarded(|s| s.trunc_general(ch, ring, x, f, false))
     }
 
     /// `max(0, x >> f)` exactly, fused (one round trip less and one COT less than ReLU then
     /// truncation). Cost: see [`super::cost::relu_trunc`].
-    pub fn relu_trunc(&mut self, ch: &mut dyn Channel, ring: Ring, x: &[u64], f: u32) -> Result<Vec<u64>, MpcError> {
+    pub fn relu_trunc(
+        &mut self,
+        ch: &mut dyn Channel,
+        ring: Ring,
+        x: &[u64],
+        f: u32,
+    ) -> Result<Vec<u64>, MpcError> {
         self.guarded(|s| {
             if f == 0 {
                 Self::check_ring(ring, x)?;
                 let n = x.len();
-                let g = [MillGroup { bits: ring.bits() - 1, n }];
+                let g = [MillGroup {
+                    bits: ring.bits() - 1,
+                    n,
+                }];
                 let (a, b) = mill_cots(s.cfg.leaf_bits, s.kn_from_cots(), &g);
                 s.reserve_dirs(ch, a + n, b + n)?;
                 let d = s.drelu_inner(ch, ring, x)?;
@@ -311,14 +406,22 @@ impl<C: RandomCot> MpcSession<C> {
                 let w = (m[i] & u) | (cy & (m[i] ^ u));
                 let val = ring.sub(u64::from(cc), ring.mul(hi, u64::from(w + msb)));
                 let val = if relu {
-                    if msb == 0 { ring.add(val, x[i] >> f) } else { 0 }
+                    if msb == 0 {
+                        ring.add(val, x[i] >> f)
+                    } else {
+                        0
+                    }
                 } else {
                     val
                 };
                 ring.sub(val, rs[i])
             })?;
             ch.send_vec(reply)?;
-            let mut share: Vec<u64> = if relu { rs } else { (0..n).map(|i| ring.add(x[i] >> f, rs[i])).collect() };
+            let mut share: Vec<u64> = if relu {
+                rs
+            } else {
+                (0..n).map(|i| ring.add(x[i] >> f, rs[i])).collect()
+            };
             if let (Some(st), true) = (cot_st, relu) {
                 let r = recv_len(ch, "relu_trunc COT reply", ring.packed_len(n))?;
                 let y = self.ot.cot_finish(st, ring, &r, 1)?;
@@ -328,7 +431,9 @@ impl<C: RandomCot> MpcSession<C> {
             }
             Ok(share)
         } else {
-            let choices: Vec<u16> = (0..n).map(|i| u16::from(m[i] | (carry[i] << 1) | (c[i] << 2))).collect();
+            let choices: Vec<u16> = (0..n)
+                .map(|i| u16::from(m[i] | (carry[i] << 1) | (c[i] << 2)))
+                .collect();
             let (st, msg) = self.ot.kn_choose(&choices, 3)?;
             ch.send_vec(msg)?;
             let d_c: Vec<u8> = (0..n).map(|i| m[i] ^ carry[i]).collect();
@@ -361,12 +466,20 @@ impl<C: RandomCot> MpcSession<C> {
 
     /// Opens shares to `to`: returns `Some(values)` there and `None` at the other party.
     /// One flight, `l` bits per element. Cost: see [`super::cost::reveal`].
-    pub fn reveal(&mut self, ch: &mut dyn Channel, ring: Ring, x: &[u64], to: Party) -> Result<Option<Vec<u64>>, MpcError> {
+    pub fn reveal(
+        &mut self,
+        ch: &mut dyn Channel,
+        ring: Ring,
+        x: &[u64],
+        to: Party,
+    ) -> Result<Option<Vec<u64>>, MpcError> {
         self.guarded(|s| {
             check_shares(ring, x)?;
             if s.party == to {
                 let peer = recv_ring(ch, "reveal shares", ring, x.len())?;
-                Ok(Some(x.iter().zip(peer).map(|(&a, b)| ring.add(a, b)).collect()))
+                Ok(Some(
+                    x.iter().zip(peer).map(|(&a, b)| ring.add(a, b)).collect(),
+                ))
             } else {
                 ch.send_vec(ring.pack(x))?;
                 ch.flush()?;

@@ -46,10 +46,20 @@ fn run<A: Send + 'static, B: Send + 'static>(
 /// Random and edge values (signed readings) for ring `r`.
 fn values(r: Ring, n: usize, seed: u64) -> Vec<u64> {
     let mut rng = ChaCha12Rng::seed_from_u64(seed);
-    let mut v: Vec<u64> = [0i64, 1, -1, 2, -2, r.max_signed(), r.min_signed(), r.max_signed() - 1, r.min_signed() + 1]
-        .iter()
-        .map(|&s| r.from_signed(s))
-        .collect();
+    let mut v: Vec<u64> = [
+        0i64,
+        1,
+        -1,
+        2,
+        -2,
+        r.max_signed(),
+        r.min_signed(),
+        r.max_signed() - 1,
+        r.min_signed() + 1,
+    ]
+    .iter()
+    .map(|&s| r.from_signed(s))
+    .collect();
     for k in [1u32, 5, 12, 13] {
         if k < r.bits() - 1 {
             for d in [-1i64, 0, 1] {
@@ -61,7 +71,11 @@ fn values(r: Ring, n: usize, seed: u64) -> Vec<u64> {
     while v.len() < n {
         let x = r.random(&mut rng);
         // half uniform, half small magnitudes
-        v.push(if v.len() % 2 == 0 { x } else { r.from_signed(r.to_signed(x) >> (r.bits() / 2)) });
+        v.push(if v.len() % 2 == 0 {
+            x
+        } else {
+            r.from_signed(r.to_signed(x) >> (r.bits() / 2))
+        });
     }
     v
 }
@@ -72,8 +86,16 @@ fn share(r: Ring, x: &[u64], seed: u64) -> (Vec<u64>, Vec<u64>) {
 }
 
 fn check_cost(what: &str, s: &StepCost, c: &StepCost, want: Cost) {
-    assert_eq!((c.bytes_sent, c.bytes_received, c.rounds), (want.sent, want.received, want.flights), "{what}: client");
-    assert_eq!((s.bytes_sent, s.bytes_received), (want.received, want.sent), "{what}: server");
+    assert_eq!(
+        (c.bytes_sent, c.bytes_received, c.rounds),
+        (want.sent, want.received, want.flights),
+        "{what}: client"
+    );
+    assert_eq!(
+        (s.bytes_sent, s.bytes_received),
+        (want.received, want.sent),
+        "{what}: server"
+    );
 }
 
 type Op = fn(&mut MpcSession, &mut Ch, Ring, &[u64], u32) -> Result<Vec<u64>, MpcError>;
@@ -81,27 +103,62 @@ type Op = fn(&mut MpcSession, &mut Ch, Ring, &[u64], u32) -> Result<Vec<u64>, Mp
 /// Runs `op` on shares of `x` and returns the reconstructed result and both costs.
 fn run_op(cfg: MpcConfig, r: Ring, x: &[u64], f: u32, op: Op) -> (Vec<u64>, StepCost, StepCost) {
     let (x0, x1) = share(r, x, 99);
-    let ((y0, cs), (y1, cc)) = run(cfg, move |s, ch| op(s, ch, r, &x0, f).unwrap(), move |s, ch| op(s, ch, r, &x1, f).unwrap());
-    (y0.iter().zip(&y1).map(|(&a, &b)| r.add(a, b)).collect(), cs, cc)
+    let ((y0, cs), (y1, cc)) = run(
+        cfg,
+        move |s, ch| op(s, ch, r, &x0, f).unwrap(),
+        move |s, ch| op(s, ch, r, &x1, f).unwrap(),
+    );
+    (
+        y0.iter().zip(&y1).map(|(&a, &b)| r.add(a, b)).collect(),
+        cs,
+        cc,
+    )
 }
 
-fn relu_op(s: &mut MpcSession, ch: &mut Ch, r: Ring, x: &[u64], _: u32) -> Result<Vec<u64>, MpcError> {
+fn relu_op(
+    s: &mut MpcSession,
+    ch: &mut Ch,
+    r: Ring,
+    x: &[u64],
+    _: u32,
+) -> Result<Vec<u64>, MpcError> {
     s.relu(ch, r, x)
 }
-fn trunc_op(s: &mut MpcSession, ch: &mut Ch, r: Ring, x: &[u64], f: u32) -> Result<Vec<u64>, MpcError> {
+fn trunc_op(
+    s: &mut MpcSession,
+    ch: &mut Ch,
+    r: Ring,
+    x: &[u64],
+    f: u32,
+) -> Result<Vec<u64>, MpcError> {
     s.trunc(ch, r, x, f)
 }
-fn relu_trunc_op(s: &mut MpcSession, ch: &mut Ch, r: Ring, x: &[u64], f: u32) -> Result<Vec<u64>, MpcError> {
+fn relu_trunc_op(
+    s: &mut MpcSession,
+    ch: &mut Ch,
+    r: Ring,
+    x: &[u64],
+    f: u32,
+) -> Result<Vec<u64>, MpcError> {
     s.relu_trunc(ch, r, x, f)
 }
-fn trunc_nonneg_op(s: &mut MpcSession, ch: &mut Ch, r: Ring, x: &[u64], f: u32) -> Result<Vec<u64>, MpcError> {
+fn trunc_nonneg_op(
+    s: &mut MpcSession,
+    ch: &mut Ch,
+    r: Ring,
+    x: &[u64],
+    f: u32,
+) -> Result<Vec<u64>, MpcError> {
     s.trunc_nonneg(ch, r, x, f)
 }
 fn ashr(r: Ring, x: u64, f: u32) -> u64 {
     r.from_signed(r.to_signed(x) >> f)
 }
 
-const KK: Params = Params { leaf_bits: 4, kk13: true };
+const KK: Params = Params {
+    leaf_bits: 4,
+    kk13: true,
+};
 
 #[test]
 fn relu_matches_plaintext_with_counted_cost() {
@@ -112,7 +169,12 @@ fn relu_matches_plaintext_with_counted_cost() {
         for (i, (&xi, &yi)) in x.iter().zip(&y).enumerate() {
             assert_eq!(yi, r.from_signed(r.to_signed(xi).max(0)), "l={bits} i={i}");
         }
-        check_cost(&format!("relu l={bits}"), &cs, &cc, cost::relu(KK, r, x.len()));
+        check_cost(
+            &format!("relu l={bits}"),
+            &cs,
+            &cc,
+            cost::relu(KK, r, x.len()),
+        );
     }
 }
 
@@ -132,8 +194,16 @@ fn relu_over_cots_and_other_leaf_widths() {
         for (&xi, &yi) in x.iter().zip(&y) {
             assert_eq!(yi, r.from_signed(r.to_signed(xi).max(0)), "m={m} {kn:?}");
         }
-        let p = Params { leaf_bits: m, kk13: kn == KkotConfig::Kk13 };
-        check_cost(&format!("relu m={m} {kn:?}"), &cs, &cc, cost::relu(p, r, x.len()));
+        let p = Params {
+            leaf_bits: m,
+            kk13: kn == KkotConfig::Kk13,
+        };
+        check_cost(
+            &format!("relu m={m} {kn:?}"),
+            &cs,
+            &cc,
+            cost::relu(p, r, x.len()),
+        );
     }
 }
 
@@ -149,7 +219,12 @@ fn drelu_matches_sign() {
             move |s, ch| s.drelu(ch, r, &x1).unwrap(),
         );
         for i in 0..x.len() {
-            assert_eq!(d0[i] ^ d1[i], u8::from(r.to_signed(x[i]) >= 0), "l={bits} x={}", r.to_signed(x[i]));
+            assert_eq!(
+                d0[i] ^ d1[i],
+                u8::from(r.to_signed(x[i]) >= 0),
+                "l={bits} x={}",
+                r.to_signed(x[i])
+            );
         }
         check_cost("drelu", &cs, &cc, cost::drelu(KK, r, x.len()));
     }
@@ -201,7 +276,12 @@ fn trunc_is_exact_arithmetic_shift() {
         for f in [1, 12, bits - 2] {
             let (y, cs, cc) = run_op(cfg(4, KkotConfig::Kk13), r, &x, f, trunc_op);
             for (i, (&xi, &yi)) in x.iter().zip(&y).enumerate() {
-                assert_eq!(yi, ashr(r, xi, f), "l={bits} f={f} i={i} x={}", r.to_signed(xi));
+                assert_eq!(
+                    yi,
+                    ashr(r, xi, f),
+                    "l={bits} f={f} i={i} x={}",
+                    r.to_signed(xi)
+                );
             }
             check_cost("trunc", &cs, &cc, cost::trunc(KK, r, x.len(), f));
         }
@@ -216,7 +296,20 @@ fn trunc_over_cots_is_exact() {
     for (&xi, &yi) in x.iter().zip(&y) {
         assert_eq!(yi, ashr(r, xi, 12));
     }
-    check_cost("trunc cots", &cs, &cc, cost::trunc(Params { leaf_bits: 4, kk13: false }, r, x.len(), 12));
+    check_cost(
+        "trunc cots",
+        &cs,
+        &cc,
+        cost::trunc(
+            Params {
+                leaf_bits: 4,
+                kk13: false,
+            },
+            r,
+            x.len(),
+            12,
+        ),
+    );
 }
 
 #[test]
@@ -227,7 +320,12 @@ fn relu_trunc_is_exact() {
         for f in [1, 12] {
             let (y, cs, cc) = run_op(cfg(4, KkotConfig::Kk13), r, &x, f, relu_trunc_op);
             for (&xi, &yi) in x.iter().zip(&y) {
-                assert_eq!(yi, r.from_signed((r.to_signed(xi) >> f).max(0)), "l={bits} f={f} x={}", r.to_signed(xi));
+                assert_eq!(
+                    yi,
+                    r.from_signed((r.to_signed(xi) >> f).max(0)),
+                    "l={bits} f={f} x={}",
+                    r.to_signed(xi)
+                );
             }
             check_cost("relu_trunc", &cs, &cc, cost::relu_trunc(KK, r, x.len(), f));
         }
@@ -236,7 +334,11 @@ fn relu_trunc_is_exact() {
     let r = Ring::new(32).unwrap();
     let x = values(r, 50, 1);
     let (y, _, _) = run_op(cfg(4, KkotConfig::Kk13), r, &x, 0, relu_trunc_op);
-    assert!(x.iter().zip(&y).all(|(&a, &b)| b == r.from_signed(r.to_signed(a).max(0))));
+    assert!(
+        x.iter()
+            .zip(&y)
+            .all(|(&a, &b)| b == r.from_signed(r.to_signed(a).max(0)))
+    );
 }
 
 #[test]
@@ -252,7 +354,12 @@ fn trunc_nonneg_is_exact_for_non_negative_values() {
             for (&xi, &yi) in x.iter().zip(&y) {
                 assert_eq!(yi, xi >> f, "l={bits} f={f}");
             }
-            check_cost("trunc_nonneg", &cs, &cc, cost::trunc_nonneg(KK, r, x.len(), f));
+            check_cost(
+                "trunc_nonneg",
+                &cs,
+                &cc,
+                cost::trunc_nonneg(KK, r, x.len(), f),
+            );
         }
     }
 }
@@ -278,14 +385,26 @@ fn argmax_reveals_first_argmax_to_client_only() {
                 vec![-1; cols],
                 vec![lim - 1; cols],
                 vec![-lim; cols],
-                (0..cols as i64).map(|j| if j % 2 == 0 { 5 } else { -5 }).collect(),
+                (0..cols as i64)
+                    .map(|j| if j % 2 == 0 { 5 } else { -5 })
+                    .collect(),
                 (0..cols as i64).map(|j| -(j % 3)).collect(),
-                (0..cols as i64).map(|j| if j == cols as i64 - 1 { lim - 1 } else { -lim }).collect(),
+                (0..cols as i64)
+                    .map(|j| if j == cols as i64 - 1 { lim - 1 } else { -lim })
+                    .collect(),
             ];
             let mut rng = ChaCha12Rng::seed_from_u64(cols as u64);
             for _ in 0..20 {
-                rows.push((0..cols).map(|_| r.to_signed(r.random(&mut rng)) >> 2).collect());
-                rows.push((0..cols).map(|_| (r.random(&mut rng) % 4) as i64 - 2).collect());
+                rows.push(
+                    (0..cols)
+                        .map(|_| r.to_signed(r.random(&mut rng)) >> 2)
+                        .collect(),
+                );
+                rows.push(
+                    (0..cols)
+                        .map(|_| (r.random(&mut rng) % 4) as i64 - 2)
+                        .collect(),
+                );
             }
             let flat: Vec<i64> = rows.concat();
             assert!(argmax_precondition(r, &flat));
@@ -299,9 +418,19 @@ fn argmax_reveals_first_argmax_to_client_only() {
             assert!(s_out.is_none());
             let labels = c_out.unwrap();
             for (k, row) in x.chunks(cols).enumerate() {
-                assert_eq!(labels[k], first_argmax(r, row), "l={bits} cols={cols} row={:?}", &flat[k * cols..(k + 1) * cols]);
+                assert_eq!(
+                    labels[k],
+                    first_argmax(r, row),
+                    "l={bits} cols={cols} row={:?}",
+                    &flat[k * cols..(k + 1) * cols]
+                );
             }
-            check_cost("argmax", &cs, &cc, cost::argmax_reveal(KK, r, rows.len(), cols));
+            check_cost(
+                "argmax",
+                &cs,
+                &cc,
+                cost::argmax_reveal(KK, r, rows.len(), cols),
+            );
         }
     }
     let r = Ring::new(16).unwrap();
@@ -312,7 +441,10 @@ fn argmax_reveals_first_argmax_to_client_only() {
 #[test]
 fn reveal_to_server_and_shares_of_argmax() {
     let r = Ring::new(32).unwrap();
-    let x: Vec<u64> = [3i64, 9, 9, -4, 0, 0].iter().map(|&v| r.from_signed(v)).collect();
+    let x: Vec<u64> = [3i64, 9, 9, -4, 0, 0]
+        .iter()
+        .map(|&v| r.from_signed(v))
+        .collect();
     let (x0, x1) = share(r, &x, 4);
     let ((s_out, _), (c_out, cc)) = run(
         cfg(4, KkotConfig::Kk13),
@@ -329,7 +461,12 @@ fn reveal_to_server_and_shares_of_argmax() {
     );
     assert_eq!(s_out.1.unwrap(), x);
     assert!(c_out.1.is_none());
-    let idx: Vec<u64> = s_out.0.iter().zip(&c_out.0).map(|(&a, &b)| r.add(a, b)).collect();
+    let idx: Vec<u64> = s_out
+        .0
+        .iter()
+        .zip(&c_out.0)
+        .map(|(&a, &b)| r.add(a, b))
+        .collect();
     assert_eq!(idx, vec![1, 1]);
     assert!(cc.bytes_sent > 0);
 }
@@ -352,7 +489,13 @@ fn truncated_leaf_message_is_a_named_error_and_poisons_the_session() {
         },
     );
     assert!(
-        matches!(res.0, Err(MpcError::Message { what: "millionaire leaf OT", .. }) | Err(MpcError::Ot(_))),
+        matches!(
+            res.0,
+            Err(MpcError::Message {
+                what: "millionaire leaf OT",
+                ..
+            }) | Err(MpcError::Ot(_))
+        ),
         "{:?}",
         res.0
     );
@@ -375,7 +518,16 @@ fn truncated_mux_reply_is_a_named_error() {
         },
         move |s, ch| s.mux(ch, r, &[1; 8], &[5; 8]),
     );
-    assert!(matches!(res, Err(MpcError::Message { what: "mux COT reply", .. })), "{res:?}");
+    assert!(
+        matches!(
+            res,
+            Err(MpcError::Message {
+                what: "mux COT reply",
+                ..
+            })
+        ),
+        "{res:?}"
+    );
 }
 
 #[test]
@@ -387,7 +539,11 @@ fn flipped_bits_in_replies_are_undetectable_semi_honest_only_lengths_are_checked
     let r = Ring::new(16).unwrap();
     let x = values(r, 20, 9);
     let (y, _, _) = run_op(cfg(4, KkotConfig::Kk13), r, &x, 0, relu_op);
-    assert!(x.iter().zip(&y).all(|(&a, &b)| b == r.from_signed(r.to_signed(a).max(0))));
+    assert!(
+        x.iter()
+            .zip(&y)
+            .all(|(&a, &b)| b == r.from_signed(r.to_signed(a).max(0)))
+    );
 }
 
 #[test]
@@ -400,21 +556,39 @@ fn bad_inputs_are_refused() {
     );
     assert!(matches!(res.0, Some(MpcError::BadInput(_))));
     assert!(res.1);
-    let ((res, _), _) = run(cfg(4, KkotConfig::Kk13), move |s, ch| s.trunc(ch, r, &[1], 16).err(), |_, _| ());
+    let ((res, _), _) = run(
+        cfg(4, KkotConfig::Kk13),
+        move |s, ch| s.trunc(ch, r, &[1], 16).err(),
+        |_, _| (),
+    );
     assert!(matches!(res, Some(MpcError::BadInput(_))));
-    let ((res, _), _) = run(cfg(4, KkotConfig::Kk13), move |s, ch| s.argmax(ch, r, &[1, 2, 3], 2).err(), |_, _| ());
+    let ((res, _), _) = run(
+        cfg(4, KkotConfig::Kk13),
+        move |s, ch| s.argmax(ch, r, &[1, 2, 3], 2).err(),
+        |_, _| (),
+    );
     assert!(matches!(res, Some(MpcError::BadInput(_))));
     let (a, _b) = memory_pair();
     let mut a = a;
     let mut rng = ChaCha12Rng::seed_from_u64(1);
-    let bad = MpcConfig { leaf_bits: 9, ..MpcConfig::default() };
-    assert!(matches!(MpcSession::setup(&mut a, Party::Server, bad, &mut rng), Err(MpcError::BadInput(_))));
+    let bad = MpcConfig {
+        leaf_bits: 9,
+        ..MpcConfig::default()
+    };
+    assert!(matches!(
+        MpcSession::setup(&mut a, Party::Server, bad, &mut rng),
+        Err(MpcError::BadInput(_))
+    ));
 }
 
 #[test]
 fn empty_batches_cost_nothing() {
     let r = Ring::new(32).unwrap();
-    let ((y, cs), _) = run(cfg(4, KkotConfig::Kk13), move |s, ch| s.relu(ch, r, &[]).unwrap(), move |s, ch| s.relu(ch, r, &[]).unwrap());
+    let ((y, cs), _) = run(
+        cfg(4, KkotConfig::Kk13),
+        move |s, ch| s.relu(ch, r, &[]).unwrap(),
+        move |s, ch| s.relu(ch, r, &[]).unwrap(),
+    );
     assert!(y.is_empty());
     assert_eq!(cs.bytes_sent, 0);
 }

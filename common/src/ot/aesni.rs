@@ -31,7 +31,9 @@ impl Aes {
     pub(crate) fn new(key: Block) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("sse2") {
+            if std::arch::is_x86_feature_detected!("aes")
+                && std::arch::is_x86_feature_detected!("sse2")
+            {
                 // SAFETY: the CPU supports AES-NI and SSE2 (checked just above).
                 let rk = unsafe { ni::expand_key(key) };
                 return Self { rk, soft: None };
@@ -142,7 +144,8 @@ mod ni {
         let k: [__m128i; 11] = core::array::from_fn(|i| from_block(rk[i]));
         let mut chunks = data.chunks_exact_mut(8);
         for c in &mut chunks {
-            let mut s: [__m128i; 8] = core::array::from_fn(|i| _mm_xor_si128(from_block(c[i]), k[0]));
+            let mut s: [__m128i; 8] =
+                core::array::from_fn(|i| _mm_xor_si128(from_block(c[i]), k[0]));
             for rk in &k[1..10] {
                 for x in s.iter_mut() {
                     *x = _mm_aesenc_si128(*x, *rk);
@@ -169,12 +172,19 @@ mod tests {
     #[test]
     fn aesni_matches_the_aes_crate() {
         let mut x: Block = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210;
-        for key in [0 as Block, 1, u128::MAX, 0x2b7e_1516_28ae_d2a6_abf7_1588_09cf_4f3c] {
+        for key in [
+            0 as Block,
+            1,
+            u128::MAX,
+            0x2b7e_1516_28ae_d2a6_abf7_1588_09cf_4f3c,
+        ] {
             let a = Aes::new(key);
             let soft = Aes128::new(&key.to_le_bytes().into());
             let mut data: Vec<Block> = (0..19)
                 .map(|_| {
-                    x = x.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835).wrapping_add(1);
+                    x = x
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+                        .wrapping_add(1);
                     x
                 })
                 .collect();

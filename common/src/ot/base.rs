@@ -28,9 +28,9 @@ use curve25519_dalek::traits::Identity;
 use rand::{CryptoRng, Rng};
 use zeroize::{Zeroize, Zeroizing};
 
+use super::Party;
 use super::{Block, OtError};
 use crate::channel::Channel;
-use super::Party;
 
 const POINT: usize = 32;
 
@@ -46,7 +46,12 @@ pub(crate) struct BaseOts {
 
 impl std::fmt::Debug for BaseOts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BaseOts {{ sent: {}, received: {}, [redacted] }}", self.sent.len(), self.received.len())
+        write!(
+            f,
+            "BaseOts {{ sent: {}, received: {}, [redacted] }}",
+            self.sent.len(),
+            self.received.len()
+        )
     }
 }
 
@@ -97,7 +102,9 @@ pub(crate) fn base_ot_both<R: Rng + CryptoRng + ?Sized>(
     let big_a = RistrettoPoint::mul_base(&a);
     let a_bytes = big_a.compress().to_bytes();
     ch.send(&a_bytes)?;
-    let peer_a_bytes = ch.recv_exact(POINT).map_err(|e| OtError::msg("base OT: peer's A", e))?;
+    let peer_a_bytes = ch
+        .recv_exact(POINT)
+        .map_err(|e| OtError::msg("base OT: peer's A", e))?;
     let peer_a = decode(&peer_a_bytes, 0)?;
     if peer_a == RistrettoPoint::identity() {
         return Err(OtError::InvalidPoint { index: 0 });
@@ -137,7 +144,14 @@ pub(crate) fn base_ot_both<R: Rng + CryptoRng + ?Sized>(
     let mut received = Zeroizing::new(Vec::with_capacity(n_recv));
     for (i, b) in bs.iter().enumerate() {
         let bi = &msg[i * POINT..(i + 1) * POINT];
-        received.push(kdf(&session_id, peer_dir, i, &peer_a_bytes, bi, &(b * peer_a)));
+        received.push(kdf(
+            &session_id,
+            peer_dir,
+            i,
+            &peer_a_bytes,
+            bi,
+            &(b * peer_a),
+        ));
     }
     // Sender keys: k^0 = H(a·B_i), k^1 = H(a·B_i - a·A), step 3.
     let t = *a * big_a;
@@ -176,7 +190,13 @@ mod tests {
         let h = std::thread::spawn(move || {
             let mut rng = ChaCha12Rng::seed_from_u64(2);
             let r = base_ot_both(&mut b, Party::Client, 20, &ch_c, &mut rng).unwrap();
-            (r.sent.to_vec(), r.received.to_vec(), r.session_id, b.report(), ch_c)
+            (
+                r.sent.to_vec(),
+                r.received.to_vec(),
+                r.session_id,
+                b.report(),
+                ch_c,
+            )
         });
         let mut rng = ChaCha12Rng::seed_from_u64(1);
         let s = base_ot_both(&mut a, Party::Server, 7, &cs, &mut rng).unwrap();
@@ -206,7 +226,10 @@ mod tests {
         });
         let mut rng = ChaCha12Rng::seed_from_u64(1);
         let r = base_ot_both(&mut a, Party::Server, 1, &[true], &mut rng);
-        assert!(matches!(r, Err(OtError::InvalidPoint { index: 0 })), "{r:?}");
+        assert!(
+            matches!(r, Err(OtError::InvalidPoint { index: 0 })),
+            "{r:?}"
+        );
         drop(a);
         h.join().unwrap();
         // The identity as A.
@@ -216,7 +239,10 @@ mod tests {
             let _ = b.recv();
         });
         let r = base_ot_both(&mut a, Party::Server, 1, &[true], &mut rng);
-        assert!(matches!(r, Err(OtError::InvalidPoint { index: 0 })), "{r:?}");
+        assert!(
+            matches!(r, Err(OtError::InvalidPoint { index: 0 })),
+            "{r:?}"
+        );
         drop(a);
         h.join().unwrap();
         // Truncated B's.

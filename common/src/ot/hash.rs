@@ -35,9 +35,7 @@ impl std::fmt::Debug for Tccr {
 impl Tccr {
     /// The hash under the public permutation keyed by `key`.
     pub fn new(key: Block) -> Self {
-        Self {
-            pi: Aes::new(key),
-        }
+        Self { pi: Aes::new(key) }
     }
 
     /// `H(i, x) = π(π(x) ⊕ i) ⊕ π(x)` for one block.
@@ -73,7 +71,12 @@ impl Tccr {
     /// `H = π(y ⊕ x_1) ⊕ y ⊕ x_1` (a 2-block MMO chain with the tweak in the IV), which is
     /// correlation robust in the ideal-permutation model for inputs with at least 128
     /// bits of min-entropy jointly. Eight at a time.
-    pub fn hash_wide_many(&self, xs: &[[Block; 2]], tweak: impl Fn(usize) -> Block, out: &mut [Block]) {
+    pub fn hash_wide_many(
+        &self,
+        xs: &[[Block; 2]],
+        tweak: impl Fn(usize) -> Block,
+        out: &mut [Block],
+    ) {
         debug_assert_eq!(xs.len(), out.len());
         let mut a = [0 as Block; PAR];
         let mut b = [0 as Block; PAR];
@@ -197,12 +200,19 @@ mod tests {
     #[test]
     fn aes_matches_fips197_vector() {
         // FIPS-197 Appendix C.1: key 000102..0f, plaintext 00112233..ff.
-        let key = Block::from_le_bytes(*b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f");
+        let key = Block::from_le_bytes(
+            *b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f",
+        );
         let aes = Aes::new(key);
-        let pt = Block::from_le_bytes(*b"\x00\x11\x22\x33\x44\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd\xee\xff");
+        let pt = Block::from_le_bytes(
+            *b"\x00\x11\x22\x33\x44\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd\xee\xff",
+        );
         let mut x = [pt];
         aes.encrypt(&mut x);
-        assert_eq!(hex::encode(x[0].to_le_bytes()), "69c4e0d86a7b0430d8cdb78070b4c55a");
+        assert_eq!(
+            hex::encode(x[0].to_le_bytes()),
+            "69c4e0d86a7b0430d8cdb78070b4c55a"
+        );
     }
 
     #[test]

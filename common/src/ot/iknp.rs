@@ -50,7 +50,11 @@ pub struct Iknp {
 
 impl std::fmt::Debug for Iknp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Iknp {{ send_ctr: {}, recv_ctr: {}, [redacted] }}", self.send_ctr, self.recv_ctr)
+        write!(
+            f,
+            "Iknp {{ send_ctr: {}, recv_ctr: {}, [redacted] }}",
+            self.send_ctr, self.recv_ctr
+        )
     }
 }
 
@@ -87,7 +91,11 @@ impl Iknp {
         // base-OT receiver with choices Δ (IKNP Fig. 1, step 1).
         let base = base_ot_both(ch, party, KAPPA, &choices, rng)?;
         let send_g = base.received.iter().map(|&k| aes_from(k)).collect();
-        let recv_g = base.sent.iter().map(|p| [aes_from(p[0]), aes_from(p[1])]).collect();
+        let recv_g = base
+            .sent
+            .iter()
+            .map(|p| [aes_from(p[0]), aes_from(p[1])])
+            .collect();
         Ok(Self {
             delta,
             send_g,
@@ -134,7 +142,9 @@ impl Iknp {
             }
         }
         self.recv_ctr += nb as u128;
-        let bits: Vec<u8> = (0..nb * 128).map(|i| ((r[i / 128] >> (i % 128)) & 1) as u8).collect();
+        let bits: Vec<u8> = (0..nb * 128)
+            .map(|i| ((r[i / 128] >> (i % 128)) & 1) as u8)
+            .collect();
         t.zeroize();
         r.zeroize();
         mat.zeroize();
@@ -184,7 +194,12 @@ impl RandomCot for Iknp {
         self.delta
     }
 
-    fn extend(&mut self, ch: &mut dyn Channel, n_send: usize, n_recv: usize) -> Result<CotBatch, OtError> {
+    fn extend(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+    ) -> Result<CotBatch, OtError> {
         let nb_send = n_send.div_ceil(128);
         let nb_recv = n_recv.div_ceil(128);
         let mut out = CotBatch::default();
@@ -204,7 +219,10 @@ impl RandomCot for Iknp {
     }
 
     fn extend_cost(&self, n_send: usize, n_recv: usize) -> (usize, usize) {
-        (n_recv.div_ceil(128) * 128 * 16, n_send.div_ceil(128) * 128 * 16)
+        (
+            n_recv.div_ceil(128) * 128 * 16,
+            n_send.div_ceil(128) * 128 * 16,
+        )
     }
 
     fn name(&self) -> &'static str {
@@ -228,7 +246,13 @@ mod tests {
             let mut c = Iknp::setup(&mut b, Party::Client, &mut rng).unwrap();
             let x = c.extend(&mut b, 300, 5000).unwrap();
             let y = c.extend(&mut b, 128, 0).unwrap();
-            (c.delta(), x.send.clone(), x.recv_bits.clone(), x.recv.clone(), y.send.clone())
+            (
+                c.delta(),
+                x.send.clone(),
+                x.recv_bits.clone(),
+                x.recv.clone(),
+                y.send.clone(),
+            )
         });
         let mut rng = ChaCha12Rng::seed_from_u64(1);
         let mut s = Iknp::setup(&mut a, Party::Server, &mut rng).unwrap();
@@ -239,16 +263,25 @@ mod tests {
         // server -> client direction: 5000 rounded up to 40 blocks
         assert_eq!((x.send.len(), c_recv.len()), (5120, 5120));
         for i in 0..5120 {
-            assert_eq!(c_recv[i], x.send[i] ^ if c_bits[i] == 1 { s.delta() } else { 0 });
+            assert_eq!(
+                c_recv[i],
+                x.send[i] ^ if c_bits[i] == 1 { s.delta() } else { 0 }
+            );
         }
         let ones = c_bits.iter().filter(|&&b| b == 1).count();
         assert!((2300..2820).contains(&ones));
         // client -> server direction, then a second extension (counter continues)
         for i in 0..384 {
-            assert_eq!(x.recv[i], c_send[i] ^ if x.recv_bits[i] == 1 { cd } else { 0 });
+            assert_eq!(
+                x.recv[i],
+                c_send[i] ^ if x.recv_bits[i] == 1 { cd } else { 0 }
+            );
         }
         for i in 0..128 {
-            assert_eq!(y.recv[i], c_send2[i] ^ if y.recv_bits[i] == 1 { cd } else { 0 });
+            assert_eq!(
+                y.recv[i],
+                c_send2[i] ^ if y.recv_bits[i] == 1 { cd } else { 0 }
+            );
             assert_ne!(y.recv[i], x.recv[i]);
         }
         let r = a.report();

@@ -141,7 +141,10 @@ impl Kkot {
             s,
             cs,
             send_g: recv.keys.iter().map(|&k| aes_from(k)).collect(),
-            recv_g: pairs.iter().map(|p| [aes_from(p[0]), aes_from(p[1])]).collect(),
+            recv_g: pairs
+                .iter()
+                .map(|p| [aes_from(p[0]), aes_from(p[1])])
+                .collect(),
             send_ctr: 0,
             recv_ctr: 0,
             send_idx: 0,
@@ -295,7 +298,11 @@ impl Kkot {
         let dir = 1 - self.dir_send;
         let mut pads = vec![0 as Block; st.t.len()];
         hash.hash_wide_many(&st.t, |i| kk_tweak(dir, st.idx + i as u64), &mut pads);
-        st.choices.iter().zip(pads).map(|(&c, p)| (c as usize, p)).collect()
+        st.choices
+            .iter()
+            .zip(pads)
+            .map(|(&c, p)| (c as usize, p))
+            .collect()
     }
 }
 
@@ -309,7 +316,8 @@ mod tests {
         assert_eq!(codes[0], [0, 0]);
         for a in 0..W {
             for b in (a + 1)..W {
-                let d = (codes[a][0] ^ codes[b][0]).count_ones() + (codes[a][1] ^ codes[b][1]).count_ones();
+                let d = (codes[a][0] ^ codes[b][0]).count_ones()
+                    + (codes[a][1] ^ codes[b][1]).count_ones();
                 assert_eq!(d, 128, "{a} {b}");
             }
         }

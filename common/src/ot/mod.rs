@@ -34,9 +34,9 @@ mod hash;
 mod iknp;
 mod kkot;
 mod session;
-mod transpose;
 #[cfg(test)]
 mod tests;
+mod transpose;
 
 pub use hash::{Prg, Tccr};
 pub use iknp::Iknp;
@@ -125,7 +125,12 @@ pub struct CotBatch {
 
 impl std::fmt::Debug for CotBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CotBatch {{ send: {} COTs, recv: {} COTs, [redacted] }}", self.send.len(), self.recv.len())
+        write!(
+            f,
+            "CotBatch {{ send: {} COTs, recv: {} COTs, [redacted] }}",
+            self.send.len(),
+            self.recv.len()
+        )
     }
 }
 
@@ -158,7 +163,12 @@ pub trait RandomCot: Send {
     fn delta(&self) -> Block;
 
     /// Produces fresh COTs in both directions (see the trait's contract).
-    fn extend(&mut self, ch: &mut dyn Channel, n_send: usize, n_recv: usize) -> Result<CotBatch, OtError>;
+    fn extend(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+    ) -> Result<CotBatch, OtError>;
 
     /// Upper bound on the bytes this party sends and receives for `extend(n_send, n_recv)`,
     /// used by the cost formulas: `(sent, received)`.

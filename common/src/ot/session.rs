@@ -179,7 +179,12 @@ pub(crate) struct PackedReader<'a> {
 }
 
 impl<'a> PackedReader<'a> {
-    pub(crate) fn new(what: &'static str, bytes: &'a [u8], count: usize, width: u32) -> Result<Self, OtError> {
+    pub(crate) fn new(
+        what: &'static str,
+        bytes: &'a [u8],
+        count: usize,
+        width: u32,
+    ) -> Result<Self, OtError> {
         let expected = (count * width as usize).div_ceil(8);
         if bytes.len() != expected || !(1..=64).contains(&width) {
             return Err(OtError::Malformed {
@@ -211,7 +216,11 @@ impl<'a> PackedReader<'a> {
         for (t, b) in self.bytes[byte..byte + nbytes].iter().enumerate() {
             acc |= u128::from(*b) << (8 * t);
         }
-        let mask = if self.width == 64 { u64::MAX } else { (1u64 << self.width) - 1 };
+        let mask = if self.width == 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.width) - 1
+        };
         ((acc >> off) as u64) & mask
     }
 }
@@ -279,7 +288,11 @@ impl<C: RandomCot> OtSession<C> {
     }
 
     /// Switches 1-of-N OTs to KK13 (bootstraps its base OTs from 2·256 ROTs).
-    pub fn enable_kk13<R: Rng + CryptoRng + ?Sized>(&mut self, ch: &mut dyn Channel, rng: &mut R) -> Result<(), OtError> {
+    pub fn enable_kk13<R: Rng + CryptoRng + ?Sized>(
+        &mut self,
+        ch: &mut dyn Channel,
+        rng: &mut R,
+    ) -> Result<(), OtError> {
         let r = Kkot::setup(self, ch, rng);
         match r {
             Ok(k) => {
@@ -320,7 +333,10 @@ impl<C: RandomCot> OtSession<C> {
 
     /// Buffered COTs: (as sender, as receiver).
     pub fn available(&self) -> (usize, usize) {
-        (self.send_keys.len() - self.send_pos, self.recv_m.len() - self.recv_pos)
+        (
+            self.send_keys.len() - self.send_pos,
+            self.recv_m.len() - self.recv_pos,
+        )
     }
 
     /// Marks the session unusable.
@@ -334,7 +350,11 @@ impl<C: RandomCot> OtSession<C> {
     }
 
     pub(crate) fn check(&self) -> Result<(), OtError> {
-        if self.poisoned { Err(OtError::Poisoned) } else { Ok(()) }
+        if self.poisoned {
+            Err(OtError::Poisoned)
+        } else {
+            Ok(())
+        }
     }
 
     fn dir_send(&self) -> u8 {
@@ -352,14 +372,25 @@ impl<C: RandomCot> OtSession<C> {
     /// to ask the core OT for (0 where the buffer suffices).
     pub fn extension_for(&self, n_send: usize, n_recv: usize) -> (usize, usize) {
         let (a, b) = self.available();
-        let f = |have: usize, need: usize| if need > have { (need - have).max(self.min_batch) } else { 0 };
+        let f = |have: usize, need: usize| {
+            if need > have {
+                (need - have).max(self.min_batch)
+            } else {
+                0
+            }
+        };
         (f(a, n_send), f(b, n_recv))
     }
 
     /// Makes sure `n_send` / `n_recv` COTs are buffered, extending (both directions in one
     /// call of the core OT) only if one falls short. Both parties call it with mirrored
     /// counts. Bytes: see [`RandomCot::extend_cost`] of [`Self::extension_for`].
-    pub fn reserve(&mut self, ch: &mut dyn Channel, n_send: usize, n_recv: usize) -> Result<(), OtError> {
+    pub fn reserve(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+    ) -> Result<(), OtError> {
         self.check()?;
         let (es, er) = self.extension_for(n_send, n_recv);
         if es == 0 && er == 0 {
@@ -400,7 +431,9 @@ impl<C: RandomCot> OtSession<C> {
     fn take_send(&mut self, n: usize) -> Result<(u64, &[Block]), OtError> {
         if self.available().0 < n {
             self.poisoned = true;
-            return Err(OtError::BadRequest(format!("{n} sender COTs used without reserve")));
+            return Err(OtError::BadRequest(format!(
+                "{n} sender COTs used without reserve"
+            )));
         }
         let idx = self.send_idx;
         self.send_idx += n as u64;
@@ -412,13 +445,19 @@ impl<C: RandomCot> OtSession<C> {
     fn take_recv(&mut self, n: usize) -> Result<(u64, Vec<u8>, Vec<Block>), OtError> {
         if self.available().1 < n {
             self.poisoned = true;
-            return Err(OtError::BadRequest(format!("{n} receiver COTs used without reserve")));
+            return Err(OtError::BadRequest(format!(
+                "{n} receiver COTs used without reserve"
+            )));
         }
         let idx = self.recv_idx;
         self.recv_idx += n as u64;
         let r = self.recv_pos..self.recv_pos + n;
         self.recv_pos += n;
-        Ok((idx, self.recv_bits[r.clone()].to_vec(), self.recv_m[r].to_vec()))
+        Ok((
+            idx,
+            self.recv_bits[r.clone()].to_vec(),
+            self.recv_m[r].to_vec(),
+        ))
     }
 
     // ---------------------------------------------------------------- random OT
@@ -432,8 +471,10 @@ impl<C: RandomCot> OtSession<C> {
         let mut h0 = vec![0; n];
         let mut h1 = vec![0; n];
         let k1: Vec<Block> = k.iter().map(|x| x ^ delta).collect();
-        self.hash.hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
-        self.hash.hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
+        self.hash
+            .hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
+        self.hash
+            .hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
         Ok(h0.into_iter().zip(h1).map(|(a, b)| [a, b]).collect())
     }
 
@@ -442,7 +483,8 @@ impl<C: RandomCot> OtSession<C> {
         let dir = self.dir_recv();
         let (idx, bits, m) = self.take_recv(n)?;
         let mut keys = vec![0; n];
-        self.hash.hash_many(&m, |i| tweak(dir, idx + i as u64, 0), &mut keys);
+        self.hash
+            .hash_many(&m, |i| tweak(dir, idx + i as u64, 0), &mut keys);
         Ok(RotRecv { bits, keys })
     }
 
@@ -452,14 +494,23 @@ impl<C: RandomCot> OtSession<C> {
     /// `d = c ⊕ b` (packed bits, `ceil(n/8)` bytes) for the sender.
     pub fn cot_choose(&mut self, choices: &[u8]) -> Result<(CotChosen, Vec<u8>), OtError> {
         let (idx, bits, m) = self.take_recv(choices.len())?;
-        let d: Vec<u64> = choices.iter().zip(&bits).map(|(&c, &b)| u64::from((c ^ b) & 1)).collect();
+        let d: Vec<u64> = choices
+            .iter()
+            .zip(&bits)
+            .map(|(&c, &b)| u64::from((c ^ b) & 1))
+            .collect();
         let choices = choices.iter().map(|c| c & 1).collect();
         Ok((CotChosen { idx, choices, m }, pack_bits(&d, 1)))
     }
 
     /// Takes `n` sender COTs and applies the receiver's choice corrections; returns the
     /// derandomised keys `k' = k ⊕ d·Δ` and their first index.
-    fn derandomise(&mut self, n: usize, d_msg: &[u8], what: &'static str) -> Result<(u64, Vec<Block>), OtError> {
+    fn derandomise(
+        &mut self,
+        n: usize,
+        d_msg: &[u8],
+        what: &'static str,
+    ) -> Result<(u64, Vec<Block>), OtError> {
         let d = match unpack(what, d_msg, n, 1) {
             Ok(d) => d,
             Err(e) => {
@@ -469,7 +520,11 @@ impl<C: RandomCot> OtSession<C> {
         };
         let delta = self.delta;
         let (idx, k) = self.take_send(n)?;
-        let k = k.iter().zip(&d).map(|(&k, &d)| if d == 1 { k ^ delta } else { k }).collect();
+        let k = k
+            .iter()
+            .zip(&d)
+            .map(|(&k, &d)| if d == 1 { k ^ delta } else { k })
+            .collect();
         Ok((idx, k))
     }
 
@@ -485,7 +540,10 @@ impl<C: RandomCot> OtSession<C> {
         w: usize,
     ) -> Result<(Vec<u64>, Vec<u8>), OtError> {
         if !(1..=2).contains(&w) || corr.len() % w != 0 {
-            return Err(OtError::BadRequest(format!("COT with {w} lanes and {} values", corr.len())));
+            return Err(OtError::BadRequest(format!(
+                "COT with {w} lanes and {} values",
+                corr.len()
+            )));
         }
         let n = corr.len() / w;
         let (idx, k) = self.derandomise(n, d_msg, "COT choice corrections")?;
@@ -494,8 +552,10 @@ impl<C: RandomCot> OtSession<C> {
         let k1: Vec<Block> = k.iter().map(|x| x ^ delta).collect();
         let mut h0 = vec![0; n];
         let mut h1 = vec![0; n];
-        self.hash.hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
-        self.hash.hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
+        self.hash
+            .hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
+        self.hash
+            .hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
         let mut r = Vec::with_capacity(n * w);
         let mut t = Vec::with_capacity(n * w);
         for i in 0..n {
@@ -510,19 +570,33 @@ impl<C: RandomCot> OtSession<C> {
     }
 
     /// Receiver, step 2: `y = H(i, m_i) + c_i·t_i` for each lane.
-    pub fn cot_finish(&self, st: CotChosen, ring: Ring, reply: &[u8], w: usize) -> Result<Vec<u64>, OtError> {
+    pub fn cot_finish(
+        &self,
+        st: CotChosen,
+        ring: Ring,
+        reply: &[u8],
+        w: usize,
+    ) -> Result<Vec<u64>, OtError> {
         let n = st.m.len();
         let t = ring
             .unpack(reply, n * w)
-            .map_err(|source| OtError::Malformed { what: "COT reply", source })?;
+            .map_err(|source| OtError::Malformed {
+                what: "COT reply",
+                source,
+            })?;
         let dir = self.dir_recv();
         let mut h = vec![0; n];
-        self.hash.hash_many(&st.m, |i| tweak(dir, st.idx + i as u64, 0), &mut h);
+        self.hash
+            .hash_many(&st.m, |i| tweak(dir, st.idx + i as u64, 0), &mut h);
         let mut y = Vec::with_capacity(n * w);
         for i in 0..n {
             for v in 0..w {
                 let a = lane(h[i], v, ring);
-                y.push(if st.choices[i] == 1 { ring.add(a, t[i * w + v]) } else { a });
+                y.push(if st.choices[i] == 1 {
+                    ring.add(a, t[i * w + v])
+                } else {
+                    a
+                });
             }
         }
         Ok(y)
@@ -532,8 +606,14 @@ impl<C: RandomCot> OtSession<C> {
 
     /// Sender of chosen-message 1-of-2 OTs of `bits`-bit messages (≤ 64):
     /// `e_b = x_b ⊕ H(i, k' ⊕ b·Δ)`; reply `2·n·bits` bits.
-    pub fn ot_respond(&mut self, d_msg: &[u8], msgs: &[[u64; 2]], bits: u32) -> Result<Vec<u8>, OtError> {
-        let ring = Ring::new(bits).map_err(|_| OtError::BadRequest(format!("{bits}-bit OT messages")))?;
+    pub fn ot_respond(
+        &mut self,
+        d_msg: &[u8],
+        msgs: &[[u64; 2]],
+        bits: u32,
+    ) -> Result<Vec<u8>, OtError> {
+        let ring =
+            Ring::new(bits).map_err(|_| OtError::BadRequest(format!("{bits}-bit OT messages")))?;
         let n = msgs.len();
         let (idx, k) = self.derandomise(n, d_msg, "OT choice corrections")?;
         let dir = self.dir_send();
@@ -541,8 +621,10 @@ impl<C: RandomCot> OtSession<C> {
         let k1: Vec<Block> = k.iter().map(|x| x ^ delta).collect();
         let mut h0 = vec![0; n];
         let mut h1 = vec![0; n];
-        self.hash.hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
-        self.hash.hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
+        self.hash
+            .hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
+        self.hash
+            .hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
         let mut e = Vec::with_capacity(2 * n);
         for i in 0..n {
             e.push(ring.reduce(msgs[i][0] ^ h0[i] as u64));
@@ -553,14 +635,19 @@ impl<C: RandomCot> OtSession<C> {
 
     /// Receiver of chosen-message 1-of-2 OTs: `x_c = e_c ⊕ H(i, m_i)`.
     pub fn ot_finish(&self, st: CotChosen, reply: &[u8], bits: u32) -> Result<Vec<u64>, OtError> {
-        let ring = Ring::new(bits).map_err(|_| OtError::BadRequest(format!("{bits}-bit OT messages")))?;
+        let ring =
+            Ring::new(bits).map_err(|_| OtError::BadRequest(format!("{bits}-bit OT messages")))?;
         let n = st.m.len();
         let e = ring
             .unpack(reply, 2 * n)
-            .map_err(|source| OtError::Malformed { what: "OT reply", source })?;
+            .map_err(|source| OtError::Malformed {
+                what: "OT reply",
+                source,
+            })?;
         let dir = self.dir_recv();
         let mut h = vec![0; n];
-        self.hash.hash_many(&st.m, |i| tweak(dir, st.idx + i as u64, 0), &mut h);
+        self.hash
+            .hash_many(&st.m, |i| tweak(dir, st.idx + i as u64, 0), &mut h);
         Ok((0..n)
             .map(|i| ring.reduce(e[2 * i + st.choices[i] as usize] ^ h[i] as u64))
             .collect())
@@ -595,7 +682,14 @@ impl<C: RandomCot> OtSession<C> {
             .flat_map(|&c| (0..m).map(move |t| ((c >> t) & 1) as u8))
             .collect();
         let (cots, msg) = self.cot_choose(&bits)?;
-        Ok((KnChosen::Cots { cots, choices: choices.to_vec(), m }, msg))
+        Ok((
+            KnChosen::Cots {
+                cots,
+                choices: choices.to_vec(),
+                m,
+            },
+            msg,
+        ))
     }
 
     /// Sender of `n` 1-of-2^m OTs of `bits`-bit messages: `table(i, j)` is message j of
@@ -611,7 +705,9 @@ impl<C: RandomCot> OtSession<C> {
     ) -> Result<Vec<u8>, OtError> {
         let big_n = 1usize << m;
         if !(1..=64).contains(&bits) || !(1..=8).contains(&m) {
-            return Err(OtError::BadRequest(format!("1-of-{big_n} OT of {bits}-bit messages")));
+            return Err(OtError::BadRequest(format!(
+                "1-of-{big_n} OT of {bits}-bit messages"
+            )));
         }
         let mask = Ring::new(bits).map(|r| r.mask()).unwrap_or(u64::MAX);
         let mut out = BitWriter::with_capacity(n * big_n * bits as usize);
@@ -632,7 +728,13 @@ impl<C: RandomCot> OtSession<C> {
     }
 
     /// Naor-Pinkas 1-of-N from m OTs: `pad_j = ⊕_t H((i_t, j), K_{t, j_t})` for each OT.
-    fn np_pads(&mut self, msg: &[u8], n: usize, m: u32, sink: &mut dyn FnMut(usize, &[Block])) -> Result<(), OtError> {
+    fn np_pads(
+        &mut self,
+        msg: &[u8],
+        n: usize,
+        m: u32,
+        sink: &mut dyn FnMut(usize, &[Block]),
+    ) -> Result<(), OtError> {
         let big_n = 1usize << m;
         let mu = m as usize;
         let (idx, k) = self.derandomise(n * mu, msg, "1-of-N choice corrections")?;
@@ -649,7 +751,8 @@ impl<C: RandomCot> OtSession<C> {
                 for (j, x) in xs.iter_mut().enumerate() {
                     *x = if (j >> t) & 1 == 1 { kt ^ delta } else { kt };
                 }
-                self.hash.hash_many(&xs, |j| tweak(dir, it, 1 + j as u16), &mut hs);
+                self.hash
+                    .hash_many(&xs, |j| tweak(dir, it, 1 + j as u16), &mut hs);
                 for j in 0..big_n {
                     pads[j] ^= hs[j];
                 }
@@ -673,7 +776,9 @@ impl<C: RandomCot> OtSession<C> {
     ) -> Result<Vec<u8>, OtError> {
         let big_n = 1usize << m;
         if !(1..=8).contains(&m) || bits == 0 || big_n * bits as usize > 128 {
-            return Err(OtError::BadRequest(format!("1-of-{big_n} OT of {bits}-bit messages in one row")));
+            return Err(OtError::BadRequest(format!(
+                "1-of-{big_n} OT of {bits}-bit messages in one row"
+            )));
         }
         let width = big_n as u32 * bits;
         let mask = (1u128 << bits) - 1;
@@ -703,7 +808,14 @@ impl<C: RandomCot> OtSession<C> {
     }
 
     /// Receiver, step 2: the chosen messages.
-    pub fn kn_finish(&self, st: KnChosen, n: usize, m: u32, reply: &[u8], bits: u32) -> Result<Vec<u64>, OtError> {
+    pub fn kn_finish(
+        &self,
+        st: KnChosen,
+        n: usize,
+        m: u32,
+        reply: &[u8],
+        bits: u32,
+    ) -> Result<Vec<u64>, OtError> {
         let big_n = 1usize << m;
         let e = PackedReader::new("1-of-N reply", reply, n * big_n, bits)?;
         let mask = Ring::new(bits).map(|r| r.mask()).unwrap_or(u64::MAX);
@@ -712,7 +824,11 @@ impl<C: RandomCot> OtSession<C> {
                 Some(kk) => kk.finish(&self.hash, st),
                 None => return Err(OtError::BadRequest("KK13 state without KK13".into())),
             },
-            KnChosen::Cots { cots, choices, m: mm } => {
+            KnChosen::Cots {
+                cots,
+                choices,
+                m: mm,
+            } => {
                 let mu = mm as usize;
                 let dir = self.dir_recv();
                 let mut pads = Vec::with_capacity(n);
@@ -720,14 +836,18 @@ impl<C: RandomCot> OtSession<C> {
                 for (i, &c) in choices.iter().enumerate() {
                     let ms = &cots.m[i * mu..(i + 1) * mu];
                     let base = cots.idx + (i * mu) as u64;
-                    self.hash.hash_many(ms, |t| tweak(dir, base + t as u64, 1 + c as u16), &mut h);
+                    self.hash
+                        .hash_many(ms, |t| tweak(dir, base + t as u64, 1 + c as u16), &mut h);
                     pads.push((c as usize, h.iter().fold(0, |a, b| a ^ b)));
                 }
                 pads
             }
         };
         if pads.len() != n {
-            return Err(OtError::BadRequest(format!("1-of-N: {} OTs chosen, {n} expected", pads.len())));
+            return Err(OtError::BadRequest(format!(
+                "1-of-N: {} OTs chosen, {n} expected",
+                pads.len()
+            )));
         }
         Ok(pads
             .iter()

@@ -4,7 +4,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
 
 use super::*;
-use crate::channel::{Channel, Counting, CostReport, MemoryChannel, memory_pair};
+use crate::channel::{Channel, CostReport, Counting, MemoryChannel, memory_pair};
 use crate::ring::Ring;
 
 type Ch = Counting<MemoryChannel>;
@@ -64,7 +64,10 @@ fn rot_keys_match_choice_and_reserve_costs_one_flight() {
         assert_ne!(c.1[i], s[i][1 - c.0[i] as usize]);
     }
     // min batch 1000 -> 1024 COTs = 16 KiB, one flight client -> server.
-    assert_eq!((op(&rs).bytes_received, op(&rs).bytes_sent, op(&rs).rounds), (16 * 1024, 0, 1));
+    assert_eq!(
+        (op(&rs).bytes_received, op(&rs).bytes_sent, op(&rs).rounds),
+        (16 * 1024, 0, 1)
+    );
     assert_eq!((op(&rc).bytes_sent, op(&rc).rounds), (16 * 1024, 1));
 }
 
@@ -97,7 +100,10 @@ fn chosen_cot_gives_arithmetic_correlation_at_every_width() {
         );
         for i in 0..n {
             for v in 0..2 {
-                let want = ring.add(r[2 * i + v], if choices[i] == 1 { corr[2 * i + v] } else { 0 });
+                let want = ring.add(
+                    r[2 * i + v],
+                    if choices[i] == 1 { corr[2 * i + v] } else { 0 },
+                );
                 assert_eq!(y[2 * i + v], want, "l={bits} i={i}");
             }
         }
@@ -138,9 +144,22 @@ fn chosen_message_ot_and_truncated_reply_error() {
         },
     );
     for (i, &x) in res.0.iter().enumerate() {
-        assert_eq!(x, if i % 2 == 1 { 1000 + i as u64 } else { i as u64 });
+        assert_eq!(
+            x,
+            if i % 2 == 1 {
+                1000 + i as u64
+            } else {
+                i as u64
+            }
+        );
     }
-    assert!(matches!(res.1, Err(OtError::Malformed { what: "OT reply", .. })));
+    assert!(matches!(
+        res.1,
+        Err(OtError::Malformed {
+            what: "OT reply",
+            ..
+        })
+    ));
 }
 
 fn one_of_n(kk: KkotConfig, m: u32, bits: u32) {
@@ -158,7 +177,9 @@ fn one_of_n(kk: KkotConfig, m: u32, bits: u32) {
             ot.reserve(ch, need, 0).unwrap();
             let len = ot.kn_choose_len(n, m);
             let msg = ch.recv_exact(len).unwrap();
-            let e = ot.kn_respond(&msg, n, m, bits, |i, j| t2[i * big_n + j]).unwrap();
+            let e = ot
+                .kn_respond(&msg, n, m, bits, |i, j| t2[i * big_n + j])
+                .unwrap();
             ch.send_vec(e).unwrap();
         },
         move |ot, ch| {
@@ -171,12 +192,19 @@ fn one_of_n(kk: KkotConfig, m: u32, bits: u32) {
         },
     );
     for i in 0..n {
-        assert_eq!(got[i], table[i * big_n + choices[i] as usize], "m={m} i={i}");
+        assert_eq!(
+            got[i],
+            table[i * big_n + choices[i] as usize],
+            "m={m} i={i}"
+        );
     }
     let reply = ((n * big_n) as u64 * bits as u64).div_ceil(8);
     let choose = match kk {
         KkotConfig::Kk13 => (n as u64).div_ceil(128) * 128 * 32,
-        KkotConfig::FromCots => 16 * ((n * m as usize).max(4096) as u64).div_ceil(128) * 128 + (n as u64 * m as u64).div_ceil(8),
+        KkotConfig::FromCots => {
+            16 * ((n * m as usize).max(4096) as u64).div_ceil(128) * 128
+                + (n as u64 * m as u64).div_ceil(8)
+        }
     };
     assert_eq!(op(&rc).bytes_sent, choose, "{kk:?} m={m}");
     assert_eq!(op(&rc).bytes_received, reply);
@@ -215,13 +243,23 @@ fn kk13_truncated_matrix_is_a_named_error_and_poisons() {
             ch.send_vec(msg).unwrap();
         },
     );
-    assert!(matches!(r.0, Err(OtError::Message { what: "KK13 extension matrix", .. })));
+    assert!(matches!(
+        r.0,
+        Err(OtError::Message {
+            what: "KK13 extension matrix",
+            ..
+        })
+    ));
     assert!(r.1);
     assert!(matches!(r.2, Err(OtError::Poisoned)));
 }
 
 #[test]
 fn use_without_reserve_is_refused() {
-    let ((r, _), _) = run_pair(KkotConfig::FromCots, |ot, _| ot.rot_send(10).err(), |_, _| ());
+    let ((r, _), _) = run_pair(
+        KkotConfig::FromCots,
+        |ot, _| ot.rot_send(10).err(),
+        |_, _| (),
+    );
     assert!(matches!(r, Some(OtError::BadRequest(_))));
 }
