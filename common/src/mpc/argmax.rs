@@ -82,7 +82,7 @@ impl<C: RandomCot> MpcSession<C> {
     ) -> Result<Vec<u64>, MpcError> {
         super::check_shares(ring, x)?;
         if cols == 0
-            || x.len() % cols != 0
+            || !x.len().is_multiple_of(cols)
             || ring.bits() < 2
             || (cols as u128) > u128::from(ring.mask())
         {

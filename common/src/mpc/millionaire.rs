@@ -92,6 +92,7 @@ struct Triples {
 }
 
 impl<C: RandomCot> MpcSession<C> {
+    #[allow(clippy::needless_range_loop)] // parallel arrays indexed together
     /// Draws this party's triples for `t` AND nodes from 2·t ROTs (no traffic).
     fn triples(&mut self, t: usize) -> Result<Triples, MpcError> {
         // ROT1: server sender, client receiver; ROT2: client sender, server receiver.
@@ -122,6 +123,7 @@ impl<C: RandomCot> MpcSession<C> {
         Ok(tr)
     }
 
+    #[allow(clippy::needless_range_loop)] // parallel arrays indexed together
     /// Boolean shares of `[x > y]` for every comparison of every group, where the server
     /// holds the x's and the client the y's (`mine[g]` has `groups[g].n` values of
     /// `groups[g].bits` bits). The caller must have reserved [`mill_cots`] COTs.

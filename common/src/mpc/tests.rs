@@ -71,7 +71,7 @@ fn values(r: Ring, n: usize, seed: u64) -> Vec<u64> {
     while v.len() < n {
         let x = r.random(&mut rng);
         // half uniform, half small magnitudes
-        v.push(if v.len() % 2 == 0 {
+        v.push(if v.len().is_multiple_of(2) {
             x
         } else {
             r.from_signed(r.to_signed(x) >> (r.bits() / 2))

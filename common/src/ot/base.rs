@@ -174,6 +174,7 @@ pub(crate) fn base_ot_both<R: Rng + CryptoRng + ?Sized>(
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // tests index parallel arrays
 mod tests {
     use super::*;
     use crate::channel::{Counting, memory_pair};

@@ -89,8 +89,8 @@ impl Tccr {
             self.pi.encrypt(&mut a[..n]);
             for k in 0..n {
                 a[k] ^= b[k] ^ xc[k][1];
-                b[k] = a[k];
             }
+            b[..n].copy_from_slice(&a[..n]);
             self.pi.encrypt(&mut a[..n]);
             for k in 0..n {
                 oc[k] = a[k] ^ b[k];

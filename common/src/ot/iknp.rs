@@ -231,6 +231,7 @@ impl RandomCot for Iknp {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // tests index parallel arrays
 mod tests {
     use super::*;
     use crate::channel::{Counting, memory_pair};

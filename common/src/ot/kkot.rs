@@ -307,6 +307,7 @@ impl Kkot {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // tests index parallel arrays
 mod tests {
     use super::*;
 

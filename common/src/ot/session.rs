@@ -539,7 +539,7 @@ impl<C: RandomCot> OtSession<C> {
         corr: &[u64],
         w: usize,
     ) -> Result<(Vec<u64>, Vec<u8>), OtError> {
-        if !(1..=2).contains(&w) || corr.len() % w != 0 {
+        if !(1..=2).contains(&w) || !corr.len().is_multiple_of(w) {
             return Err(OtError::BadRequest(format!(
                 "COT with {w} lanes and {} values",
                 corr.len()
@@ -837,7 +837,7 @@ impl<C: RandomCot> OtSession<C> {
                     let ms = &cots.m[i * mu..(i + 1) * mu];
                     let base = cots.idx + (i * mu) as u64;
                     self.hash
-                        .hash_many(ms, |t| tweak(dir, base + t as u64, 1 + c as u16), &mut h);
+                        .hash_many(ms, |t| tweak(dir, base + t as u64, 1 + c), &mut h);
                     pads.push((c as usize, h.iter().fold(0, |a, b| a ^ b)));
                 }
                 pads

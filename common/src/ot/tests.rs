@@ -1,4 +1,5 @@
 //! Tests of the OT session and every derived OT, both parties in-process.
+#![allow(clippy::needless_range_loop)] // tests index parallel arrays
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
