@@ -17,7 +17,7 @@
 //! always satisfies it. The tournament returns the first argmax: each node returns the
 //! first argmax of its range, by induction (the left range precedes the right one).
 
-use super::millionaire::{MillGroup, mill_cots};
+use super::millionaire::{carry_groups, mill_cots};
 use super::{MpcError, MpcSession};
 use crate::channel::Channel;
 use crate::ot::{Party, RandomCot};
@@ -118,10 +118,7 @@ impl<C: RandomCot> MpcSession<C> {
                     delta.push(ring.sub(idxs[r][h], idxs[r][l]));
                 }
             }
-            let g = [MillGroup {
-                bits: ring.bits() - 1,
-                n,
-            }];
+            let g = carry_groups(ring.bits() - 1, n);
             let (a, b) = mill_cots(self.cfg.leaf_bits, self.kn_from_cots(), &g);
             self.reserve_dirs(ch, a + n, b + n)?;
             let d = self.drelu_inner(ch, ring, &diff)?;

@@ -24,9 +24,11 @@
 //!
 //! (w_k = 1 for the lowest leaf, 2 otherwise; with 1-of-N from COTs a leaf costs
 //! m_k·(κ + 1) + w_k·2^{m_k} instead of 256 + w_k·2^{m_k}.)
-//! Flights (client): ReLU 2 (extension) + 2 (leaves) + 2·ceil(log2 q) (AND levels) + 4 (MUX).
+//! Flights (client): ReLU 2 (extension) + 4 (leaves, both parties send tables for half of
+//! the batch) + 2·ceil(log2 q) (AND levels) + 4 (MUX).
 
-use super::millionaire::{MillGroup, leaf_sizes, mill_cots, tree};
+use super::millionaire::{MillGroup, carry_groups, leaf_sizes, mill_cots, tree};
+use crate::ot::Party;
 use crate::ring::Ring;
 
 /// Costs seen by the client.
@@ -102,19 +104,35 @@ impl Trace {
         self.avail = (self.avail.0 + es - s2c, self.avail.1 + ec - c2s);
     }
     fn mill(&mut self, p: Params, groups: &[MillGroup]) {
-        for g in groups {
+        let choose = |g: &MillGroup, mk: u32| {
+            if p.kk13 {
+                32 * g.n.div_ceil(128) * 128
+            } else {
+                (g.n * mk as usize).div_ceil(8)
+            }
+        };
+        let reply = |g: &MillGroup, k: usize, mk: u32| {
+            (g.n * (1usize << mk) * if k == 0 { 1 } else { 2 }).div_ceil(8)
+        };
+        // choose messages for the server's tables out, the client's tables' in; replies
+        for g in groups.iter().filter(|g| g.sender == Party::Server) {
             for &mk in &leaf_sizes(g.bits, p.leaf_bits) {
-                self.send(if p.kk13 {
-                    32 * g.n.div_ceil(128) * 128
-                } else {
-                    (g.n * mk as usize).div_ceil(8)
-                });
+                self.send(choose(g, mk));
             }
         }
-        for g in groups {
+        for g in groups.iter().filter(|g| g.sender == Party::Client) {
+            for &mk in &leaf_sizes(g.bits, p.leaf_bits) {
+                self.recv(choose(g, mk));
+            }
+        }
+        for g in groups.iter().filter(|g| g.sender == Party::Client) {
             for (k, &mk) in leaf_sizes(g.bits, p.leaf_bits).iter().enumerate() {
-                let w = if k == 0 { 1 } else { 2 };
-                self.recv((g.n * (1usize << mk) * w).div_ceil(8));
+                self.send(reply(g, k, mk));
+            }
+        }
+        for g in groups.iter().filter(|g| g.sender == Party::Server) {
+            for (k, &mk) in leaf_sizes(g.bits, p.leaf_bits).iter().enumerate() {
+                self.recv(reply(g, k, mk));
             }
         }
         let trees: Vec<_> = groups
@@ -144,16 +162,13 @@ impl Trace {
     }
 }
 
-fn carry_group(ring: Ring, n: usize) -> MillGroup {
-    MillGroup {
-        bits: ring.bits() - 1,
-        n,
-    }
+fn carry_group(ring: Ring, n: usize) -> Vec<MillGroup> {
+    carry_groups(ring.bits() - 1, n)
 }
 
 /// [`MpcSession::drelu`](super::MpcSession::drelu) of `n` elements.
 pub fn drelu(p: Params, ring: Ring, n: usize) -> Cost {
-    let g = [carry_group(ring, n)];
+    let g = carry_group(ring, n);
     let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
     let mut t = Trace::default();
     t.ext(a, b);
@@ -171,7 +186,7 @@ pub fn mux(ring: Ring, n: usize) -> Cost {
 
 /// [`MpcSession::relu`](super::MpcSession::relu) of `n` elements.
 pub fn relu(p: Params, ring: Ring, n: usize) -> Cost {
-    let g = [carry_group(ring, n)];
+    let g = carry_group(ring, n);
     let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
     let mut t = Trace::default();
     t.ext(a + n, b + n);
@@ -191,7 +206,7 @@ pub fn b2a(ring: Ring, n: usize) -> Cost {
 
 /// [`MpcSession::trunc_nonneg`](super::MpcSession::trunc_nonneg) of `n` elements by f ≥ 1.
 pub fn trunc_nonneg(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
-    let g = [MillGroup { bits: f, n }];
+    let g = carry_groups(f, n);
     let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
     let mut t = Trace::default();
     t.ext(a + 2 * n, b);
@@ -202,7 +217,8 @@ pub fn trunc_nonneg(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
 }
 
 fn trunc_general(p: Params, ring: Ring, n: usize, f: u32, relu: bool) -> Cost {
-    let g = [carry_group(ring, n), MillGroup { bits: f, n }];
+    let mut g = carry_group(ring, n);
+    g.extend(carry_groups(f, n));
     let (mut a, mut b) = mill_cots(p.leaf_bits, !p.kk13, &g);
     if !p.kk13 {
         a += 3 * n;
@@ -250,7 +266,7 @@ pub fn argmax_reveal(p: Params, ring: Ring, rows: usize, cols: usize) -> Cost {
     let mut len = cols;
     while len > 1 {
         let n = rows * (len / 2);
-        let g = [carry_group(ring, n)];
+        let g = carry_group(ring, n);
         let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
         t.ext(a + n, b + n);
         t.mill(p, &g);

@@ -26,19 +26,11 @@
 //!  reveal: the sender sends its shares (l bits each), the receiver adds.
 //! ```
 
-use super::millionaire::{MillGroup, mill_cots};
+use super::millionaire::{carry_groups, carry_input, mill_cots};
 use super::{MpcError, MpcSession, check_shares, recv_len, recv_ring};
 use crate::channel::Channel;
 use crate::ot::{Party, RandomCot};
 use crate::ring::Ring;
-
-fn low(x: u64, bits: u32) -> u64 {
-    if bits >= 64 {
-        x
-    } else {
-        x & ((1u64 << bits) - 1)
-    }
-}
 
 impl<C: RandomCot> MpcSession<C> {
     pub(crate) fn kn_from_cots(&self) -> bool {
@@ -67,33 +59,30 @@ impl<C: RandomCot> MpcSession<C> {
         check_shares(ring, x)
     }
 
-    /// This party's millionaire input for the (l-1)-bit carry of DReLU.
-    fn carry_input(&self, ring: Ring, x: &[u64]) -> Vec<u64> {
-        let b = ring.bits() - 1;
-        let top = low(u64::MAX, b);
-        x.iter()
-            .map(|&v| {
-                if self.is_server() {
-                    low(v, b)
-                } else {
-                    top - low(v, b)
-                }
-            })
-            .collect()
-    }
-
-    /// This party's millionaire input for the f-bit carry of truncation.
-    fn low_input(&self, x: &[u64], f: u32) -> Vec<u64> {
-        let top = low(u64::MAX, f);
-        x.iter()
-            .map(|&v| {
-                if self.is_server() {
-                    low(v, f)
-                } else {
-                    top - low(v, f)
-                }
-            })
-            .collect()
+    /// Carries `[x_S mod 2^b + x_C mod 2^b ≥ 2^b]` of every element for every width b in
+    /// `widths`, all in one millionaire run; returns one bit vector per width.
+    pub(crate) fn carries(
+        &mut self,
+        ch: &mut dyn Channel,
+        x: &[u64],
+        widths: &[u32],
+    ) -> Result<Vec<Vec<u8>>, MpcError> {
+        let mut groups = Vec::new();
+        let mut inputs = Vec::new();
+        let mut per = Vec::new();
+        for &b in widths {
+            let g = carry_groups(b, x.len());
+            per.push(g.len());
+            groups.extend(g);
+            inputs.extend(carry_input(self.party, x, b));
+        }
+        let refs: Vec<&[u64]> = inputs.iter().map(|v| v.as_slice()).collect();
+        let out = self.millionaire(ch, &groups, &refs)?;
+        let mut it = out.into_iter();
+        Ok(per
+            .into_iter()
+            .map(|k| it.by_ref().take(k).flatten().collect())
+            .collect())
     }
 
     pub(crate) fn drelu_inner(
@@ -102,12 +91,7 @@ impl<C: RandomCot> MpcSession<C> {
         ring: Ring,
         x: &[u64],
     ) -> Result<Vec<u8>, MpcError> {
-        let inp = self.carry_input(ring, x);
-        let g = [MillGroup {
-            bits: ring.bits() - 1,
-            n: x.len(),
-        }];
-        let carry = self.millionaire(ch, &g, &[&inp])?.swap_remove(0);
+        let carry = self.carries(ch, x, &[ring.bits() - 1])?.swap_remove(0);
         let server = u8::from(self.is_server());
         Ok(x.iter()
             .zip(&carry)
@@ -125,10 +109,7 @@ impl<C: RandomCot> MpcSession<C> {
     ) -> Result<Vec<u8>, MpcError> {
         self.guarded(|s| {
             Self::check_ring(ring, x)?;
-            let g = [MillGroup {
-                bits: ring.bits() - 1,
-                n: x.len(),
-            }];
+            let g = carry_groups(ring.bits() - 1, x.len());
             let (a, b) = mill_cots(s.cfg.leaf_bits, s.kn_from_cots(), &g);
             s.reserve_dirs(ch, a, b)?;
             s.drelu_inner(ch, ring, x)
@@ -201,10 +182,7 @@ impl<C: RandomCot> MpcSession<C> {
         self.guarded(|s| {
             Self::check_ring(ring, x)?;
             let n = x.len();
-            let g = [MillGroup {
-                bits: ring.bits() - 1,
-                n,
-            }];
+            let g = carry_groups(ring.bits() - 1, x.len());
             let (a, b) = mill_cots(s.cfg.leaf_bits, s.kn_from_cots(), &g);
             s.reserve_dirs(ch, a + n, b + n)?;
             let d = s.drelu_inner(ch, ring, x)?;
@@ -274,11 +252,10 @@ impl<C: RandomCot> MpcSession<C> {
                 return Ok(x.to_vec());
             }
             let n = x.len();
-            let g = [MillGroup { bits: f, n }];
+            let g = carry_groups(f, n);
             let (a, b) = mill_cots(s.cfg.leaf_bits, s.kn_from_cots(), &g);
             s.reserve_dirs(ch, a + 2 * n, b)?;
-            let inp = s.low_input(x, f);
-            let c = s.millionaire(ch, &g, &[&inp])?.swap_remove(0);
+            let c = s.carries(ch, x, &[f])?.swap_remove(0);
             let hi = 1u64 << (ring.bits() - f);
             let m: Vec<u8> = x.iter().map(|&v| u8::from(ring.msb(v))).collect();
             if s.is_server() {
@@ -341,10 +318,7 @@ impl<C: RandomCot> MpcSession<C> {
             if f == 0 {
                 Self::check_ring(ring, x)?;
                 let n = x.len();
-                let g = [MillGroup {
-                    bits: ring.bits() - 1,
-                    n,
-                }];
+                let g = carry_groups(ring.bits() - 1, x.len());
                 let (a, b) = mill_cots(s.cfg.leaf_bits, s.kn_from_cots(), &g);
                 s.reserve_dirs(ch, a + n, b + n)?;
                 let d = s.drelu_inner(ch, ring, x)?;
@@ -369,7 +343,8 @@ impl<C: RandomCot> MpcSession<C> {
         }
         let n = x.len();
         let l = ring.bits();
-        let g = [MillGroup { bits: l - 1, n }, MillGroup { bits: f, n }];
+        let mut g = carry_groups(l - 1, n);
+        g.extend(carry_groups(f, n));
         let (mut a, mut b) = mill_cots(self.cfg.leaf_bits, self.kn_from_cots(), &g);
         if self.kn_from_cots() {
             a += 3 * n; // the 1-of-8 OT from 3 COTs
@@ -378,9 +353,7 @@ impl<C: RandomCot> MpcSession<C> {
             b += n; // the COT C -> S adding d·(x_C >> f)
         }
         self.reserve_dirs(ch, a, b)?;
-        let in_carry = self.carry_input(ring, x);
-        let in_low = self.low_input(x, f);
-        let mut out = self.millionaire(ch, &g, &[&in_carry, &in_low])?;
+        let mut out = self.carries(ch, x, &[l - 1, f])?;
         let c = out.pop().unwrap_or_default();
         let carry = out.pop().unwrap_or_default();
         let hi = 1u64 << (l - f);

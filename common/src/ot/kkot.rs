@@ -32,6 +32,8 @@ use crate::channel::Channel;
 
 /// Width of the code (columns of the extension matrix).
 const W: usize = 256;
+/// Blocks (of 128 OTs) per chunk.
+const CHUNK: usize = 16;
 
 /// Which construction serves 1-of-N OTs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -159,8 +161,9 @@ impl Kkot {
         n.div_ceil(128) * 128 * W / 8
     }
 
-    /// Receiver: the extension matrix for `choices` (KK13 §4, step 2). Wire layout:
-    /// `[column j][block b]`, 16 bytes per block.
+    /// Receiver: the extension matrix for `choices` (KK13 §4, step 2). Processed in
+    /// chunks of [`CHUNK`] blocks of 128 OTs (cache-sized); wire layout
+    /// `[chunk][column j][block]`, 16 bytes per block.
     pub(crate) fn choose(&mut self, choices: &[u16]) -> (KkRecv, Vec<u8>) {
         let n = choices.len();
         let nb = n.div_ceil(128);
@@ -168,42 +171,47 @@ impl Kkot {
         self.recv_ctr += nb as u128;
         let idx = self.recv_idx;
         self.recv_idx += n as u64;
-        // Column j of the codeword matrix, per block: 2 transposes per block.
-        let mut code_cols = vec![0 as Block; W * nb];
-        let mut m = [0 as Block; 128];
-        for b in 0..nb {
-            for h in 0..2 {
-                for (i, row) in m.iter_mut().enumerate() {
-                    let c = choices.get(b * 128 + i).copied().unwrap_or(0) as usize;
-                    *row = self.codes[c % W][h];
-                }
-                transpose128(&mut m);
-                for (jj, col) in m.iter().enumerate() {
-                    code_cols[(h * 128 + jj) * nb + b] = *col;
-                }
-            }
-        }
         let mut msg = Vec::with_capacity(nb * W * 16);
-        let mut tcols = vec![0 as Block; W * nb];
-        let mut g1 = vec![0 as Block; nb];
-        for (j, g) in self.recv_g.iter().enumerate() {
-            let tj = &mut tcols[j * nb..(j + 1) * nb];
-            expand(&g[0], ctr, tj);
-            expand(&g[1], ctr, &mut g1);
-            for b in 0..nb {
-                // KK13 §4: u_j = G(k_j^0) ⊕ G(k_j^1) ⊕ (column j of the codewords)
-                msg.extend_from_slice(&(tj[b] ^ g1[b] ^ code_cols[j * nb + b]).to_le_bytes());
-            }
-        }
         let mut t = vec![[0 as Block; 2]; nb * 128];
-        for b in 0..nb {
-            for h in 0..2 {
-                for (jj, row) in m.iter_mut().enumerate() {
-                    *row = tcols[(h * 128 + jj) * nb + b];
+        let mut code_cols = vec![0 as Block; W * CHUNK];
+        let mut tcols = vec![0 as Block; W * CHUNK];
+        let mut g1 = vec![0 as Block; CHUNK];
+        let mut m = [0 as Block; 128];
+        for c0 in (0..nb).step_by(CHUNK) {
+            let cn = CHUNK.min(nb - c0);
+            // Columns of the codeword matrix: 2 transposes per block.
+            for b in 0..cn {
+                for h in 0..2 {
+                    for (i, row) in m.iter_mut().enumerate() {
+                        let c = choices.get((c0 + b) * 128 + i).copied().unwrap_or(0) as usize;
+                        *row = self.codes[c % W][h];
+                    }
+                    transpose128(&mut m);
+                    for (jj, col) in m.iter().enumerate() {
+                        code_cols[(h * 128 + jj) * CHUNK + b] = *col;
+                    }
                 }
-                transpose128(&mut m);
-                for i in 0..128 {
-                    t[b * 128 + i][h] = m[i];
+            }
+            for (j, g) in self.recv_g.iter().enumerate() {
+                let tj = &mut tcols[j * CHUNK..j * CHUNK + cn];
+                expand(&g[0], ctr + c0 as u128, tj);
+                expand(&g[1], ctr + c0 as u128, &mut g1[..cn]);
+                for b in 0..cn {
+                    // KK13 §4: u_j = G(k_j^0) ⊕ G(k_j^1) ⊕ (column j of the codewords)
+                    msg.extend_from_slice(
+                        &(tj[b] ^ g1[b] ^ code_cols[j * CHUNK + b]).to_le_bytes(),
+                    );
+                }
+            }
+            for b in 0..cn {
+                for h in 0..2 {
+                    for (jj, row) in m.iter_mut().enumerate() {
+                        *row = tcols[(h * 128 + jj) * CHUNK + b];
+                    }
+                    transpose128(&mut m);
+                    for (i, r) in m.iter().enumerate() {
+                        t[(c0 + b) * 128 + i][h] = *r;
+                    }
                 }
             }
         }
@@ -246,43 +254,49 @@ impl Kkot {
         self.send_ctr += nb as u128;
         let idx = self.send_idx;
         self.send_idx += n as u64;
-        let mut qcols = vec![0 as Block; W * nb];
-        for (j, g) in self.send_g.iter().enumerate() {
-            let qj = &mut qcols[j * nb..(j + 1) * nb];
-            expand(g, ctr, qj);
-            if (self.s[j / 128] >> (j % 128)) & 1 == 1 {
-                // KK13 §4: q_j = G(k_j^{s_j}) ⊕ s_j·u_j
-                for (b, x) in qj.iter_mut().enumerate() {
-                    let p = (j * nb + b) * 16;
-                    let mut a = [0u8; 16];
-                    a.copy_from_slice(&msg[p..p + 16]);
-                    *x ^= Block::from_le_bytes(a);
-                }
-            }
-        }
         let dir = self.dir_send;
+        let mut qcols = vec![0 as Block; W * CHUNK];
         let mut m = [0 as Block; 128];
         let mut q = [[0 as Block; 2]; 128];
         let mut pads = vec![0 as Block; big_n];
         let mut xs = vec![[0 as Block; 2]; big_n];
-        for b in 0..nb {
-            for h in 0..2 {
-                for (jj, row) in m.iter_mut().enumerate() {
-                    *row = qcols[(h * 128 + jj) * nb + b];
+        let mut off = 0;
+        for c0 in (0..nb).step_by(CHUNK) {
+            let cn = CHUNK.min(nb - c0);
+            for (j, g) in self.send_g.iter().enumerate() {
+                let qj = &mut qcols[j * CHUNK..j * CHUNK + cn];
+                expand(g, ctr + c0 as u128, qj);
+                if (self.s[j / 128] >> (j % 128)) & 1 == 1 {
+                    // KK13 §4: q_j = G(k_j^{s_j}) ⊕ s_j·u_j
+                    for (b, x) in qj.iter_mut().enumerate() {
+                        let p = off + b * 16;
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(&msg[p..p + 16]);
+                        *x ^= Block::from_le_bytes(a);
+                    }
                 }
-                transpose128(&mut m);
-                for i in 0..128 {
-                    q[i][h] = m[i];
-                }
+                off += cn * 16;
             }
-            for (k, qi) in q.iter().enumerate().take(n - b * 128) {
-                let i = b * 128 + k;
-                for (j, x) in xs.iter_mut().enumerate() {
-                    *x = [qi[0] ^ self.cs[j][0], qi[1] ^ self.cs[j][1]];
+            for b in 0..cn {
+                for h in 0..2 {
+                    for (jj, row) in m.iter_mut().enumerate() {
+                        *row = qcols[(h * 128 + jj) * CHUNK + b];
+                    }
+                    transpose128(&mut m);
+                    for (i, r) in m.iter().enumerate() {
+                        q[i][h] = *r;
+                    }
                 }
-                let tw = kk_tweak(dir, idx + i as u64);
-                hash.hash_wide_many(&xs, |_| tw, &mut pads);
-                sink(i, &pads);
+                let first = (c0 + b) * 128;
+                for (k, qi) in q.iter().enumerate().take(n - first) {
+                    let i = first + k;
+                    for (j, x) in xs.iter_mut().enumerate() {
+                        *x = [qi[0] ^ self.cs[j][0], qi[1] ^ self.cs[j][1]];
+                    }
+                    let tw = kk_tweak(dir, idx + i as u64);
+                    hash.hash_wide_many(&xs, |_| tw, &mut pads);
+                    sink(i, &pads);
+                }
             }
         }
         q.zeroize();
