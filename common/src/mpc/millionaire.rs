@@ -134,6 +134,9 @@ pub(crate) fn mill_cots(m: u32, kn_from_cots: bool, groups: &[MillGroup]) -> (us
     (s2c, c2s)
 }
 
+/// gt and eq shares per leaf position, each over the group's comparisons.
+type LeafShares = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+
 /// This party's share of the correlated triples of one group: a (1 bit), b and c (2 lanes).
 struct Triples {
     a: Vec<u8>,
@@ -242,7 +245,7 @@ impl<C: RandomCot> MpcSession<C> {
         }
         let mut msg_it = msgs.into_iter();
         let mut replies = Vec::new();
-        let mut own: Vec<Option<(Vec<Vec<u8>>, Vec<Vec<u8>>)>> = Vec::with_capacity(groups.len());
+        let mut own: Vec<Option<LeafShares>> = Vec::with_capacity(groups.len());
         for ((g, (sizes, _)), x) in groups.iter().zip(&plans).zip(mine) {
             if g.sender != me {
                 own.push(None);
