@@ -592,3 +592,144 @@ fn empty_batches_cost_nothing() {
     assert!(y.is_empty());
     assert_eq!(cs.bytes_sent, 0);
 }
+
+/// A test-only ideal random-COT functionality: both parties derive the same COTs from a
+/// shared seed (a trusted dealer, never in product code). It shows that the protocols run
+/// unchanged over any [`RandomCot`], as Ferret's will.
+struct DealerCot {
+    party: Party,
+    deltas: [crate::ot::Block; 2],
+    prgs: [crate::ot::Prg; 2],
+}
+
+impl DealerCot {
+    fn new(party: Party) -> Self {
+        Self {
+            party,
+            deltas: [
+                0x1234_5678_9abc_def0_0fed_cba9_8765_4321,
+                0xdead_beef_0000_1111_2222_3333_4444_5555,
+            ],
+            prgs: [crate::ot::Prg::new(1), crate::ot::Prg::new(2)],
+        }
+    }
+
+    /// n COTs of direction d (0: server sends): (keys, bits, m).
+    fn draw(
+        &mut self,
+        d: usize,
+        n: usize,
+    ) -> (Vec<crate::ot::Block>, Vec<u8>, Vec<crate::ot::Block>) {
+        let mut k = vec![0; n];
+        self.prgs[d].fill_blocks(&mut k);
+        let bits = self.prgs[d].bits(n);
+        let m = k
+            .iter()
+            .zip(&bits)
+            .map(|(&k, &b)| if b == 1 { k ^ self.deltas[d] } else { k })
+            .collect();
+        (k, bits, m)
+    }
+}
+
+impl crate::ot::RandomCot for DealerCot {
+    fn delta(&self) -> crate::ot::Block {
+        self.deltas[usize::from(self.party == Party::Client)]
+    }
+    fn extend(
+        &mut self,
+        _ch: &mut dyn crate::channel::Channel,
+        n_send: usize,
+        n_recv: usize,
+    ) -> Result<crate::ot::CotBatch, crate::ot::OtError> {
+        let ds = usize::from(self.party == Party::Client);
+        let (ns, nr) = if self.party == Party::Server {
+            (n_send, n_recv)
+        } else {
+            (n_recv, n_send)
+        };
+        // Both parties draw both directions in the same order.
+        let a = self.draw(0, ns);
+        let b = self.draw(1, nr);
+        let (mine, theirs) = if ds == 0 { (a, b) } else { (b, a) };
+        Ok(crate::ot::CotBatch {
+            send: mine.0.clone(),
+            recv_bits: theirs.1.clone(),
+            recv: theirs.2.clone(),
+        })
+    }
+    fn extend_cost(&self, _: usize, _: usize) -> (usize, usize) {
+        (0, 0)
+    }
+    fn name(&self) -> &'static str {
+        "dealer (test only)"
+    }
+}
+
+#[test]
+fn relu_trunc_and_argmax_run_unchanged_over_another_random_cot() {
+    let r = Ring::new(37).unwrap();
+    let x = values(r, 100, 12);
+    let (x0, x1) = share(r, &x, 13);
+    let go = move |party: Party, mut ch: MemoryChannel, xs: Vec<u64>| {
+        let mut rng = ChaCha12Rng::seed_from_u64(party as u64);
+        let ot = crate::ot::OtSession::new(DealerCot::new(party), party, [7; 32]);
+        let cfg = MpcConfig {
+            kn: KkotConfig::FromCots,
+            ..MpcConfig::default()
+        };
+        let mut s = MpcSession::from_ot(ot, cfg, &mut rng).unwrap();
+        let a = s.relu(&mut ch, r, &xs).unwrap();
+        let b = s.relu_trunc(&mut ch, r, &xs, 12).unwrap();
+        let t = s.trunc(&mut ch, r, &xs, 12).unwrap();
+        let c = s.argmax(&mut ch, r, &t, 10).unwrap();
+        (a, b, c)
+    };
+    let (a, b) = memory_pair();
+    let h = std::thread::spawn(move || go(Party::Client, b, x1));
+    let s = go(Party::Server, a, x0);
+    let c = h.join().unwrap();
+    let open = |u: &[u64], v: &[u64]| -> Vec<u64> {
+        u.iter().zip(v).map(|(&a, &b)| r.add(a, b)).collect()
+    };
+    let relu = open(&s.0, &c.0);
+    let rt = open(&s.1, &c.1);
+    let am = open(&s.2, &c.2);
+    for i in 0..x.len() {
+        assert_eq!(relu[i], r.from_signed(r.to_signed(x[i]).max(0)));
+        assert_eq!(rt[i], r.from_signed((r.to_signed(x[i]) >> 12).max(0)));
+    }
+    for (k, row) in x.chunks(10).enumerate() {
+        let t: Vec<u64> = row.iter().map(|&v| ashr(r, v, 12)).collect();
+        assert_eq!(am[k] as usize, first_argmax(r, &t));
+    }
+}
+
+#[test]
+fn one_of_n_reply_with_nonzero_padding_is_malformed() {
+    let ((_, _), (res, _)) = run(
+        cfg(4, KkotConfig::Kk13),
+        |s, ch| {
+            let msg = ch.recv().unwrap();
+            let mut e = s.ot().kn_respond(&msg, 3, 1, 1, |_, _| 0).unwrap(); // 6 bits: 2 padding bits
+            e[0] |= 0x80;
+            ch.send_vec(e).unwrap();
+        },
+        |s, ch| {
+            let (st, msg) = s.ot().kn_choose(&[0, 1, 0], 1).unwrap();
+            ch.send_vec(msg).unwrap();
+            let e = ch.recv().unwrap();
+            s.ot().kn_finish(st, 3, 1, &e, 1).err()
+        },
+    );
+    assert!(
+        matches!(
+            res,
+            Some(crate::ot::OtError::Malformed {
+                what: "1-of-N reply",
+                ..
+            })
+        ),
+        "{res:?}"
+    );
+}
