@@ -17,7 +17,14 @@
 //!   kkot.rs      KK13 1-of-N OT (N ≤ 256) over a 256-bit Walsh-Hadamard code, bootstrapped
 //!                from 256 ROTs of the core trait: 256 + N·k bits, cheaper than m COTs
 //!                while a COT costs 128 bits (IKNP); with a silent OT the m-COT route wins.
+//!   hash.rs      fixed-key AES TCCR hash (Guo et al. 2020) and AES-CTR PRG
+//!   aesni.rs     the only `unsafe`: AES-128 with AES-NI on u128 blocks (fallback: `aes`)
+//!   transpose.rs 128 x 128 bit transpose (Eklundh), safe Rust
 //! ```
+//!
+//! Measured choice of the 1-of-N OT (bench relu, 2^16 ReLUs, l = 32): KK13 4,422 bits/ReLU
+//! at m = 4 and 3,284 at m = 7, against 6,373 and 6,003 for m COTs per OT (that route pays
+//! m·129 bits per leaf against 256 for KK13), and less CPU.
 //!
 //! A *random correlated OT* (block form, global Δ) between a sender and a receiver: the
 //! sender holds Δ (fixed for the session and direction) and k_i; the receiver holds a random
