@@ -64,13 +64,14 @@ impl Tccr {
         }
     }
 
-    /// The hash of a 256-bit string (two blocks), as used by the KK13 1-of-N OT whose rows
-    /// are 256 bits: `H(i, x_0 ‖ x_1) = H(i ⊕ 0, x_0) ⊕ H'(i, x_1)` would not be enough
-    /// (the halves may each carry only 64 unknown bits), so the halves are chained
-    /// Matyas-Meyer-Oseas style under the fixed key: `y = π(x_0 ⊕ i) ⊕ x_0 ⊕ i`, then
-    /// `H = π(y ⊕ x_1) ⊕ y ⊕ x_1` (a 2-block MMO chain with the tweak in the IV), which is
-    /// correlation robust in the ideal-permutation model for inputs with at least 128
-    /// bits of min-entropy jointly. Eight at a time.
+    /// The hash of a 256-bit string (two blocks), for the 256-bit rows of the KK13 1-of-N
+    /// OT: a 2-block Matyas-Meyer-Oseas chain under the fixed key with the tweak in the
+    /// first block, `y = π(x_0 ⊕ i) ⊕ x_0 ⊕ i`, `H = π(y ⊕ x_1) ⊕ y ⊕ x_1`. XOR-ing two
+    /// one-block hashes of the halves would not do (a half may carry only 64 unknown bits of
+    /// the KK13 correlation). This construction is not one of those Guo et al. prove; its
+    /// use rests on the ideal-permutation heuristic (finding a non-chosen pad means finding
+    /// the whole 256-bit input, which keeps ≥ 128 bits of min-entropy given the receiver's
+    /// view, the Walsh-Hadamard distance). Eight at a time.
     pub fn hash_wide_many(
         &self,
         xs: &[[Block; 2]],
