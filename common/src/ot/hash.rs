@@ -38,6 +38,11 @@ impl Tccr {
         Self { pi: Aes::new(key) }
     }
 
+    /// KK13 pads of one OT: `hash_wide_many` of `(q_0 ⊕ cs[j]_0, q_1 ⊕ cs[j]_1)`, tweak `tw`.
+    pub(crate) fn kk_pads(&self, q: [Block; 2], cs: &[[Block; 2]], tw: Block, out: &mut [Block]) {
+        self.pi.mmo2_pads(q, cs, tw, out);
+    }
+
     /// `H(i, x) = π(π(x) ⊕ i) ⊕ π(x)` for one block.
     pub fn hash(&self, tweak: Block, x: Block) -> Block {
         let mut o = [0];

@@ -259,7 +259,6 @@ impl Kkot {
         let mut m = [0 as Block; 128];
         let mut q = [[0 as Block; 2]; 128];
         let mut pads = vec![0 as Block; big_n];
-        let mut xs = vec![[0 as Block; 2]; big_n];
         let mut off = 0;
         for c0 in (0..nb).step_by(CHUNK) {
             let cn = CHUNK.min(nb - c0);
@@ -290,17 +289,13 @@ impl Kkot {
                 let first = (c0 + b) * 128;
                 for (k, qi) in q.iter().enumerate().take(n - first) {
                     let i = first + k;
-                    for (j, x) in xs.iter_mut().enumerate() {
-                        *x = [qi[0] ^ self.cs[j][0], qi[1] ^ self.cs[j][1]];
-                    }
                     let tw = kk_tweak(dir, idx + i as u64);
-                    hash.hash_wide_many(&xs, |_| tw, &mut pads);
+                    hash.kk_pads(*qi, &self.cs[..big_n], tw, &mut pads);
                     sink(i, &pads);
                 }
             }
         }
         q.zeroize();
-        xs.zeroize();
         qcols.zeroize();
         m.zeroize();
         pads.zeroize();
