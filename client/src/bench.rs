@@ -116,7 +116,7 @@ pub enum BenchError {
     #[error(transparent)]
     Ring(#[from] RingError),
     /// the protocol failed
-    #[error("{party:?}: {source}")]
+    #[error("the {party:?} role failed")]
     Protocol {
         /// which party failed
         party: Party,

@@ -162,7 +162,7 @@ const KK: Params = Params {
 
 #[test]
 fn relu_matches_plaintext_with_counted_cost() {
-    for bits in [16u32, 32, 37, 62] {
+    for bits in [16u32, 32, 37, 62, 64] {
         let r = Ring::new(bits).unwrap();
         let x = values(r, 300, bits as u64);
         let (y, cs, cc) = run_op(cfg(4, KkotConfig::Kk13), r, &x, 0, relu_op);
@@ -270,10 +270,10 @@ fn mux_selects_by_shared_bit() {
 
 #[test]
 fn trunc_is_exact_arithmetic_shift() {
-    for bits in [16u32, 32, 37, 62] {
+    for bits in [16u32, 32, 37, 62, 64] {
         let r = Ring::new(bits).unwrap();
         let x = values(r, 200, 60 + bits as u64);
-        for f in [1, 12, bits - 2] {
+        for f in [1, 12, bits - 2, bits - 1] {
             let (y, cs, cc) = run_op(cfg(4, KkotConfig::Kk13), r, &x, f, trunc_op);
             for (i, (&xi, &yi)) in x.iter().zip(&y).enumerate() {
                 assert_eq!(
