@@ -89,11 +89,12 @@ pub struct MpcConfig {
 impl Default for MpcConfig {
     fn default() -> Self {
         Self {
-            // Measured (bench relu, IKNP + KK13, 2^16 ReLUs): bits/ReLU at l = 32 for
-            // m = 4, 5, 6, 7: 4422, 3968, 3546, 3284; at l = 37: 4996, 4560, 3876, 3876.
-            // CPU time grows with 2^m (the KK13 sender hashes every table entry); m = 7 costs
-            // about 20% more CPU than m = 5 and the fewest bits.
-            leaf_bits: 7,
+            // Measured (bench relu, IKNP + KK13, 2^18 ReLUs, CPU µs per party and ReLU on the
+            // shared 2-core machine): l = 32, m = 4, 5, 6, 7: 4422, 3968, 3546, 3284 bits,
+            // 2.1, 2.0, 2.1, 2.6 µs; l = 37: 4996, 4560, 3876, 3876 bits, 2.4, 2.3, 2.7,
+            // 2.7 µs. The KK13 sender hashes every one of the 2^m entries of a leaf, so m = 7
+            // buys its last 7% of bits at l = 32 with 25% more CPU; m = 6 is the default.
+            leaf_bits: 6,
             kn: KkotConfig::Kk13,
             min_batch: 1 << 12,
         }
