@@ -7,7 +7,8 @@
 //!       d    = DReLU(left.x - right.x)           millionaire on l-1 bits, all pairs at once
 //!       pick = 1 ⊕ d   (right wins only if strictly greater: ties keep the smaller index)
 //!       (x, j) = left + pick·(right - left)      MUX with 2 lanes (value, index)
-//!   an odd last candidate goes up unchanged; ceil(log2 cols) levels
+//!   an odd last candidate goes up unchanged; ceil(log2 cols) levels; the COTs of all
+//!   levels are reserved before the first
 //!   argmax_reveal: the server sends its index shares to the client (one flight)
 //! ```
 //!
@@ -104,6 +105,21 @@ impl<C: RandomCot> MpcSession<C> {
                     .collect()
             })
             .collect();
+        // COTs of every level, reserved at once (one extension instead of one per level).
+        let (mut need_s, mut need_c) = (0, 0);
+        let mut len = cols;
+        while len > 1 {
+            let n = rows * (len / 2);
+            let (a, b) = mill_cots(
+                self.cfg.leaf_bits,
+                self.kn_from_cots(),
+                &carry_groups(ring.bits() - 1, n),
+            );
+            need_s += a + n;
+            need_c += b + n;
+            len = len.div_ceil(2);
+        }
+        self.reserve_dirs(ch, need_s, need_c)?;
         let mut len = cols;
         while len > 1 {
             let pairs = len / 2;
@@ -118,9 +134,6 @@ impl<C: RandomCot> MpcSession<C> {
                     delta.push(ring.sub(idxs[r][h], idxs[r][l]));
                 }
             }
-            let g = carry_groups(ring.bits() - 1, n);
-            let (a, b) = mill_cots(self.cfg.leaf_bits, self.kn_from_cots(), &g);
-            self.reserve_dirs(ch, a + n, b + n)?;
             let d = self.drelu_inner(ch, ring, &diff)?;
             // pick right iff right > left strictly: 1 ⊕ [left - right ≥ 0]
             let pick: Vec<u8> = d.iter().map(|&b| b ^ u8::from(server)).collect();

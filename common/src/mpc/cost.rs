@@ -264,12 +264,19 @@ pub fn reveal_to_client(ring: Ring, n: usize) -> Cost {
 pub fn argmax_reveal(p: Params, ring: Ring, rows: usize, cols: usize) -> Cost {
     let mut t = Trace::default();
     let mut len = cols;
+    let (mut ns, mut nc) = (0, 0);
     while len > 1 {
         let n = rows * (len / 2);
-        let g = carry_group(ring, n);
-        let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
-        t.ext(a + n, b + n);
-        t.mill(p, &g);
+        let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &carry_group(ring, n));
+        ns += a + n;
+        nc += b + n;
+        len = len.div_ceil(2);
+    }
+    t.ext(ns, nc);
+    let mut len = cols;
+    while len > 1 {
+        let n = rows * (len / 2);
+        t.mill(p, &carry_group(ring, n));
         t.mux(ring, n, 2);
         len = len.div_ceil(2);
     }
