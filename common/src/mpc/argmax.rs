@@ -1,5 +1,5 @@
 //! Argmax over each row of a shared matrix: a tournament tree of comparisons and
-//! multiplexers (CrypTFlow2 §6 "Argmax" / SecureML's tree), all rows of a level batched.
+//! multiplexers (the tournament of CrypTFlow2/SecureML argmax), all rows of a level batched.
 //!
 //! ```text
 //!   level 0: candidates (x_j, j) for j < cols (index shares: server j, client 0)

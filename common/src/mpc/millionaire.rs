@@ -21,8 +21,8 @@
 //!
 //! Triples (Beaver) from random OT: for the pair (a; b, b') with a = a_S ⊕ a_C, each cross
 //! term a_P·b_Q comes from one ROT where P is the receiver with its random choice a_P and
-//! Q is the sender whose 2-bit pads differ by b_Q (ALSZ 2013 §5 / Demmler et al. ABY
-//! §III-C for the OT-based bit triple). The eq of the lowest node at each level is never
+//! Q is the sender whose 2-bit pads differ by b_Q (ALSZ 2013 / Demmler et al., ABY 2015, for the OT-based bit
+//! triple). The eq of the lowest node at each level is never
 //! needed, so its e' is not sent.
 
 use super::{MpcError, MpcSession, recv_bits, recv_len, send_bits};

@@ -1,15 +1,15 @@
 //! DReLU, the multiplexer, ReLU, B2A, exact truncation and reveal.
 //!
 //! ```text
-//!  DReLU (CrypTFlow2 §4.1, Alg. 2):  S: a = x_S mod 2^(l-1)   C: b = 2^(l-1)-1 - (x_C mod 2^(l-1))
+//!  DReLU (CrypTFlow2, DReLU from the millionaire):  S: a = x_S mod 2^(l-1)   C: b = 2^(l-1)-1 - (x_C mod 2^(l-1))
 //!        carry = millionaire(a > b) = [x_S' + x_C' ≥ 2^(l-1)]
 //!        drelu_S = msb(x_S) ⊕ carry_S ⊕ 1,  drelu_C = msb(x_C) ⊕ carry_C
-//!  MUX (Cheetah §5 "MUX with 2 COTs"): z = (d_S ⊕ d_C)·x
+//!  MUX (Cheetah, ePrint 2022/207, multiplexer from 2 COTs): z = (d_S ⊕ d_C)·x
 //!        S ──▶ C COT, choice d_C, δ = (1-2d_S)·x_S    C ──▶ S COT, choice d_S, δ = (1-2d_C)·x_C
 //!        flights: both send choice corrections, then both send COT replies
-//!  ReLU = MUX(DReLU(x), x)                      (CrypTFlow2 §4.1 "ReLU from DReLU")
-//!  B2A  d = d_S + d_C - 2·d_S·d_C: one COT S ──▶ C, choice d_C, δ = -2·d_S  (CrypTFlow2 §2.2)
-//!  Truncation by f, exact floor of the signed value (CrypTFlow2 §5.1, Thm. 5.1):
+//!  ReLU = MUX(DReLU(x), x)                      (CrypTFlow2, ReLU from DReLU)
+//!  B2A  d = d_S + d_C - 2·d_S·d_C: one COT S ──▶ C, choice d_C, δ = -2·d_S  (CrypTFlow2, B2A by COT_l)
+//!  Truncation by f, exact floor of the signed value (CrypTFlow2, faithful truncation: wrap and low-bit carry):
 //!        x >> f = (x_S >> f) + (x_C >> f) + c - 2^(l-f)·(w + msb(x))
 //!        c = [x_S mod 2^f + x_C mod 2^f ≥ 2^f]           (millionaire on f bits)
 //!        w = [x_S + x_C ≥ 2^l] = maj(m_S, m_C, carry),  msb(x) = m_S ⊕ m_C ⊕ carry
@@ -17,7 +17,7 @@
 //!        millionaires run in the same flights). The term c - 2^(l-f)(w + msb) is a
 //!        function of the server's m_S, carry_S, c_S and the client's m_C, carry_C, c_C:
 //!        one 1-of-8 OT_l, server sender, client's choice (m_C, carry_C, c_C).
-//!  trunc_nonneg (known msb(x) = 0, e.g. after ReLU; Cheetah §4.2 "known MSB"):
+//!  trunc_nonneg (known msb(x) = 0, e.g. after ReLU; Cheetah's known-MSB idea, made exact):
 //!        w = m_S ∨ m_C, no (l-1)-bit millionaire; c by the f-bit millionaire;
 //!        B2A of c and the cross term m_S·m_C by two COTs S ──▶ C.
 //!  relu_trunc = max(0, x >> f) = DReLU(x)·(x >> f), fused: the 1-of-8 table carries

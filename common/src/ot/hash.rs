@@ -2,7 +2,7 @@
 //!
 //! - [`Tccr`]: the tweakable circular correlation-robust hash of Guo, Katz, Wang and Yu
 //!   ("Efficient and Secure Multiparty Computation from Fixed-Key Block Ciphers", S&P 2020,
-//!   §7.3): `H(i, x) = π(π(x) ⊕ i) ⊕ π(x)` where π is AES-128 under a key that is public
+//!   "TCCR"): `H(i, x) = π(π(x) ⊕ i) ⊕ π(x)` where π is AES-128 under a key that is public
 //!   but fixed per session (derived from the base-OT transcript, so two sessions never
 //!   share a permutation). Every use in this crate passes a tweak `i` that is unique per
 //!   correlated OT and per purpose (see `ot::session`), which is what IKNP and the derived
@@ -21,7 +21,7 @@ use super::aesni::Aes;
 
 const PAR: usize = 8;
 
-/// The fixed-key AES tweakable correlation-robust hash (Guo et al. 2020, §7.3).
+/// The fixed-key AES tweakable correlation-robust hash (Guo et al. 2020, "TCCR").
 pub struct Tccr {
     pi: Aes,
 }

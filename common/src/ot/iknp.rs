@@ -1,6 +1,6 @@
 //! IKNP OT extension (Ishai, Kilian, Nissim, Petrank, CRYPTO 2003) with the ALSZ
 //! optimisations (Asharov, Lindell, Schneider, Zohner, CCS 2013 / ePrint 2013/552):
-//! random correlated OT with a global Δ, so the sender sends nothing (ALSZ §4 "C-OT/R-OT"),
+//! random correlated OT with a global Δ, so the sender sends nothing (ALSZ, correlated/random OT),
 //! seeds expanded with AES-CTR, the matrix transposed with a fast 128 x 128 transpose.
 //!
 //! ```text
@@ -13,7 +13,7 @@
 //!   transpose: row i of Q = k_i                 transpose: row i of T = m_i = k_i ⊕ r_i·Δ
 //! ```
 //!
-//! One flight per extension and direction (IKNP Fig. 1 steps 2-3; ALSZ §4.1), 128 bits per
+//! One flight per extension and direction (IKNP Fig. 1 steps 2-3; ALSZ), 128 bits per
 //! COT. Both directions extend in the same flight: each party sends its `u` for the
 //! direction where it is the receiver, then reads the peer's. G is AES-128-CTR keyed by
 //! the base-OT seed; the counter runs across extensions so no PRG block is ever reused.

@@ -1,4 +1,4 @@
-//! KK13 1-of-N OT (Kolesnikov and Kumaresan, CRYPTO 2013, §4) for N ≤ 256, over the
+//! KK13 1-of-N OT (Kolesnikov and Kumaresan, CRYPTO 2013) for N ≤ 256, over the
 //! 256-bit Walsh-Hadamard code (minimum distance 128, so 128-bit security as in SCI's
 //! `split-kkot`), bootstrapped from the core [`RandomCot`](super::RandomCot).
 //!
@@ -118,7 +118,7 @@ fn kk_tweak(dir: u8, idx: u64) -> Block {
 }
 
 impl Kkot {
-    /// Bootstraps from 256 ROTs each way (KK13 §4 "base OTs"; here random OTs derived
+    /// Bootstraps from 256 ROTs each way (KK13 base OTs; here random OTs derived
     /// from the session's COTs, so no public-key work and no traffic beyond one
     /// extension).
     pub(crate) fn setup<C: RandomCot, R: Rng + CryptoRng + ?Sized>(
@@ -161,7 +161,7 @@ impl Kkot {
         n.div_ceil(128) * 128 * W / 8
     }
 
-    /// Receiver: the extension matrix for `choices` (KK13 §4, step 2). Processed in
+    /// Receiver: the extension matrix for `choices` (KK13, receiver). Processed in
     /// chunks of [`CHUNK`] blocks of 128 OTs (cache-sized); wire layout
     /// `[chunk][column j][block]`, 16 bytes per block.
     pub(crate) fn choose(&mut self, choices: &[u16]) -> (KkRecv, Vec<u8>) {
@@ -197,7 +197,7 @@ impl Kkot {
                 expand(&g[0], ctr + c0 as u128, tj);
                 expand(&g[1], ctr + c0 as u128, &mut g1[..cn]);
                 for b in 0..cn {
-                    // KK13 §4: u_j = G(k_j^0) ⊕ G(k_j^1) ⊕ (column j of the codewords)
+                    // KK13: u_j = G(k_j^0) ⊕ G(k_j^1) ⊕ (column j of the codewords)
                     msg.extend_from_slice(
                         &(tj[b] ^ g1[b] ^ code_cols[j * CHUNK + b]).to_le_bytes(),
                     );
@@ -229,8 +229,8 @@ impl Kkot {
         )
     }
 
-    /// Sender: the pads `pad_{i,j}` for `n` OTs and `big_n` messages each (KK13 §4,
-    /// steps 3-4), from the receiver's extension matrix, passed to `sink(i, pads_i)`.
+    /// Sender: the pads `pad_{i,j}` for `n` OTs and `big_n` messages each (KK13,
+    /// sender), from the receiver's extension matrix, passed to `sink(i, pads_i)`.
     pub(crate) fn respond(
         &mut self,
         hash: &Tccr,
@@ -266,7 +266,7 @@ impl Kkot {
                 let qj = &mut qcols[j * CHUNK..j * CHUNK + cn];
                 expand(g, ctr + c0 as u128, qj);
                 if (self.s[j / 128] >> (j % 128)) & 1 == 1 {
-                    // KK13 §4: q_j = G(k_j^{s_j}) ⊕ s_j·u_j
+                    // KK13: q_j = G(k_j^{s_j}) ⊕ s_j·u_j
                     for (b, x) in qj.iter_mut().enumerate() {
                         let p = off + b * 16;
                         let mut a = [0u8; 16];

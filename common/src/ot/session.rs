@@ -8,13 +8,13 @@
 //!   (chosen c)  S ──▶ R : t = r + δ - H(i,k'⊕Δ)   R: y = H(i,m) + c·t = r + c·δ
 //!   OT (1-of-2) R ──▶ S : d                       S ──▶ R : e_b = x_b ⊕ H(i, k' ⊕ b·Δ)
 //!   OT (1-of-N) R ──▶ S : m correction bits       S ──▶ R : e_j = x_j ⊕ ⊕_t H((i_t,j), K_{t,j_t})
-//!               (N = 2^m; Naor-Pinkas 1999 §3 from m OTs; per-j tweaks, see `kn_*`)
+//!               (N = 2^m; Naor-Pinkas 1999, from m OTs; per-j tweaks, see `kn_*`)
 //! ```
 //!
 //! Tweaks: `H` is the session's [`Tccr`]; the tweak of COT number `i` (counted per
 //! direction from the session's start) is `dir·2^127 + i·2^16 + sub`, where `dir` says
 //! which party is the COT sender and `sub` separates several hashes of one COT. Every
-//! COT is used once, so no tweak repeats in a session (Guo et al. 2020 §7.3).
+//! COT is used once, so no tweak repeats in a session (Guo et al. 2020, TCCR).
 //!
 //! Derived OTs are message-in/message-out: the caller (a protocol of `crate::mpc`) sends
 //! the returned bytes as one channel message and passes the peer's message in, so messages
@@ -462,7 +462,7 @@ impl<C: RandomCot> OtSession<C> {
 
     // ---------------------------------------------------------------- random OT
 
-    /// ROT as sender: `n` pairs `(H(i,k_i), H(i,k_i⊕Δ))`. No traffic (ALSZ §4).
+    /// ROT as sender: `n` pairs `(H(i,k_i), H(i,k_i⊕Δ))`. No traffic (ALSZ).
     pub fn rot_send(&mut self, n: usize) -> Result<Vec<[Block; 2]>, OtError> {
         let dir = self.dir_send();
         let delta = self.delta;
@@ -531,7 +531,7 @@ impl<C: RandomCot> OtSession<C> {
     /// Sender of a chosen-choice COT batch with `w` (1 or 2) correlations per OT:
     /// `corr[i*w + v]` is δ for lane v of OT i. Returns the sender's outputs `r` (so the
     /// receiver gets `r + c·δ`) and the reply (`n·w` ring elements, packed). CrypTFlow2
-    /// §2.2 / Ferret's COT_l: `t = r + δ - H(i, k'⊕Δ)`.
+    /// (COT_l) / Ferret (COT over Z_{2^l}): `t = r + δ - H(i, k'⊕Δ)`.
     pub fn cot_respond(
         &mut self,
         ring: Ring,
