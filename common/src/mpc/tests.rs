@@ -733,3 +733,52 @@ fn one_of_n_reply_with_nonzero_padding_is_malformed() {
         "{res:?}"
     );
 }
+
+#[test]
+fn one_session_serves_many_operations_with_default_buffering() {
+    let r = Ring::new(37).unwrap();
+    let sizes = [1usize, 5000, 3, 700];
+    let xs: Vec<Vec<u64>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| values(r, n, 200 + k as u64)[..n].to_vec())
+        .collect();
+    let shares: Vec<(Vec<u64>, Vec<u64>)> = xs
+        .iter()
+        .enumerate()
+        .map(|(k, x)| share(r, x, 300 + k as u64))
+        .collect();
+    let s_sh: Vec<Vec<u64>> = shares.iter().map(|p| p.0.clone()).collect();
+    let c_sh: Vec<Vec<u64>> = shares.iter().map(|p| p.1.clone()).collect();
+    let work = move |s: &mut MpcSession, ch: &mut Ch, mine: Vec<Vec<u64>>| {
+        let mut out = Vec::new();
+        for x in &mine {
+            out.push(s.relu(ch, r, x).unwrap());
+            out.push(s.relu_trunc(ch, r, x, 12).unwrap());
+            out.push(s.trunc(ch, r, x, 12).unwrap());
+        }
+        (out, s.ot().available())
+    };
+    let ((s_out, _), (c_out, _)) = run(
+        MpcConfig::default(),
+        move |s, ch| work(s, ch, s_sh),
+        move |s, ch| work(s, ch, c_sh),
+    );
+    assert_eq!(s_out.1, (c_out.1.1, c_out.1.0)); // buffers mirror each other
+    for (k, x) in xs.iter().enumerate() {
+        let o = |j: usize| -> Vec<u64> {
+            s_out.0[3 * k + j]
+                .iter()
+                .zip(&c_out.0[3 * k + j])
+                .map(|(&a, &b)| r.add(a, b))
+                .collect()
+        };
+        let (relu, rt, t) = (o(0), o(1), o(2));
+        for i in 0..x.len() {
+            let v = r.to_signed(x[i]);
+            assert_eq!(relu[i], r.from_signed(v.max(0)));
+            assert_eq!(rt[i], r.from_signed((v >> 12).max(0)));
+            assert_eq!(t[i], r.from_signed(v >> 12));
+        }
+    }
+}
