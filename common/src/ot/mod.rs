@@ -30,6 +30,20 @@
 //! sender holds Δ (fixed for the session and direction) and k_i; the receiver holds a random
 //! bit b_i and m_i = k_i ⊕ b_i·Δ. Blocks are `u128`.
 //!
+//! # Another core OT (Ferret, issue 9)
+//!
+//! Implement [`RandomCot`] (setup of its own, then `extend` in both directions), then
+//!
+//! ```text
+//!   let ot  = OtSession::new(ferret, party, session_id);            // buffers + derived OTs
+//!   let mpc = MpcSession::from_ot(ot, MpcConfig { kn: KkotConfig::FromCots, ..Default::default() }, &mut rng)?;
+//! ```
+//!
+//! Every protocol of `crate::mpc` then runs unchanged (a test does exactly this with a
+//! test-only dealer COT). `KkotConfig::FromCots` builds the leaves' 1-of-N OTs from m
+//! COTs each, the cheap choice once a COT costs a few bits; `OtSession::enable_kk13` stays
+//! available on any core OT.
+//!
 //! Everything runs over the blocking [`Channel`](crate::channel::Channel); the derived
 //! OTs are message-in/message-out functions so that the protocols of `crate::mpc` can put
 //! messages of several OTs into one flight.
