@@ -119,7 +119,7 @@ impl<C: RandomCot> MpcSession<C> {
             need_c += b + n;
             len = len.div_ceil(2);
         }
-        self.reserve_dirs(ch, need_s, need_c)?;
+        let mut need = (need_s, need_c); // reserved with the first level's leaves
         let mut len = cols;
         while len > 1 {
             let pairs = len / 2;
@@ -134,7 +134,7 @@ impl<C: RandomCot> MpcSession<C> {
                     delta.push(ring.sub(idxs[r][h], idxs[r][l]));
                 }
             }
-            let d = self.drelu_inner(ch, ring, &diff)?;
+            let d = self.drelu_inner(ch, ring, &diff, std::mem::take(&mut need))?;
             // pick right iff right > left strictly: 1 ⊕ [left - right ≥ 0]
             let pick: Vec<u8> = d.iter().map(|&b| b ^ u8::from(server)).collect();
             let sel = self.mux_inner(ch, ring, &pick, &delta, 2)?;

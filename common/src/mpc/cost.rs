@@ -24,8 +24,8 @@
 //!
 //! (w_k = 1 for the lowest leaf, 2 otherwise; with 1-of-N from COTs a leaf costs
 //! m_k·(κ + 1) + w_k·2^{m_k} instead of 256 + w_k·2^{m_k}.)
-//! Flights (client): ReLU 2 (extension) + 4 (leaves, both parties send tables for half of
-//! the batch) + 2·ceil(log2 q) (AND levels) + 4 (MUX).
+//! Flights (client), ReLU with KK13: 4 (extension and leaf OTs share flights; both parties
+//! hold the tables for half of the batch) + 2·ceil(log2 q) (AND levels) + 4 (MUX).
 
 use super::millionaire::{MillGroup, carry_groups, leaf_sizes, mill_cots, tree};
 use crate::ot::Party;
@@ -103,7 +103,18 @@ impl Trace {
         }
         self.avail = (self.avail.0 + es - s2c, self.avail.1 + ec - c2s);
     }
-    fn mill(&mut self, p: Params, groups: &[MillGroup]) {
+    /// The millionaire with the operation's reservation: with KK13 our choose messages
+    /// share the flight of our extension message.
+    fn mill_ext(&mut self, p: Params, groups: &[MillGroup], s2c: usize, c2s: usize) {
+        let lack = |have: usize, need: usize| {
+            if need > have {
+                (need - have).div_ceil(128) * 128
+            } else {
+                0
+            }
+        };
+        let (es, ec) = (lack(self.avail.0, s2c), lack(self.avail.1, c2s));
+        self.avail = (self.avail.0 + es - s2c, self.avail.1 + ec - c2s);
         let choose = |g: &MillGroup, mk: u32| {
             if p.kk13 {
                 32 * g.n.div_ceil(128) * 128
@@ -114,11 +125,24 @@ impl Trace {
         let reply = |g: &MillGroup, k: usize, mk: u32| {
             (g.n * (1usize << mk) * if k == 0 { 1 } else { 2 }).div_ceil(8)
         };
-        // choose messages for the server's tables out, the client's tables' in; replies
-        for g in groups.iter().filter(|g| g.sender == Party::Server) {
-            for &mk in &leaf_sizes(g.bits, p.leaf_bits) {
-                self.send(choose(g, mk));
+        let send_chooses = |t: &mut Self| {
+            for g in groups.iter().filter(|g| g.sender == Party::Server) {
+                for &mk in &leaf_sizes(g.bits, p.leaf_bits) {
+                    t.send(choose(g, mk));
+                }
             }
+        };
+        if es > 0 {
+            self.send(16 * es);
+        }
+        if p.kk13 {
+            send_chooses(self);
+        }
+        if ec > 0 {
+            self.recv(16 * ec);
+        }
+        if !p.kk13 {
+            send_chooses(self);
         }
         for g in groups.iter().filter(|g| g.sender == Party::Client) {
             for &mk in &leaf_sizes(g.bits, p.leaf_bits) {
@@ -171,8 +195,7 @@ pub fn drelu(p: Params, ring: Ring, n: usize) -> Cost {
     let g = carry_group(ring, n);
     let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
     let mut t = Trace::default();
-    t.ext(a, b);
-    t.mill(p, &g);
+    t.mill_ext(p, &g, a, b);
     t.cost
 }
 
@@ -189,8 +212,7 @@ pub fn relu(p: Params, ring: Ring, n: usize) -> Cost {
     let g = carry_group(ring, n);
     let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
     let mut t = Trace::default();
-    t.ext(a + n, b + n);
-    t.mill(p, &g);
+    t.mill_ext(p, &g, a + n, b + n);
     t.mux(ring, n, 1);
     t.cost
 }
@@ -209,8 +231,7 @@ pub fn trunc_nonneg(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
     let g = carry_groups(f, n);
     let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
     let mut t = Trace::default();
-    t.ext(a + 2 * n, b);
-    t.mill(p, &g);
+    t.mill_ext(p, &g, a + 2 * n, b);
     t.send((2 * n).div_ceil(8));
     t.recv(ring.packed_len(2 * n));
     t.cost
@@ -227,8 +248,7 @@ fn trunc_general(p: Params, ring: Ring, n: usize, f: u32, relu: bool) -> Cost {
         b += n;
     }
     let mut t = Trace::default();
-    t.ext(a, b);
-    t.mill(p, &g);
+    t.mill_ext(p, &g, a, b);
     t.send(if p.kk13 {
         32 * n.div_ceil(128) * 128
     } else {
@@ -272,11 +292,12 @@ pub fn argmax_reveal(p: Params, ring: Ring, rows: usize, cols: usize) -> Cost {
         nc += b + n;
         len = len.div_ceil(2);
     }
-    t.ext(ns, nc);
+    let mut need = (ns, nc);
     let mut len = cols;
     while len > 1 {
         let n = rows * (len / 2);
-        t.mill(p, &carry_group(ring, n));
+        let (a, b) = std::mem::take(&mut need);
+        t.mill_ext(p, &carry_group(ring, n), a, b);
         t.mux(ring, n, 2);
         len = len.div_ceil(2);
     }

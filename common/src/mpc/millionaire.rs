@@ -134,6 +134,9 @@ pub(crate) fn mill_cots(m: u32, kn_from_cots: bool, groups: &[MillGroup]) -> (us
     (s2c, c2s)
 }
 
+/// Leaf sizes and AND tree of one group.
+type Plan = (Vec<u32>, Vec<Vec<Node>>);
+
 /// gt and eq shares per leaf position, each over the group's comparisons.
 type LeafShares = (Vec<Vec<u8>>, Vec<Vec<u8>>);
 
@@ -176,45 +179,18 @@ impl<C: RandomCot> MpcSession<C> {
         Ok(tr)
     }
 
-    #[allow(clippy::needless_range_loop)] // parallel arrays indexed together
-    /// Boolean shares of `[x > y]` for every comparison of every group, where the server
-    /// holds the x's and the client the y's (`mine[g]` has `groups[g].n` values of
-    /// `groups[g].bits` bits). The caller must have reserved [`mill_cots`] COTs.
-    pub(crate) fn millionaire(
+    /// The receiver's side of the leaf OTs: choose messages for every group where the
+    /// peer holds the tables, sent in group order.
+    fn send_chooses(
         &mut self,
         ch: &mut dyn Channel,
         groups: &[MillGroup],
+        plans: &[Plan],
         mine: &[&[u64]],
-    ) -> Result<Vec<Vec<u8>>, MpcError> {
-        let m = self.cfg.leaf_bits;
-        if mine.len() != groups.len()
-            || groups
-                .iter()
-                .zip(mine)
-                .any(|(g, x)| x.len() != g.n || g.bits == 0 || g.bits > 64)
-        {
-            return Err(MpcError::BadInput(
-                "millionaire groups and inputs disagree".into(),
-            ));
-        }
-        let plans: Vec<(Vec<u32>, Vec<Vec<Node>>)> = groups
-            .iter()
-            .map(|g| {
-                let s = leaf_sizes(g.bits, m);
-                let t = tree(s.len());
-                (s, t)
-            })
-            .collect();
-        // Triples for every node of every group (Alg. 1 uses bit triples; see module doc).
-        let mut trip = Vec::with_capacity(groups.len());
-        for (g, (sizes, _)) in groups.iter().zip(&plans) {
-            trip.push(self.triples(g.n * (sizes.len() - 1))?);
-        }
-        // Leaves (Alg. 1 steps 5-10). Per group, the party holding x (`g.sender`) sends the
-        // tables; flights: both send their choose messages, then both their replies.
+        states: &mut Vec<crate::ot::KnChosen>,
+    ) -> Result<(), MpcError> {
         let me = self.party;
-        let mut states = Vec::new();
-        for ((g, (sizes, _)), v) in groups.iter().zip(&plans).zip(mine) {
+        for ((g, (sizes, _)), v) in groups.iter().zip(plans).zip(mine) {
             if g.sender == me {
                 continue;
             }
@@ -230,6 +206,66 @@ impl<C: RandomCot> MpcSession<C> {
                 states.push(st);
                 shift += mk;
             }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::needless_range_loop)] // parallel arrays indexed together
+    /// Boolean shares of `[x > y]` for every comparison of every group, where the server
+    /// holds the x's and the client the y's (`mine[g]` has `groups[g].n` values of
+    /// `groups[g].bits` bits). `need` = COTs (server-sender, client-sender) of the whole
+    /// operation, at least [`mill_cots`]; they are reserved here.
+    pub(crate) fn millionaire(
+        &mut self,
+        ch: &mut dyn Channel,
+        groups: &[MillGroup],
+        mine: &[&[u64]],
+        need: (usize, usize),
+    ) -> Result<Vec<Vec<u8>>, MpcError> {
+        let m = self.cfg.leaf_bits;
+        if mine.len() != groups.len()
+            || groups
+                .iter()
+                .zip(mine)
+                .any(|(g, x)| x.len() != g.n || g.bits == 0 || g.bits > 64)
+        {
+            return Err(MpcError::BadInput(
+                "millionaire groups and inputs disagree".into(),
+            ));
+        }
+        let plans: Vec<Plan> = groups
+            .iter()
+            .map(|g| {
+                let s = leaf_sizes(g.bits, m);
+                let t = tree(s.len());
+                (s, t)
+            })
+            .collect();
+        // COTs for the whole operation (`need`, server-sender / client-sender). With KK13
+        // the leaves need no COT: our choose messages go in the flight of our extension
+        // message (split extension), saving a round trip.
+        let kk = self.ot.uses_kk13();
+        let (ns, nr) = if self.is_server() {
+            need
+        } else {
+            (need.1, need.0)
+        };
+        self.ot.reserve_send(ch, ns, nr)?;
+        let me = self.party;
+        let mut states = Vec::new();
+        if kk {
+            self.send_chooses(ch, groups, &plans, mine, &mut states)?;
+        }
+        self.ot.reserve_recv(ch)?;
+        // Triples for every node of every group (Alg. 1 uses bit triples; see module doc).
+        let mut trip = Vec::with_capacity(groups.len());
+        for (g, (sizes, _)) in groups.iter().zip(&plans) {
+            trip.push(self.triples(g.n * (sizes.len() - 1))?);
+        }
+        // Leaves (Alg. 1 steps 5-10). Per group, the party holding x (`g.sender`) sends the
+        // tables; flights: both send their choose messages, then both their replies.
+        if !kk {
+            self.send_chooses(ch, groups, &plans, mine, &mut states)?;
         }
         let mut msgs = Vec::new();
         for (g, (sizes, _)) in groups.iter().zip(&plans) {

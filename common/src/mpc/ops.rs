@@ -66,6 +66,7 @@ impl<C: RandomCot> MpcSession<C> {
         ch: &mut dyn Channel,
         x: &[u64],
         widths: &[u32],
+        need: (usize, usize),
     ) -> Result<Vec<Vec<u8>>, MpcError> {
         let mut groups = Vec::new();
         let mut inputs = Vec::new();
@@ -77,7 +78,7 @@ impl<C: RandomCot> MpcSession<C> {
             inputs.extend(carry_input(self.party, x, b));
         }
         let refs: Vec<&[u64]> = inputs.iter().map(|v| v.as_slice()).collect();
-        let out = self.millionaire(ch, &groups, &refs)?;
+        let out = self.millionaire(ch, &groups, &refs, need)?;
         let mut it = out.into_iter();
         Ok(per
             .into_iter()
@@ -90,8 +91,11 @@ impl<C: RandomCot> MpcSession<C> {
         ch: &mut dyn Channel,
         ring: Ring,
         x: &[u64],
+        need: (usize, usize),
     ) -> Result<Vec<u8>, MpcError> {
-        let carry = self.carries(ch, x, &[ring.bits() - 1])?.swap_remove(0);
+        let carry = self
+            .carries(ch, x, &[ring.bits() - 1], need)?
+            .swap_remove(0);
         let server = u8::from(self.is_server());
         Ok(x.iter()
             .zip(&carry)
@@ -111,8 +115,7 @@ impl<C: RandomCot> MpcSession<C> {
             Self::check_ring(ring, x)?;
             let g = carry_groups(ring.bits() - 1, x.len());
             let (a, b) = mill_cots(s.cfg.leaf_bits, s.kn_from_cots(), &g);
-            s.reserve_dirs(ch, a, b)?;
-            s.drelu_inner(ch, ring, x)
+            s.drelu_inner(ch, ring, x, (a, b))
         })
     }
 
@@ -184,8 +187,7 @@ impl<C: RandomCot> MpcSession<C> {
             let n = x.len();
             let g = carry_groups(ring.bits() - 1, x.len());
             let (a, b) = mill_cots(s.cfg.leaf_bits, s.kn_from_cots(), &g);
-            s.reserve_dirs(ch, a + n, b + n)?;
-            let d = s.drelu_inner(ch, ring, x)?;
+            let d = s.drelu_inner(ch, ring, x, (a + n, b + n))?;
             s.mux_inner(ch, ring, &d, x, 1)
         })
     }
@@ -254,8 +256,7 @@ impl<C: RandomCot> MpcSession<C> {
             let n = x.len();
             let g = carry_groups(f, n);
             let (a, b) = mill_cots(s.cfg.leaf_bits, s.kn_from_cots(), &g);
-            s.reserve_dirs(ch, a + 2 * n, b)?;
-            let c = s.carries(ch, x, &[f])?.swap_remove(0);
+            let c = s.carries(ch, x, &[f], (a + 2 * n, b))?.swap_remove(0);
             let hi = 1u64 << (ring.bits() - f);
             let m: Vec<u8> = x.iter().map(|&v| u8::from(ring.msb(v))).collect();
             if s.is_server() {
@@ -320,8 +321,7 @@ impl<C: RandomCot> MpcSession<C> {
                 let n = x.len();
                 let g = carry_groups(ring.bits() - 1, x.len());
                 let (a, b) = mill_cots(s.cfg.leaf_bits, s.kn_from_cots(), &g);
-                s.reserve_dirs(ch, a + n, b + n)?;
-                let d = s.drelu_inner(ch, ring, x)?;
+                let d = s.drelu_inner(ch, ring, x, (a + n, b + n))?;
                 return s.mux_inner(ch, ring, &d, x, 1);
             }
             s.trunc_general(ch, ring, x, f, true)
@@ -352,8 +352,7 @@ impl<C: RandomCot> MpcSession<C> {
         if relu {
             b += n; // the COT C -> S adding d·(x_C >> f)
         }
-        self.reserve_dirs(ch, a, b)?;
-        let mut out = self.carries(ch, x, &[l - 1, f])?;
+        let mut out = self.carries(ch, x, &[l - 1, f], (a, b))?;
         let c = out.pop().unwrap_or_default();
         let carry = out.pop().unwrap_or_default();
         let hi = 1u64 << (l - f);

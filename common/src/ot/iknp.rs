@@ -46,6 +46,8 @@ pub struct Iknp {
     recv_ctr: u128,
     choice_prg: Prg,
     session_id: [u8; 32],
+    /// receiver output of an extension whose first half was sent (split extension)
+    pending: Option<(Vec<u8>, Vec<Block>)>,
 }
 
 impl std::fmt::Debug for Iknp {
@@ -60,8 +62,12 @@ impl std::fmt::Debug for Iknp {
 
 impl Drop for Iknp {
     fn drop(&mut self) {
-        // AES key schedules zeroize themselves; Δ is ours to clear.
+        // AES key schedules zeroize themselves; Δ and pending outputs are ours to clear.
         self.delta.zeroize();
+        if let Some((b, m)) = self.pending.as_mut() {
+            b.zeroize();
+            m.zeroize();
+        }
     }
 }
 
@@ -104,6 +110,7 @@ impl Iknp {
             recv_ctr: 0,
             choice_prg: Prg::from_rng(rng),
             session_id: base.session_id,
+            pending: None,
         })
     }
 
@@ -200,12 +207,38 @@ impl RandomCot for Iknp {
         n_send: usize,
         n_recv: usize,
     ) -> Result<CotBatch, OtError> {
-        let nb_send = n_send.div_ceil(128);
+        self.extend_send(ch, n_send, n_recv)?;
+        self.extend_recv(ch, n_send, n_recv)
+    }
+
+    fn split_extend(&self) -> bool {
+        true
+    }
+
+    fn extend_send(
+        &mut self,
+        ch: &mut dyn Channel,
+        _n_send: usize,
+        n_recv: usize,
+    ) -> Result<(), OtError> {
         let nb_recv = n_recv.div_ceil(128);
-        let mut out = CotBatch::default();
         if nb_recv > 0 {
             let (msg, bits, m) = self.receiver_extend(nb_recv);
             ch.send_vec(msg)?;
+            self.pending = Some((bits, m));
+        }
+        Ok(())
+    }
+
+    fn extend_recv(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        _n_recv: usize,
+    ) -> Result<CotBatch, OtError> {
+        let nb_send = n_send.div_ceil(128);
+        let mut out = CotBatch::default();
+        if let Some((bits, m)) = self.pending.take() {
             out.recv_bits = bits;
             out.recv = m;
         }

@@ -191,6 +191,37 @@ pub trait RandomCot: Send {
         n_recv: usize,
     ) -> Result<CotBatch, OtError>;
 
+    /// Whether [`RandomCot::extend_send`] / [`RandomCot::extend_recv`] split an extension
+    /// into "send everything" and "receive everything" (one flight each way), so that a
+    /// protocol can put its own messages into the same flights. Default: no.
+    fn split_extend(&self) -> bool {
+        false
+    }
+
+    /// First half of a split extension: sends this party's messages, reads nothing.
+    /// Only called when [`RandomCot::split_extend`] is true; the default refuses.
+    fn extend_send(
+        &mut self,
+        _ch: &mut dyn Channel,
+        _n_send: usize,
+        _n_recv: usize,
+    ) -> Result<(), OtError> {
+        Err(OtError::BadRequest(
+            "this core OT cannot split an extension".into(),
+        ))
+    }
+
+    /// Second half of a split extension (same counts as the first): reads the peer's
+    /// messages and returns the batch.
+    fn extend_recv(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+    ) -> Result<CotBatch, OtError> {
+        self.extend(ch, n_send, n_recv)
+    }
+
     /// Upper bound on the bytes this party sends and receives for `extend(n_send, n_recv)`,
     /// used by the cost formulas: `(sent, received)`.
     fn extend_cost(&self, n_send: usize, n_recv: usize) -> (usize, usize);

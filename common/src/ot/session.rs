@@ -47,6 +47,8 @@ pub struct OtSession<C: RandomCot = Iknp> {
     recv_idx: u64,
     min_batch: usize,
     kk: Option<Kkot>,
+    /// extension counts between `reserve_send` and `reserve_recv`
+    pending: Option<(usize, usize)>,
     poisoned: bool,
 }
 
@@ -283,6 +285,7 @@ impl<C: RandomCot> OtSession<C> {
             recv_idx: 0,
             min_batch: DEFAULT_MIN_BATCH,
             kk: None,
+            pending: None,
             poisoned: false,
         }
     }
@@ -391,18 +394,70 @@ impl<C: RandomCot> OtSession<C> {
         n_send: usize,
         n_recv: usize,
     ) -> Result<(), OtError> {
+        self.reserve_send(ch, n_send, n_recv)?;
+        self.reserve_recv(ch)
+    }
+
+    /// First half of [`Self::reserve`]: where the core OT splits its extension
+    /// ([`RandomCot::split_extend`], IKNP), sends this party's extension messages and
+    /// returns; the caller may send more messages in the same flight and must then call
+    /// [`Self::reserve_recv`] before using COTs. Otherwise does the whole reservation.
+    pub fn reserve_send(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+    ) -> Result<(), OtError> {
         self.check()?;
+        if self.pending.is_some() {
+            self.poisoned = true;
+            return Err(OtError::BadRequest(
+                "reserve_send twice without reserve_recv".into(),
+            ));
+        }
         let (es, er) = self.extension_for(n_send, n_recv);
         if es == 0 && er == 0 {
             return Ok(());
         }
-        let batch = match self.cot.extend(ch, es, er) {
-            Ok(b) => b,
-            Err(e) => {
+        if self.cot.split_extend() {
+            if let Err(e) = self.cot.extend_send(ch, es, er) {
                 self.poisoned = true;
                 return Err(e);
             }
+            self.pending = Some((es, er));
+            return Ok(());
+        }
+        match self.cot.extend(ch, es, er) {
+            Ok(b) => {
+                self.append(b);
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Second half of [`Self::reserve`] (a no-op when nothing is pending).
+    pub fn reserve_recv(&mut self, ch: &mut dyn Channel) -> Result<(), OtError> {
+        self.check()?;
+        let Some((es, er)) = self.pending.take() else {
+            return Ok(());
         };
+        match self.cot.extend_recv(ch, es, er) {
+            Ok(b) => {
+                self.append(b);
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn append(&mut self, batch: super::CotBatch) {
         let mut batch = batch;
         // Compact, then append (or take the batch's vectors when nothing is left).
         if self.send_pos == self.send_keys.len() {
@@ -425,7 +480,6 @@ impl<C: RandomCot> OtSession<C> {
             self.recv_bits.extend_from_slice(&batch.recv_bits);
         }
         self.recv_pos = 0;
-        Ok(())
     }
 
     fn take_send(&mut self, n: usize) -> Result<(u64, &[Block]), OtError> {
