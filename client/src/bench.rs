@@ -9,14 +9,105 @@
 
 use std::time::Instant;
 
+use clap::{Args, Subcommand, ValueEnum};
+
 use fusion_common::channel::{Channel, Counting, StepCost, memory_pair};
 use fusion_common::mpc::{MpcConfig, MpcError, MpcSession, Party};
 use fusion_common::ot::KkotConfig;
 use fusion_common::ring::{Ring, RingError};
 use serde::Serialize;
 
+/// `fusion-client bench ...`
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// what to benchmark
+    #[command(subcommand)]
+    pub what: BenchCmd,
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// A batch of 2PC ReLUs, both parties in this process: bytes, rounds and time, setup
+    /// reported apart.
+    Relu(ReluArgs),
+}
+
+/// `fusion-client bench relu ...`
+#[derive(Debug, Args)]
+pub struct ReluArgs {
+    /// ReLUs in the batch
+    #[arg(long, default_value_t = 1 << 16)]
+    pub count: usize,
+    /// ring width l (2..=64)
+    #[arg(long, default_value_t = 32)]
+    pub bits: u32,
+    /// transport between the two parties
+    #[arg(long, value_enum, default_value_t = Transport::Memory)]
+    pub transport: Transport,
+    /// bits per millionaire leaf (m of the 1-of-2^m OTs)
+    #[arg(long, default_value_t = MpcConfig::default().leaf_bits)]
+    pub leaf_bits: u32,
+    /// 1-of-N OT of the millionaire leaves
+    #[arg(long, value_enum, default_value_t = KnArg::Kk13)]
+    pub kn: KnArg,
+    /// print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The 1-of-N OT flavour on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KnArg {
+    /// KK13 over a 256-bit code
+    Kk13,
+    /// m correlated OTs per 1-of-2^m OT
+    Cots,
+}
+
+/// Runs a `bench` command and returns the text to print.
+pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
+    match &args.what {
+        BenchCmd::Relu(a) => {
+            let config = MpcConfig {
+                leaf_bits: a.leaf_bits,
+                kn: match a.kn {
+                    KnArg::Kk13 => KkotConfig::Kk13,
+                    KnArg::Cots => KkotConfig::FromCots,
+                },
+                ..MpcConfig::default()
+            };
+            let b = ReluBench {
+                count: a.count,
+                bits: a.bits,
+                config,
+            };
+            let r = run_relu_bench(b, a.transport)?;
+            if a.json {
+                serde_json::to_string(&r).map_err(|e| BenchError::Output(e.to_string()))
+            } else {
+                Ok(format!(
+                    "{} ReLUs, l = {}: {:.0} bits/ReLU, {:.2} us/ReLU, {} rounds, {:.3} s; setup {} B, {} rounds, {:.3} s ({} OT, leaves {} m = {})",
+                    r.count,
+                    r.bits,
+                    r.bits_per_relu,
+                    r.us_per_relu,
+                    r.rounds,
+                    r.seconds,
+                    r.setup.bytes_total,
+                    r.setup.rounds,
+                    r.setup.seconds,
+                    r.ot,
+                    r.kn,
+                    r.leaf_bits
+                ))
+            }
+        }
+    }
+}
+
 /// Which transport carries the two parties' messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Transport {
     /// in-process memory duplex
     Memory,
@@ -132,6 +223,9 @@ pub enum BenchError {
     /// the secure result differs from the plaintext ReLU
     #[error("the secure ReLU differs from the plaintext at element {0}")]
     Wrong(usize),
+    /// the report could not be rendered
+    #[error("output: {0}")]
+    Output(String),
 }
 
 /// Runs the bench over the chosen transport.
