@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use fusion_client::{demo, info_cmd};
+use fusion_client::{bench, demo, info_cmd};
 
 /// Fusion client: secure inference against a Fusion server over mutual TLS.
 #[derive(Debug, Parser)]
@@ -19,6 +19,8 @@ enum Command {
     /// Everything on this machine: ephemeral certificates, an in-process server on
     /// 127.0.0.1 over real mutual TLS, the model info and a measured echo session.
     Demo(demo::DemoArgs),
+    /// Benchmarks (both parties in this process).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +38,9 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Info(args) => runtime.block_on(info_cmd::run(args)),
         Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Bench(args) => {
+            println!("{}", bench::run(&args)?);
+            Ok(())
+        }
     }
 }

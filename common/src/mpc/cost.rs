@@ -1,0 +1,306 @@
+//! Cost formulas of every operation, as the client sees them: bytes sent, bytes
+//! received and flights (direction changes + 1, as [`Counting`](crate::channel::Counting)
+//! counts them from a fresh counter). The server's bytes are the mirror image.
+//!
+//! They hold for an IKNP session whose COT buffers are empty when the operation starts and
+//! whose `min_batch` is 1 (as in the tests; the buffers are modelled across the levels of
+//! argmax); with buffered COTs or a larger `min_batch` only the extension part changes. `r128(n)` is n rounded up to
+//! a multiple of 128 (IKNP extends in blocks of 128 COTs).
+//!
+//! In bits per element (IKNP, κ = 128, leaves by KK13 over a 256-bit code, m-bit leaves,
+//! q = ceil((l-1)/m) leaves, q-1 AND nodes):
+//!
+//! | operation | bits per element (both directions) |
+//! |---|---|
+//! | millionaire on β bits | Σ_leaves (256 + w_k·2^{m_k}) + (q-1)·(2κ + 2·(2 or 3)) |
+//! | DReLU | millionaire on l-1 bits |
+//! | MUX | 2·(κ + 1 + l) |
+//! | ReLU | DReLU + MUX |
+//! | B2A | κ + 1 + l |
+//! | trunc (exact, signed) | millionaire(l-1) + millionaire(f) + 256 + 8·l |
+//! | relu_trunc | trunc + κ + 1 + l |
+//! | trunc_nonneg | millionaire(f) + 2·(κ + 1 + l) |
+//! | argmax (per row of k) | (k-1)·(DReLU + 2·(κ + 1 + 2l)) + l (reveal) |
+//!
+//! (w_k = 1 for the lowest leaf, 2 otherwise; with 1-of-N from COTs a leaf costs
+//! m_k·(κ + 1) + w_k·2^{m_k} instead of 256 + w_k·2^{m_k}.)
+//! Flights (client), ReLU with KK13: 4 (extension and leaf OTs share flights; both parties
+//! hold the tables for half of the batch) + 2·ceil(log2 q) (AND levels) + 4 (MUX).
+
+use super::millionaire::{MillGroup, carry_groups, leaf_sizes, mill_cots, tree};
+use crate::ot::Party;
+use crate::ring::Ring;
+
+/// Costs seen by the client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cost {
+    /// bytes the client sends
+    pub sent: u64,
+    /// bytes the client receives
+    pub received: u64,
+    /// flights at the client
+    pub flights: u64,
+}
+
+impl Cost {
+    /// Bytes both ways.
+    pub fn total(&self) -> u64 {
+        self.sent + self.received
+    }
+}
+
+/// The parameters a formula needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    /// bits per millionaire leaf
+    pub leaf_bits: u32,
+    /// whether 1-of-N OTs use KK13 (else m COTs)
+    pub kk13: bool,
+}
+
+#[derive(Default)]
+struct Trace {
+    cost: Cost,
+    last_send: Option<bool>,
+    /// COTs left in the buffers (server-sender, client-sender), as the session keeps them
+    avail: (usize, usize),
+}
+
+impl Trace {
+    fn ev(&mut self, send: bool, bytes: usize) {
+        if self.last_send != Some(send) {
+            self.cost.flights += 1;
+            self.last_send = Some(send);
+        }
+        if send {
+            self.cost.sent += bytes as u64;
+        } else {
+            self.cost.received += bytes as u64;
+        }
+    }
+    fn send(&mut self, b: usize) {
+        self.ev(true, b)
+    }
+    fn recv(&mut self, b: usize) {
+        self.ev(false, b)
+    }
+    /// Reservation of (server-sender, client-sender) COTs: an IKNP extension of what the
+    /// buffers lack, rounded up to blocks of 128, then the COTs are used.
+    fn ext(&mut self, s2c: usize, c2s: usize) {
+        let lack = |have: usize, need: usize| {
+            if need > have {
+                (need - have).div_ceil(128) * 128
+            } else {
+                0
+            }
+        };
+        let (es, ec) = (lack(self.avail.0, s2c), lack(self.avail.1, c2s));
+        if es > 0 {
+            self.send(16 * es);
+        }
+        if ec > 0 {
+            self.recv(16 * ec);
+        }
+        self.avail = (self.avail.0 + es - s2c, self.avail.1 + ec - c2s);
+    }
+    /// The millionaire with the operation's reservation: with KK13 our choose messages
+    /// share the flight of our extension message.
+    fn mill_ext(&mut self, p: Params, groups: &[MillGroup], s2c: usize, c2s: usize) {
+        let lack = |have: usize, need: usize| {
+            if need > have {
+                (need - have).div_ceil(128) * 128
+            } else {
+                0
+            }
+        };
+        let (es, ec) = (lack(self.avail.0, s2c), lack(self.avail.1, c2s));
+        self.avail = (self.avail.0 + es - s2c, self.avail.1 + ec - c2s);
+        let choose = |g: &MillGroup, mk: u32| {
+            if p.kk13 {
+                32 * g.n.div_ceil(128) * 128
+            } else {
+                (g.n * mk as usize).div_ceil(8)
+            }
+        };
+        let reply = |g: &MillGroup, k: usize, mk: u32| {
+            (g.n * (1usize << mk) * if k == 0 { 1 } else { 2 }).div_ceil(8)
+        };
+        let send_chooses = |t: &mut Self| {
+            for g in groups.iter().filter(|g| g.sender == Party::Server) {
+                for &mk in &leaf_sizes(g.bits, p.leaf_bits) {
+                    t.send(choose(g, mk));
+                }
+            }
+        };
+        if es > 0 {
+            self.send(16 * es);
+        }
+        if p.kk13 {
+            send_chooses(self);
+        }
+        if ec > 0 {
+            self.recv(16 * ec);
+        }
+        if !p.kk13 {
+            send_chooses(self);
+        }
+        for g in groups.iter().filter(|g| g.sender == Party::Client) {
+            for &mk in &leaf_sizes(g.bits, p.leaf_bits) {
+                self.recv(choose(g, mk));
+            }
+        }
+        for g in groups.iter().filter(|g| g.sender == Party::Client) {
+            for (k, &mk) in leaf_sizes(g.bits, p.leaf_bits).iter().enumerate() {
+                self.send(reply(g, k, mk));
+            }
+        }
+        for g in groups.iter().filter(|g| g.sender == Party::Server) {
+            for (k, &mk) in leaf_sizes(g.bits, p.leaf_bits).iter().enumerate() {
+                self.recv(reply(g, k, mk));
+            }
+        }
+        let trees: Vec<_> = groups
+            .iter()
+            .map(|g| tree(leaf_sizes(g.bits, p.leaf_bits).len()))
+            .collect();
+        let depth = trees.iter().map(|t| t.len()).max().unwrap_or(0);
+        for lv in 0..depth {
+            let mut bits = 0;
+            for (g, t) in groups.iter().zip(&trees) {
+                if let Some(nodes) = t.get(lv) {
+                    bits += nodes
+                        .iter()
+                        .map(|nd| (2 + usize::from(nd.need_eq)) * g.n)
+                        .sum::<usize>();
+                }
+            }
+            self.send(bits.div_ceil(8));
+            self.recv(bits.div_ceil(8));
+        }
+    }
+    fn mux(&mut self, ring: Ring, n: usize, w: usize) {
+        self.send(n.div_ceil(8));
+        self.recv(n.div_ceil(8));
+        self.send(ring.packed_len(n * w));
+        self.recv(ring.packed_len(n * w));
+    }
+}
+
+fn carry_group(ring: Ring, n: usize) -> Vec<MillGroup> {
+    carry_groups(ring.bits() - 1, n)
+}
+
+/// [`MpcSession::drelu`](super::MpcSession::drelu) of `n` elements.
+pub fn drelu(p: Params, ring: Ring, n: usize) -> Cost {
+    let g = carry_group(ring, n);
+    let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
+    let mut t = Trace::default();
+    t.mill_ext(p, &g, a, b);
+    t.cost
+}
+
+/// [`MpcSession::mux`](super::MpcSession::mux) of `n` elements.
+pub fn mux(ring: Ring, n: usize) -> Cost {
+    let mut t = Trace::default();
+    t.ext(n, n);
+    t.mux(ring, n, 1);
+    t.cost
+}
+
+/// [`MpcSession::relu`](super::MpcSession::relu) of `n` elements.
+pub fn relu(p: Params, ring: Ring, n: usize) -> Cost {
+    let g = carry_group(ring, n);
+    let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
+    let mut t = Trace::default();
+    t.mill_ext(p, &g, a + n, b + n);
+    t.mux(ring, n, 1);
+    t.cost
+}
+
+/// [`MpcSession::b2a`](super::MpcSession::b2a) of `n` bits.
+pub fn b2a(ring: Ring, n: usize) -> Cost {
+    let mut t = Trace::default();
+    t.ext(n, 0);
+    t.send(n.div_ceil(8));
+    t.recv(ring.packed_len(n));
+    t.cost
+}
+
+/// [`MpcSession::trunc_nonneg`](super::MpcSession::trunc_nonneg) of `n` elements by f ≥ 1.
+pub fn trunc_nonneg(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
+    let g = carry_groups(f, n);
+    let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
+    let mut t = Trace::default();
+    t.mill_ext(p, &g, a + 2 * n, b);
+    t.send((2 * n).div_ceil(8));
+    t.recv(ring.packed_len(2 * n));
+    t.cost
+}
+
+fn trunc_general(p: Params, ring: Ring, n: usize, f: u32, relu: bool) -> Cost {
+    let mut g = carry_group(ring, n);
+    g.extend(carry_groups(f, n));
+    let (mut a, mut b) = mill_cots(p.leaf_bits, !p.kk13, &g);
+    if !p.kk13 {
+        a += 3 * n;
+    }
+    if relu {
+        b += n;
+    }
+    let mut t = Trace::default();
+    t.mill_ext(p, &g, a, b);
+    t.send(if p.kk13 {
+        32 * n.div_ceil(128) * 128
+    } else {
+        (3 * n).div_ceil(8)
+    });
+    if relu {
+        t.recv(n.div_ceil(8));
+        t.send(ring.packed_len(n));
+    }
+    t.recv((n * 8 * ring.bits() as usize).div_ceil(8));
+    t.cost
+}
+
+/// [`MpcSession::trunc`](super::MpcSession::trunc) of `n` elements by f ≥ 1.
+pub fn trunc(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
+    trunc_general(p, ring, n, f, false)
+}
+
+/// [`MpcSession::relu_trunc`](super::MpcSession::relu_trunc) of `n` elements by f ≥ 1.
+pub fn relu_trunc(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
+    trunc_general(p, ring, n, f, true)
+}
+
+/// [`MpcSession::reveal`](super::MpcSession::reveal) of `n` elements to the client.
+pub fn reveal_to_client(ring: Ring, n: usize) -> Cost {
+    let mut t = Trace::default();
+    t.recv(ring.packed_len(n));
+    t.cost
+}
+
+/// [`MpcSession::argmax_reveal`](super::MpcSession::argmax_reveal) to the client, `rows`
+/// rows of `cols`.
+pub fn argmax_reveal(p: Params, ring: Ring, rows: usize, cols: usize) -> Cost {
+    let mut t = Trace::default();
+    let mut len = cols;
+    let (mut ns, mut nc) = (0, 0);
+    while len > 1 {
+        let n = rows * (len / 2);
+        let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &carry_group(ring, n));
+        ns += a + n;
+        nc += b + n;
+        len = len.div_ceil(2);
+    }
+    let mut need = (ns, nc);
+    let mut len = cols;
+    while len > 1 {
+        let n = rows * (len / 2);
+        let (a, b) = std::mem::take(&mut need);
+        t.mill_ext(p, &carry_group(ring, n), a, b);
+        t.mux(ring, n, 2);
+        len = len.div_ceil(2);
+    }
+    t.recv(ring.packed_len(rows));
+    t.cost
+}

@@ -1,0 +1,912 @@
+//! The per-session OT object: COT buffers for both directions and every derived OT.
+//!
+//! ```text
+//!   reserve(n_send, n_recv)          one RandomCot::extend (IKNP: one flight each way)
+//!                                    only if a buffer runs short; batches ≥ min_batch
+//!   ROT         sender: (H(i,k_i), H(i,k_i⊕Δ))    receiver: (b_i, H(i,m_i))     no traffic
+//!   COT_l       R ──▶ S : d = c ⊕ b (1 bit)       S: k' = k ⊕ d·Δ, r = H(i,k')
+//!   (chosen c)  S ──▶ R : t = r + δ - H(i,k'⊕Δ)   R: y = H(i,m) + c·t = r + c·δ
+//!   OT (1-of-2) R ──▶ S : d                       S ──▶ R : e_b = x_b ⊕ H(i, k' ⊕ b·Δ)
+//!   OT (1-of-N) R ──▶ S : m correction bits       S ──▶ R : e_j = x_j ⊕ ⊕_t H((i_t,j), K_{t,j_t})
+//!               (N = 2^m; Naor-Pinkas 1999, from m OTs; per-j tweaks, see `kn_*`)
+//! ```
+//!
+//! Tweaks: `H` is the session's [`Tccr`]; the tweak of COT number `i` (counted per
+//! direction from the session's start) is `dir·2^127 + i·2^16 + sub`, where `dir` says
+//! which party is the COT sender and `sub` separates several hashes of one COT. Every
+//! COT is used once, so no tweak repeats in a session (Guo et al. 2020, TCCR).
+//!
+//! Derived OTs are message-in/message-out: the caller (a protocol of `crate::mpc`) sends
+//! the returned bytes as one channel message and passes the peer's message in, so messages
+//! of many OTs share flights. Receiving sides check lengths exactly.
+
+use rand::{CryptoRng, Rng};
+use zeroize::Zeroize;
+
+use super::iknp::Iknp;
+use super::kkot::{Kkot, KkotConfig};
+use super::{Block, OtError, Party, RandomCot, Tccr};
+use crate::channel::Channel;
+use crate::ring::{Ring, pack_bits, unpack_bits};
+
+/// The default smallest extension batch (COTs per direction).
+pub(crate) const DEFAULT_MIN_BATCH: usize = 1 << 12;
+
+/// OT state of one session: a [`RandomCot`] plus buffers and derived OTs.
+pub struct OtSession<C: RandomCot = Iknp> {
+    cot: C,
+    party: Party,
+    hash: Tccr,
+    delta: Block,
+    send_keys: Vec<Block>,
+    send_pos: usize,
+    send_idx: u64,
+    recv_bits: Vec<u8>,
+    recv_m: Vec<Block>,
+    recv_pos: usize,
+    recv_idx: u64,
+    min_batch: usize,
+    kk: Option<Kkot>,
+    /// extension counts between `reserve_send` and `reserve_recv`
+    pending: Option<(usize, usize)>,
+    poisoned: bool,
+}
+
+impl<C: RandomCot> std::fmt::Debug for OtSession<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (s, r) = self.available();
+        write!(
+            f,
+            "OtSession {{ ot: {}, party: {:?}, buffered: ({s}, {r}), poisoned: {}, [redacted] }}",
+            self.cot.name(),
+            self.party,
+            self.poisoned
+        )
+    }
+}
+
+impl<C: RandomCot> Drop for OtSession<C> {
+    fn drop(&mut self) {
+        self.delta.zeroize();
+        self.send_keys.zeroize();
+        self.recv_bits.zeroize();
+        self.recv_m.zeroize();
+    }
+}
+
+/// Receiver state of a chosen-choice COT batch between [`OtSession::cot_choose`] and
+/// [`OtSession::cot_finish`].
+pub struct CotChosen {
+    idx: u64,
+    choices: Vec<u8>,
+    m: Vec<Block>,
+}
+
+impl std::fmt::Debug for CotChosen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CotChosen {{ n: {}, [redacted] }}", self.m.len())
+    }
+}
+
+impl Drop for CotChosen {
+    fn drop(&mut self) {
+        self.choices.zeroize();
+        self.m.zeroize();
+    }
+}
+
+/// Receiver state of a 1-of-N batch between [`OtSession::kn_choose`] and
+/// [`OtSession::kn_finish`].
+pub enum KnChosen {
+    /// from m chosen-choice COTs per OT
+    Cots {
+        /// the COTs, m per OT
+        cots: CotChosen,
+        /// the choices
+        choices: Vec<u16>,
+        /// log2 N
+        m: u32,
+    },
+    /// from the KK13 extension
+    Kk(super::kkot::KkRecv),
+}
+
+impl std::fmt::Debug for KnChosen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KnChosen { [redacted] }")
+    }
+}
+
+/// Random OTs as received: choice bits and the keys `H(i, m_i)`.
+pub struct RotRecv {
+    /// the random choice bits (0/1)
+    pub bits: Vec<u8>,
+    /// the chosen keys
+    pub keys: Vec<Block>,
+}
+
+impl std::fmt::Debug for RotRecv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RotRecv {{ n: {}, [redacted] }}", self.keys.len())
+    }
+}
+
+impl Drop for RotRecv {
+    fn drop(&mut self) {
+        self.bits.zeroize();
+        self.keys.zeroize();
+    }
+}
+
+/// Appends `width`-bit values in the bit order of [`pack_bits`].
+pub(crate) struct BitWriter {
+    out: Vec<u8>,
+    acc: u128,
+    nbits: u32,
+}
+
+impl BitWriter {
+    pub(crate) fn with_capacity(bits: usize) -> Self {
+        Self {
+            out: Vec::with_capacity(bits.div_ceil(8)),
+            acc: 0,
+            nbits: 0,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn push(&mut self, x: u64, width: u32) {
+        self.acc |= u128::from(x) << self.nbits;
+        self.nbits += width;
+        while self.nbits >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.nbits -= 8;
+        }
+    }
+
+    pub(crate) fn finish(mut self) -> Vec<u8> {
+        if self.nbits > 0 {
+            self.out.push(self.acc as u8);
+        }
+        self.out
+    }
+}
+
+/// Random access to `count` packed `width`-bit values (the layout of [`pack_bits`]),
+/// with the same exact-length and zero-padding checks as [`unpack_bits`].
+pub(crate) struct PackedReader<'a> {
+    bytes: &'a [u8],
+    width: u32,
+}
+
+impl<'a> PackedReader<'a> {
+    pub(crate) fn new(
+        what: &'static str,
+        bytes: &'a [u8],
+        count: usize,
+        width: u32,
+    ) -> Result<Self, OtError> {
+        let expected = (count * width as usize).div_ceil(8);
+        if bytes.len() != expected || !(1..=64).contains(&width) {
+            return Err(OtError::Malformed {
+                what,
+                source: crate::ring::RingError::PackedLength {
+                    count,
+                    expected,
+                    actual: bytes.len(),
+                },
+            });
+        }
+        let used = (count * width as usize) % 8;
+        if used != 0 && bytes.last().is_some_and(|&b| b >> used != 0) {
+            return Err(OtError::Malformed {
+                what,
+                source: crate::ring::RingError::Padding,
+            });
+        }
+        Ok(Self { bytes, width })
+    }
+
+    /// Value number `k` (the caller keeps `k < count`).
+    #[inline]
+    pub(crate) fn get(&self, k: usize) -> u64 {
+        let bit = k * self.width as usize;
+        let (byte, off) = (bit / 8, bit % 8);
+        let mut acc: u128 = 0;
+        let nbytes = (off + self.width as usize).div_ceil(8);
+        for (t, b) in self.bytes[byte..byte + nbytes].iter().enumerate() {
+            acc |= u128::from(*b) << (8 * t);
+        }
+        let mask = if self.width == 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.width) - 1
+        };
+        ((acc >> off) as u64) & mask
+    }
+}
+
+#[inline]
+fn tweak(dir: u8, idx: u64, sub: u16) -> Block {
+    (u128::from(dir) << 127) | (u128::from(idx) << 16) | u128::from(sub)
+}
+
+#[inline]
+fn lane(h: Block, v: usize, ring: Ring) -> u64 {
+    ring.reduce((h >> (64 * v)) as u64)
+}
+
+fn unpack(what: &'static str, bytes: &[u8], count: usize, width: u32) -> Result<Vec<u64>, OtError> {
+    unpack_bits(bytes, count, width).map_err(|source| OtError::Malformed { what, source })
+}
+
+impl OtSession<Iknp> {
+    /// Sets up IKNP in both directions (base OTs) and, if `kk` says so, the KK13 1-of-N
+    /// extension on top. `rng` is the OS CSPRNG in product code.
+    pub fn setup_iknp<R: Rng + CryptoRng + ?Sized>(
+        ch: &mut dyn Channel,
+        party: Party,
+        kk: KkotConfig,
+        rng: &mut R,
+    ) -> Result<Self, OtError> {
+        let cot = Iknp::setup(ch, party, rng)?;
+        let sid = cot.session_id();
+        let mut s = OtSession::new(cot, party, sid);
+        if kk == KkotConfig::Kk13 {
+            // Bootstrap with exact batches so no COT is left over from setup.
+            let mb = s.min_batch;
+            s.min_batch = 1;
+            s.enable_kk13(ch, rng)?;
+            s.min_batch = mb;
+        }
+        Ok(s)
+    }
+}
+
+impl<C: RandomCot> OtSession<C> {
+    /// Wraps a set-up [`RandomCot`]; `session_id` (public, agreed) keys the fixed-key hash.
+    pub fn new(cot: C, party: Party, session_id: [u8; 32]) -> Self {
+        let key = blake3::derive_key("fusion 2026 ot/session fixed-key aes", &session_id);
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&key[..16]);
+        let delta = cot.delta();
+        Self {
+            cot,
+            party,
+            hash: Tccr::new(Block::from_le_bytes(k)),
+            delta,
+            send_keys: Vec::new(),
+            send_pos: 0,
+            send_idx: 0,
+            recv_bits: Vec::new(),
+            recv_m: Vec::new(),
+            recv_pos: 0,
+            recv_idx: 0,
+            min_batch: DEFAULT_MIN_BATCH,
+            kk: None,
+            pending: None,
+            poisoned: false,
+        }
+    }
+
+    /// Switches 1-of-N OTs to KK13 (bootstraps its base OTs from 2·256 ROTs).
+    pub fn enable_kk13<R: Rng + CryptoRng + ?Sized>(
+        &mut self,
+        ch: &mut dyn Channel,
+        rng: &mut R,
+    ) -> Result<(), OtError> {
+        let r = Kkot::setup(self, ch, rng);
+        match r {
+            Ok(k) => {
+                self.kk = Some(k);
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether 1-of-N OTs use KK13.
+    pub fn uses_kk13(&self) -> bool {
+        self.kk.is_some()
+    }
+
+    /// The smallest extension batch; both parties must set the same value.
+    pub fn set_min_batch(&mut self, n: usize) {
+        self.min_batch = n.max(1);
+    }
+
+    /// The smallest extension batch.
+    pub fn min_batch(&self) -> usize {
+        self.min_batch
+    }
+
+    /// The core OT's name (`"iknp"`, ...).
+    pub fn ot_name(&self) -> &'static str {
+        self.cot.name()
+    }
+
+    /// This party's role.
+    pub fn party(&self) -> Party {
+        self.party
+    }
+
+    /// Buffered COTs: (as sender, as receiver).
+    pub fn available(&self) -> (usize, usize) {
+        (
+            self.send_keys.len() - self.send_pos,
+            self.recv_m.len() - self.recv_pos,
+        )
+    }
+
+    /// Marks the session unusable.
+    pub fn poison(&mut self) {
+        self.poisoned = true;
+    }
+
+    /// Whether an earlier error left the session unusable.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    pub(crate) fn check(&self) -> Result<(), OtError> {
+        if self.poisoned {
+            Err(OtError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn dir_send(&self) -> u8 {
+        match self.party {
+            Party::Server => 0,
+            Party::Client => 1,
+        }
+    }
+
+    fn dir_recv(&self) -> u8 {
+        1 - self.dir_send()
+    }
+
+    /// The COT counts an extension would produce for a reservation: `(n_send, n_recv)`
+    /// to ask the core OT for (0 where the buffer suffices).
+    pub fn extension_for(&self, n_send: usize, n_recv: usize) -> (usize, usize) {
+        let (a, b) = self.available();
+        let f = |have: usize, need: usize| {
+            if need > have {
+                (need - have).max(self.min_batch)
+            } else {
+                0
+            }
+        };
+        (f(a, n_send), f(b, n_recv))
+    }
+
+    /// Makes sure `n_send` / `n_recv` COTs are buffered, extending (both directions in one
+    /// call of the core OT) only if one falls short. Both parties call it with mirrored
+    /// counts. Bytes: see [`RandomCot::extend_cost`] of [`Self::extension_for`].
+    pub fn reserve(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+    ) -> Result<(), OtError> {
+        self.reserve_send(ch, n_send, n_recv)?;
+        self.reserve_recv(ch)
+    }
+
+    /// First half of [`Self::reserve`]: where the core OT splits its extension
+    /// ([`RandomCot::split_extend`], IKNP), sends this party's extension messages and
+    /// returns; the caller may send more messages in the same flight and must then call
+    /// [`Self::reserve_recv`] before using COTs. Otherwise does the whole reservation.
+    pub fn reserve_send(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+    ) -> Result<(), OtError> {
+        self.check()?;
+        if self.pending.is_some() {
+            self.poisoned = true;
+            return Err(OtError::BadRequest(
+                "reserve_send twice without reserve_recv".into(),
+            ));
+        }
+        let (es, er) = self.extension_for(n_send, n_recv);
+        if es == 0 && er == 0 {
+            return Ok(());
+        }
+        if self.cot.split_extend() {
+            if let Err(e) = self.cot.extend_send(ch, es, er) {
+                self.poisoned = true;
+                return Err(e);
+            }
+            self.pending = Some((es, er));
+            return Ok(());
+        }
+        match self.cot.extend(ch, es, er) {
+            Ok(b) => {
+                self.append(b);
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Second half of [`Self::reserve`] (a no-op when nothing is pending).
+    pub fn reserve_recv(&mut self, ch: &mut dyn Channel) -> Result<(), OtError> {
+        self.check()?;
+        let Some((es, er)) = self.pending.take() else {
+            return Ok(());
+        };
+        match self.cot.extend_recv(ch, es, er) {
+            Ok(b) => {
+                self.append(b);
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn append(&mut self, batch: super::CotBatch) {
+        let mut batch = batch;
+        // Compact, then append (or take the batch's vectors when nothing is left).
+        if self.send_pos == self.send_keys.len() {
+            self.send_keys.zeroize();
+            self.send_keys = std::mem::take(&mut batch.send);
+        } else {
+            self.send_keys.drain(..self.send_pos);
+            self.send_keys.extend_from_slice(&batch.send);
+        }
+        self.send_pos = 0;
+        if self.recv_pos == self.recv_m.len() {
+            self.recv_m.zeroize();
+            self.recv_bits.zeroize();
+            self.recv_m = std::mem::take(&mut batch.recv);
+            self.recv_bits = std::mem::take(&mut batch.recv_bits);
+        } else {
+            self.recv_m.drain(..self.recv_pos);
+            self.recv_bits.drain(..self.recv_pos);
+            self.recv_m.extend_from_slice(&batch.recv);
+            self.recv_bits.extend_from_slice(&batch.recv_bits);
+        }
+        self.recv_pos = 0;
+    }
+
+    fn take_send(&mut self, n: usize) -> Result<(u64, &[Block]), OtError> {
+        if self.available().0 < n {
+            self.poisoned = true;
+            return Err(OtError::BadRequest(format!(
+                "{n} sender COTs used without reserve"
+            )));
+        }
+        let idx = self.send_idx;
+        self.send_idx += n as u64;
+        let s = &self.send_keys[self.send_pos..self.send_pos + n];
+        self.send_pos += n;
+        Ok((idx, s))
+    }
+
+    fn take_recv(&mut self, n: usize) -> Result<(u64, Vec<u8>, Vec<Block>), OtError> {
+        if self.available().1 < n {
+            self.poisoned = true;
+            return Err(OtError::BadRequest(format!(
+                "{n} receiver COTs used without reserve"
+            )));
+        }
+        let idx = self.recv_idx;
+        self.recv_idx += n as u64;
+        let r = self.recv_pos..self.recv_pos + n;
+        self.recv_pos += n;
+        Ok((
+            idx,
+            self.recv_bits[r.clone()].to_vec(),
+            self.recv_m[r].to_vec(),
+        ))
+    }
+
+    // ---------------------------------------------------------------- random OT
+
+    /// ROT as sender: `n` pairs `(H(i,k_i), H(i,k_i⊕Δ))`. No traffic (ALSZ).
+    pub fn rot_send(&mut self, n: usize) -> Result<Vec<[Block; 2]>, OtError> {
+        let dir = self.dir_send();
+        let delta = self.delta;
+        let (idx, k) = self.take_send(n)?;
+        let k = k.to_vec();
+        let mut h0 = vec![0; n];
+        let mut h1 = vec![0; n];
+        let k1: Vec<Block> = k.iter().map(|x| x ^ delta).collect();
+        self.hash
+            .hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
+        self.hash
+            .hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
+        Ok(h0.into_iter().zip(h1).map(|(a, b)| [a, b]).collect())
+    }
+
+    /// ROT as receiver: random bits `b_i` and keys `H(i, m_i)`. No traffic.
+    pub fn rot_recv(&mut self, n: usize) -> Result<RotRecv, OtError> {
+        let dir = self.dir_recv();
+        let (idx, bits, m) = self.take_recv(n)?;
+        let mut keys = vec![0; n];
+        self.hash
+            .hash_many(&m, |i| tweak(dir, idx + i as u64, 0), &mut keys);
+        Ok(RotRecv { bits, keys })
+    }
+
+    // ------------------------------------------------- chosen-choice COT (arithmetic)
+
+    /// Receiver, step 1 of a chosen-choice COT batch: returns the state and the message
+    /// `d = c ⊕ b` (packed bits, `ceil(n/8)` bytes) for the sender.
+    pub fn cot_choose(&mut self, choices: &[u8]) -> Result<(CotChosen, Vec<u8>), OtError> {
+        let (idx, bits, m) = self.take_recv(choices.len())?;
+        let d: Vec<u64> = choices
+            .iter()
+            .zip(&bits)
+            .map(|(&c, &b)| u64::from((c ^ b) & 1))
+            .collect();
+        let choices = choices.iter().map(|c| c & 1).collect();
+        Ok((CotChosen { idx, choices, m }, pack_bits(&d, 1)))
+    }
+
+    /// Takes `n` sender COTs and applies the receiver's choice corrections; returns the
+    /// derandomised keys `k' = k ⊕ d·Δ` and their first index.
+    fn derandomise(
+        &mut self,
+        n: usize,
+        d_msg: &[u8],
+        what: &'static str,
+    ) -> Result<(u64, Vec<Block>), OtError> {
+        let d = match unpack(what, d_msg, n, 1) {
+            Ok(d) => d,
+            Err(e) => {
+                self.poisoned = true;
+                return Err(e);
+            }
+        };
+        let delta = self.delta;
+        let (idx, k) = self.take_send(n)?;
+        let k = k
+            .iter()
+            .zip(&d)
+            .map(|(&k, &d)| if d == 1 { k ^ delta } else { k })
+            .collect();
+        Ok((idx, k))
+    }
+
+    /// Sender of a chosen-choice COT batch with `w` (1 or 2) correlations per OT:
+    /// `corr[i*w + v]` is δ for lane v of OT i. Returns the sender's outputs `r` (so the
+    /// receiver gets `r + c·δ`) and the reply (`n·w` ring elements, packed). CrypTFlow2
+    /// (COT_l) / Ferret (COT over Z_{2^l}): `t = r + δ - H(i, k'⊕Δ)`.
+    pub fn cot_respond(
+        &mut self,
+        ring: Ring,
+        d_msg: &[u8],
+        corr: &[u64],
+        w: usize,
+    ) -> Result<(Vec<u64>, Vec<u8>), OtError> {
+        if !(1..=2).contains(&w) || !corr.len().is_multiple_of(w) {
+            return Err(OtError::BadRequest(format!(
+                "COT with {w} lanes and {} values",
+                corr.len()
+            )));
+        }
+        let n = corr.len() / w;
+        let (idx, k) = self.derandomise(n, d_msg, "COT choice corrections")?;
+        let dir = self.dir_send();
+        let delta = self.delta;
+        let k1: Vec<Block> = k.iter().map(|x| x ^ delta).collect();
+        let mut h0 = vec![0; n];
+        let mut h1 = vec![0; n];
+        self.hash
+            .hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
+        self.hash
+            .hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
+        let mut r = Vec::with_capacity(n * w);
+        let mut t = Vec::with_capacity(n * w);
+        for i in 0..n {
+            for v in 0..w {
+                let a = lane(h0[i], v, ring);
+                let b = lane(h1[i], v, ring);
+                r.push(a);
+                t.push(ring.sub(ring.add(a, corr[i * w + v]), b));
+            }
+        }
+        Ok((r, ring.pack(&t)))
+    }
+
+    /// Receiver, step 2: `y = H(i, m_i) + c_i·t_i` for each lane.
+    pub fn cot_finish(
+        &self,
+        st: CotChosen,
+        ring: Ring,
+        reply: &[u8],
+        w: usize,
+    ) -> Result<Vec<u64>, OtError> {
+        let n = st.m.len();
+        let t = ring
+            .unpack(reply, n * w)
+            .map_err(|source| OtError::Malformed {
+                what: "COT reply",
+                source,
+            })?;
+        let dir = self.dir_recv();
+        let mut h = vec![0; n];
+        self.hash
+            .hash_many(&st.m, |i| tweak(dir, st.idx + i as u64, 0), &mut h);
+        let mut y = Vec::with_capacity(n * w);
+        for i in 0..n {
+            for v in 0..w {
+                let a = lane(h[i], v, ring);
+                y.push(if st.choices[i] == 1 {
+                    ring.add(a, t[i * w + v])
+                } else {
+                    a
+                });
+            }
+        }
+        Ok(y)
+    }
+
+    // ------------------------------------------------- chosen-message 1-of-2 OT
+
+    /// Sender of chosen-message 1-of-2 OTs of `bits`-bit messages (≤ 64):
+    /// `e_b = x_b ⊕ H(i, k' ⊕ b·Δ)`; reply `2·n·bits` bits.
+    pub fn ot_respond(
+        &mut self,
+        d_msg: &[u8],
+        msgs: &[[u64; 2]],
+        bits: u32,
+    ) -> Result<Vec<u8>, OtError> {
+        let ring =
+            Ring::new(bits).map_err(|_| OtError::BadRequest(format!("{bits}-bit OT messages")))?;
+        let n = msgs.len();
+        let (idx, k) = self.derandomise(n, d_msg, "OT choice corrections")?;
+        let dir = self.dir_send();
+        let delta = self.delta;
+        let k1: Vec<Block> = k.iter().map(|x| x ^ delta).collect();
+        let mut h0 = vec![0; n];
+        let mut h1 = vec![0; n];
+        self.hash
+            .hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
+        self.hash
+            .hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
+        let mut e = Vec::with_capacity(2 * n);
+        for i in 0..n {
+            e.push(ring.reduce(msgs[i][0] ^ h0[i] as u64));
+            e.push(ring.reduce(msgs[i][1] ^ h1[i] as u64));
+        }
+        Ok(ring.pack(&e))
+    }
+
+    /// Receiver of chosen-message 1-of-2 OTs: `x_c = e_c ⊕ H(i, m_i)`.
+    pub fn ot_finish(&self, st: CotChosen, reply: &[u8], bits: u32) -> Result<Vec<u64>, OtError> {
+        let ring =
+            Ring::new(bits).map_err(|_| OtError::BadRequest(format!("{bits}-bit OT messages")))?;
+        let n = st.m.len();
+        let e = ring
+            .unpack(reply, 2 * n)
+            .map_err(|source| OtError::Malformed {
+                what: "OT reply",
+                source,
+            })?;
+        let dir = self.dir_recv();
+        let mut h = vec![0; n];
+        self.hash
+            .hash_many(&st.m, |i| tweak(dir, st.idx + i as u64, 0), &mut h);
+        Ok((0..n)
+            .map(|i| ring.reduce(e[2 * i + st.choices[i] as usize] ^ h[i] as u64))
+            .collect())
+    }
+
+    // ------------------------------------------------------------- 1-of-N OT
+
+    /// Receiver COTs a 1-of-2^m batch of `n` OTs needs from the core OT (0 with KK13).
+    pub fn kn_cots(&self, n: usize, m: u32) -> usize {
+        if self.kk.is_some() { 0 } else { n * m as usize }
+    }
+
+    /// Bytes of the receiver's message for `n` 1-of-2^m OTs.
+    pub fn kn_choose_len(&self, n: usize, m: u32) -> usize {
+        match &self.kk {
+            Some(_) => Kkot::choose_len(n),
+            None => (n * m as usize).div_ceil(8),
+        }
+    }
+
+    /// Receiver, step 1 of `n` 1-of-2^m OTs with choices `c_i < 2^m`.
+    pub fn kn_choose(&mut self, choices: &[u16], m: u32) -> Result<(KnChosen, Vec<u8>), OtError> {
+        if !(1..=8).contains(&m) {
+            return Err(OtError::BadRequest(format!("1-of-2^{m} OT")));
+        }
+        if let Some(kk) = self.kk.as_mut() {
+            let (st, msg) = kk.choose(choices);
+            return Ok((KnChosen::Kk(st), msg));
+        }
+        let bits: Vec<u8> = choices
+            .iter()
+            .flat_map(|&c| (0..m).map(move |t| ((c >> t) & 1) as u8))
+            .collect();
+        let (cots, msg) = self.cot_choose(&bits)?;
+        Ok((
+            KnChosen::Cots {
+                cots,
+                choices: choices.to_vec(),
+                m,
+            },
+            msg,
+        ))
+    }
+
+    /// Sender of `n` 1-of-2^m OTs of `bits`-bit messages: `table(i, j)` is message j of
+    /// OT i (called once per pair, in order, so tables are never materialised). Returns
+    /// the reply (`n·2^m·bits` bits, packed).
+    pub fn kn_respond(
+        &mut self,
+        msg: &[u8],
+        n: usize,
+        m: u32,
+        bits: u32,
+        mut table: impl FnMut(usize, usize) -> u64,
+    ) -> Result<Vec<u8>, OtError> {
+        let big_n = 1usize << m;
+        if !(1..=64).contains(&bits) || !(1..=8).contains(&m) {
+            return Err(OtError::BadRequest(format!(
+                "1-of-{big_n} OT of {bits}-bit messages"
+            )));
+        }
+        let mask = Ring::new(bits).map(|r| r.mask()).unwrap_or(u64::MAX);
+        let mut out = BitWriter::with_capacity(n * big_n * bits as usize);
+        let mut sink = |i: usize, pads: &[Block]| {
+            for (j, p) in pads.iter().enumerate() {
+                out.push((table(i, j) ^ *p as u64) & mask, bits);
+            }
+        };
+        if let Some(kk) = self.kk.as_mut() {
+            if let Err(e) = kk.respond(&self.hash, msg, n, big_n, &mut sink) {
+                self.poisoned = true;
+                return Err(e);
+            }
+        } else {
+            self.np_pads(msg, n, m, &mut sink)?;
+        }
+        Ok(out.finish())
+    }
+
+    /// Naor-Pinkas 1-of-N from m OTs: `pad_j = ⊕_t H((i_t, j), K_{t, j_t})` for each OT.
+    fn np_pads(
+        &mut self,
+        msg: &[u8],
+        n: usize,
+        m: u32,
+        sink: &mut dyn FnMut(usize, &[Block]),
+    ) -> Result<(), OtError> {
+        let big_n = 1usize << m;
+        let mu = m as usize;
+        let (idx, k) = self.derandomise(n * mu, msg, "1-of-N choice corrections")?;
+        let dir = self.dir_send();
+        let delta = self.delta;
+        let mut pads = vec![0 as Block; big_n];
+        let mut xs = vec![0 as Block; big_n];
+        let mut hs = vec![0 as Block; big_n];
+        for i in 0..n {
+            pads.iter_mut().for_each(|p| *p = 0);
+            for t in 0..mu {
+                let kt = k[i * mu + t];
+                let it = idx + (i * mu + t) as u64;
+                for (j, x) in xs.iter_mut().enumerate() {
+                    *x = if (j >> t) & 1 == 1 { kt ^ delta } else { kt };
+                }
+                self.hash
+                    .hash_many(&xs, |j| tweak(dir, it, 1 + j as u16), &mut hs);
+                for j in 0..big_n {
+                    pads[j] ^= hs[j];
+                }
+            }
+            sink(i, &pads);
+        }
+        pads.zeroize();
+        Ok(())
+    }
+
+    /// [`Self::kn_respond`] for tables whose `2^m` messages of `bits` bits fit in 128 bits:
+    /// `row(i)` holds all messages of OT i, message j at bits `j·bits..(j+1)·bits`. Same
+    /// reply format, a fraction of the work (no per-entry callback).
+    pub fn kn_respond_row(
+        &mut self,
+        msg: &[u8],
+        n: usize,
+        m: u32,
+        bits: u32,
+        mut row: impl FnMut(usize) -> u128,
+    ) -> Result<Vec<u8>, OtError> {
+        let big_n = 1usize << m;
+        if !(1..=8).contains(&m) || bits == 0 || big_n * bits as usize > 128 {
+            return Err(OtError::BadRequest(format!(
+                "1-of-{big_n} OT of {bits}-bit messages in one row"
+            )));
+        }
+        let width = big_n as u32 * bits;
+        let mask = (1u128 << bits) - 1;
+        let mut out = BitWriter::with_capacity(n * width as usize);
+        let mut sink = |i: usize, pads: &[Block]| {
+            let mut p: u128 = 0;
+            for (j, pad) in pads.iter().enumerate() {
+                p |= (pad & mask) << (j as u32 * bits);
+            }
+            let v = row(i) ^ p;
+            if width > 64 {
+                out.push(v as u64, 64);
+                out.push((v >> 64) as u64, width - 64);
+            } else {
+                out.push(v as u64, width);
+            }
+        };
+        if let Some(kk) = self.kk.as_mut() {
+            if let Err(e) = kk.respond(&self.hash, msg, n, big_n, &mut sink) {
+                self.poisoned = true;
+                return Err(e);
+            }
+        } else {
+            self.np_pads(msg, n, m, &mut sink)?;
+        }
+        Ok(out.finish())
+    }
+
+    /// Receiver, step 2: the chosen messages.
+    pub fn kn_finish(
+        &self,
+        st: KnChosen,
+        n: usize,
+        m: u32,
+        reply: &[u8],
+        bits: u32,
+    ) -> Result<Vec<u64>, OtError> {
+        let big_n = 1usize << m;
+        let e = PackedReader::new("1-of-N reply", reply, n * big_n, bits)?;
+        let mask = Ring::new(bits).map(|r| r.mask()).unwrap_or(u64::MAX);
+        let pads: Vec<(usize, Block)> = match st {
+            KnChosen::Kk(st) => match &self.kk {
+                Some(kk) => kk.finish(&self.hash, st),
+                None => return Err(OtError::BadRequest("KK13 state without KK13".into())),
+            },
+            KnChosen::Cots {
+                cots,
+                choices,
+                m: mm,
+            } => {
+                let mu = mm as usize;
+                let dir = self.dir_recv();
+                let mut pads = Vec::with_capacity(n);
+                let mut h = vec![0 as Block; mu];
+                for (i, &c) in choices.iter().enumerate() {
+                    let ms = &cots.m[i * mu..(i + 1) * mu];
+                    let base = cots.idx + (i * mu) as u64;
+                    self.hash
+                        .hash_many(ms, |t| tweak(dir, base + t as u64, 1 + c), &mut h);
+                    pads.push((c as usize, h.iter().fold(0, |a, b| a ^ b)));
+                }
+                pads
+            }
+        };
+        if pads.len() != n {
+            return Err(OtError::BadRequest(format!(
+                "1-of-N: {} OTs chosen, {n} expected",
+                pads.len()
+            )));
+        }
+        Ok(pads
+            .iter()
+            .enumerate()
+            .map(|(i, &(c, p))| (e.get(i * big_n + c) ^ p as u64) & mask)
+            .collect())
+    }
+}
