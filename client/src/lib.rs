@@ -9,5 +9,6 @@ pub mod demo;
 pub mod echo;
 pub mod info_cmd;
 pub mod link;
+pub mod tune_cmd;
 
 pub use client::{Client, ClientError, ClientOptions, SessionOutput};

@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use fusion_client::{bench, demo, info_cmd};
+use fusion_client::{bench, demo, info_cmd, tune_cmd};
 
 /// Fusion client: secure inference against a Fusion server over mutual TLS.
 #[derive(Debug, Parser)]
@@ -21,6 +21,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Benchmarks (both parties in this process).
     Bench(bench::BenchArgs),
+    /// Fusion parameters: the exact escape probability of a cheating server and the
+    /// cheapest (T, R) for a target.
+    Tune(tune_cmd::TuneArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +45,6 @@ fn main() -> anyhow::Result<()> {
             println!("{}", bench::run(&args)?);
             Ok(())
         }
+        Command::Tune(args) => tune_cmd::run(&args),
     }
 }

@@ -135,44 +135,36 @@ pub struct WorstCase {
     pub escape: Ratio,
 }
 
-/// max over m in 1..=B of C(B, m) / C(T + R*B, R*m), computed exactly and incrementally.
+/// max over m in 1..=B of C(B, m) / C(T + R*B, R*m), exactly.
+///
+/// A double-precision screen (log-factorials by summation, absolute error far below 0.01)
+/// finds the m whose log-probability is within 2 nats of the largest; those few are then
+/// compared with exact big integers, so the maximiser and its value are exact.
 pub fn worst_case(t: usize, r: usize, b: usize) -> Result<WorstCase, TuneError> {
     if b == 0 || r == 0 {
         return Err(TuneError::Empty { b, r });
     }
-    let n = (t + r * b) as u64;
-    let r64 = r as u64;
-    // num_m = C(B, m), den_m = C(N, R m); step m -> m + 1 by exact ratios.
-    let mut num = BigUint::from(b as u64); // C(B, 1)
-    let mut den = binomial(n, r64); // C(N, R)
-    let mut best = WorstCase {
-        m: 1,
-        escape: Ratio {
-            num: num.clone(),
-            den: den.clone(),
-        },
-    };
-    for m in 1..b as u64 {
-        // C(B, m+1) = C(B, m) (B - m) / (m + 1)
-        num *= b as u64 - m;
-        num /= m + 1;
-        // C(N, R(m+1)) = C(N, Rm) * prod_{i=0}^{R-1} (N - Rm - i) / (Rm + i + 1)
-        for i in 0..r64 {
-            den *= n - r64 * m - i;
-            den /= r64 * m + i + 1;
-        }
-        let cand = Ratio {
-            num: num.clone(),
-            den: den.clone(),
-        };
-        if !cand.le(&best.escape) {
-            best = WorstCase {
-                m: m as usize + 1,
-                escape: cand,
-            };
+    let n = t + r * b;
+    let mut ln_fact = Vec::with_capacity(n + 1);
+    let mut acc = 0.0f64;
+    ln_fact.push(0.0);
+    for i in 1..=n {
+        acc += (i as f64).ln();
+        ln_fact.push(acc);
+    }
+    let ln_c = |n: usize, k: usize| ln_fact[n] - ln_fact[k] - ln_fact[n - k];
+    let approx: Vec<f64> = (1..=b).map(|m| ln_c(b, m) - ln_c(n, r * m)).collect();
+    let top = approx.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut best: Option<WorstCase> = None;
+    for (i, _) in approx.iter().enumerate().filter(|(_, a)| **a >= top - 2.0) {
+        let m = i + 1;
+        let cand = escape_whole_groups(t, r, b, m);
+        if best.as_ref().is_none_or(|w| !cand.le(&w.escape)) {
+            best = Some(WorstCase { m, escape: cand });
         }
     }
-    Ok(best)
+    // The screen always keeps its own maximum, so `best` is set.
+    best.ok_or(TuneError::Empty { b, r })
 }
 
 /// One candidate parameter choice for a batch of B own inputs.
@@ -324,6 +316,25 @@ mod tests {
         assert!(escape_rows(1, 2, 3, 3).num.is_zero());
         assert!(escape_rows(1, 2, 3, 1).num.is_zero());
         assert_eq!(escape_rows(1, 2, 3, 0).to_f64(), 1.0);
+    }
+
+    #[test]
+    fn screened_maximum_equals_exhaustive_maximum() {
+        for t in [0, 1, 3, 10, 40] {
+            for r in 1..=5 {
+                for b in 1..=12 {
+                    let wc = worst_case(t, r, b).unwrap();
+                    let mut best = (1, escape_whole_groups(t, r, b, 1));
+                    for m in 2..=b {
+                        let c = escape_whole_groups(t, r, b, m);
+                        if !c.le(&best.1) {
+                            best = (m, c);
+                        }
+                    }
+                    assert_eq!((wc.m, &wc.escape), (best.0, &best.1), "T={t} R={r} B={b}");
+                }
+            }
+        }
     }
 
     #[test]
