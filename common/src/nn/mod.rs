@@ -14,6 +14,7 @@
 //! - [`mnist`]: the gzip IDX loader.
 
 mod arch;
+mod digest;
 mod eval;
 mod file;
 pub mod mnist;

@@ -192,54 +192,10 @@ impl Tensor {
     }
 }
 
-/// The 32-byte BLAKE3 digest of a model: architecture, fixed-point parameters and weights
-/// (see [`Model::digest`]). Shown and serialised as lowercase hex.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ModelDigest(pub [u8; 32]);
-
-impl ModelDigest {
-    /// The digest's bytes.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// Lowercase hex.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// Parses 64 hex digits.
-    pub fn from_hex(s: &str) -> Result<Self, hex::FromHexError> {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out)?;
-        Ok(Self(out))
-    }
-}
-
-impl std::fmt::Display for ModelDigest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl std::fmt::Debug for ModelDigest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ModelDigest({})", self.to_hex())
-    }
-}
-
-impl TryFrom<String> for ModelDigest {
-    type Error = hex::FromHexError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::from_hex(&s)
-    }
-}
-
-impl From<ModelDigest> for String {
-    fn from(d: ModelDigest) -> String {
-        d.to_hex()
-    }
+super::digest::hex_digest! {
+    /// The 32-byte BLAKE3 digest of a model: architecture, fixed-point parameters and weights
+    /// (see [`Model::digest`]). Shown and serialised as lowercase hex.
+    ModelDigest
 }
 
 /// BLAKE3 key-derivation context of model digests.

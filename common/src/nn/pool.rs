@@ -47,53 +47,9 @@ pub enum PoolError {
     },
 }
 
-/// The 32-byte pool digest, lowercase hex when shown or serialised.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct PoolDigest(pub [u8; 32]);
-
-impl PoolDigest {
-    /// The digest's bytes.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// Lowercase hex.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// Parses 64 hex digits.
-    pub fn from_hex(s: &str) -> Result<Self, hex::FromHexError> {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out)?;
-        Ok(Self(out))
-    }
-}
-
-impl std::fmt::Display for PoolDigest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl std::fmt::Debug for PoolDigest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PoolDigest({})", self.to_hex())
-    }
-}
-
-impl TryFrom<String> for PoolDigest {
-    type Error = hex::FromHexError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::from_hex(&s)
-    }
-}
-
-impl From<PoolDigest> for String {
-    fn from(d: PoolDigest) -> String {
-        d.to_hex()
-    }
+super::digest::hex_digest! {
+    /// The 32-byte pool digest, lowercase hex when shown or serialised.
+    PoolDigest
 }
 
 /// The public pool: test-set indices, the model's (fixed-point) label for each, and the
