@@ -16,6 +16,7 @@
 mod arch;
 mod eval;
 mod file;
+mod grad;
 pub mod mnist;
 mod model;
 mod pool;
