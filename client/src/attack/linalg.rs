@@ -9,46 +9,42 @@ use ndarray::{Array1, Array2, ArrayView2};
 /// with `ridge` added to the diagonal; `None` if not positive definite.
 pub(crate) fn cholesky(a: &Array2<f64>, ridge: f64) -> Option<Array2<f64>> {
     let n = a.nrows();
-    let mut l = Array2::<f64>::zeros((n, n));
+    let mut l = vec![0.0f64; n * n];
     for i in 0..n {
         for j in 0..=i {
             let mut s = a[(i, j)] + if i == j { ridge } else { 0.0 };
-            let (li, lj) = (l.row(i), l.row(j));
-            for k in 0..j {
-                s -= li[k] * lj[k];
-            }
+            let (ri, rj) = (&l[i * n..i * n + j], &l[j * n..j * n + j]);
+            s -= ri.iter().zip(rj).map(|(x, y)| x * y).sum::<f64>();
             if i == j {
                 if !(s > 0.0) {
                     return None;
                 }
-                l[(i, i)] = s.sqrt();
+                l[i * n + i] = s.sqrt();
             } else {
-                l[(i, j)] = s / l[(j, j)];
+                l[i * n + j] = s / l[j * n + j];
             }
         }
     }
-    Some(l)
+    Array2::from_shape_vec((n, n), l).ok()
 }
 
 /// Solves L L^T x = b for the Cholesky factor `l`.
 pub(crate) fn cholesky_solve(l: &Array2<f64>, b: &Array1<f64>) -> Array1<f64> {
     let n = l.nrows();
-    let mut y = b.clone();
+    let lf = l.as_slice().map(<[f64]>::to_vec).unwrap_or_else(|| l.iter().copied().collect());
+    let mut y = b.to_vec();
     for i in 0..n {
-        let mut s = y[i];
-        for k in 0..i {
-            s -= l[(i, k)] * y[k];
-        }
-        y[i] = s / l[(i, i)];
+        let s: f64 = lf[i * n..i * n + i].iter().zip(&y[..i]).map(|(a, b)| a * b).sum();
+        y[i] = (y[i] - s) / lf[i * n + i];
     }
     for i in (0..n).rev() {
         let mut s = y[i];
         for k in i + 1..n {
-            s -= l[(k, i)] * y[k];
+            s -= lf[k * n + i] * y[k];
         }
-        y[i] = s / l[(i, i)];
+        y[i] = s / lf[i * n + i];
     }
-    y
+    Array1::from(y)
 }
 
 /// Least squares: the `x` (columns of the result, one per column of `y`) minimising

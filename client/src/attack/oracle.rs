@@ -501,3 +501,127 @@ pub(crate) fn argmax_f64(values: &[f64]) -> usize {
     }
     best.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fusion_common::nn::{Architecture, Tensor};
+
+    /// A hand-made 3-2-2 network: h = relu(W1 x + b1), y = W2 h + b2.
+    fn tiny() -> Model {
+        let arch = Architecture::mlp(&[3], &[2], 2).unwrap();
+        let t = |s: Vec<usize>, v: Vec<f32>| Tensor::new(s, v).unwrap();
+        let params = vec![
+            vec![t(vec![2, 3], vec![1.0, -0.5, 0.25, 0.5, 0.5, -1.0]), t(vec![2], vec![0.0, 0.125])],
+            Vec::new(),
+            vec![t(vec![2, 2], vec![1.0, -1.0, -0.5, 2.0]), t(vec![2], vec![0.5, 0.0])],
+        ];
+        Model::new(arch, params, FixedPoint::new(33, 12).unwrap()).unwrap()
+    }
+
+    fn rows(n: usize) -> Vec<Vec<f32>> {
+        (0..n).map(|i| vec![(i % 5) as f32 / 4.0, 0.5, 1.0 - (i % 3) as f32 / 2.0]).collect()
+    }
+
+    #[test]
+    fn fixed_oracle_matches_the_evaluator_and_counts_rows() {
+        let m = tiny();
+        let mut o = LocalFixedOracle::new(m.clone(), Policy::undefended());
+        let xs = rows(7);
+        let logits = o.logits(&xs).unwrap();
+        let labels = o.labels(&xs).unwrap();
+        assert_eq!(o.queries(), 14);
+        let fm = m.fixed_model();
+        let fp = fm.fixed_point();
+        for ((x, l), lab) in xs.iter().zip(&logits).zip(&labels) {
+            let enc: Vec<u64> = x.iter().map(|&v| fp.encode(f64::from(v)).unwrap()).collect();
+            let r = eval_fixed(fm, &enc).unwrap();
+            let want: Vec<f64> = r.signed_logits(0).unwrap().iter().map(|&v| v as f64 / 4096.0).collect();
+            assert_eq!(l, &want);
+            assert_eq!(*lab, r.labels[0]);
+            // multiples of 2^-f
+            assert!(l.iter().all(|v| (v * 4096.0).fract() == 0.0));
+        }
+        assert_eq!(o.stats().rows, 14);
+        assert_eq!(o.stats().wrapped_rows, 0);
+    }
+
+    #[test]
+    fn f32_oracle_matches_forward() {
+        let m = tiny();
+        let mut o = LocalF32Oracle::new(m.clone(), Policy::undefended());
+        let xs = rows(4);
+        let l = o.logits(&xs).unwrap();
+        let x = Array2::from_shape_vec((4, 3), xs.concat()).unwrap();
+        let y = m.forward_f32(x.view()).unwrap();
+        for (r, row) in l.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                assert_eq!(*v, f64::from(y[(r, c)]));
+            }
+        }
+        assert_eq!(o.queries(), 4);
+    }
+
+    #[test]
+    fn labels_only_refuses_logits_without_charging() {
+        let mut o = LocalFixedOracle::new(tiny(), Policy::defended(100));
+        assert_eq!(o.mode(), OutputMode::Labels);
+        assert_eq!(o.logits(&rows(3)), Err(OracleError::LabelsOnly));
+        assert_eq!(o.queries(), 0);
+        assert_eq!(o.labels(&rows(3)).unwrap().len(), 3);
+        assert_eq!(o.queries(), 3);
+        let p = query_logits(&mut o, &rows(2));
+        assert_eq!(p.error, Some(OracleError::LabelsOnly));
+        assert_eq!(o.queries(), 3);
+    }
+
+    #[test]
+    fn budget_is_enforced_per_batch_and_helpers_use_the_remainder() {
+        let mut policy = Policy::defended(10);
+        policy.max_batch = 4;
+        let mut o = LocalF32Oracle::new(tiny(), policy);
+        // A batch over the limit is refused whole, nothing charged.
+        assert!(matches!(o.labels(&rows(5)), Err(OracleError::BadInput { .. })));
+        assert_eq!(o.labels(&rows(4)).unwrap().len(), 4);
+        assert_eq!(o.labels(&rows(4)).unwrap().len(), 4);
+        assert_eq!(o.labels(&rows(4)), Err(OracleError::BudgetExhausted { used: 8, budget: 10 }));
+        assert_eq!(o.queries(), 8);
+        assert_eq!(o.remaining(), Some(2));
+        // The helper spends the last 2 rows, then reports the exhaustion.
+        let p = query_labels(&mut o, &rows(5));
+        assert_eq!(p.results.len(), 2);
+        assert_eq!(p.error, Some(OracleError::BudgetExhausted { used: 10, budget: 10 }));
+        assert_eq!(o.queries(), 10);
+    }
+
+    #[test]
+    fn bad_inputs_are_refused() {
+        let mut o = LocalFixedOracle::new(tiny(), Policy::undefended());
+        assert!(matches!(o.labels(&[vec![0.5; 2]]), Err(OracleError::BadInput { row: 0, .. })));
+        assert!(matches!(
+            o.labels(&[vec![0.5; 3], vec![0.5, 1.5, 0.0]]),
+            Err(OracleError::BadInput { row: 1, .. })
+        ));
+        assert!(matches!(o.labels(&[vec![f32::NAN, 0.0, 0.0]]), Err(OracleError::BadInput { .. })));
+        assert_eq!(o.queries(), 0);
+    }
+
+    #[test]
+    fn wrap_around_is_counted() {
+        // l = 26, f = 12: a weight of 1000 on inputs near 1 overflows the ring.
+        let arch = Architecture::mlp(&[2], &[1], 2).unwrap();
+        let t = |s: Vec<usize>, v: Vec<f32>| Tensor::new(s, v).unwrap();
+        let params = vec![
+            vec![t(vec![1, 2], vec![1000.0, 1000.0]), t(vec![1], vec![0.0])],
+            Vec::new(),
+            vec![t(vec![2, 1], vec![1.0, -1.0]), t(vec![2], vec![0.0, 0.0])],
+        ];
+        let m = Model::new(arch, params, FixedPoint::new(26, 12).unwrap()).unwrap();
+        let mut o = LocalFixedOracle::new(m, Policy::undefended());
+        o.logits(&[vec![0.0, 0.0], vec![1.0, 1.0], vec![0.001, 0.0]]).unwrap();
+        let s = o.stats();
+        assert_eq!(s.rows, 3);
+        assert_eq!(s.wrapped_rows, 1);
+        assert!(s.wrapped_accumulators >= 1);
+    }
+}

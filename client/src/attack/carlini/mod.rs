@@ -235,7 +235,13 @@ pub fn carlini(
     // Phase 1: critical points until every neuron has enough.
     let bar = progress::bar(show_progress, (hidden * per_neuron) as u64, "critical points");
     loop {
-        let batch: Vec<Line> = (0..cfg.lines_per_round)
+        // Near the end of a budget, smaller rounds: a round cut short by the budget is
+        // lost, so spend the last rows a few lines at a time.
+        let per_line = 2 * cfg.grid.max(4) as u64;
+        let count = oracle.remaining().map_or(cfg.lines_per_round, |r| {
+            (r / per_line).clamp(1, cfg.lines_per_round as u64) as usize
+        });
+        let batch: Vec<Line> = (0..count)
             .map(|_| Line::random(&mut rng, d))
             .collect();
         let first = lines.len();
@@ -264,7 +270,11 @@ pub fn carlini(
             kinks.len(),
             oracle.queries()
         ));
-        let enough = sizes.get(hidden.saturating_sub(1)).is_some_and(|&s| s >= per_neuron);
+        // Grouping by direction is strict; re-assignment to the fitted planes later adds
+        // the rest of each neuron's points (typically as many again).
+        let enough = sizes
+            .get(hidden.saturating_sub(1))
+            .is_some_and(|&s| 5 * s >= 3 * per_neuron && 4 * s >= 5 * d);
         if enough || oracle.queries() >= cfg.max_queries {
             break;
         }
@@ -363,7 +373,7 @@ fn fit_planes(
     let mut planes: Vec<Hyperplane> = Vec::new();
     let mut order: Vec<&(Vec<usize>, Vec<f64>)> = groups.iter().filter(|g| g.0.len() > d + 1).collect();
     order.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-    let bar = progress::bar(show_progress, 2 * order.len() as u64, "hyperplanes");
+    let bar = progress::bar(show_progress, order.len() as u64 + hidden as u64, "hyperplanes");
     for (members, sig) in order {
         if let Some(p) = plane_from(lines, kinks, members, None) {
             planes.push(Hyperplane {
@@ -376,15 +386,16 @@ fn fit_planes(
     // Merge duplicates (a neuron whose points were split between groups).
     merge_duplicates(&mut planes);
     // Re-assign every point to the nearest plane (in units of that plane's rms), refit.
-    for _ in 0..2 {
+    {
         let assign = assign_points(lines, kinks, &planes);
         let mut next = Vec::new();
         for (p, members) in planes.iter().zip(assign) {
-            if let Some(q) = plane_from(lines, kinks, &members, Some(&p.w)) {
-                next.push(Hyperplane {
+            match plane_from(lines, kinks, &members, Some(&p.w)) {
+                Some(q) => next.push(Hyperplane {
                     sig: p.sig.clone(),
                     ..q
-                });
+                }),
+                None => next.push(p.clone()),
             }
             bar.inc(1);
         }
@@ -465,7 +476,7 @@ fn assign_points(lines: &[Line], kinks: &[Kink], planes: &[Hyperplane]) -> Vec<V
             .iter()
             .zip(planes)
             .enumerate()
-            .map(|(j, (&(a, s), p))| (j, (a + k.t * s).abs() / p.rms.max(1e-9)))
+            .map(|(j, (&(a, s), p))| (j, (a + k.t * s).abs() / p.rms.max(1e-6)))
             .filter(|&(_, r)| r < 6.0)
             .min_by(|a, b| a.1.total_cmp(&b.1));
         if let Some((j, _)) = best {

@@ -35,21 +35,86 @@ pub(crate) fn random_model(d: usize, h: usize, c: usize, seed: u64) -> Model {
     Model::new(arch, params, FixedPoint::new(40, 12).unwrap()).unwrap()
 }
 
+fn extract(model: &Model, oracle: &mut dyn Oracle, ar: Arithmetic, per_neuron: usize) -> CarliniReport {
+    let cfg = CarliniConfig {
+        points_per_neuron: per_neuron,
+        ..CarliniConfig::default()
+    };
+    let arch = model.architecture().clone();
+    carlini(oracle, &arch, &cfg, Some((model, ar)), None, false).unwrap().report
+}
+
+/// The threshold: the first layer of a 784-16-10 network to 1e-3 relative error
+/// per row, against exactly what the service computes (fixed point, l = 40, f = 12), within
+/// a bounded number of queries; the whole model to a stated logit error.
 #[test]
 fn extracts_784_16_10_against_fixed_point() {
     let model = random_model(784, 16, 10, 7);
     let mut oracle = LocalFixedOracle::new(model.clone(), Policy::undefended());
-    let cfg = CarliniConfig {
-        points_per_neuron: 1200,
-        ..CarliniConfig::default()
-    };
-    let arch = model.architecture().clone();
-    let ex = carlini(&mut oracle, &arch, &cfg, Some((&model, Arithmetic::Fixed)), None, false).unwrap();
-    let r = &ex.report;
-    eprintln!("{r:#?}");
+    let r = extract(&model, &mut oracle, Arithmetic::Fixed, 2000);
     let m = r.metrics.as_ref().unwrap();
+    eprintln!("{m:#?}\nqueries {} in {:.1} s", r.queries, r.seconds);
     assert_eq!(m.matched_neurons, 16);
-    assert!(m.row_rel_error_max < 1e-3, "{}", m.row_rel_error_max);
+    assert_eq!(m.wrong_signs, 0);
+    assert!(m.row_rel_error_max < 1e-3, "row error {}", m.row_rel_error_max);
+    assert!(m.max_logit_error < 0.05, "max logit error {}", m.max_logit_error);
+    assert!(m.mean_logit_error < 5e-3, "mean logit error {}", m.mean_logit_error);
+    assert!(m.random_agreement > 0.99);
+    assert!(r.queries < 2_000_000);
+    assert_eq!(oracle.stats().wrapped_rows, 0);
+}
+
+/// The same against the f32 oracle, where the outputs are exact up to f32 rounding: far
+/// fewer points per neuron reach far better precision.
+#[test]
+fn extracts_784_8_10_against_f32() {
+    let model = random_model(784, 8, 10, 11);
+    let mut oracle = LocalF32Oracle::new(model.clone(), Policy::undefended());
+    let r = extract(&model, &mut oracle, Arithmetic::F32, 900);
+    let m = r.metrics.as_ref().unwrap();
+    eprintln!("{m:#?}\nqueries {} in {:.1} s", r.queries, r.seconds);
+    assert_eq!(m.matched_neurons, 8);
+    assert_eq!(m.wrong_signs, 0);
+    assert!(m.row_rel_error_max < 1e-3, "row error {}", m.row_rel_error_max);
+    assert!(m.max_logit_error < 0.01, "max logit error {}", m.max_logit_error);
+    assert!(m.random_agreement > 0.995);
+    assert!(r.queries < 1_000_000);
+}
+
+#[test]
+fn refuses_a_labels_only_oracle_at_once() {
+    let model = random_model(64, 4, 10, 1);
+    let mut oracle = LocalFixedOracle::new(model.clone(), Policy::defended(1_000_000));
+    let arch = model.architecture().clone();
+    let err = carlini(&mut oracle, &arch, &CarliniConfig::default(), None, None, false).unwrap_err();
+    assert!(matches!(err, CarliniError::LabelsOnly));
+    assert!(err.to_string().contains("labels only"));
+    assert_eq!(oracle.queries(), 0);
+}
+
+#[test]
+fn budget_exhaustion_stops_collection_and_reports_what_it_had() {
+    let model = random_model(64, 4, 10, 2);
+    let mut policy = Policy::undefended();
+    policy.budget = Some(3000);
+    let mut oracle = LocalFixedOracle::new(model.clone(), policy);
+    let arch = model.architecture().clone();
+    let ex = carlini(&mut oracle, &arch, &CarliniConfig::default(), None, None, false).unwrap();
+    let r = ex.report;
+    assert!(matches!(r.stopped, Some(OracleError::BudgetExhausted { budget: 3000, .. })));
+    assert!(r.queries <= 3000 && r.queries > 2000, "{}", r.queries);
+    assert!(r.lines > 0 && r.critical_points > 0);
+    assert!(oracle.queries() <= 3000);
+}
+
+#[test]
+fn refuses_deeper_networks() {
+    let arch = Architecture::mlp(&[16], &[4, 4], 3).unwrap();
+    let model = random_model(16, 4, 3, 3);
+    let mut oracle = LocalF32Oracle::new(model, Policy::undefended());
+    let err = carlini(&mut oracle, &arch, &CarliniConfig::default(), None, None, false).unwrap_err();
+    assert!(matches!(err, CarliniError::Depth(_)));
+    assert_eq!(oracle.queries(), 0);
 }
 
 #[test]
