@@ -1,5 +1,5 @@
 //! The client.
 #![forbid(unsafe_code)]
 
-pub mod link;
 pub mod attack;
+pub mod link;

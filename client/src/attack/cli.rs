@@ -271,7 +271,14 @@ fn run_papernot(a: &PapernotArgs) -> anyhow::Result<Vec<RunRecord>> {
         }
         let t = Instant::now();
         let r = papernot(local.oracle(), &data, &cfg, !c.json)?;
-        out.push(substitute_record(&r, &policy, &desc, &path, t.elapsed().as_secs_f64(), local.wrap())?);
+        out.push(substitute_record(
+            &r,
+            &policy,
+            &desc,
+            &path,
+            t.elapsed().as_secs_f64(),
+            local.wrap(),
+        )?);
         if with_baseline {
             let mut local = Local::new(c.oracle, &model, policy);
             if !c.json {
@@ -279,7 +286,14 @@ fn run_papernot(a: &PapernotArgs) -> anyhow::Result<Vec<RunRecord>> {
             }
             let t = Instant::now();
             let r = baseline(local.oracle(), &data, &cfg, &sizes, !c.json)?;
-            out.push(substitute_record(&r, &policy, &desc, &path, t.elapsed().as_secs_f64(), local.wrap())?);
+            out.push(substitute_record(
+                &r,
+                &policy,
+                &desc,
+                &path,
+                t.elapsed().as_secs_f64(),
+                local.wrap(),
+            )?);
         }
     }
     Ok(out)
@@ -306,13 +320,21 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
         }
         let t = Instant::now();
         let arch = model.architecture().clone();
-        let result = carlini(local.oracle(), &arch, &cfg, Some((&model, ar)), Some(&data), !c.json);
+        let result = carlini(
+            local.oracle(),
+            &arch,
+            &cfg,
+            Some((&model, ar)),
+            Some(&data),
+            !c.json,
+        );
         let seconds = t.elapsed().as_secs_f64();
         let queries = local.oracle().queries();
         let record = match result {
             Ok(ex) => {
                 if let (Some(p), Some(m)) = (&a.save, &ex.model) {
-                    m.save(p).with_context(|| format!("saving {}", p.display()))?;
+                    m.save(p)
+                        .with_context(|| format!("saving {}", p.display()))?;
                 }
                 let mut details = serde_json::to_value(&ex.report)?;
                 if let Some(w) = local.wrap() {

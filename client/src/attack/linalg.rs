@@ -16,7 +16,7 @@ pub(crate) fn cholesky(a: &Array2<f64>, ridge: f64) -> Option<Array2<f64>> {
             let (ri, rj) = (&l[i * n..i * n + j], &l[j * n..j * n + j]);
             s -= ri.iter().zip(rj).map(|(x, y)| x * y).sum::<f64>();
             if i == j {
-                if !(s > 0.0) {
+                if s.is_nan() || s <= 0.0 {
                     return None;
                 }
                 l[i * n + i] = s.sqrt();
@@ -31,10 +31,17 @@ pub(crate) fn cholesky(a: &Array2<f64>, ridge: f64) -> Option<Array2<f64>> {
 /// Solves L L^T x = b for the Cholesky factor `l`.
 pub(crate) fn cholesky_solve(l: &Array2<f64>, b: &Array1<f64>) -> Array1<f64> {
     let n = l.nrows();
-    let lf = l.as_slice().map(<[f64]>::to_vec).unwrap_or_else(|| l.iter().copied().collect());
+    let lf = l
+        .as_slice()
+        .map(<[f64]>::to_vec)
+        .unwrap_or_else(|| l.iter().copied().collect());
     let mut y = b.to_vec();
     for i in 0..n {
-        let s: f64 = lf[i * n..i * n + i].iter().zip(&y[..i]).map(|(a, b)| a * b).sum();
+        let s: f64 = lf[i * n..i * n + i]
+            .iter()
+            .zip(&y[..i])
+            .map(|(a, b)| a * b)
+            .sum();
         y[i] = (y[i] - s) / lf[i * n + i];
     }
     for i in (0..n).rev() {

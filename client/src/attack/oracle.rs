@@ -465,7 +465,10 @@ impl Oracle for LocalF32Oracle {
     fn labels(&mut self, xs: &[Vec<f32>]) -> Result<Vec<usize>, OracleError> {
         self.gate.admit(xs, false)?;
         let y = self.eval(xs)?;
-        Ok(y.rows().into_iter().map(|r| argmax_f32(r.iter().copied())).collect())
+        Ok(y.rows()
+            .into_iter()
+            .map(|r| argmax_f32(r.iter().copied()))
+            .collect())
     }
     fn logits(&mut self, xs: &[Vec<f32>]) -> Result<Vec<Vec<f64>>, OracleError> {
         self.gate.admit(xs, true)?;
@@ -512,15 +515,23 @@ mod tests {
         let arch = Architecture::mlp(&[3], &[2], 2).unwrap();
         let t = |s: Vec<usize>, v: Vec<f32>| Tensor::new(s, v).unwrap();
         let params = vec![
-            vec![t(vec![2, 3], vec![1.0, -0.5, 0.25, 0.5, 0.5, -1.0]), t(vec![2], vec![0.0, 0.125])],
+            vec![
+                t(vec![2, 3], vec![1.0, -0.5, 0.25, 0.5, 0.5, -1.0]),
+                t(vec![2], vec![0.0, 0.125]),
+            ],
             Vec::new(),
-            vec![t(vec![2, 2], vec![1.0, -1.0, -0.5, 2.0]), t(vec![2], vec![0.5, 0.0])],
+            vec![
+                t(vec![2, 2], vec![1.0, -1.0, -0.5, 2.0]),
+                t(vec![2], vec![0.5, 0.0]),
+            ],
         ];
         Model::new(arch, params, FixedPoint::new(33, 12).unwrap()).unwrap()
     }
 
     fn rows(n: usize) -> Vec<Vec<f32>> {
-        (0..n).map(|i| vec![(i % 5) as f32 / 4.0, 0.5, 1.0 - (i % 3) as f32 / 2.0]).collect()
+        (0..n)
+            .map(|i| vec![(i % 5) as f32 / 4.0, 0.5, 1.0 - (i % 3) as f32 / 2.0])
+            .collect()
     }
 
     #[test]
@@ -534,9 +545,17 @@ mod tests {
         let fm = m.fixed_model();
         let fp = fm.fixed_point();
         for ((x, l), lab) in xs.iter().zip(&logits).zip(&labels) {
-            let enc: Vec<u64> = x.iter().map(|&v| fp.encode(f64::from(v)).unwrap()).collect();
+            let enc: Vec<u64> = x
+                .iter()
+                .map(|&v| fp.encode(f64::from(v)).unwrap())
+                .collect();
             let r = eval_fixed(fm, &enc).unwrap();
-            let want: Vec<f64> = r.signed_logits(0).unwrap().iter().map(|&v| v as f64 / 4096.0).collect();
+            let want: Vec<f64> = r
+                .signed_logits(0)
+                .unwrap()
+                .iter()
+                .map(|&v| v as f64 / 4096.0)
+                .collect();
             assert_eq!(l, &want);
             assert_eq!(*lab, r.labels[0]);
             // multiples of 2^-f
@@ -581,28 +600,49 @@ mod tests {
         policy.max_batch = 4;
         let mut o = LocalF32Oracle::new(tiny(), policy);
         // A batch over the limit is refused whole, nothing charged.
-        assert!(matches!(o.labels(&rows(5)), Err(OracleError::BadInput { .. })));
+        assert!(matches!(
+            o.labels(&rows(5)),
+            Err(OracleError::BadInput { .. })
+        ));
         assert_eq!(o.labels(&rows(4)).unwrap().len(), 4);
         assert_eq!(o.labels(&rows(4)).unwrap().len(), 4);
-        assert_eq!(o.labels(&rows(4)), Err(OracleError::BudgetExhausted { used: 8, budget: 10 }));
+        assert_eq!(
+            o.labels(&rows(4)),
+            Err(OracleError::BudgetExhausted {
+                used: 8,
+                budget: 10
+            })
+        );
         assert_eq!(o.queries(), 8);
         assert_eq!(o.remaining(), Some(2));
         // The helper spends the last 2 rows, then reports the exhaustion.
         let p = query_labels(&mut o, &rows(5));
         assert_eq!(p.results.len(), 2);
-        assert_eq!(p.error, Some(OracleError::BudgetExhausted { used: 10, budget: 10 }));
+        assert_eq!(
+            p.error,
+            Some(OracleError::BudgetExhausted {
+                used: 10,
+                budget: 10
+            })
+        );
         assert_eq!(o.queries(), 10);
     }
 
     #[test]
     fn bad_inputs_are_refused() {
         let mut o = LocalFixedOracle::new(tiny(), Policy::undefended());
-        assert!(matches!(o.labels(&[vec![0.5; 2]]), Err(OracleError::BadInput { row: 0, .. })));
+        assert!(matches!(
+            o.labels(&[vec![0.5; 2]]),
+            Err(OracleError::BadInput { row: 0, .. })
+        ));
         assert!(matches!(
             o.labels(&[vec![0.5; 3], vec![0.5, 1.5, 0.0]]),
             Err(OracleError::BadInput { row: 1, .. })
         ));
-        assert!(matches!(o.labels(&[vec![f32::NAN, 0.0, 0.0]]), Err(OracleError::BadInput { .. })));
+        assert!(matches!(
+            o.labels(&[vec![f32::NAN, 0.0, 0.0]]),
+            Err(OracleError::BadInput { .. })
+        ));
         assert_eq!(o.queries(), 0);
     }
 
@@ -618,7 +658,8 @@ mod tests {
         ];
         let m = Model::new(arch, params, FixedPoint::new(26, 12).unwrap()).unwrap();
         let mut o = LocalFixedOracle::new(m, Policy::undefended());
-        o.logits(&[vec![0.0, 0.0], vec![1.0, 1.0], vec![0.001, 0.0]]).unwrap();
+        o.logits(&[vec![0.0, 0.0], vec![1.0, 1.0], vec![0.001, 0.0]])
+            .unwrap();
         let s = o.stats();
         assert_eq!(s.rows, 3);
         assert_eq!(s.wrapped_rows, 1);

@@ -10,7 +10,8 @@ pub(crate) fn bar(show: bool, len: u64, title: &str) -> ProgressBar {
         ProgressDrawTarget::hidden()
     };
     let bar = ProgressBar::with_draw_target(Some(len), target);
-    let template = format!("{title}: {{bar:30.cyan/blue}} {{pos}}/{{len}}  {{msg}}  [{{elapsed_precise}}]");
+    let template =
+        format!("{title}: {{bar:30.cyan/blue}} {{pos}}/{{len}}  {{msg}}  [{{elapsed_precise}}]");
     if let Ok(style) = ProgressStyle::with_template(&template) {
         bar.set_style(style);
     }

@@ -9,7 +9,11 @@ use ndarray::{Array1, Array2};
 
 /// Logits of `xs` (rows in [0, 1]) in the given arithmetic; inputs encoded exactly as the
 /// oracle encodes them.
-pub fn logits(model: &Model, arithmetic: Arithmetic, xs: &[Vec<f32>]) -> anyhow::Result<Vec<Vec<f64>>> {
+pub fn logits(
+    model: &Model,
+    arithmetic: Arithmetic,
+    xs: &[Vec<f32>],
+) -> anyhow::Result<Vec<Vec<f64>>> {
     match arithmetic {
         Arithmetic::Fixed => {
             let fm = model.fixed_model();

@@ -76,7 +76,10 @@ pub fn write(dir: &Path, runs: &[RunRecord]) -> anyhow::Result<Vec<PathBuf>> {
     }
     let all = load_runs(dir)?;
     let json = dir.join("report.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(&serde_json::json!({ "runs": all }))?)?;
+    std::fs::write(
+        &json,
+        serde_json::to_vec_pretty(&serde_json::json!({ "runs": all }))?,
+    )?;
     let md = dir.join("report.md");
     std::fs::write(&md, markdown(&all))?;
     let png = dir.join("agreement.png");
@@ -149,7 +152,11 @@ fn carlini_lines(runs: &[RunRecord]) -> Option<String> {
             continue;
         };
         any = true;
-        let f = |k: &str| m.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+        let f = |k: &str| {
+            m.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(f64::NAN)
+        };
         let model = Path::new(&r.model)
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
@@ -193,7 +200,10 @@ pub fn plot(path: &Path, runs: &[RunRecord]) -> anyhow::Result<()> {
         .unwrap_or(10)
         .max(10) as f64;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Model extraction: agreement with the victim vs queries", ("sans-serif", 24))
+        .caption(
+            "Model extraction: agreement with the victim vs queries",
+            ("sans-serif", 24),
+        )
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
@@ -237,7 +247,9 @@ pub fn plot(path: &Path, runs: &[RunRecord]) -> anyhow::Result<()> {
             .draw_series(LineSeries::new(pts.clone(), style))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
         if r.defended {
             chart
                 .draw_series(pts.iter().map(|&p| Cross::new(p, 6, color.stroke_width(2))))
@@ -267,7 +279,11 @@ mod tests {
     fn run(attack: &str, defended: bool, q: &[u64]) -> RunRecord {
         RunRecord {
             attack: attack.into(),
-            policy: if defended { "labels, budget 10000".into() } else { "logits, no budget".into() },
+            policy: if defended {
+                "labels, budget 10000".into()
+            } else {
+                "logits, no budget".into()
+            },
             defended,
             oracle: "local".into(),
             model: "models/x.safetensors".into(),
@@ -299,7 +315,8 @@ mod tests {
         let png = std::fs::read(dir.path().join("agreement.png")).unwrap();
         assert_eq!(&png[..4], b"\x89PNG");
         let json: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap())
+                .unwrap();
         assert_eq!(json["runs"].as_array().unwrap().len(), 2);
     }
 }

@@ -125,7 +125,11 @@ mod tests {
                 let fp = model.forward_f32(p.view()).unwrap()[(r, classes[r])];
                 let fm = model.forward_f32(m.view()).unwrap()[(r, classes[r])];
                 let num = (fp - fm) / (2.0 * h);
-                assert!((num - g[(r, j)]).abs() < 2e-2, "{r},{j}: {num} vs {}", g[(r, j)]);
+                assert!(
+                    (num - g[(r, j)]).abs() < 2e-2,
+                    "{r},{j}: {num} vs {}",
+                    g[(r, j)]
+                );
             }
         }
         assert!(model.logit_input_gradients(x.view(), &[0]).is_err());

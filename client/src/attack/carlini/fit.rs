@@ -100,7 +100,10 @@ pub(crate) fn group(
 /// The hyperplane best fitting `points` (rows): unit normal and offset, and the rms
 /// distance of the points to it. `None` if there are fewer points than d + 1 or the fit
 /// fails.
-pub(crate) fn fit_plane(points: &[&[f64]], start: Option<&Array1<f64>>) -> Option<(Array1<f64>, f64, f64)> {
+pub(crate) fn fit_plane(
+    points: &[&[f64]],
+    start: Option<&Array1<f64>>,
+) -> Option<(Array1<f64>, f64, f64)> {
     let d = points.first()?.len();
     if points.len() <= d {
         return None;
@@ -126,7 +129,12 @@ pub(crate) fn fit_plane(points: &[&[f64]], start: Option<&Array1<f64>>) -> Optio
 
 /// Features for the last-layer fits: relu(z_i) for every plane, then (if `linear`) z_i,
 /// then 1.
-pub(crate) fn features(planes: &[Hyperplane], signs: &[f64], xs: &[Vec<f64>], linear: bool) -> Array2<f64> {
+pub(crate) fn features(
+    planes: &[Hyperplane],
+    signs: &[f64],
+    xs: &[Vec<f64>],
+    linear: bool,
+) -> Array2<f64> {
     let k = planes.len();
     let cols = if linear { 2 * k + 1 } else { k + 1 };
     let mut a = Array2::<f64>::zeros((xs.len(), cols));
@@ -147,7 +155,11 @@ pub(crate) fn features(planes: &[Hyperplane], signs: &[f64], xs: &[Vec<f64>], li
 /// z_i and 1: the sign is wrong where the coefficient of z_i is closer to -a_i than to 0.
 /// Returns the signs and, per plane, a confidence ratio (the distance to the rejected
 /// hypothesis over the distance to the chosen one).
-pub(crate) fn signs(planes: &[Hyperplane], xs: &[Vec<f64>], ys: &Array2<f64>) -> Option<(Vec<f64>, Vec<f64>)> {
+pub(crate) fn signs(
+    planes: &[Hyperplane],
+    xs: &[Vec<f64>],
+    ys: &Array2<f64>,
+) -> Option<(Vec<f64>, Vec<f64>)> {
     let k = planes.len();
     let ones = vec![1.0; k];
     let a = features(planes, &ones, xs, true);
@@ -158,7 +170,12 @@ pub(crate) fn signs(planes: &[Hyperplane], xs: &[Vec<f64>], ys: &Array2<f64>) ->
         let ai = coef.row(i);
         let bi = coef.row(k + i);
         let keep: f64 = bi.iter().map(|v| v * v).sum::<f64>().sqrt();
-        let flip: f64 = bi.iter().zip(ai.iter()).map(|(b, a)| (b + a).powi(2)).sum::<f64>().sqrt();
+        let flip: f64 = bi
+            .iter()
+            .zip(ai.iter())
+            .map(|(b, a)| (b + a).powi(2))
+            .sum::<f64>()
+            .sqrt();
         signs.push(if keep <= flip { 1.0 } else { -1.0 });
         conf.push(keep.max(flip) / keep.min(flip).max(1e-300));
     }

@@ -25,7 +25,7 @@ mod search;
 #[cfg(test)]
 mod tests;
 
-use super::data::{AttackData, Arithmetic, score};
+use super::data::{Arithmetic, AttackData, score};
 use super::oracle::{Oracle, OracleError, OutputMode, argmax_f64};
 use super::progress;
 use super::reference;
@@ -233,7 +233,11 @@ pub fn carlini(
     let mut noise = cfg.noise;
 
     // Phase 1: critical points until every neuron has enough.
-    let bar = progress::bar(show_progress, (hidden * per_neuron) as u64, "critical points");
+    let bar = progress::bar(
+        show_progress,
+        (hidden * per_neuron) as u64,
+        "critical points",
+    );
     loop {
         // Near the end of a budget, smaller rounds: a round cut short by the budget is
         // lost, so spend the last rows a few lines at a time.
@@ -241,9 +245,7 @@ pub fn carlini(
         let count = oracle.remaining().map_or(cfg.lines_per_round, |r| {
             (r / per_line).clamp(1, cfg.lines_per_round as u64) as usize
         });
-        let batch: Vec<Line> = (0..count)
-            .map(|_| Line::random(&mut rng, d))
-            .collect();
+        let batch: Vec<Line> = (0..count).map(|_| Line::random(&mut rng, d)).collect();
         let first = lines.len();
         match search::scan(oracle, &batch, first, params) {
             Ok(scan) => {
@@ -338,7 +340,9 @@ pub fn carlini(
     });
     report.seconds = start.elapsed().as_secs_f64();
     if let (Some(m), Some((v, ar))) = (&model, victim) {
-        report.metrics = Some(measure(m, v, ar, data, cfg.seed).map_err(|e| CarliniError::Build(e.to_string()))?);
+        report.metrics = Some(
+            measure(m, v, ar, data, cfg.seed).map_err(|e| CarliniError::Build(e.to_string()))?,
+        );
     }
     Ok(Extraction { report, model })
 }
@@ -347,7 +351,12 @@ pub fn carlini(
 const MAX_FIT_POINTS: usize = 4096;
 
 /// Groups the critical points with a clear slope change by its direction.
-fn group_kinks(kinks: &[Kink], cfg: &CarliniConfig, hidden: usize, noise: f64) -> Vec<(Vec<usize>, Vec<f64>)> {
+fn group_kinks(
+    kinks: &[Kink],
+    cfg: &CarliniConfig,
+    hidden: usize,
+    noise: f64,
+) -> Vec<(Vec<usize>, Vec<f64>)> {
     let floor = 64.0 * noise;
     let sigs: Vec<(usize, Vec<f64>)> = kinks
         .iter()
@@ -371,9 +380,14 @@ fn fit_planes(
 ) -> Vec<Hyperplane> {
     let groups = group_kinks(kinks, cfg, hidden, noise);
     let mut planes: Vec<Hyperplane> = Vec::new();
-    let mut order: Vec<&(Vec<usize>, Vec<f64>)> = groups.iter().filter(|g| g.0.len() > d + 1).collect();
-    order.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-    let bar = progress::bar(show_progress, order.len() as u64 + hidden as u64, "hyperplanes");
+    let mut order: Vec<&(Vec<usize>, Vec<f64>)> =
+        groups.iter().filter(|g| g.0.len() > d + 1).collect();
+    order.sort_by_key(|g| std::cmp::Reverse(g.0.len()));
+    let bar = progress::bar(
+        show_progress,
+        order.len() as u64 + hidden as u64,
+        "hyperplanes",
+    );
     for (members, sig) in order {
         if let Some(p) = plane_from(lines, kinks, members, None) {
             planes.push(Hyperplane {
@@ -404,14 +418,19 @@ fn fit_planes(
     }
     bar.finish_and_clear();
     // The architecture is public: keep at most `hidden` planes, the best supported.
-    planes.sort_by(|a, b| b.points.len().cmp(&a.points.len()));
+    planes.sort_by_key(|p| std::cmp::Reverse(p.points.len()));
     planes.truncate(hidden);
     planes
 }
 
 /// The plane through the critical points `members`, with outliers (more than 4 times
 /// the median distance) dropped once.
-fn plane_from(lines: &[Line], kinks: &[Kink], members: &[usize], start: Option<&Array1<f64>>) -> Option<Hyperplane> {
+fn plane_from(
+    lines: &[Line],
+    kinks: &[Kink],
+    members: &[usize],
+    start: Option<&Array1<f64>>,
+) -> Option<Hyperplane> {
     let members: Vec<usize> = members.iter().copied().take(MAX_FIT_POINTS).collect();
     let members = members.as_slice();
     let pts: Vec<Vec<f64>> = members
@@ -507,20 +526,33 @@ fn merge_duplicates(planes: &mut Vec<Hyperplane>) {
 
 /// The stolen d-h-c model: rows s_i w_i (unit norm), biases s_i b_i, output layer `out`
 /// (`[h + 1, classes]`: one row per neuron, then the bias).
-fn build_model(planes: &[Hyperplane], signs: &[f64], out: &Array2<f64>, d: usize, classes: usize) -> Result<Model, CarliniError> {
+fn build_model(
+    planes: &[Hyperplane],
+    signs: &[f64],
+    out: &Array2<f64>,
+    d: usize,
+    classes: usize,
+) -> Result<Model, CarliniError> {
     let h = planes.len();
-    let arch = Architecture::mlp(&[d], &[h], classes).map_err(|e| CarliniError::Build(e.to_string()))?;
+    let arch =
+        Architecture::mlp(&[d], &[h], classes).map_err(|e| CarliniError::Build(e.to_string()))?;
     let w1: Vec<f32> = planes
         .iter()
         .zip(signs)
         .flat_map(|(p, s)| p.w.iter().map(move |v| (s * v) as f32))
         .collect();
-    let b1: Vec<f32> = planes.iter().zip(signs).map(|(p, s)| (s * p.b) as f32).collect();
+    let b1: Vec<f32> = planes
+        .iter()
+        .zip(signs)
+        .map(|(p, s)| (s * p.b) as f32)
+        .collect();
     let w2: Vec<f32> = (0..classes)
         .flat_map(|c| (0..h).map(move |i| out[(i, c)] as f32))
         .collect();
     let b2: Vec<f32> = (0..classes).map(|c| out[(h, c)] as f32).collect();
-    let t = |shape: Vec<usize>, v: Vec<f32>| Tensor::new(shape, v).map_err(|e| CarliniError::Build(e.to_string()));
+    let t = |shape: Vec<usize>, v: Vec<f32>| {
+        Tensor::new(shape, v).map_err(|e| CarliniError::Build(e.to_string()))
+    };
     let params = vec![
         vec![t(vec![h, d], w1)?, t(vec![h], b1)?],
         Vec::new(),
@@ -615,15 +647,21 @@ fn param_errors(stolen: &Model, victim: &Model, arithmetic: Arithmetic, m: &mut 
         }
         let wk = sw1.row(k);
         let lambda = wi.dot(&wk) / wk.dot(&wk);
-        let row_err = (&wk * lambda - &wi).mapv(|x| x * x).sum().sqrt() / ni;
+        let row_err = (&wk * lambda - wi).mapv(|x| x * x).sum().sqrt() / ni;
         errs.push(row_err);
         m.bias_error_max = m.bias_error_max.max((lambda * sb1[k] - b1[i]).abs() / ni);
         let col = w2.column(i);
         let scol = sw2.column(k).mapv(|x| x / lambda);
         let cn = col.dot(&col).sqrt().max(1e-300);
-        m.out_col_rel_error_max = m.out_col_rel_error_max.max((&scol - &col).mapv(|x| x * x).sum().sqrt() / cn);
+        m.out_col_rel_error_max = m
+            .out_col_rel_error_max
+            .max((&scol - &col).mapv(|x| x * x).sum().sqrt() / cn);
     }
     m.row_rel_error_max = errs.iter().copied().fold(0.0, f64::max);
     m.row_rel_error_mean = errs.iter().sum::<f64>() / errs.len().max(1) as f64;
-    m.out_bias_error_max = b2.iter().zip(sb2.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    m.out_bias_error_max = b2
+        .iter()
+        .zip(sb2.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
 }

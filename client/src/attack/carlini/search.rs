@@ -70,7 +70,10 @@ pub(crate) struct Kink {
 }
 
 /// Logits of points, through the oracle (in batches), as f64.
-pub(crate) fn eval(oracle: &mut dyn Oracle, pts: &[Vec<f64>]) -> Result<Vec<Vec<f64>>, OracleError> {
+pub(crate) fn eval(
+    oracle: &mut dyn Oracle,
+    pts: &[Vec<f64>],
+) -> Result<Vec<Vec<f64>>, OracleError> {
     let xs: Vec<Vec<f32>> = pts
         .iter()
         .map(|p| p.iter().map(|&v| v.clamp(0.0, 1.0) as f32).collect())
@@ -187,7 +190,13 @@ pub(crate) fn scan(
                     .all(|((a, s), v)| (a + s * c.t - v).abs() <= tol)
             };
             if on(&c.left) && on(&c.right) {
-                let ds = c.right.1.iter().zip(&c.left.1).map(|(r, l)| r - l).collect();
+                let ds = c
+                    .right
+                    .1
+                    .iter()
+                    .zip(&c.left.1)
+                    .map(|(r, l)| r - l)
+                    .collect();
                 out.kinks.push(Kink {
                     line: first + c.line,
                     t: c.t,
@@ -294,7 +303,8 @@ fn piece_line(
     hi: f64,
     noise: f64,
 ) -> Option<(Vec<f64>, Vec<f64>)> {
-    let pts: Vec<&(usize, f64, Vec<f64>)> = s.iter().copied().filter(|x| x.1 > lo && x.1 < hi).collect();
+    let pts: Vec<&(usize, f64, Vec<f64>)> =
+        s.iter().copied().filter(|x| x.1 > lo && x.1 < hi).collect();
     if pts.len() < 3 {
         return None;
     }

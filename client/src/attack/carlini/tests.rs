@@ -28,20 +28,33 @@ pub(crate) fn random_model(d: usize, h: usize, c: usize, seed: u64) -> Model {
     let w1: Vec<f32> = w1.iter().map(|&v| q(v, 12)).collect();
     let arch = Architecture::mlp(&[d], &[h], c).unwrap();
     let params = vec![
-        vec![Tensor::new(vec![h, d], w1).unwrap(), Tensor::new(vec![h], b1).unwrap()],
+        vec![
+            Tensor::new(vec![h, d], w1).unwrap(),
+            Tensor::new(vec![h], b1).unwrap(),
+        ],
         Vec::new(),
-        vec![Tensor::new(vec![c, h], w2).unwrap(), Tensor::new(vec![c], b2).unwrap()],
+        vec![
+            Tensor::new(vec![c, h], w2).unwrap(),
+            Tensor::new(vec![c], b2).unwrap(),
+        ],
     ];
     Model::new(arch, params, FixedPoint::new(40, 12).unwrap()).unwrap()
 }
 
-fn extract(model: &Model, oracle: &mut dyn Oracle, ar: Arithmetic, per_neuron: usize) -> CarliniReport {
+fn extract(
+    model: &Model,
+    oracle: &mut dyn Oracle,
+    ar: Arithmetic,
+    per_neuron: usize,
+) -> CarliniReport {
     let cfg = CarliniConfig {
         points_per_neuron: per_neuron,
         ..CarliniConfig::default()
     };
     let arch = model.architecture().clone();
-    carlini(oracle, &arch, &cfg, Some((model, ar)), None, false).unwrap().report
+    carlini(oracle, &arch, &cfg, Some((model, ar)), None, false)
+        .unwrap()
+        .report
 }
 
 /// The threshold: the first layer of a 784-16-10 network to 1e-3 relative error
@@ -56,9 +69,21 @@ fn extracts_784_16_10_against_fixed_point() {
     eprintln!("{m:#?}\nqueries {} in {:.1} s", r.queries, r.seconds);
     assert_eq!(m.matched_neurons, 16);
     assert_eq!(m.wrong_signs, 0);
-    assert!(m.row_rel_error_max < 1e-3, "row error {}", m.row_rel_error_max);
-    assert!(m.max_logit_error < 0.05, "max logit error {}", m.max_logit_error);
-    assert!(m.mean_logit_error < 5e-3, "mean logit error {}", m.mean_logit_error);
+    assert!(
+        m.row_rel_error_max < 1e-3,
+        "row error {}",
+        m.row_rel_error_max
+    );
+    assert!(
+        m.max_logit_error < 0.05,
+        "max logit error {}",
+        m.max_logit_error
+    );
+    assert!(
+        m.mean_logit_error < 5e-3,
+        "mean logit error {}",
+        m.mean_logit_error
+    );
     assert!(m.random_agreement > 0.99);
     assert!(r.queries < 2_000_000);
     assert_eq!(oracle.stats().wrapped_rows, 0);
@@ -75,8 +100,16 @@ fn extracts_784_8_10_against_f32() {
     eprintln!("{m:#?}\nqueries {} in {:.1} s", r.queries, r.seconds);
     assert_eq!(m.matched_neurons, 8);
     assert_eq!(m.wrong_signs, 0);
-    assert!(m.row_rel_error_max < 1e-3, "row error {}", m.row_rel_error_max);
-    assert!(m.max_logit_error < 0.01, "max logit error {}", m.max_logit_error);
+    assert!(
+        m.row_rel_error_max < 1e-3,
+        "row error {}",
+        m.row_rel_error_max
+    );
+    assert!(
+        m.max_logit_error < 0.01,
+        "max logit error {}",
+        m.max_logit_error
+    );
     assert!(m.random_agreement > 0.995);
     assert!(r.queries < 1_000_000);
 }
@@ -86,7 +119,15 @@ fn refuses_a_labels_only_oracle_at_once() {
     let model = random_model(64, 4, 10, 1);
     let mut oracle = LocalFixedOracle::new(model.clone(), Policy::defended(1_000_000));
     let arch = model.architecture().clone();
-    let err = carlini(&mut oracle, &arch, &CarliniConfig::default(), None, None, false).unwrap_err();
+    let err = carlini(
+        &mut oracle,
+        &arch,
+        &CarliniConfig::default(),
+        None,
+        None,
+        false,
+    )
+    .unwrap_err();
     assert!(matches!(err, CarliniError::LabelsOnly));
     assert!(err.to_string().contains("labels only"));
     assert_eq!(oracle.queries(), 0);
@@ -99,9 +140,20 @@ fn budget_exhaustion_stops_collection_and_reports_what_it_had() {
     policy.budget = Some(3000);
     let mut oracle = LocalFixedOracle::new(model.clone(), policy);
     let arch = model.architecture().clone();
-    let ex = carlini(&mut oracle, &arch, &CarliniConfig::default(), None, None, false).unwrap();
+    let ex = carlini(
+        &mut oracle,
+        &arch,
+        &CarliniConfig::default(),
+        None,
+        None,
+        false,
+    )
+    .unwrap();
     let r = ex.report;
-    assert!(matches!(r.stopped, Some(OracleError::BudgetExhausted { budget: 3000, .. })));
+    assert!(matches!(
+        r.stopped,
+        Some(OracleError::BudgetExhausted { budget: 3000, .. })
+    ));
     assert!(r.queries <= 3000 && r.queries > 2000, "{}", r.queries);
     assert!(r.lines > 0 && r.critical_points > 0);
     assert!(oracle.queries() <= 3000);
@@ -112,7 +164,15 @@ fn refuses_deeper_networks() {
     let arch = Architecture::mlp(&[16], &[4, 4], 3).unwrap();
     let model = random_model(16, 4, 3, 3);
     let mut oracle = LocalF32Oracle::new(model, Policy::undefended());
-    let err = carlini(&mut oracle, &arch, &CarliniConfig::default(), None, None, false).unwrap_err();
+    let err = carlini(
+        &mut oracle,
+        &arch,
+        &CarliniConfig::default(),
+        None,
+        None,
+        false,
+    )
+    .unwrap_err();
     assert!(matches!(err, CarliniError::Depth(_)));
     assert_eq!(oracle.queries(), 0);
 }
@@ -131,14 +191,31 @@ fn diagnose_scan() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let lines: Vec<Line> = (0..64).map(|_| Line::random(&mut rng, 784)).collect();
         let t0 = Instant::now();
-        let s = search::scan(o.as_mut(), &lines, 0, SearchParams { grid: 64, max_depth: 6, noise: 2f64.powi(-12) }).unwrap();
+        let s = search::scan(
+            o.as_mut(),
+            &lines,
+            0,
+            SearchParams {
+                grid: 64,
+                max_depth: 6,
+                noise: 2f64.powi(-12),
+            },
+        )
+        .unwrap();
         let truth: usize = lines
             .iter()
             .map(|l| {
                 let x1: Vec<f64> = l.x0.iter().zip(&l.u).map(|(a, u)| a + u).collect();
                 (0..16)
                     .filter(|&i| {
-                        let z = |x: &[f64]| w.row(i).iter().zip(x).map(|(a, b)| f64::from(*a) * b).sum::<f64>() + f64::from(b[i]);
+                        let z = |x: &[f64]| {
+                            w.row(i)
+                                .iter()
+                                .zip(x)
+                                .map(|(a, b)| f64::from(*a) * b)
+                                .sum::<f64>()
+                                + f64::from(b[i])
+                        };
                         (z(&l.x0) > 0.0) != (z(&x1) > 0.0)
                     })
                     .count()
