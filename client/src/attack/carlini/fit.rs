@@ -70,6 +70,17 @@ pub(crate) fn group(
     max_groups: usize,
 ) -> Vec<(Vec<usize>, Vec<f64>)> {
     let mut groups: Vec<(Vec<usize>, Vec<f64>)> = Vec::new();
+    group_into(&mut groups, sigs, min_cos, max_groups);
+    groups
+}
+
+/// Adds signatures to existing groups (as [`group`]).
+pub(crate) fn group_into(
+    groups: &mut Vec<(Vec<usize>, Vec<f64>)>,
+    sigs: &[(usize, Vec<f64>)],
+    min_cos: f64,
+    max_groups: usize,
+) {
     for (i, s) in sigs {
         let full = groups.len() >= max_groups;
         let best = groups
@@ -94,7 +105,6 @@ pub(crate) fn group(
             None => {}
         }
     }
-    groups
 }
 
 /// The hyperplane best fitting `points` (rows): unit normal and offset, and the rms

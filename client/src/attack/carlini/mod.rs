@@ -231,6 +231,8 @@ pub fn carlini(
     let mut stopped = None;
     let mut phases = Vec::new();
     let mut noise = cfg.noise;
+    let mut groups: Vec<(Vec<usize>, Vec<f64>)> = Vec::new();
+    let mut grouped = 0;
 
     // Phase 1: critical points until every neuron has enough.
     let bar = progress::bar(
@@ -261,7 +263,10 @@ pub fn carlini(
             Err(OracleError::LabelsOnly) => return Err(CarliniError::LabelsOnly),
             Err(e) => return Err(CarliniError::Oracle(e)),
         }
-        let groups = group_kinks(&kinks, cfg, hidden, noise);
+        // Incremental grouping of the new critical points (the final fit regroups all).
+        let sigs = signatures(&kinks[grouped..], grouped, noise);
+        grouped = kinks.len();
+        fit::group_into(&mut groups, &sigs, cfg.min_cos, 8 * hidden + 32);
         let mut sizes: Vec<usize> = groups.iter().map(|g| g.0.len()).collect();
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         let covered: usize = sizes.iter().take(hidden).map(|&s| s.min(per_neuron)).sum();
@@ -357,14 +362,19 @@ fn group_kinks(
     hidden: usize,
     noise: f64,
 ) -> Vec<(Vec<usize>, Vec<f64>)> {
+    fit::group(&signatures(kinks, 0, noise), cfg.min_cos, 8 * hidden + 32)
+}
+
+/// The signatures of the refined critical points with a clear slope change, indexed from
+/// `offset`.
+fn signatures(kinks: &[Kink], offset: usize, noise: f64) -> Vec<(usize, Vec<f64>)> {
     let floor = 64.0 * noise;
-    let sigs: Vec<(usize, Vec<f64>)> = kinks
+    kinks
         .iter()
         .enumerate()
         .filter(|(_, k)| k.refined && k.ds.iter().map(|v| v * v).sum::<f64>().sqrt() > floor)
-        .filter_map(|(i, k)| fit::signature(&k.ds).map(|s| (i, s)))
-        .collect();
-    fit::group(&sigs, cfg.min_cos, 8 * hidden + 32)
+        .filter_map(|(i, k)| fit::signature(&k.ds).map(|s| (offset + i, s)))
+        .collect()
 }
 
 /// Fits a hyperplane to each large group, re-assigns points to the plane they lie on,
