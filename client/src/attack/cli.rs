@@ -366,14 +366,17 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
                     details,
                 }
             }
-            Err(e @ super::carlini::CarliniError::LabelsOnly) => {
+            Err(
+                e @ (super::carlini::CarliniError::LabelsOnly
+                | super::carlini::CarliniError::Depth(_)),
+            ) => {
                 if !c.json {
                     eprintln!("carlini: {e}");
                 }
                 RunRecord {
                     attack: "carlini".into(),
                     policy: policy.label(),
-                    defended: true,
+                    defended: policy.output == OutputMode::Labels,
                     oracle: desc,
                     model: path.display().to_string(),
                     queries,

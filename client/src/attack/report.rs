@@ -233,18 +233,26 @@ pub fn plot(path: &Path, runs: &[RunRecord]) -> anyhow::Result<()> {
             .iter()
             .map(|p| ((p.queries.max(10)) as f64, 100.0 * p.agreement))
             .collect();
-        let style = if r.defended {
-            ShapeStyle::from(&color).stroke_width(2)
-        } else {
-            ShapeStyle::from(&color).stroke_width(3)
-        };
         let model = Path::new(&r.model)
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let label = format!("{} {} ({})", r.attack, model, r.policy);
-        chart
-            .draw_series(LineSeries::new(pts.clone(), style))
+        // Defended runs dashed with crosses, undefended solid with dots.
+        let series = if r.defended {
+            chart.draw_series(DashedLineSeries::new(
+                pts.clone(),
+                8,
+                6,
+                ShapeStyle::from(&color).stroke_width(2),
+            ))
+        } else {
+            chart.draw_series(LineSeries::new(
+                pts.clone(),
+                ShapeStyle::from(&color).stroke_width(2),
+            ))
+        };
+        series
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label(label)
             .legend(move |(x, y)| {
@@ -268,6 +276,27 @@ pub fn plot(path: &Path, runs: &[RunRecord]) -> anyhow::Result<()> {
         .label_font(("sans-serif", 14))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Runs without a curve (refused, e.g. extraction against labels only) as notes.
+    let mut y = 60;
+    for r in runs.iter().filter(|r| r.curve.is_empty()) {
+        let model = Path::new(&r.model)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let outcome = r.outcome.as_deref().unwrap_or("no result");
+        let short: String = outcome.chars().take(60).collect();
+        let text = format!(
+            "{} {} ({}): {} queries, {short}",
+            r.attack, model, r.policy, r.queries
+        );
+        root.draw_text(
+            &text,
+            &("sans-serif", 14).into_font().color(&BLACK),
+            (90, y),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        y += 18;
+    }
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
@@ -308,8 +337,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), &[run("papernot", false, &[150, 300, 600])]).unwrap();
         write(dir.path(), &[run("papernot", true, &[150, 300])]).unwrap();
+        let mut refused = run("carlini", true, &[]);
+        refused.outcome = Some("refused: needs logits".into());
+        write(dir.path(), &[refused]).unwrap();
         let all = load_runs(dir.path()).unwrap();
-        assert_eq!(all.len(), 2);
+        assert_eq!(all.len(), 3);
         let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
         assert!(md.contains("labels, budget 10000") && md.contains("logits, no budget"));
         let png = std::fs::read(dir.path().join("agreement.png")).unwrap();
@@ -317,6 +349,7 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap())
                 .unwrap();
-        assert_eq!(json["runs"].as_array().unwrap().len(), 2);
+        assert_eq!(json["runs"].as_array().unwrap().len(), 3);
+        assert!(md.contains("refused: needs logits"));
     }
 }

@@ -191,3 +191,82 @@ pub(crate) fn signs(
     }
     Some((signs, conf))
 }
+
+/// The last layer when `free` hidden units were not found: least squares of the logits
+/// on relu(z_i), x and 1; the linear part L (classes x d) is approximated with rank
+/// `free` (power iteration on L L^T, deflated), each component sigma u v^T becoming an
+/// always-active unit: row v (unit), bias sum |v_j| + 1 (so v.x + bias >= 1 on [0,1]^d),
+/// output column sigma u, and the output bias corrected by -sigma u bias. Returns the
+/// output layer (`[h + units + 1, classes]`) and the units' (row, bias).
+pub(crate) fn with_linear_part(
+    planes: &[Hyperplane],
+    signs: &[f64],
+    xs: &[Vec<f64>],
+    ys: &Array2<f64>,
+    free: usize,
+) -> Option<(Array2<f64>, Vec<(Vec<f64>, f64)>)> {
+    let k = planes.len();
+    let d = xs.first()?.len();
+    let classes = ys.ncols();
+    let base = features(planes, signs, xs, false);
+    let mut a = Array2::<f64>::zeros((xs.len(), k + d + 1));
+    for (r, x) in xs.iter().enumerate() {
+        for i in 0..k {
+            a[(r, i)] = base[(r, i)];
+        }
+        for (j, &v) in x.iter().enumerate() {
+            a[(r, k + j)] = v;
+        }
+        a[(r, k + d)] = 1.0;
+    }
+    let coef = least_squares(a.view(), ys.view())?;
+    // L = coef[k..k+d, :]^T, classes x d.
+    let mut l = Array2::<f64>::zeros((classes, d));
+    for c in 0..classes {
+        for j in 0..d {
+            l[(c, j)] = coef[(k + j, c)];
+        }
+    }
+    let mut units = Vec::new();
+    let mut cols = Vec::new();
+    let mut bias: Vec<f64> = (0..classes).map(|c| coef[(k + d, c)]).collect();
+    for _ in 0..free {
+        let m = l.dot(&l.t());
+        let mut u = Array1::from_elem(classes, 1.0);
+        for _ in 0..200 {
+            let next = m.dot(&u);
+            let n = next.dot(&next).sqrt();
+            if n <= 1e-300 {
+                break;
+            }
+            u = next / n;
+        }
+        let v = l.t().dot(&u);
+        let sigma = v.dot(&v).sqrt();
+        if sigma <= 1e-9 {
+            break;
+        }
+        let v = v / sigma;
+        let beta = v.iter().map(|x| x.abs()).sum::<f64>() + 1.0;
+        for c in 0..classes {
+            bias[c] -= sigma * u[c] * beta;
+            for j in 0..d {
+                l[(c, j)] -= sigma * u[c] * v[j];
+            }
+        }
+        units.push((v.to_vec(), beta));
+        cols.push(u * sigma);
+    }
+    let h = k + units.len();
+    let mut out = Array2::<f64>::zeros((h + 1, classes));
+    for i in 0..k {
+        out.row_mut(i).assign(&coef.row(i));
+    }
+    for (i, col) in cols.iter().enumerate() {
+        out.row_mut(k + i).assign(col);
+    }
+    for c in 0..classes {
+        out[(h, c)] = bias[c];
+    }
+    Some((out, units))
+}

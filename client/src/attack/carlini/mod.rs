@@ -31,6 +31,7 @@ use super::progress;
 use super::reference;
 use fit::Hyperplane;
 use fusion_common::fixed::FixedPoint;
+use fusion_common::nn::mnist::PIXELS;
 use fusion_common::nn::{Architecture, LayerSpec, Model, Tensor};
 use ndarray::{Array1, Array2};
 use rand::{Rng, SeedableRng};
@@ -58,6 +59,8 @@ pub struct CarliniConfig {
     pub max_queries: u64,
     /// grouping threshold on |cos| of slope-change directions
     pub min_cos: f64,
+    /// draw lines near the attacker's own images (when given) rather than uniformly
+    pub use_images: bool,
 }
 
 impl Default for CarliniConfig {
@@ -71,6 +74,7 @@ impl Default for CarliniConfig {
             lines_per_round: 64,
             max_queries: 5_000_000,
             min_cos: 0.995,
+            use_images: true,
         }
     }
 }
@@ -165,6 +169,8 @@ pub struct CarliniReport {
     pub plane_rms_max: f64,
     /// smallest sign-decision confidence ratio
     pub sign_confidence_min: f64,
+    /// always-active units added for the linear part of neurons never seen switching
+    pub linear_units: usize,
     /// why collection stopped early (budget), if it did
     pub stopped: Option<OracleError>,
     /// measured figures, if a reference was given and a model was extracted
@@ -233,6 +239,15 @@ pub fn carlini(
     let mut noise = cfg.noise;
     let mut groups: Vec<(Vec<usize>, Vec<f64>)> = Vec::new();
     let mut grouped = 0;
+    let mut last_full = (0usize, 0usize);
+    // The attacker's own real images, if it has some and may use them, guide the lines.
+    let images: Vec<Vec<f64>> = match (cfg.use_images, data) {
+        (true, Some(data)) if d == PIXELS => (0..data.attacker.len())
+            .filter_map(|i| data.attacker.image(i))
+            .map(|img| img.iter().map(|&p| f64::from(p) / 255.0).collect())
+            .collect(),
+        _ => Vec::new(),
+    };
 
     // Phase 1: critical points until every neuron has enough.
     let bar = progress::bar(
@@ -247,7 +262,17 @@ pub fn carlini(
         let count = oracle.remaining().map_or(cfg.lines_per_round, |r| {
             (r / per_line).clamp(1, cfg.lines_per_round as u64) as usize
         });
-        let batch: Vec<Line> = (0..count).map(|_| Line::random(&mut rng, d)).collect();
+        let batch: Vec<Line> = (0..count)
+            .filter_map(|_| {
+                // Three lines in four near the attacker's images (if any), the rest
+                // uniform: some neurons switch only away from the images.
+                if images.is_empty() || rng.random_range(0..4) == 0 {
+                    Some(Line::random(&mut rng, d))
+                } else {
+                    Line::near_images(&mut rng, &images)
+                }
+            })
+            .collect();
         let first = lines.len();
         match search::scan(oracle, &batch, first, params) {
             Ok(scan) => {
@@ -282,7 +307,17 @@ pub fn carlini(
         let enough = sizes
             .get(hidden.saturating_sub(1))
             .is_some_and(|&s| 5 * s >= 3 * per_neuron && 4 * s >= 5 * d);
-        if enough || oracle.queries() >= cfg.max_queries {
+        // Some neurons may never (or almost never) switch inside the cube: stop when no
+        // further group has filled up for a while (half the lines so far, at least 2000).
+        let full = sizes
+            .iter()
+            .filter(|&&s| 5 * s >= 3 * per_neuron && 4 * s >= 5 * d)
+            .count();
+        if full > last_full.0 {
+            last_full = (full, lines.len());
+        }
+        let stalled = full > 0 && lines.len() - last_full.1 >= (lines.len() / 2).max(2000);
+        if enough || stalled || oracle.queries() >= cfg.max_queries {
             break;
         }
     }
@@ -324,6 +359,7 @@ pub fn carlini(
         min_points_per_neuron: planes.iter().map(|p| p.points.len()).min().unwrap_or(0),
         plane_rms_max: planes.iter().map(|p| p.rms).fold(0.0, f64::max),
         sign_confidence_min: 0.0,
+        linear_units: 0,
         stopped,
         metrics: None,
     };
@@ -333,10 +369,27 @@ pub fn carlini(
         let (signs, conf) = fit::signs(&planes, &xs, &ys)
             .ok_or_else(|| CarliniError::Build("sign fit is singular".into()))?;
         report.sign_confidence_min = conf.iter().copied().fold(f64::INFINITY, f64::min);
-        let a = fit::features(&planes, &signs, &xs, false);
-        let out = super::linalg::least_squares(a.view(), ys.view())
-            .ok_or_else(|| CarliniError::Build("last-layer fit is singular".into()))?;
-        Some(build_model(&planes, &signs, &out, d, classes)?)
+        let mut rows: Vec<(Vec<f64>, f64)> = planes
+            .iter()
+            .zip(&signs)
+            .map(|(p, s)| (p.w.iter().map(|v| s * v).collect(), s * p.b))
+            .collect();
+        let free = hidden.saturating_sub(planes.len());
+        let out = if free == 0 {
+            let a = fit::features(&planes, &signs, &xs, false);
+            super::linalg::least_squares(a.view(), ys.view())
+                .ok_or_else(|| CarliniError::Build("last-layer fit is singular".into()))?
+        } else {
+            // Neurons never seen switching act linearly on the whole domain: fit the
+            // logits on relu(z), x and 1, and spend the free hidden units on a rank-`free`
+            // approximation of the linear part (always-active units).
+            let (out, extra) = fit::with_linear_part(&planes, &signs, &xs, &ys, free)
+                .ok_or_else(|| CarliniError::Build("last-layer fit is singular".into()))?;
+            report.linear_units = extra.len();
+            rows.extend(extra);
+            out
+        };
+        Some(build_model(&rows, &out, d, classes)?)
     };
     report.phases.push(Phase {
         name: "signs and last layer (least squares)".into(),
@@ -534,28 +587,22 @@ fn merge_duplicates(planes: &mut Vec<Hyperplane>) {
     }
 }
 
-/// The stolen d-h-c model: rows s_i w_i (unit norm), biases s_i b_i, output layer `out`
-/// (`[h + 1, classes]`: one row per neuron, then the bias).
+/// The stolen d-h-c model: first-layer `rows` (w, b), output layer `out` (`[h + 1,
+/// classes]`: one row per neuron, then the bias).
 fn build_model(
-    planes: &[Hyperplane],
-    signs: &[f64],
+    rows: &[(Vec<f64>, f64)],
     out: &Array2<f64>,
     d: usize,
     classes: usize,
 ) -> Result<Model, CarliniError> {
-    let h = planes.len();
+    let h = rows.len();
     let arch =
         Architecture::mlp(&[d], &[h], classes).map_err(|e| CarliniError::Build(e.to_string()))?;
-    let w1: Vec<f32> = planes
+    let w1: Vec<f32> = rows
         .iter()
-        .zip(signs)
-        .flat_map(|(p, s)| p.w.iter().map(move |v| (s * v) as f32))
+        .flat_map(|(w, _)| w.iter().map(|&v| v as f32))
         .collect();
-    let b1: Vec<f32> = planes
-        .iter()
-        .zip(signs)
-        .map(|(p, s)| (s * p.b) as f32)
-        .collect();
+    let b1: Vec<f32> = rows.iter().map(|(_, b)| *b as f32).collect();
     let w2: Vec<f32> = (0..classes)
         .flat_map(|c| (0..h).map(move |i| out[(i, c)] as f32))
         .collect();

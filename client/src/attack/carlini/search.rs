@@ -45,6 +45,28 @@ impl Line {
         Self { x0, u }
     }
 
+    /// A line between two points near the attacker's own images: each endpoint is
+    /// (1 - a) x + a U with x a random image of `images`, U uniform in [0, 1]^d and a
+    /// uniform in [0, 0.6]. Networks trained on sparse images switch their neurons near
+    /// such images, not around dense random points (where most first-layer neurons of an
+    /// MNIST model are always on or always off); the noise term spreads the critical
+    /// points over every pixel, border pixels included, for the hyperplane fits.
+    pub(crate) fn near_images(rng: &mut impl Rng, images: &[Vec<f64>]) -> Option<Self> {
+        let mut end = || -> Option<Vec<f64>> {
+            let img = images.get(rng.random_range(0..images.len().max(1)))?;
+            let a: f64 = rng.random_range(0.0..0.6);
+            Some(
+                img.iter()
+                    .map(|&v| ((1.0 - a) * v + a * rng.random::<f64>()).clamp(0.0, 1.0))
+                    .collect(),
+            )
+        };
+        let x0 = end()?;
+        let x1 = end()?;
+        let u = x1.iter().zip(&x0).map(|(b, a)| b - a).collect();
+        Some(Self { x0, u })
+    }
+
     /// The point x(t), clamped to [0, 1].
     pub(crate) fn at(&self, t: f64) -> Vec<f64> {
         self.x0

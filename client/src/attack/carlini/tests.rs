@@ -235,3 +235,82 @@ fn diagnose_scan() {
         eprintln!("groups: {sizes:?}");
     }
 }
+
+#[test]
+#[ignore]
+fn diagnose_real_model_crossings() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = Model::load(root.join("models/mnist-784-32-10.safetensors")).unwrap();
+    let test = fusion_common::nn::mnist::load(
+        root.join("data/mnist"),
+        fusion_common::nn::mnist::Split::Test,
+    )
+    .unwrap();
+    let images: Vec<Vec<f64>> = (1000..2000)
+        .map(|i| {
+            test.image(i)
+                .unwrap()
+                .iter()
+                .map(|&p| f64::from(p) / 255.0)
+                .collect()
+        })
+        .collect();
+    let (w, b) = (0..4).find_map(|i| model.dense(i)).unwrap();
+    let h = w.nrows();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for kind in ["random", "images", "mixed"] {
+        let mut per_neuron = vec![0usize; h];
+        for _ in 0..2000 {
+            let l = match kind {
+                "random" => Line::random(&mut rng, 784),
+                "images" => Line::near_images(&mut rng, &images).unwrap(),
+                _ => {
+                    let a = Line::near_images(&mut rng, &images).unwrap();
+                    let b = Line::random(&mut rng, 784);
+                    let x1: Vec<f64> = b.x0.clone();
+                    let u = x1.iter().zip(&a.x0).map(|(p, q)| p - q).collect();
+                    Line { x0: a.x0, u }
+                }
+            };
+            let x1: Vec<f64> = l.x0.iter().zip(&l.u).map(|(a, u)| a + u).collect();
+            for i in 0..h {
+                let z = |x: &[f64]| {
+                    w.row(i)
+                        .iter()
+                        .zip(x)
+                        .map(|(a, b)| f64::from(*a) * b)
+                        .sum::<f64>()
+                        + f64::from(b[i])
+                };
+                if (z(&l.x0) > 0.0) != (z(&x1) > 0.0) {
+                    per_neuron[i] += 1;
+                }
+            }
+        }
+        if kind == "mixed" {
+            for (i, &c) in per_neuron.iter().enumerate().filter(|(_, c)| **c < 40) {
+                let row = w.row(i);
+                let lo: f64 =
+                    f64::from(b[i]) + row.iter().map(|&v| f64::from(v.min(0.0))).sum::<f64>();
+                let hi: f64 =
+                    f64::from(b[i]) + row.iter().map(|&v| f64::from(v.max(0.0))).sum::<f64>();
+                let zs: Vec<f64> = images
+                    .iter()
+                    .map(|x| {
+                        row.iter()
+                            .zip(x)
+                            .map(|(a, b)| f64::from(*a) * b)
+                            .sum::<f64>()
+                            + f64::from(b[i])
+                    })
+                    .collect();
+                let on = zs.iter().filter(|&&z| z > 0.0).count();
+                eprintln!(
+                    "neuron {i}: {c} crossings, z over the cube in [{lo:.2}, {hi:.2}], active on {on}/1000 images"
+                );
+            }
+        }
+        per_neuron.sort_unstable();
+        eprintln!("{kind}: crossings per neuron over 2000 lines {per_neuron:?}");
+    }
+}
