@@ -225,6 +225,10 @@ pub fn plot(path: &Path, runs: &[RunRecord]) -> anyhow::Result<()> {
         RGBColor(140, 86, 75),
         RGBColor(23, 190, 207),
         RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(227, 119, 194),
+        RGBColor(0, 0, 0),
+        RGBColor(0, 90, 50),
     ];
     for (i, r) in runs.iter().filter(|r| !r.curve.is_empty()).enumerate() {
         let color = palette[i % palette.len()];
@@ -277,14 +281,14 @@ pub fn plot(path: &Path, runs: &[RunRecord]) -> anyhow::Result<()> {
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     // Runs without a curve (refused, e.g. extraction against labels only) as notes.
-    let mut y = 60;
+    let mut y = 330;
     for r in runs.iter().filter(|r| r.curve.is_empty()) {
         let model = Path::new(&r.model)
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let outcome = r.outcome.as_deref().unwrap_or("no result");
-        let short: String = outcome.chars().take(60).collect();
+        let short: String = outcome.chars().take(64).collect();
         let text = format!(
             "{} {} ({}): {} queries, {short}",
             r.attack, model, r.policy, r.queries
@@ -295,7 +299,7 @@ pub fn plot(path: &Path, runs: &[RunRecord]) -> anyhow::Result<()> {
             (90, y),
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-        y += 18;
+        y += 16;
     }
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())

@@ -192,6 +192,9 @@ pub(crate) fn signs(
     Some((signs, conf))
 }
 
+/// A first-layer unit: its row and bias.
+pub(crate) type Unit = (Vec<f64>, f64);
+
 /// The last layer when `free` hidden units were not found: least squares of the logits
 /// on relu(z_i), x and 1; the linear part L (classes x d) is approximated with rank
 /// `free` (power iteration on L L^T, deflated), each component sigma u v^T becoming an
@@ -204,7 +207,7 @@ pub(crate) fn with_linear_part(
     xs: &[Vec<f64>],
     ys: &Array2<f64>,
     free: usize,
-) -> Option<(Array2<f64>, Vec<(Vec<f64>, f64)>)> {
+) -> Option<(Array2<f64>, Vec<Unit>)> {
     let k = planes.len();
     let d = xs.first()?.len();
     let classes = ys.ncols();

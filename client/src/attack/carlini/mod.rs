@@ -399,7 +399,8 @@ pub fn carlini(
     report.seconds = start.elapsed().as_secs_f64();
     if let (Some(m), Some((v, ar))) = (&model, victim) {
         report.metrics = Some(
-            measure(m, v, ar, data, cfg.seed).map_err(|e| CarliniError::Build(e.to_string()))?,
+            measure(m, v, ar, data, cfg.seed, report.neurons_found)
+                .map_err(|e| CarliniError::Build(e.to_string()))?,
         );
     }
     Ok(Extraction { report, model })
@@ -626,6 +627,7 @@ pub fn measure(
     arithmetic: Arithmetic,
     data: Option<&AttackData>,
     seed: u64,
+    planes: usize,
 ) -> anyhow::Result<Metrics> {
     let d = victim.architecture().input_len();
     let n = 10_000;
@@ -669,13 +671,21 @@ pub fn measure(
         out_bias_error_max: 0.0,
         wrong_signs: 0,
     };
-    param_errors(stolen, victim, arithmetic, &mut m);
+    param_errors(stolen, victim, arithmetic, planes, &mut m);
     Ok(m)
 }
 
 /// Parameter errors after aligning neurons: each victim neuron is matched to the
-/// extracted row with the largest |cos|; the scale is the least-squares lambda.
-fn param_errors(stolen: &Model, victim: &Model, arithmetic: Arithmetic, m: &mut Metrics) {
+/// extracted row (among the first `planes`, those recovered from critical points; the
+/// always-active units that stand for unseen neurons are left out) with the largest
+/// |cos|; the scale is the least-squares lambda.
+fn param_errors(
+    stolen: &Model,
+    victim: &Model,
+    arithmetic: Arithmetic,
+    planes: usize,
+    m: &mut Metrics,
+) {
     let v = reference::dense_layers(victim, arithmetic);
     let s = reference::dense_layers(stolen, Arithmetic::F32);
     let ([(w1, b1), (w2, b2)], [(sw1, sb1), (sw2, sb2)]) = (v.as_slice(), s.as_slice()) else {
@@ -686,7 +696,7 @@ fn param_errors(stolen: &Model, victim: &Model, arithmetic: Arithmetic, m: &mut 
     for i in 0..w1.nrows() {
         let wi = w1.row(i);
         let ni = wi.dot(&wi).sqrt();
-        let best = (0..sw1.nrows())
+        let best = (0..sw1.nrows().min(planes))
             .filter(|&k| !used[k])
             .map(|k| {
                 let wk = sw1.row(k);
