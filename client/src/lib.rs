@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod attack;
 pub mod bench;
 pub mod client;
 pub mod demo;

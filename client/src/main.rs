@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
+use fusion_client::attack;
 use fusion_client::{bench, demo, info_cmd, tune_cmd};
 
 /// Fusion client: secure inference against a Fusion server over mutual TLS.
@@ -24,6 +25,9 @@ enum Command {
     /// Fusion parameters: the exact escape probability of a cheating server and the
     /// cheapest (T, R) for a target.
     Tune(tune_cmd::TuneArgs),
+    /// Model-extraction attacks (Papernot substitute training; Carlini-Jagielski-Mironov
+    /// cryptanalytic extraction) against an oracle, with reports.
+    Attack(attack::AttackArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +50,6 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Tune(args) => tune_cmd::run(&args),
+        Command::Attack(args) => attack::run(args),
     }
 }

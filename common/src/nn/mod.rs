@@ -17,6 +17,7 @@ mod arch;
 mod digest;
 mod eval;
 mod file;
+mod grad;
 pub mod mnist;
 mod model;
 mod pool;

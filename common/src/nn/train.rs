@@ -278,6 +278,21 @@ pub fn train(
     x: ArrayView2<'_, f32>,
     y: &[u8],
 ) -> Result<Trained, TrainError> {
+    train_from(config, input_shape, classes, x, y, None)
+}
+
+/// As [`train`], but starting from the parameters `init` (per layer, in
+/// `LayerSpec::params` order, as in [`Trained::params`]) instead of a fresh He
+/// initialisation when given (warm start, e.g. substitute training that continues across
+/// rounds on a growing dataset). The Adam moments start at zero either way.
+pub fn train_from(
+    config: &TrainConfig,
+    input_shape: &[usize],
+    classes: usize,
+    x: ArrayView2<'_, f32>,
+    y: &[u8],
+    init: Option<&[Vec<Tensor>]>,
+) -> Result<Trained, TrainError> {
     let architecture = Architecture::mlp(input_shape, &config.hidden, classes)?;
     if x.nrows() != y.len() || y.is_empty() {
         return Err(TrainError::Data {
@@ -332,6 +347,9 @@ pub fn train(
         .windows(2)
         .map(|w| Layer::he(w[0], w[1], &mut rng))
         .collect();
+    if let Some(init) = init {
+        warm_start(&mut layers, &architecture, init)?;
+    }
 
     let n = y.len();
     let steps_per_epoch = n.div_ceil(config.batch);
@@ -444,6 +462,26 @@ pub fn train(
         record,
         steps: step,
     })
+}
+
+/// Overwrites freshly initialised layers with the parameters `init` (checked against the
+/// architecture).
+fn warm_start(
+    layers: &mut [Layer],
+    architecture: &Architecture,
+    init: &[Vec<Tensor>],
+) -> Result<(), TrainError> {
+    super::model::check_params(architecture, init)
+        .map_err(|e| TrainError::Config(format!("initial parameters: {e}")))?;
+    let dense = init.iter().filter(|t| !t.is_empty());
+    for (layer, tensors) in layers.iter_mut().zip(dense) {
+        if let [w, b] = tensors.as_slice() {
+            layer.w = Array2::from_shape_vec(layer.w.raw_dim(), w.data().to_vec())
+                .map_err(|e| TrainError::Config(format!("initial weights: {e}")))?;
+            layer.b = Array1::from(b.data().to_vec());
+        }
+    }
+    Ok(())
 }
 
 /// One forward/backward pass and Adam update; returns the batch's loss and correct count.

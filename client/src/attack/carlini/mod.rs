@@ -1,0 +1,734 @@
+//! Carlini, Jagielski, Mironov, "Cryptanalytic Extraction of Neural Network Models"
+//! (CRYPTO 2020, arXiv 2003.04884), against an oracle that returns logits rounded to the
+//! fixed-point scale of the service.
+//!
+//! ```text
+//! refuse at once unless the oracle returns logits
+//! repeat (rounds of `lines_per_round` random lines through [0,1]^d):
+//!     critical points along each line                          search.rs (§4.1)
+//!     group them by the direction of the slope change (neuron)   fit.rs
+//! until `hidden` groups hold `points_per_neuron` points each (or the query cap / budget)
+//! first layer: each group's hyperplane by total least squares, points re-assigned to the
+//!     plane they lie on, outliers dropped, duplicates merged       fit.rs (§4.2, precision)
+//! signs: one least-squares fit on relu(z), z, 1                  fit.rs (§4.3)
+//! last layer: least squares on relu(z), 1                          fit.rs (§4.4)
+//! ```
+//! Scope: networks with one hidden layer (d-h-c). For deeper networks the grouping by
+//! slope-change direction does not hold for the first layer (the change depends on the
+//! later layers' activation pattern); the attack refuses them (`CarliniError::Depth`).
+//! Rounding: every threshold is a multiple of `noise` (one output quantum 2^-f by
+//! default), slopes come from whole clean cells of the line, and precision comes from
+//! many points per hyperplane rather than from small finite-difference steps.
+
+mod fit;
+mod search;
+#[cfg(test)]
+mod tests;
+
+use super::data::{Arithmetic, AttackData, score};
+use super::oracle::{Oracle, OracleError, OutputMode, argmax_f64};
+use super::progress;
+use super::reference;
+use fit::Hyperplane;
+use fusion_common::fixed::FixedPoint;
+use fusion_common::nn::mnist::PIXELS;
+use fusion_common::nn::{Architecture, LayerSpec, Model, Tensor};
+use ndarray::{Array1, Array2};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use search::{Kink, Line, SearchParams};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Settings of the extraction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CarliniConfig {
+    /// seed of the random lines
+    pub seed: u64,
+    /// samples per line at the first level of the search
+    pub grid: usize,
+    /// subdivision levels of the search
+    pub max_depth: usize,
+    /// the output noise scale (absolute, in logits); 2^-f for a fixed-point service
+    pub noise: f64,
+    /// critical points to collect per neuron (0: twice the input length)
+    pub points_per_neuron: usize,
+    /// lines per round
+    pub lines_per_round: usize,
+    /// stop collecting after this many rows (the budget may stop it earlier)
+    pub max_queries: u64,
+    /// grouping threshold on |cos| of slope-change directions
+    pub min_cos: f64,
+    /// draw lines near the attacker's own images (when given) rather than uniformly
+    pub use_images: bool,
+}
+
+impl Default for CarliniConfig {
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            grid: 64,
+            max_depth: 6,
+            noise: 2f64.powi(-12),
+            points_per_neuron: 0,
+            lines_per_round: 64,
+            max_queries: 5_000_000,
+            min_cos: 0.995,
+            use_images: true,
+        }
+    }
+}
+
+/// Why the extraction could not run or complete.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CarliniError {
+    /// The oracle gives labels only: the attack needs logits and stops at once.
+    #[error(
+        "the Carlini-Jagielski-Mironov extraction needs logits, and this oracle returns labels \
+         only (the defended policy): attack refused, no query sent"
+    )]
+    LabelsOnly,
+    /// The architecture is not one the attack handles.
+    #[error("extraction handles one hidden layer (d-h-c); the model is {0}")]
+    Depth(String),
+    /// The oracle failed for another reason than the budget.
+    #[error(transparent)]
+    Oracle(OracleError),
+    /// Building the stolen model failed.
+    #[error("building the extracted model: {0}")]
+    Build(String),
+}
+
+/// One phase's cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Phase {
+    /// name
+    pub name: String,
+    /// rows charged during the phase
+    pub queries: u64,
+    /// wall time
+    pub seconds: f64,
+}
+
+/// What the extraction achieved, measured against the victim (reference copy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// random inputs compared
+    pub random_inputs: usize,
+    /// max |logit error| over random inputs in [0,1]^d and all classes
+    pub max_logit_error: f64,
+    /// mean |logit error|
+    pub mean_logit_error: f64,
+    /// top-1 agreement on the random inputs
+    pub random_agreement: f64,
+    /// top-1 agreement on held-out MNIST images (if MNIST-shaped)
+    pub mnist_agreement: Option<f64>,
+    /// accuracy on held-out MNIST images (if MNIST-shaped)
+    pub mnist_accuracy: Option<f64>,
+    /// victim neurons matched by an extracted one
+    pub matched_neurons: usize,
+    /// hidden width of the victim
+    pub victim_neurons: usize,
+    /// max over matched neurons of |lambda w_hat - w| / |w| (after aligning permutation and scale)
+    pub row_rel_error_max: f64,
+    /// mean of the same
+    pub row_rel_error_mean: f64,
+    /// max |lambda b_hat - b| / |w|
+    pub bias_error_max: f64,
+    /// max over matched neurons of the relative error of the output column
+    pub out_col_rel_error_max: f64,
+    /// max |b2_hat - b2|
+    pub out_bias_error_max: f64,
+    /// matched neurons whose sign came out wrong
+    pub wrong_signs: usize,
+}
+
+/// The outcome of the extraction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CarliniReport {
+    /// the settings
+    pub config: CarliniConfig,
+    /// rows charged in all
+    pub queries: u64,
+    /// wall time
+    pub seconds: f64,
+    /// phases
+    pub phases: Vec<Phase>,
+    /// lines scanned
+    pub lines: usize,
+    /// critical points found
+    pub critical_points: usize,
+    /// hidden width (public architecture)
+    pub hidden: usize,
+    /// first-layer neurons recovered
+    pub neurons_found: usize,
+    /// critical points per recovered neuron (min)
+    pub min_points_per_neuron: usize,
+    /// rms distance of critical points to their fitted hyperplane (input units), max over neurons
+    pub plane_rms_max: f64,
+    /// smallest sign-decision confidence ratio
+    pub sign_confidence_min: f64,
+    /// always-active units added for the linear part of neurons never seen switching
+    pub linear_units: usize,
+    /// why collection stopped early (budget), if it did
+    pub stopped: Option<OracleError>,
+    /// measured figures, if a reference was given and a model was extracted
+    pub metrics: Option<Metrics>,
+}
+
+/// The extraction's result: the report and the stolen model (if one was built).
+#[derive(Debug)]
+pub struct Extraction {
+    /// figures
+    pub report: CarliniReport,
+    /// the extracted f32 model
+    pub model: Option<Model>,
+}
+
+/// The hidden width of a d-h-c MLP architecture.
+fn one_hidden(arch: &Architecture) -> Result<usize, CarliniError> {
+    let dense: Vec<(usize, usize)> = arch
+        .layers()
+        .iter()
+        .filter_map(|l| match *l {
+            LayerSpec::Dense { inputs, outputs } => Some((inputs, outputs)),
+            _ => None,
+        })
+        .collect();
+    match dense.as_slice() {
+        [(_, h), _] => Ok(*h),
+        _ => Err(CarliniError::Depth(arch.to_string())),
+    }
+}
+
+/// Runs the extraction against `oracle`, for the public architecture `arch`. Figures are
+/// measured against `victim` (a reference copy, never queried) in `arithmetic` if given;
+/// `data` adds MNIST agreement and accuracy.
+pub fn carlini(
+    oracle: &mut dyn Oracle,
+    arch: &Architecture,
+    cfg: &CarliniConfig,
+    victim: Option<(&Model, Arithmetic)>,
+    data: Option<&AttackData>,
+    show_progress: bool,
+) -> Result<Extraction, CarliniError> {
+    // Refuse before sending anything: the attack is meaningless on labels.
+    if oracle.mode() == OutputMode::Labels {
+        return Err(CarliniError::LabelsOnly);
+    }
+    let hidden = one_hidden(arch)?;
+    let d = oracle.input_len();
+    let start = Instant::now();
+    let per_neuron = if cfg.points_per_neuron == 0 {
+        2 * d
+    } else {
+        cfg.points_per_neuron
+    };
+    let params = SearchParams {
+        grid: cfg.grid,
+        max_depth: cfg.max_depth,
+        noise: cfg.noise,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut lines: Vec<Line> = Vec::new();
+    let mut kinks: Vec<Kink> = Vec::new();
+    let mut samples: Vec<(usize, f64, Vec<f64>)> = Vec::new();
+    let mut stopped = None;
+    let mut phases = Vec::new();
+    let mut noise = cfg.noise;
+    let mut groups: Vec<(Vec<usize>, Vec<f64>)> = Vec::new();
+    let mut grouped = 0;
+    let mut last_full = (0usize, 0usize);
+    // The attacker's own real images, if it has some and may use them, guide the lines.
+    let images: Vec<Vec<f64>> = match (cfg.use_images, data) {
+        (true, Some(data)) if d == PIXELS => (0..data.attacker.len())
+            .filter_map(|i| data.attacker.image(i))
+            .map(|img| img.iter().map(|&p| f64::from(p) / 255.0).collect())
+            .collect(),
+        _ => Vec::new(),
+    };
+
+    // Phase 1: critical points until every neuron has enough.
+    let bar = progress::bar(
+        show_progress,
+        (hidden * per_neuron) as u64,
+        "critical points",
+    );
+    loop {
+        // Near the end of a budget, smaller rounds: a round cut short by the budget is
+        // lost, so spend the last rows a few lines at a time.
+        let per_line = 2 * cfg.grid.max(4) as u64;
+        let count = oracle.remaining().map_or(cfg.lines_per_round, |r| {
+            (r / per_line).clamp(1, cfg.lines_per_round as u64) as usize
+        });
+        let batch: Vec<Line> = (0..count)
+            .filter_map(|_| {
+                // Three lines in four near the attacker's images (if any), the rest
+                // uniform: some neurons switch only away from the images.
+                if images.is_empty() || rng.random_range(0..4) == 0 {
+                    Some(Line::random(&mut rng, d))
+                } else {
+                    Line::near_images(&mut rng, &images)
+                }
+            })
+            .collect();
+        let first = lines.len();
+        match search::scan(oracle, &batch, first, params) {
+            Ok(scan) => {
+                noise = noise.max(scan.noise);
+                lines.extend(batch);
+                kinks.extend(scan.kinks);
+                samples.extend(scan.samples);
+            }
+            Err(e @ OracleError::BudgetExhausted { .. }) => {
+                stopped = Some(e);
+                break;
+            }
+            Err(OracleError::LabelsOnly) => return Err(CarliniError::LabelsOnly),
+            Err(e) => return Err(CarliniError::Oracle(e)),
+        }
+        // Incremental grouping of the new critical points (the final fit regroups all).
+        let sigs = signatures(&kinks[grouped..], grouped, noise);
+        grouped = kinks.len();
+        fit::group_into(&mut groups, &sigs, cfg.min_cos, 8 * hidden + 32);
+        let mut sizes: Vec<usize> = groups.iter().map(|g| g.0.len()).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let covered: usize = sizes.iter().take(hidden).map(|&s| s.min(per_neuron)).sum();
+        bar.set_position(covered as u64);
+        bar.set_message(format!(
+            "{} lines, {} critical points, {} rows",
+            lines.len(),
+            kinks.len(),
+            oracle.queries()
+        ));
+        // Grouping by direction is strict; re-assignment to the fitted planes later adds
+        // the rest of each neuron's points (typically as many again).
+        let enough = sizes
+            .get(hidden.saturating_sub(1))
+            .is_some_and(|&s| 5 * s >= 3 * per_neuron && 4 * s >= 5 * d);
+        // Some neurons may never (or almost never) switch inside the cube: stop when no
+        // further group has filled up for a while (half the lines so far, at least 2000).
+        let full = sizes
+            .iter()
+            .filter(|&&s| 5 * s >= 3 * per_neuron && 4 * s >= 5 * d)
+            .count();
+        if full > last_full.0 {
+            last_full = (full, lines.len());
+        }
+        let stalled = full > 0 && lines.len() - last_full.1 >= (lines.len() / 2).max(2000);
+        if enough || stalled || oracle.queries() >= cfg.max_queries {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    phases.push(Phase {
+        name: "critical points".into(),
+        queries: oracle.queries(),
+        seconds: start.elapsed().as_secs_f64(),
+    });
+
+    // Phase 2: hyperplanes.
+    let t2 = Instant::now();
+    let planes = fit_planes(&lines, &kinks, cfg, d, hidden, noise, show_progress);
+    phases.push(Phase {
+        name: "first layer (hyperplanes)".into(),
+        queries: 0,
+        seconds: t2.elapsed().as_secs_f64(),
+    });
+
+    // Phase 3: signs and the last layer, from the samples already taken.
+    let t3 = Instant::now();
+    // At most 20,000 samples (every k-th) are plenty for fits of 2h + 1 unknowns.
+    let stride = samples.len().div_ceil(20_000).max(1);
+    let samples: Vec<(usize, f64, Vec<f64>)> = samples.into_iter().step_by(stride).collect();
+    let xs: Vec<Vec<f64>> = samples.iter().map(|(l, t, _)| lines[*l].at(*t)).collect();
+    let classes = oracle.classes();
+    let ys = Array2::from_shape_fn((samples.len(), classes), |(r, c)| {
+        samples[r].2.get(c).copied().unwrap_or(0.0)
+    });
+    let mut report = CarliniReport {
+        config: cfg.clone(),
+        queries: oracle.queries(),
+        seconds: 0.0,
+        phases,
+        lines: lines.len(),
+        critical_points: kinks.len(),
+        hidden,
+        neurons_found: planes.len(),
+        min_points_per_neuron: planes.iter().map(|p| p.points.len()).min().unwrap_or(0),
+        plane_rms_max: planes.iter().map(|p| p.rms).fold(0.0, f64::max),
+        sign_confidence_min: 0.0,
+        linear_units: 0,
+        stopped,
+        metrics: None,
+    };
+    let model = if planes.is_empty() || xs.is_empty() {
+        None
+    } else {
+        let (signs, conf) = fit::signs(&planes, &xs, &ys)
+            .ok_or_else(|| CarliniError::Build("sign fit is singular".into()))?;
+        report.sign_confidence_min = conf.iter().copied().fold(f64::INFINITY, f64::min);
+        let mut rows: Vec<(Vec<f64>, f64)> = planes
+            .iter()
+            .zip(&signs)
+            .map(|(p, s)| (p.w.iter().map(|v| s * v).collect(), s * p.b))
+            .collect();
+        let free = hidden.saturating_sub(planes.len());
+        let out = if free == 0 {
+            let a = fit::features(&planes, &signs, &xs, false);
+            super::linalg::least_squares(a.view(), ys.view())
+                .ok_or_else(|| CarliniError::Build("last-layer fit is singular".into()))?
+        } else {
+            // Neurons never seen switching act linearly on the whole domain: fit the
+            // logits on relu(z), x and 1, and spend the free hidden units on a rank-`free`
+            // approximation of the linear part (always-active units).
+            let (out, extra) = fit::with_linear_part(&planes, &signs, &xs, &ys, free)
+                .ok_or_else(|| CarliniError::Build("last-layer fit is singular".into()))?;
+            report.linear_units = extra.len();
+            rows.extend(extra);
+            out
+        };
+        Some(build_model(&rows, &out, d, classes)?)
+    };
+    report.phases.push(Phase {
+        name: "signs and last layer (least squares)".into(),
+        queries: 0,
+        seconds: t3.elapsed().as_secs_f64(),
+    });
+    report.seconds = start.elapsed().as_secs_f64();
+    if let (Some(m), Some((v, ar))) = (&model, victim) {
+        report.metrics = Some(
+            measure(m, v, ar, data, cfg.seed, report.neurons_found)
+                .map_err(|e| CarliniError::Build(e.to_string()))?,
+        );
+    }
+    Ok(Extraction { report, model })
+}
+
+/// The most critical points one hyperplane fit uses.
+const MAX_FIT_POINTS: usize = 4096;
+
+/// Groups the critical points with a clear slope change by its direction.
+fn group_kinks(
+    kinks: &[Kink],
+    cfg: &CarliniConfig,
+    hidden: usize,
+    noise: f64,
+) -> Vec<(Vec<usize>, Vec<f64>)> {
+    fit::group(&signatures(kinks, 0, noise), cfg.min_cos, 8 * hidden + 32)
+}
+
+/// The signatures of the refined critical points with a clear slope change, indexed from
+/// `offset`.
+fn signatures(kinks: &[Kink], offset: usize, noise: f64) -> Vec<(usize, Vec<f64>)> {
+    let floor = 64.0 * noise;
+    kinks
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| k.refined && k.ds.iter().map(|v| v * v).sum::<f64>().sqrt() > floor)
+        .filter_map(|(i, k)| fit::signature(&k.ds).map(|s| (offset + i, s)))
+        .collect()
+}
+
+/// Fits a hyperplane to each large group, re-assigns points to the plane they lie on,
+/// drops outliers, merges duplicates, refits.
+fn fit_planes(
+    lines: &[Line],
+    kinks: &[Kink],
+    cfg: &CarliniConfig,
+    d: usize,
+    hidden: usize,
+    noise: f64,
+    show_progress: bool,
+) -> Vec<Hyperplane> {
+    let groups = group_kinks(kinks, cfg, hidden, noise);
+    let mut planes: Vec<Hyperplane> = Vec::new();
+    let mut order: Vec<&(Vec<usize>, Vec<f64>)> =
+        groups.iter().filter(|g| g.0.len() > d + 1).collect();
+    order.sort_by_key(|g| std::cmp::Reverse(g.0.len()));
+    let bar = progress::bar(
+        show_progress,
+        order.len() as u64 + hidden as u64,
+        "hyperplanes",
+    );
+    for (members, sig) in order {
+        if let Some(p) = plane_from(lines, kinks, members, None) {
+            planes.push(Hyperplane {
+                sig: sig.clone(),
+                ..p
+            });
+        }
+        bar.inc(1);
+    }
+    // Merge duplicates (a neuron whose points were split between groups).
+    merge_duplicates(&mut planes);
+    // Re-assign every point to the nearest plane (in units of that plane's rms), refit.
+    {
+        let assign = assign_points(lines, kinks, &planes);
+        let mut next = Vec::new();
+        for (p, members) in planes.iter().zip(assign) {
+            match plane_from(lines, kinks, &members, Some(&p.w)) {
+                Some(q) => next.push(Hyperplane {
+                    sig: p.sig.clone(),
+                    ..q
+                }),
+                None => next.push(p.clone()),
+            }
+            bar.inc(1);
+        }
+        planes = next;
+        merge_duplicates(&mut planes);
+    }
+    bar.finish_and_clear();
+    // The architecture is public: keep at most `hidden` planes, the best supported.
+    planes.sort_by_key(|p| std::cmp::Reverse(p.points.len()));
+    planes.truncate(hidden);
+    planes
+}
+
+/// The plane through the critical points `members`, with outliers (more than 4 times
+/// the median distance) dropped once.
+fn plane_from(
+    lines: &[Line],
+    kinks: &[Kink],
+    members: &[usize],
+    start: Option<&Array1<f64>>,
+) -> Option<Hyperplane> {
+    let members: Vec<usize> = members.iter().copied().take(MAX_FIT_POINTS).collect();
+    let members = members.as_slice();
+    let pts: Vec<Vec<f64>> = members
+        .iter()
+        .filter_map(|&i| kinks.get(i))
+        .filter_map(|k| lines.get(k.line).map(|l| l.at(k.t)))
+        .collect();
+    let refs: Vec<&[f64]> = pts.iter().map(Vec::as_slice).collect();
+    let (w, b, _) = fit::fit_plane(&refs, start)?;
+    let dist: Vec<f64> = pts
+        .iter()
+        .map(|p| (w.iter().zip(p).map(|(a, x)| a * x).sum::<f64>() + b).abs())
+        .collect();
+    let mut sorted = dist.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let keep: Vec<usize> = members
+        .iter()
+        .zip(&dist)
+        .filter(|&(_, &z)| z <= 4.0 * median.max(1e-12))
+        .map(|(&i, _)| i)
+        .collect();
+    let kept: Vec<&[f64]> = pts
+        .iter()
+        .zip(&dist)
+        .filter(|&(_, &z)| z <= 4.0 * median.max(1e-12))
+        .map(|(p, _)| p.as_slice())
+        .collect();
+    let (w, b, rms) = fit::fit_plane(&kept, Some(&w))?;
+    Some(Hyperplane {
+        w,
+        b,
+        points: keep,
+        sig: Vec::new(),
+        rms,
+    })
+}
+
+/// For every critical point, the plane it lies on (distance under 6 rms of that plane,
+/// the nearest such), as member lists per plane.
+fn assign_points(lines: &[Line], kinks: &[Kink], planes: &[Hyperplane]) -> Vec<Vec<usize>> {
+    // z = w.x0 + t w.u + b per line: precompute w.x0 and w.u.
+    let per_line: Vec<Vec<(f64, f64)>> = lines
+        .iter()
+        .map(|l| {
+            planes
+                .iter()
+                .map(|p| {
+                    let a: f64 = p.w.iter().zip(&l.x0).map(|(w, x)| w * x).sum();
+                    let s: f64 = p.w.iter().zip(&l.u).map(|(w, u)| w * u).sum();
+                    (a + p.b, s)
+                })
+                .collect()
+        })
+        .collect();
+    let mut out = vec![Vec::new(); planes.len()];
+    for (i, k) in kinks.iter().enumerate() {
+        let Some(row) = per_line.get(k.line) else {
+            continue;
+        };
+        let best = row
+            .iter()
+            .zip(planes)
+            .enumerate()
+            .map(|(j, (&(a, s), p))| (j, (a + k.t * s).abs() / p.rms.max(1e-6)))
+            .filter(|&(_, r)| r < 6.0)
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((j, _)) = best {
+            out[j].push(i);
+        }
+    }
+    out
+}
+
+/// Merges planes with the same normal (|cos| > 0.999) and offset.
+fn merge_duplicates(planes: &mut Vec<Hyperplane>) {
+    let mut i = 0;
+    while i < planes.len() {
+        let mut j = i + 1;
+        while j < planes.len() {
+            let c = planes[i].w.dot(&planes[j].w);
+            let db = (planes[i].b - c.signum() * planes[j].b).abs();
+            if c.abs() > 0.999 && db < 0.01 {
+                let q = planes.remove(j);
+                planes[i].points.extend(q.points);
+            } else {
+                j += 1;
+            }
+        }
+        i += 1;
+    }
+}
+
+/// The stolen d-h-c model: first-layer `rows` (w, b), output layer `out` (`[h + 1,
+/// classes]`: one row per neuron, then the bias).
+fn build_model(
+    rows: &[(Vec<f64>, f64)],
+    out: &Array2<f64>,
+    d: usize,
+    classes: usize,
+) -> Result<Model, CarliniError> {
+    let h = rows.len();
+    let arch =
+        Architecture::mlp(&[d], &[h], classes).map_err(|e| CarliniError::Build(e.to_string()))?;
+    let w1: Vec<f32> = rows
+        .iter()
+        .flat_map(|(w, _)| w.iter().map(|&v| v as f32))
+        .collect();
+    let b1: Vec<f32> = rows.iter().map(|(_, b)| *b as f32).collect();
+    let w2: Vec<f32> = (0..classes)
+        .flat_map(|c| (0..h).map(move |i| out[(i, c)] as f32))
+        .collect();
+    let b2: Vec<f32> = (0..classes).map(|c| out[(h, c)] as f32).collect();
+    let t = |shape: Vec<usize>, v: Vec<f32>| {
+        Tensor::new(shape, v).map_err(|e| CarliniError::Build(e.to_string()))
+    };
+    let params = vec![
+        vec![t(vec![h, d], w1)?, t(vec![h], b1)?],
+        Vec::new(),
+        vec![t(vec![classes, h], w2)?, t(vec![classes], b2)?],
+    ];
+    let fp = FixedPoint::new(62, 12).map_err(|e| CarliniError::Build(e.to_string()))?;
+    Model::new(arch, params, fp).map_err(|e| CarliniError::Build(e.to_string()))
+}
+
+/// Figures of the stolen model against the victim (reference copy, not queried).
+pub fn measure(
+    stolen: &Model,
+    victim: &Model,
+    arithmetic: Arithmetic,
+    data: Option<&AttackData>,
+    seed: u64,
+    planes: usize,
+) -> anyhow::Result<Metrics> {
+    let d = victim.architecture().input_len();
+    let n = 10_000;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let xs: Vec<Vec<f32>> = (0..n)
+        .map(|_| (0..d).map(|_| rng.random::<f32>()).collect())
+        .collect();
+    let truth = reference::logits(victim, arithmetic, &xs)?;
+    let got = reference::logits(stolen, Arithmetic::F32, &xs)?;
+    let (mut max, mut sum, mut cnt, mut agree) = (0.0f64, 0.0f64, 0usize, 0usize);
+    for (a, b) in truth.iter().zip(&got) {
+        for (x, y) in a.iter().zip(b) {
+            let e = (x - y).abs();
+            max = max.max(e);
+            sum += e;
+            cnt += 1;
+        }
+        agree += usize::from(argmax_f64(a) == argmax_f64(b));
+    }
+    let (mnist_accuracy, mnist_agreement) = match data {
+        Some(data) if d == fusion_common::nn::mnist::PIXELS => {
+            let labels = stolen.predict_f32(data.eval_x.view())?;
+            let (acc, agr) = score(data, &labels);
+            (Some(acc), Some(agr))
+        }
+        _ => (None, None),
+    };
+    let mut m = Metrics {
+        random_inputs: n,
+        max_logit_error: max,
+        mean_logit_error: sum / cnt.max(1) as f64,
+        random_agreement: agree as f64 / n as f64,
+        mnist_agreement,
+        mnist_accuracy,
+        matched_neurons: 0,
+        victim_neurons: 0,
+        row_rel_error_max: 0.0,
+        row_rel_error_mean: 0.0,
+        bias_error_max: 0.0,
+        out_col_rel_error_max: 0.0,
+        out_bias_error_max: 0.0,
+        wrong_signs: 0,
+    };
+    param_errors(stolen, victim, arithmetic, planes, &mut m);
+    Ok(m)
+}
+
+/// Parameter errors after aligning neurons: each victim neuron is matched to the
+/// extracted row (among the first `planes`, those recovered from critical points; the
+/// always-active units that stand for unseen neurons are left out) with the largest
+/// |cos|; the scale is the least-squares lambda.
+fn param_errors(
+    stolen: &Model,
+    victim: &Model,
+    arithmetic: Arithmetic,
+    planes: usize,
+    m: &mut Metrics,
+) {
+    let v = reference::dense_layers(victim, arithmetic);
+    let s = reference::dense_layers(stolen, Arithmetic::F32);
+    let ([(w1, b1), (w2, b2)], [(sw1, sb1), (sw2, sb2)]) = (v.as_slice(), s.as_slice()) else {
+        return;
+    };
+    m.victim_neurons = w1.nrows();
+    let (mut errs, mut used) = (Vec::new(), vec![false; sw1.nrows()]);
+    for i in 0..w1.nrows() {
+        let wi = w1.row(i);
+        let ni = wi.dot(&wi).sqrt();
+        let best = (0..sw1.nrows().min(planes))
+            .filter(|&k| !used[k])
+            .map(|k| {
+                let wk = sw1.row(k);
+                (k, wi.dot(&wk) / (ni * wk.dot(&wk).sqrt()).max(1e-300))
+            })
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()));
+        let Some((k, c)) = best else { continue };
+        if c.abs() < 0.9 {
+            continue;
+        }
+        used[k] = true;
+        m.matched_neurons += 1;
+        if c < 0.0 {
+            m.wrong_signs += 1;
+        }
+        let wk = sw1.row(k);
+        let lambda = wi.dot(&wk) / wk.dot(&wk);
+        let row_err = (&wk * lambda - wi).mapv(|x| x * x).sum().sqrt() / ni;
+        errs.push(row_err);
+        m.bias_error_max = m.bias_error_max.max((lambda * sb1[k] - b1[i]).abs() / ni);
+        let col = w2.column(i);
+        let scol = sw2.column(k).mapv(|x| x / lambda);
+        let cn = col.dot(&col).sqrt().max(1e-300);
+        m.out_col_rel_error_max = m
+            .out_col_rel_error_max
+            .max((&scol - &col).mapv(|x| x * x).sum().sqrt() / cn);
+    }
+    m.row_rel_error_max = errs.iter().copied().fold(0.0, f64::max);
+    m.row_rel_error_mean = errs.iter().sum::<f64>() / errs.len().max(1) as f64;
+    m.out_bias_error_max = b2
+        .iter()
+        .zip(sb2.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+}

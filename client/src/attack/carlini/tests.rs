@@ -1,0 +1,178 @@
+use super::*;
+use crate::attack::oracle::{LocalF32Oracle, LocalFixedOracle, Policy};
+use fusion_common::nn::Tensor;
+
+/// A random d-h-c model whose weights are multiples of 2^-12 (biases of 2^-24), so that
+/// the f32 and fixed-point oracles compute with the same parameters; first-layer
+/// hyperplanes pass near the cube's centre so that lines cross them.
+pub(crate) fn random_model(d: usize, h: usize, c: usize, seed: u64) -> Model {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let q = |v: f64, bits: i32| ((v * 2f64.powi(bits)).round() / 2f64.powi(bits)) as f32;
+    let mut normal = || {
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    };
+    let s1 = (2.0 / d as f64).sqrt() * 2.0;
+    let w1: Vec<f64> = (0..h * d).map(|_| s1 * normal()).collect();
+    let b1: Vec<f32> = (0..h)
+        .map(|i| {
+            let row = &w1[i * d..(i + 1) * d];
+            let centre: f64 = row.iter().map(|w| 0.5 * w).sum();
+            let norm: f64 = row.iter().map(|w| w * w).sum::<f64>().sqrt();
+            q(-centre + 0.15 * norm * normal(), 24)
+        })
+        .collect();
+    let w2: Vec<f32> = (0..c * h).map(|_| q(normal(), 12)).collect();
+    let b2: Vec<f32> = (0..c).map(|_| q(0.1 * normal(), 24)).collect();
+    let w1: Vec<f32> = w1.iter().map(|&v| q(v, 12)).collect();
+    let arch = Architecture::mlp(&[d], &[h], c).unwrap();
+    let params = vec![
+        vec![
+            Tensor::new(vec![h, d], w1).unwrap(),
+            Tensor::new(vec![h], b1).unwrap(),
+        ],
+        Vec::new(),
+        vec![
+            Tensor::new(vec![c, h], w2).unwrap(),
+            Tensor::new(vec![c], b2).unwrap(),
+        ],
+    ];
+    Model::new(arch, params, FixedPoint::new(40, 12).unwrap()).unwrap()
+}
+
+fn extract(
+    model: &Model,
+    oracle: &mut dyn Oracle,
+    ar: Arithmetic,
+    per_neuron: usize,
+) -> CarliniReport {
+    let cfg = CarliniConfig {
+        points_per_neuron: per_neuron,
+        ..CarliniConfig::default()
+    };
+    let arch = model.architecture().clone();
+    carlini(oracle, &arch, &cfg, Some((model, ar)), None, false)
+        .unwrap()
+        .report
+}
+
+/// The threshold: the first layer of a 784-16-10 network to 1e-3 relative error
+/// per row, against exactly what the service computes (fixed point, l = 40, f = 12), within
+/// a bounded number of queries; the whole model to a stated logit error.
+#[test]
+fn extracts_784_16_10_against_fixed_point() {
+    let model = random_model(784, 16, 10, 7);
+    let mut oracle = LocalFixedOracle::new(model.clone(), Policy::undefended());
+    let r = extract(&model, &mut oracle, Arithmetic::Fixed, 2000);
+    let m = r.metrics.as_ref().unwrap();
+    eprintln!("{m:#?}\nqueries {} in {:.1} s", r.queries, r.seconds);
+    assert_eq!(m.matched_neurons, 16);
+    assert_eq!(m.wrong_signs, 0);
+    assert!(
+        m.row_rel_error_max < 1e-3,
+        "row error {}",
+        m.row_rel_error_max
+    );
+    assert!(
+        m.max_logit_error < 0.05,
+        "max logit error {}",
+        m.max_logit_error
+    );
+    assert!(
+        m.mean_logit_error < 5e-3,
+        "mean logit error {}",
+        m.mean_logit_error
+    );
+    assert!(m.random_agreement > 0.99);
+    assert!(r.queries < 2_000_000);
+    assert_eq!(oracle.stats().wrapped_rows, 0);
+}
+
+/// The same against the f32 oracle, where the outputs are exact up to f32 rounding: far
+/// fewer points per neuron reach far better precision.
+#[test]
+fn extracts_784_8_10_against_f32() {
+    let model = random_model(784, 8, 10, 11);
+    let mut oracle = LocalF32Oracle::new(model.clone(), Policy::undefended());
+    let r = extract(&model, &mut oracle, Arithmetic::F32, 900);
+    let m = r.metrics.as_ref().unwrap();
+    eprintln!("{m:#?}\nqueries {} in {:.1} s", r.queries, r.seconds);
+    assert_eq!(m.matched_neurons, 8);
+    assert_eq!(m.wrong_signs, 0);
+    assert!(
+        m.row_rel_error_max < 1e-3,
+        "row error {}",
+        m.row_rel_error_max
+    );
+    assert!(
+        m.max_logit_error < 0.01,
+        "max logit error {}",
+        m.max_logit_error
+    );
+    assert!(m.random_agreement > 0.995);
+    assert!(r.queries < 1_000_000);
+}
+
+#[test]
+fn refuses_a_labels_only_oracle_at_once() {
+    let model = random_model(64, 4, 10, 1);
+    let mut oracle = LocalFixedOracle::new(model.clone(), Policy::defended(1_000_000));
+    let arch = model.architecture().clone();
+    let err = carlini(
+        &mut oracle,
+        &arch,
+        &CarliniConfig::default(),
+        None,
+        None,
+        false,
+    )
+    .unwrap_err();
+    assert!(matches!(err, CarliniError::LabelsOnly));
+    assert!(err.to_string().contains("labels only"));
+    assert_eq!(oracle.queries(), 0);
+}
+
+#[test]
+fn budget_exhaustion_stops_collection_and_reports_what_it_had() {
+    let model = random_model(64, 4, 10, 2);
+    let mut policy = Policy::undefended();
+    policy.budget = Some(3000);
+    let mut oracle = LocalFixedOracle::new(model.clone(), policy);
+    let arch = model.architecture().clone();
+    let ex = carlini(
+        &mut oracle,
+        &arch,
+        &CarliniConfig::default(),
+        None,
+        None,
+        false,
+    )
+    .unwrap();
+    let r = ex.report;
+    assert!(matches!(
+        r.stopped,
+        Some(OracleError::BudgetExhausted { budget: 3000, .. })
+    ));
+    assert!(r.queries <= 3000 && r.queries > 2000, "{}", r.queries);
+    assert!(r.lines > 0 && r.critical_points > 0);
+    assert!(oracle.queries() <= 3000);
+}
+
+#[test]
+fn refuses_deeper_networks() {
+    let arch = Architecture::mlp(&[16], &[4, 4], 3).unwrap();
+    let model = random_model(16, 4, 3, 3);
+    let mut oracle = LocalF32Oracle::new(model, Policy::undefended());
+    let err = carlini(
+        &mut oracle,
+        &arch,
+        &CarliniConfig::default(),
+        None,
+        None,
+        false,
+    )
+    .unwrap_err();
+    assert!(matches!(err, CarliniError::Depth(_)));
+    assert_eq!(oracle.queries(), 0);
+}

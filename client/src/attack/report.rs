@@ -1,0 +1,359 @@
+//! Reports: every run writes `run-<attack>-<policy>.json` into the report directory; the
+//! directory's `report.json`, `report.md` and `agreement.png` are then rebuilt from all
+//! the run files found there, so runs made one at a time (or by `--compare`) end up on one
+//! table and one figure: agreement with the victim against queries, defended and
+//! undefended.
+//!
+//! The plot is drawn with plotters' bitmap backend and a bundled font (DejaVu Sans,
+//! registered through `ab_glyph`), so it renders without fontconfig or system fonts.
+
+use anyhow::Context;
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// One point of an attack's progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// rows charged so far
+    pub queries: u64,
+    /// top-1 agreement with the victim on held-out MNIST images
+    pub agreement: f64,
+    /// the stolen model's accuracy on held-out MNIST images
+    pub accuracy: f64,
+}
+
+/// The record of one attack run under one policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// `"papernot"`, `"baseline"` or `"carlini"`
+    pub attack: String,
+    /// the policy, e.g. `"logits, no budget"`
+    pub policy: String,
+    /// whether the policy is the defended one (labels only)
+    pub defended: bool,
+    /// the oracle
+    pub oracle: String,
+    /// the victim model file
+    pub model: String,
+    /// rows charged in all
+    pub queries: u64,
+    /// wall time of the run
+    pub seconds: f64,
+    /// progress (agreement against queries)
+    pub curve: Vec<CurvePoint>,
+    /// why the attack was refused or stopped, if it was
+    pub outcome: Option<String>,
+    /// the attack's full report
+    pub details: serde_json::Value,
+}
+
+impl RunRecord {
+    /// The file name of this run in a report directory.
+    pub fn file_name(&self) -> String {
+        let policy: String = self
+            .policy
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let model = Path::new(&self.model)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!("run-{}-{}-{}.json", self.attack, model, policy)
+    }
+}
+
+/// Writes `run` into `dir` and rebuilds the merged report; returns the paths written.
+pub fn write(dir: &Path, runs: &[RunRecord]) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut written = Vec::new();
+    for run in runs {
+        let p = dir.join(run.file_name());
+        std::fs::write(&p, serde_json::to_vec_pretty(run)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+        written.push(p);
+    }
+    let all = load_runs(dir)?;
+    let json = dir.join("report.json");
+    std::fs::write(
+        &json,
+        serde_json::to_vec_pretty(&serde_json::json!({ "runs": all }))?,
+    )?;
+    let md = dir.join("report.md");
+    std::fs::write(&md, markdown(&all))?;
+    let png = dir.join("agreement.png");
+    plot(&png, &all)?;
+    written.extend([json, md, png]);
+    Ok(written)
+}
+
+/// Every `run-*.json` in `dir`, sorted by file name.
+pub fn load_runs(dir: &Path) -> anyhow::Result<Vec<RunRecord>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("run-") && n.ends_with(".json"))
+        })
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p)?;
+            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", p.display()))
+        })
+        .collect()
+}
+
+/// The Markdown table: one row per run.
+pub fn markdown(runs: &[RunRecord]) -> String {
+    let mut s = String::from(
+        "| attack | model | policy | queries | accuracy | agreement | time (s) | outcome |\n\
+         |---|---|---|---:|---:|---:|---:|---|\n",
+    );
+    for r in runs {
+        let last = r.curve.last();
+        let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", 100.0 * v));
+        let model = Path::new(&r.model)
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {} |\n",
+            r.attack,
+            model,
+            r.policy,
+            r.queries,
+            pct(last.map(|p| p.accuracy)),
+            pct(last.map(|p| p.agreement)),
+            r.seconds,
+            r.outcome.as_deref().unwrap_or("completed"),
+        ));
+    }
+    if let Some(lines) = carlini_lines(runs) {
+        s.push_str("\nCarlini et al. extraction, errors against the victim:\n\n");
+        s.push_str(&lines);
+    }
+    s
+}
+
+fn carlini_lines(runs: &[RunRecord]) -> Option<String> {
+    let mut s = String::from(
+        "| model | policy | neurons | max logit error | mean logit error | agreement (random) | row error max / mean | output column error max |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut any = false;
+    for r in runs.iter().filter(|r| r.attack == "carlini") {
+        let Some(m) = r.details.get("metrics").filter(|m| !m.is_null()) else {
+            continue;
+        };
+        any = true;
+        let f = |k: &str| {
+            m.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(f64::NAN)
+        };
+        let model = Path::new(&r.model)
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "| {} | {} | {}/{} | {:.3e} | {:.3e} | {:.2}% | {:.2e} / {:.2e} | {:.2e} |\n",
+            model,
+            r.policy,
+            f("matched_neurons"),
+            f("victim_neurons"),
+            f("max_logit_error"),
+            f("mean_logit_error"),
+            100.0 * f("random_agreement"),
+            f("row_rel_error_max"),
+            f("row_rel_error_mean"),
+            f("out_col_rel_error_max"),
+        ));
+    }
+    any.then_some(s)
+}
+
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Cannot fail for the bundled file; if it did, text would be missing, not the plot.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+/// The figure: agreement (%) against queries (log scale), one series per run.
+pub fn plot(path: &Path, runs: &[RunRecord]) -> anyhow::Result<()> {
+    register_font();
+    let root = BitMapBackend::new(path, (1000, 640)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let max_q = runs
+        .iter()
+        .flat_map(|r| r.curve.iter().map(|p| p.queries))
+        .max()
+        .unwrap_or(10)
+        .max(10) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Model extraction: agreement with the victim vs queries",
+            ("sans-serif", 24),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d((10f64..max_q * 1.5).log_scale(), 0f64..100f64)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("queries (rows)")
+        .y_desc("top-1 agreement on held-out MNIST (%)")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(255, 127, 14),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(23, 190, 207),
+        RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(227, 119, 194),
+        RGBColor(0, 0, 0),
+        RGBColor(0, 90, 50),
+    ];
+    for (i, r) in runs.iter().filter(|r| !r.curve.is_empty()).enumerate() {
+        let color = palette[i % palette.len()];
+        let pts: Vec<(f64, f64)> = r
+            .curve
+            .iter()
+            .map(|p| ((p.queries.max(10)) as f64, 100.0 * p.agreement))
+            .collect();
+        let model = Path::new(&r.model)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let label = format!("{} {} ({})", r.attack, model, r.policy);
+        // Defended runs dashed with crosses, undefended solid with dots.
+        let series = if r.defended {
+            chart.draw_series(DashedLineSeries::new(
+                pts.clone(),
+                8,
+                6,
+                ShapeStyle::from(&color).stroke_width(2),
+            ))
+        } else {
+            chart.draw_series(LineSeries::new(
+                pts.clone(),
+                ShapeStyle::from(&color).stroke_width(2),
+            ))
+        };
+        series
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+        if r.defended {
+            chart
+                .draw_series(pts.iter().map(|&p| Cross::new(p, 6, color.stroke_width(2))))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        } else {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Runs without a curve (refused, e.g. extraction against labels only) as notes.
+    let mut y = 330;
+    for r in runs.iter().filter(|r| r.curve.is_empty()) {
+        let model = Path::new(&r.model)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let outcome = r.outcome.as_deref().unwrap_or("no result");
+        let short: String = outcome.chars().take(64).collect();
+        let text = format!(
+            "{} {} ({}): {} queries, {short}",
+            r.attack, model, r.policy, r.queries
+        );
+        root.draw_text(
+            &text,
+            &("sans-serif", 14).into_font().color(&BLACK),
+            (90, y),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        y += 16;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(attack: &str, defended: bool, q: &[u64]) -> RunRecord {
+        RunRecord {
+            attack: attack.into(),
+            policy: if defended {
+                "labels, budget 10000".into()
+            } else {
+                "logits, no budget".into()
+            },
+            defended,
+            oracle: "local".into(),
+            model: "models/x.safetensors".into(),
+            queries: q.last().copied().unwrap_or(0),
+            seconds: 1.0,
+            curve: q
+                .iter()
+                .enumerate()
+                .map(|(i, &queries)| CurvePoint {
+                    queries,
+                    agreement: 0.5 + 0.05 * i as f64,
+                    accuracy: 0.5,
+                })
+                .collect(),
+            outcome: None,
+            details: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn report_dir_merges_runs_and_renders_a_png() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &[run("papernot", false, &[150, 300, 600])]).unwrap();
+        write(dir.path(), &[run("papernot", true, &[150, 300])]).unwrap();
+        let mut refused = run("carlini", true, &[]);
+        refused.outcome = Some("refused: needs logits".into());
+        write(dir.path(), &[refused]).unwrap();
+        let all = load_runs(dir.path()).unwrap();
+        assert_eq!(all.len(), 3);
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("labels, budget 10000") && md.contains("logits, no budget"));
+        let png = std::fs::read(dir.path().join("agreement.png")).unwrap();
+        assert_eq!(&png[..4], b"\x89PNG");
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap())
+                .unwrap();
+        assert_eq!(json["runs"].as_array().unwrap().len(), 3);
+        assert!(md.contains("refused: needs logits"));
+    }
+}
