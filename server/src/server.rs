@@ -35,6 +35,12 @@ pub enum ServerError {
         /// the registered names
         available: String,
     },
+    /// The policy names a backend that needs a model, and no model is served.
+    #[error("backend {name:?} needs a model (--model)")]
+    NeedsModel {
+        /// the name
+        name: String,
+    },
     /// The session limits are out of range.
     #[error("invalid session limits: {0}")]
     Limits(String),
@@ -83,12 +89,16 @@ impl ServerHandle {
     }
 }
 
-/// The backends to offer: the policy's list (each must be registered) or, when the
-/// list is empty, every registered backend.
+/// The backends to offer: the policy's list (each must be registered, and have a model
+/// if it needs one) or, when the list is empty, every registered backend that can run
+/// (those that need a model only when one is served).
 fn offered(state: &ServerState, registry: &Registry) -> Result<Vec<String>, ServerError> {
     let names = registry.names();
+    let runnable = |name: &String| {
+        state.model.is_some() || registry.get(name).is_some_and(|r| !r.needs_model())
+    };
     if state.policy.backends.is_empty() {
-        return Ok(names);
+        return Ok(names.into_iter().filter(runnable).collect());
     }
     for b in &state.policy.backends {
         if !names.contains(b) {
@@ -96,6 +106,9 @@ fn offered(state: &ServerState, registry: &Registry) -> Result<Vec<String>, Serv
                 name: b.clone(),
                 available: names.join(", "),
             });
+        }
+        if !runnable(b) {
+            return Err(ServerError::NeedsModel { name: b.clone() });
         }
     }
     Ok(state.policy.backends.clone())

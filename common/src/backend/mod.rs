@@ -78,10 +78,11 @@ pub use cheetah::{Cheetah, CheetahClient, CheetahConfig, CheetahServer};
 pub use wire::{BACKEND_VERSION, BatchHeader, HEADER_LEN, HELLO_LEN};
 
 /// The protocol families this build offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum BackendKind {
     /// Cheetah-style: HE (BFV, coefficient packing) linear layers, OT-based non-linear.
+    #[default]
     Cheetah,
 }
 
