@@ -251,7 +251,12 @@ fn first_images(images: &[u8], rows: usize) -> Vec<u8> {
 }
 
 /// Checks a run against the evaluator.
-fn verify(model: &FixedModel, x: &[u64], labels: &[usize], logits: Option<&[u64]>) -> Result<(), BenchError> {
+fn verify(
+    model: &FixedModel,
+    x: &[u64],
+    labels: &[usize],
+    logits: Option<&[u64]>,
+) -> Result<(), BenchError> {
     let e = eval_fixed(model, x).map_err(|e| BenchError::Setup(e.to_string()))?;
     if let Some(i) = e.labels.iter().zip(labels).position(|(a, b)| a != b) {
         return Err(BenchError::Wrong(i));
@@ -259,10 +264,8 @@ fn verify(model: &FixedModel, x: &[u64], labels: &[usize], logits: Option<&[u64]
     if e.labels.len() != labels.len() {
         return Err(BenchError::Wrong(labels.len().min(e.labels.len())));
     }
-    if let Some(l) = logits {
-        if let Some(i) = e.logits.iter().zip(l).position(|(a, b)| a != b) {
-            return Err(BenchError::Wrong(i / e.classes.max(1)));
-        }
+    if let Some(i) = logits.and_then(|l| e.logits.iter().zip(l).position(|(a, b)| a != b)) {
+        return Err(BenchError::Wrong(i / e.classes.max(1)));
     }
     Ok(())
 }
@@ -352,7 +355,9 @@ pub fn run_infer_bench(
     transport: Transport,
 ) -> Result<Vec<InferReport>, BenchError> {
     if rows.is_empty() || rows.contains(&0) {
-        return Err(BenchError::Setup("--rows needs positive batch sizes".into()));
+        return Err(BenchError::Setup(
+            "--rows needs positive batch sizes".into(),
+        ));
     }
     let config = CheetahConfig::default();
     let model = Model::load(model_path).map_err(|e| BenchError::Setup(e.to_string()))?;
@@ -558,7 +563,10 @@ pub fn run_relu_bench(b: ReluBench, transport: Transport) -> Result<ReluReport, 
 type PartyOut = (Vec<u64>, StepCost, StepCost, Option<f64>);
 
 /// The server's job of a TLS bench: its shares, and where to put its result.
-type ServerJob = (Vec<u64>, std::sync::mpsc::Sender<Result<PartyOut, MpcError>>);
+type ServerJob = (
+    Vec<u64>,
+    std::sync::mpsc::Sender<Result<PartyOut, MpcError>>,
+);
 
 /// The diagnostic backend of the TLS bench, registered only in its in-process server.
 const BENCH_RELU: &str = "bench-relu";
@@ -580,7 +588,9 @@ fn run_relu_bench_tls(b: ReluBench) -> Result<ReluReport, BenchError> {
             move |ch: &mut dyn Channel, _: &StartInfo, _: &ServerState| {
                 let taken = job.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let Some((x0, tx)) = taken else {
-                    return Err(RunnerError::Refused(Refusal::policy("one bench session only")));
+                    return Err(RunnerError::Refused(Refusal::policy(
+                        "one bench session only",
+                    )));
                 };
                 let r = party(ch, Party::Server, b, ring, x0);
                 let failed = r.as_ref().err().map(|e| e.to_string());
@@ -751,10 +761,9 @@ mod tests {
         let model = bundled(BUNDLED_MODEL).unwrap();
         let dir = bundled(BUNDLED_MNIST).unwrap();
         let images = mnist::read_images(&Split::Test.images_path(&dir)).unwrap();
-        let m = run_infer_bench(&model, &images, &[2], OutputMode::Logits, Transport::Memory)
-            .unwrap();
-        let t = run_infer_bench(&model, &images, &[2], OutputMode::Logits, Transport::Tls)
-            .unwrap();
+        let m =
+            run_infer_bench(&model, &images, &[2], OutputMode::Logits, Transport::Memory).unwrap();
+        let t = run_infer_bench(&model, &images, &[2], OutputMode::Logits, Transport::Tls).unwrap();
         for r in m.iter().chain(&t) {
             assert!(r.verified && r.rows == 2);
             assert!(r.setup.bytes_total() > 0 && r.online.rounds > 0);

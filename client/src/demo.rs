@@ -138,7 +138,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .zip(test.labels())
         .enumerate()
     {
-        let mark = if s == e { "" } else { "  <- differs from the evaluator" };
+        let mark = if s == e {
+            ""
+        } else {
+            "  <- differs from the evaluator"
+        };
         println!("{i:>5}  {s:>12}  {e:>15}  {t:>10}{mark}");
     }
     let same = out.labels == evaluator;

@@ -205,7 +205,7 @@ pub async fn run_with_info(
     if x.is_empty() {
         return Err(InferError::Empty);
     }
-    if x.len() % cols != 0 {
+    if !x.len().is_multiple_of(cols) {
         return Err(InferError::Shape { len: x.len(), cols });
     }
     let rows = x.len() / cols;

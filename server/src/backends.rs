@@ -159,3 +159,89 @@ impl SessionRunner for CheetahRunner {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Policy, SessionLimits};
+    use fusion_common::channel::ChannelError;
+    use std::collections::BTreeMap;
+
+    fn start(rows: u64) -> StartInfo {
+        StartInfo {
+            session_id: 1,
+            client: "CN=a".into(),
+            backend: "cheetah".into(),
+            rows,
+            cols: 784,
+            output: OutputMode::Labels,
+            params: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_session_policy_caps_rows_checks_the_output_and_charges_the_budget() {
+        let state = ServerState::new(
+            None,
+            Policy {
+                max_rows: 100,
+                budget: Some(10),
+                ..Policy::default()
+            },
+            SessionLimits::default(),
+        );
+        let s0 = start(0);
+        let s7 = start(7);
+        let s500 = start(500);
+        assert_eq!(SessionPolicy::new(&state, &s0).max_rows(), 100);
+        assert_eq!(SessionPolicy::new(&state, &s7).max_rows(), 7);
+        assert_eq!(SessionPolicy::new(&state, &s500).max_rows(), 100);
+        let mut p = SessionPolicy::new(&state, &s7);
+        assert!(p.allows(OutputMode::Labels) && !p.allows(OutputMode::Logits));
+        p.charge(6).unwrap();
+        assert_eq!(
+            p.charge(5),
+            Err(BatchRefusal::Budget {
+                requested: 5,
+                remaining: 4,
+                limit: 10
+            })
+        );
+        // the budget is the server's, per certificate
+        assert_eq!(state.budgets.remaining("CN=a").remaining(), 4);
+    }
+
+    #[test]
+    fn backend_errors_become_session_ends_with_their_codes() {
+        let e = runner_error("cheetah", BackendError::Refused(BatchRefusal::NoRows));
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(
+            e.to_string(),
+            "cheetah: batch refused: a batch of zero rows"
+        );
+        let e = runner_error(
+            "cheetah",
+            BackendError::Refused(BatchRefusal::Budget {
+                requested: 1,
+                remaining: 0,
+                limit: 1,
+            }),
+        );
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        let e = runner_error(
+            "cheetah",
+            BackendError::Refused(BatchRefusal::LogitsNotAllowed),
+        );
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        let e = runner_error(
+            "cheetah",
+            BackendError::Channel(ChannelError::FrameTooLarge {
+                actual: 2,
+                limit: 1,
+            }),
+        );
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        let e = runner_error("cheetah", BackendError::Poisoned);
+        assert_eq!(e.code(), Code::Aborted);
+    }
+}

@@ -161,3 +161,53 @@ pub async fn spawn(
         task,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Policy, ServedModel, SessionLimits};
+    use fusion_common::fixed::FixedPoint;
+    use fusion_common::nn::{Architecture, Model, Tensor};
+
+    fn tiny() -> ServedModel {
+        let arch = Architecture::mlp(&[2], &[], 2).unwrap();
+        let params = vec![vec![
+            Tensor::new(vec![2, 2], vec![1.0, 0.0, 0.0, 1.0]).unwrap(),
+            Tensor::new(vec![2], vec![0.0, 0.0]).unwrap(),
+        ]];
+        let m = Model::new(arch, params, FixedPoint::new(33, 12).unwrap()).unwrap();
+        ServedModel::new("tiny", m)
+    }
+
+    #[test]
+    fn backends_that_need_a_model_are_offered_only_with_one() {
+        let r = Registry::with_builtins();
+        let state = |model, backends: &[&str]| {
+            ServerState::new(
+                model,
+                Policy {
+                    backends: backends.iter().map(|s| s.to_string()).collect(),
+                    ..Policy::default()
+                },
+                SessionLimits::default(),
+            )
+        };
+        assert_eq!(offered(&state(None, &[]), &r).unwrap(), ["echo"]);
+        assert_eq!(
+            offered(&state(Some(tiny()), &[]), &r).unwrap(),
+            ["cheetah", "echo"]
+        );
+        assert_eq!(
+            offered(&state(Some(tiny()), &["cheetah"]), &r).unwrap(),
+            ["cheetah"]
+        );
+        assert!(matches!(
+            offered(&state(None, &["cheetah"]), &r),
+            Err(ServerError::NeedsModel { .. })
+        ));
+        assert!(matches!(
+            offered(&state(None, &["nope"]), &r),
+            Err(ServerError::UnknownBackend { .. })
+        ));
+    }
+}

@@ -107,6 +107,9 @@ async fn secure_inference_over_tls_equals_the_evaluator_in_both_output_modes() {
     assert_eq!(s.handle.stats().sessions_ok, 2);
 }
 
+/// Which message to rewrite: step, index within the step, the edit.
+type Tampering = (&'static str, usize, fn(&mut Vec<u8>));
+
 /// A channel that rewrites the `nth` message sent during step `step`.
 struct Tamper<'a> {
     inner: &'a mut dyn Channel,
@@ -151,7 +154,7 @@ async fn failing_session(
     start_rows: u64,
     rows: usize,
     output: OutputMode,
-    tamper: Option<(&'static str, usize, fn(&mut Vec<u8>))>,
+    tamper: Option<Tampering>,
 ) -> String {
     let pixels = images(rows);
     let x = spec.fixed.encode_pixels(&pixels);
@@ -227,10 +230,9 @@ async fn refusals_over_tls_are_named_and_the_server_goes_on() {
     );
     // a wrong column count at the start
     let err = client
-        .session(
-            SessionStart::new("cheetah").with_batch(1, 783),
-            |_, _| Ok::<_, ChannelError>(()),
-        )
+        .session(SessionStart::new("cheetah").with_batch(1, 783), |_, _| {
+            Ok::<_, ChannelError>(())
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
@@ -253,7 +255,10 @@ async fn refusals_over_tls_are_named_and_the_server_goes_on() {
         Some(("batch/header", 0, cols_783)),
     )
     .await;
-    assert!(e.contains("InvalidArgument") && e.contains("783 columns"), "{e}");
+    assert!(
+        e.contains("InvalidArgument") && e.contains("783 columns"),
+        "{e}"
+    );
     // rows over the limit (the session's declared batch and the policy's maximum): a
     // large batch, so the refusal arrives while the client is still sending
     let e = failing_session(&client, &spec, 0, 64, OutputMode::Labels, None).await;
@@ -264,9 +269,7 @@ async fn refusals_over_tls_are_named_and_the_server_goes_on() {
     let e = failing_session(&client, &spec, 2, 3, OutputMode::Labels, None).await;
     assert!(e.contains("3 rows exceeds the maximum of 2"), "{e}");
     // a wrong row count: the header says 2 rows, the HE query carries 1
-    fn two_rows(m: &mut Vec<u8>) {
-        m[4] = 2;
-    }
+    let two_rows: fn(&mut Vec<u8>) = |m| m[4] = 2;
     let e = failing_session(
         &client,
         &spec,
@@ -292,9 +295,7 @@ async fn refusals_over_tls_are_named_and_the_server_goes_on() {
     .await;
     assert!(e.contains("malformed input ciphertext"), "{e}");
     // a ciphertext for other parameters (the parameter id of the query)
-    fn other_params(m: &mut Vec<u8>) {
-        m[1] ^= 0xff;
-    }
+    let other_params: fn(&mut Vec<u8>) = |m| m[1] ^= 0xff;
     let e = failing_session(
         &client,
         &spec,
@@ -326,16 +327,28 @@ async fn refusals_over_tls_are_named_and_the_server_goes_on() {
             && text.contains("budget exhausted: 4 rows requested, 2 of 10 left"),
         "{text}"
     );
-    let err = run(&alice, Inputs::Pixels(&px[..2 * mnist::PIXELS]), &InferOptions::default())
-        .await;
+    let err = run(
+        &alice,
+        Inputs::Pixels(&px[..2 * mnist::PIXELS]),
+        &InferOptions::default(),
+    )
+    .await;
     assert!(err.is_ok(), "the last 2 rows are still there");
-    let err = run(&alice, Inputs::Pixels(&px[..mnist::PIXELS]), &InferOptions::default())
-        .await
-        .unwrap_err();
+    let err = run(
+        &alice,
+        Inputs::Pixels(&px[..mnist::PIXELS]),
+        &InferOptions::default(),
+    )
+    .await
+    .unwrap_err();
     let InferError::Client(c) = &err else {
         panic!("{err}")
     };
-    assert_eq!(c.code(), Some(Code::ResourceExhausted), "refused at the start: {err}");
+    assert_eq!(
+        c.code(),
+        Some(Code::ResourceExhausted),
+        "refused at the start: {err}"
+    );
 
     // and the server still serves, exactly
     let pixels = images(3);
@@ -361,9 +374,13 @@ async fn a_batch_of_256_rows_over_tls_completes_and_is_exact() {
     let (s, model) = server(policy).await;
     let fm = model.model.fixed_model();
     let pixels = images(256);
-    let out = run(&s.client().await, Inputs::Pixels(&pixels), &InferOptions::default())
-        .await
-        .unwrap();
+    let out = run(
+        &s.client().await,
+        Inputs::Pixels(&pixels),
+        &InferOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(out.batches, 1);
     assert_eq!(
         out.labels,

@@ -665,14 +665,10 @@ impl CheetahServer {
         let mut out = xs.ok_or_else(|| {
             BackendError::UnsupportedModel("no dense layer (nothing to output)".into())
         })?;
-        let last = plan
-            .stages
-            .iter()
-            .filter_map(|s| match s {
-                Stage::Linear { group, .. } | Stage::Relu { group, .. } => Some(*group),
-            })
-            .last()
-            .unwrap_or(0);
+        let last = match plan.stages.last() {
+            Some(Stage::Linear { group, .. } | Stage::Relu { group, .. }) => *group,
+            None => 0,
+        };
         hook.shares(at(last, HookOp::Output, classes), &mut out);
         match h.output {
             OutputMode::Labels => {

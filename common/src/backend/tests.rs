@@ -23,8 +23,11 @@ fn repo(p: &str) -> PathBuf {
 }
 
 fn mnist_model() -> Model {
-    Model::load(&repo("models/mnist-dnn.safetensors")).unwrap()
+    Model::load(repo("models/mnist-dnn.safetensors")).unwrap()
 }
+
+/// Rewrites one message.
+type Edit = Box<dyn FnMut(&mut Vec<u8>) + Send>;
 
 /// A channel that rewrites the `nth` message sent during step `step`.
 struct Tamper<C> {
@@ -33,7 +36,7 @@ struct Tamper<C> {
     current: String,
     nth: usize,
     seen: usize,
-    edit: Box<dyn FnMut(&mut Vec<u8>) + Send>,
+    edit: Edit,
 }
 
 impl<C: Channel> Tamper<C> {
