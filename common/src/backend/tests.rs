@@ -844,6 +844,30 @@ fn large_batches_split_into_he_calls_in_one_flight_and_stay_exact() {
 }
 
 #[test]
+fn the_roles_debug_output_redacts_keys_and_seeds() {
+    let model = small();
+    let fm = model.fixed_model();
+    let (mut a, mut b) = memory_pair();
+    let cfg = CheetahConfig::default();
+    let (c, s) = std::thread::scope(|sc| {
+        let h = sc.spawn(move || {
+            let mut rng = ChaCha12Rng::seed_from_u64(7);
+            Cheetah::server_setup(&mut b, fm, &cfg, &mut rng).unwrap()
+        });
+        let mut rng = ChaCha12Rng::seed_from_u64(8);
+        let c = Cheetah::client_setup(&mut a, &ModelSpec::of(fm), &cfg, &mut rng).unwrap();
+        (c, h.join().unwrap())
+    });
+    let (cd, sd) = (format!("{c:?}"), format!("{s:?}"));
+    assert!(cd.contains("secret_key: \"[redacted]\""), "{cd}");
+    assert!(
+        cd.contains("[redacted]") && sd.contains("[redacted]"),
+        "{sd}"
+    );
+    assert!(!sd.contains("weight"), "{sd}");
+}
+
+#[test]
 fn secrets_stay_out_of_debug_output() {
     let out = BatchOutput {
         labels: vec![3],
