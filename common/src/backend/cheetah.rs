@@ -236,32 +236,36 @@ impl CheetahClient {
                         costs.iter().for_each(|c| s.recv(c.response_bytes));
                         Ok(())
                     })?;
-                    let n = rows * outputs;
+                    let parts: Vec<usize> = plan.mpc_parts(rows * outputs, outputs).collect();
                     match post {
                         Post::ReluTrunc => {
                             step(format!("layer{group}/relu_trunc"), &mut seq, &mut |s| {
-                                s.relu_trunc(ring, n, f);
+                                parts.iter().for_each(|&n| s.relu_trunc(ring, n, f));
                                 Ok(())
                             })?
                         }
                         Post::Trunc => step(format!("layer{group}/trunc"), &mut seq, &mut |s| {
-                            s.trunc(ring, n, f);
+                            parts.iter().for_each(|&n| s.trunc(ring, n, f));
                             Ok(())
                         })?,
                     }
                 }
                 Stage::Relu { group, width } => {
+                    let parts: Vec<usize> = plan.mpc_parts(rows * width, width).collect();
                     step(format!("layer{group}/relu"), &mut seq, &mut |s| {
-                        s.relu(ring, rows * width);
+                        parts.iter().for_each(|&n| s.relu(ring, n));
                         Ok(())
                     })?
                 }
             }
         }
         let classes = plan.output_len;
+        let parts: Vec<usize> = plan.mpc_parts(rows * classes, classes).collect();
         match output {
             OutputMode::Labels => step("output/argmax".into(), &mut seq, &mut |s| {
-                s.argmax_reveal(ring, rows, classes);
+                parts
+                    .iter()
+                    .for_each(|&n| s.argmax_reveal(ring, n / classes, classes));
                 Ok(())
             })?,
             OutputMode::Logits => step("output/reveal".into(), &mut seq, &mut |s| {
@@ -282,7 +286,6 @@ impl CheetahClient {
     ) -> Result<BatchOutput, BackendError> {
         let plan = &self.plan;
         let ring = plan.fixed.ring();
-        let f = plan.fixed.frac_bits();
         if rows == 0 {
             return Err(BackendError::BadBatch("a batch of zero rows".into()));
         }
@@ -309,20 +312,16 @@ impl CheetahClient {
                 } => {
                     ch.set_step(&format!("layer{group}/linear"));
                     let y = client_linear(ch, &self.he, plan, &x, rows, ni, no, rng)?;
-                    x = Zeroizing::new(match post {
-                        Post::ReluTrunc => {
-                            ch.set_step(&format!("layer{group}/relu_trunc"));
-                            self.mpc.relu_trunc(ch, ring, &y, f)?
-                        }
-                        Post::Trunc => {
-                            ch.set_step(&format!("layer{group}/trunc"));
-                            self.mpc.trunc(ch, ring, &y, f)?
-                        }
-                    });
+                    let op = match post {
+                        Post::ReluTrunc => NonLinear::ReluTrunc,
+                        Post::Trunc => NonLinear::Trunc,
+                    };
+                    ch.set_step(&format!("layer{group}/{}", op.name()));
+                    x = nonlinear(&mut self.mpc, ch, plan, &y, no, op)?;
                 }
-                Stage::Relu { group, .. } => {
+                Stage::Relu { group, width } => {
                     ch.set_step(&format!("layer{group}/relu"));
-                    x = Zeroizing::new(self.mpc.relu(ch, ring, &x)?);
+                    x = nonlinear(&mut self.mpc, ch, plan, &x, width, NonLinear::Relu)?;
                 }
             }
         }
@@ -330,10 +329,8 @@ impl CheetahClient {
         let out = match output {
             OutputMode::Labels => {
                 ch.set_step("output/argmax");
-                let labels = self
-                    .mpc
-                    .argmax_reveal(ch, ring, &x, classes, Party::Client)?
-                    .ok_or_else(nothing_revealed)?;
+                let labels =
+                    argmax_reveal(&mut self.mpc, ch, plan, &x)?.ok_or_else(nothing_revealed)?;
                 BatchOutput {
                     labels,
                     logits: None,
@@ -371,6 +368,72 @@ fn nothing_revealed() -> BackendError {
         what: "output",
         reason: "nothing was revealed to the client".into(),
     }
+}
+
+/// The non-linear operation after a layer.
+#[derive(Debug, Clone, Copy)]
+enum NonLinear {
+    ReluTrunc,
+    Trunc,
+    Relu,
+}
+
+impl NonLinear {
+    fn name(self) -> &'static str {
+        match self {
+            NonLinear::ReluTrunc => "relu_trunc",
+            NonLinear::Trunc => "trunc",
+            NonLinear::Relu => "relu",
+        }
+    }
+}
+
+/// Shares of `op` on the shares `x` (rows of `width`), in 2PC calls of at most
+/// `plan.mpc_values` values (CrypTFlow2 truncation and ReLU, [`crate::mpc`]).
+fn nonlinear(
+    mpc: &mut MpcSession,
+    ch: &mut dyn Channel,
+    plan: &Plan,
+    x: &[u64],
+    width: usize,
+    op: NonLinear,
+) -> Result<Zeroizing<Vec<u64>>, BackendError> {
+    let (ring, f) = (plan.fixed.ring(), plan.fixed.frac_bits());
+    let mut out = Zeroizing::new(Vec::with_capacity(x.len()));
+    let mut at = 0;
+    for n in plan.mpc_parts(x.len(), width) {
+        let part = &x[at..at + n];
+        at += n;
+        let y = Zeroizing::new(match op {
+            NonLinear::ReluTrunc => mpc.relu_trunc(ch, ring, part, f)?,
+            NonLinear::Trunc => mpc.trunc(ch, ring, part, f)?,
+            NonLinear::Relu => mpc.relu(ch, ring, part)?,
+        });
+        out.extend_from_slice(&y);
+    }
+    Ok(out)
+}
+
+/// The first argmax of each row of the shares `x`, revealed to the client only
+/// (`Some(labels)` at the client, `None` at the server), in calls of at most
+/// `plan.mpc_values` values.
+fn argmax_reveal(
+    mpc: &mut MpcSession,
+    ch: &mut dyn Channel,
+    plan: &Plan,
+    x: &[u64],
+) -> Result<Option<Vec<usize>>, BackendError> {
+    let (ring, classes) = (plan.fixed.ring(), plan.output_len);
+    let mut labels: Option<Vec<usize>> = None;
+    let mut at = 0;
+    for n in plan.mpc_parts(x.len(), classes) {
+        let part = &x[at..at + n];
+        at += n;
+        if let Some(l) = mpc.argmax_reveal(ch, ring, part, classes, Party::Client)? {
+            labels.get_or_insert_with(Vec::new).extend(l);
+        }
+    }
+    Ok(labels)
 }
 
 fn check_inputs(ring: Ring, inputs: &[u64], expected: usize) -> Result<(), BackendError> {
@@ -600,7 +663,6 @@ impl CheetahServer {
         debug!(batch, rows, output = %h.output, "cheetah batch accepted");
         let plan = &self.plan;
         let ring = plan.fixed.ring();
-        let f = plan.fixed.frac_bits();
         let at = |layer, op, cols| HookPoint {
             batch,
             layer,
@@ -636,18 +698,13 @@ impl CheetahServer {
                         rng,
                     )?;
                     hook.shares(at(group, HookOp::Linear, outputs), &mut y);
-                    let (op, z) = match post {
-                        Post::ReluTrunc => {
-                            ch.set_step(&format!("layer{group}/relu_trunc"));
-                            (HookOp::ReluTrunc, self.mpc.relu_trunc(ch, ring, &y, f)?)
-                        }
-                        Post::Trunc => {
-                            ch.set_step(&format!("layer{group}/trunc"));
-                            (HookOp::Trunc, self.mpc.trunc(ch, ring, &y, f)?)
-                        }
+                    let (op, hop) = match post {
+                        Post::ReluTrunc => (NonLinear::ReluTrunc, HookOp::ReluTrunc),
+                        Post::Trunc => (NonLinear::Trunc, HookOp::Trunc),
                     };
-                    let mut z = Zeroizing::new(z);
-                    hook.shares(at(group, op, outputs), &mut z);
+                    ch.set_step(&format!("layer{group}/{}", op.name()));
+                    let mut z = nonlinear(&mut self.mpc, ch, plan, &y, outputs, op)?;
+                    hook.shares(at(group, hop, outputs), &mut z);
                     xs = Some(z);
                 }
                 Stage::Relu { group, width } => {
@@ -655,7 +712,7 @@ impl CheetahServer {
                         .take()
                         .unwrap_or_else(|| Zeroizing::new(vec![0; rows * width]));
                     ch.set_step(&format!("layer{group}/relu"));
-                    let mut z = Zeroizing::new(self.mpc.relu(ch, ring, &x)?);
+                    let mut z = nonlinear(&mut self.mpc, ch, plan, &x, width, NonLinear::Relu)?;
                     hook.shares(at(group, HookOp::Relu, width), &mut z);
                     xs = Some(z);
                 }
@@ -673,8 +730,7 @@ impl CheetahServer {
         match h.output {
             OutputMode::Labels => {
                 ch.set_step("output/argmax");
-                self.mpc
-                    .argmax_reveal(ch, ring, &out, classes, Party::Client)?;
+                argmax_reveal(&mut self.mpc, ch, plan, &out)?;
             }
             OutputMode::Logits => {
                 ch.set_step("output/reveal");

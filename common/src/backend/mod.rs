@@ -75,6 +75,7 @@ use crate::mpc::MpcError;
 pub use crate::net::info::OutputMode;
 
 pub use cheetah::{Cheetah, CheetahClient, CheetahConfig, CheetahServer};
+pub use plan::MAX_MPC_VALUES;
 pub use wire::{BACKEND_VERSION, BatchHeader, HEADER_LEN, HELLO_LEN};
 
 /// The protocol families this build offers.

@@ -51,7 +51,14 @@ pub(crate) struct Plan {
     pub(crate) output_len: usize,
     /// rows per HE call: every call returns at most 2^LOG_MAX_OUTPUTS values
     pub(crate) chunk_rows: usize,
+    /// values per 2PC call ([`MAX_MPC_VALUES`])
+    pub(crate) mpc_values: usize,
 }
+
+/// The most values one 2PC call (truncation, ReLU, argmax) takes: a larger layer runs in
+/// several calls, one after the other, which bounds the memory of the OT buffers (about
+/// 2 KB per value; 1024 rows of 128 values fit in one call).
+pub const MAX_MPC_VALUES: usize = 1 << 17;
 
 impl Plan {
     /// The plan of `spec`, or the reason the backend cannot run it.
@@ -139,7 +146,14 @@ impl Plan {
             input_len: spec.input_len,
             output_len: width,
             chunk_rows: ((1usize << LOG_MAX_OUTPUTS) / max_outputs).min(MAX_DIM),
+            mpc_values: MAX_MPC_VALUES,
         })
+    }
+
+    /// The sizes of the 2PC calls of a layer of `n` values (whole rows of `width`).
+    pub(crate) fn mpc_parts(&self, n: usize, width: usize) -> impl Iterator<Item = usize> {
+        let per = (self.mpc_values / width.max(1)).max(1) * width.max(1);
+        (0..n.div_ceil(per)).map(move |i| per.min(n - i * per))
     }
 
     /// The row ranges of the HE calls of a batch of `rows` rows.

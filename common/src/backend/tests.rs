@@ -780,18 +780,27 @@ fn unsupported_layers_and_models_are_named_before_anything_is_sent() {
 }
 
 #[test]
-fn large_batches_split_into_he_calls_in_one_flight_and_stay_exact() {
-    // a plan whose HE calls hold 2 rows: 5 rows are 3 calls per layer
+fn large_batches_split_into_he_and_2pc_calls_and_stay_exact() {
+    // a plan whose HE calls hold 2 rows and whose 2PC calls hold 4 values: 5 rows are 3
+    // HE calls per layer, 5 truncations of one row of 3, 3 argmaxes of 2 rows of 2
     let model = small();
     let fm = model.fixed_model();
     let mut plan = plan::Plan::new(&ModelSpec::of(fm)).unwrap();
     plan.chunk_rows = 2;
+    plan.mpc_values = 4;
     let chunks: Vec<_> = plan.chunks(5).collect();
     assert_eq!(chunks, [0..2, 2..4, 4..5]);
     assert_eq!(plan.chunks(4).count(), 2);
-    // the real plan of the MNIST model: 2^18 / 128 rows per call
+    assert_eq!(plan.mpc_parts(15, 3).collect::<Vec<_>>(), [3; 5]);
+    assert_eq!(plan.mpc_parts(10, 2).collect::<Vec<_>>(), [4, 4, 2]);
+    // the real plan of the MNIST model: 2^18 / 128 rows per HE call, 1024 rows per 2PC call
     let mplan = plan::Plan::new(&ModelSpec::of(mnist_model().fixed_model())).unwrap();
     assert_eq!(mplan.chunk_rows, 2048);
+    assert_eq!(mplan.mpc_parts(1024 * 128, 128).count(), 1);
+    assert_eq!(
+        mplan.mpc_parts(1025 * 128, 128).collect::<Vec<_>>(),
+        [1024 * 128, 128]
+    );
 
     let (mut a, mut b) = memory_pair();
     let cfg = CheetahConfig::default();
@@ -815,26 +824,30 @@ fn large_batches_split_into_he_calls_in_one_flight_and_stay_exact() {
         let mut rng = ChaCha12Rng::seed_from_u64(6);
         let mut c = Cheetah::client_setup(&mut ch, &ModelSpec::of(fm), &cfg, &mut rng).unwrap();
         c.plan = plan.clone();
-        let before = ch.report();
-        let out = c
-            .run_batch(&mut ch, &x, 5, OutputMode::Logits, &mut rng)
-            .unwrap();
-        check_against_eval(fm, &x, &out);
-        let steps = diff(&ch.report(), &before);
+        let mut measured = Vec::new();
+        let mut predicted = Vec::new();
+        for mode in [OutputMode::Logits, OutputMode::Labels] {
+            predicted.push(c.predict_batch_cost(5, mode).unwrap());
+            let before = ch.report();
+            let out = c.run_batch(&mut ch, &x, 5, mode, &mut rng).unwrap();
+            check_against_eval(fm, &x, &out);
+            measured.push(diff(&ch.report(), &before));
+        }
+        assert_costs(&measured[0], &predicted[0], false);
+        assert_costs(&measured[1], &predicted[1], true);
+        let steps = &measured[0];
         let l1 = steps.iter().find(|s| s.step == "layer1/linear").unwrap();
         assert_eq!(
             l1.rounds, 1,
             "queries in the header's flight, answers in one"
         );
-        // 3 calls, each one query header + ciphertexts and one response header + ciphertexts
-        assert_eq!(l1.messages_received % 3, 0);
         let he = c.he_params();
         let expected: usize = chunks
             .iter()
             .map(|r| {
-                let lc =
-                    crate::he::layer_cost(he, &crate::he::LinearShape::new(r.len(), 4, 3)).unwrap();
-                lc.query_bytes
+                crate::he::layer_cost(he, &crate::he::LinearShape::new(r.len(), 4, 3))
+                    .unwrap()
+                    .query_bytes
             })
             .sum();
         assert_eq!(l1.bytes_sent, expected as u64);
