@@ -1,21 +1,42 @@
-//! `fusion-client bench relu`: both parties of the 2PC ReLU in one process, with costs.
+//! `fusion-client bench`: both parties in one process, with costs.
 //!
-//! [`run_relu_bench`] runs the server and the client role on two threads over an in-memory
-//! duplex ([`Transport::Memory`]) wrapped in `Counting`, sets up a session (base OTs, KK13
-//! bootstrap: reported as `setup`), runs one batch of `count` ReLUs on random shares,
-//! checks the result against the plaintext, and reports the client's view of the costs.
-//! [`run_relu_bench_over`] takes any pair of connected channels: the seam where the TLS
-//! transport (the gRPC stream over loopback) plugs in.
+//! - `bench relu`: [`run_relu_bench`] runs the server and the client role of a batch of
+//!   2PC ReLUs on random shares, checks the result against the plaintext, and reports the
+//!   client's view of the costs (setup apart). [`run_relu_bench_over`] takes any pair of
+//!   connected channels ([`Transport::Memory`]: the in-memory duplex);
+//!   [`Transport::Tls`] runs the server role as a session runner of a real server in
+//!   this process (127.0.0.1, port 0, ephemeral certificates) and the client role over
+//!   gRPC and mutual TLS.
+//! - `bench infer`: a secure inference of N MNIST test images with the served model, one
+//!   session per batch size (set-up apart), checked against the fixed-point evaluator:
+//!   in memory (both roles of `fusion_common::backend` on two threads) or over TLS (the
+//!   real `cheetah` runner of an in-process server and [`crate::infer::run_with_info`]).
 
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use fusion_common::channel::{Channel, Counting, StepCost, memory_pair};
+use fusion_common::backend::{
+    BackendError, BatchOutput, Cheetah, CheetahConfig, Honest, InferenceClient, InferenceServer,
+    LocalPolicy, ModelSpec, OutputMode, SecureInference,
+};
+use fusion_common::channel::{Channel, CostReport, Counting, StepCost, memory_pair};
+use fusion_common::fixed::{FixedModel, eval_fixed};
 use fusion_common::mpc::{MpcConfig, MpcError, MpcSession, Party};
+use fusion_common::net::SessionStart;
+use fusion_common::nn::Model;
+use fusion_common::nn::mnist::{self, Split};
 use fusion_common::ot::KkotConfig;
 use fusion_common::ring::{Ring, RingError};
+use fusion_server::runner::{Refusal, Registry, RunnerError, StartInfo};
+use fusion_server::state::{Policy, ServedModel, ServerState, SessionLimits};
 use serde::Serialize;
+
+use crate::infer::{InferError, InferOptions, Inputs, run_with_info};
+use crate::local::{BUNDLED_MNIST, BUNDLED_MODEL, LocalServer, bundled};
+use crate::report::{CostJson, PhaseCost, StepJson};
 
 /// `fusion-client bench ...`
 #[derive(Debug, Args)]
@@ -31,6 +52,33 @@ pub enum BenchCmd {
     /// A batch of 2PC ReLUs, both parties in this process: bytes, rounds and time, setup
     /// reported apart.
     Relu(ReluArgs),
+    /// A secure inference of MNIST test images with the served model (backend
+    /// `cheetah`), both parties in this process: bytes, rounds and time per step, setup
+    /// reported apart, the result checked against the fixed-point evaluator.
+    Infer(InferBenchArgs),
+}
+
+/// `fusion-client bench infer ...`
+#[derive(Debug, Args)]
+pub struct InferBenchArgs {
+    /// rows in the batch; a comma list (1,16,256) runs one session per value
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub rows: Vec<usize>,
+    /// transport between the two parties
+    #[arg(long, value_enum, default_value_t = Transport::Memory)]
+    pub transport: Transport,
+    /// what leaves the protocol: `labels` or `logits`
+    #[arg(long, default_value = "labels")]
+    pub output: OutputMode,
+    /// the model file (default: the bundled model)
+    #[arg(long, env = "FUSION_MODEL")]
+    pub model: Option<PathBuf>,
+    /// the directory of the MNIST gzip IDX files (default: the bundled data/mnist)
+    #[arg(long, env = "FUSION_MNIST_DIR")]
+    pub mnist_dir: Option<PathBuf>,
+    /// print JSON (one object, or an array with several --rows)
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `fusion-client bench relu ...`
@@ -68,6 +116,7 @@ pub enum KnArg {
 /// Runs a `bench` command and returns the text to print.
 pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
     match &args.what {
+        BenchCmd::Infer(a) => run_infer_cmd(a),
         BenchCmd::Relu(a) => {
             let config = MpcConfig {
                 leaf_bits: a.leaf_bits,
@@ -106,12 +155,273 @@ pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
     }
 }
 
+/// Runs `bench infer` and returns the text to print.
+fn run_infer_cmd(a: &InferBenchArgs) -> Result<String, BenchError> {
+    let model_path = match &a.model {
+        Some(p) => p.clone(),
+        None => bundled(BUNDLED_MODEL)
+            .ok_or_else(|| BenchError::Setup(format!("no model file at {BUNDLED_MODEL}")))?,
+    };
+    let dir = match &a.mnist_dir {
+        Some(d) => d.clone(),
+        None => bundled(BUNDLED_MNIST)
+            .ok_or_else(|| BenchError::Setup(format!("no MNIST files at {BUNDLED_MNIST}")))?,
+    };
+    let images = mnist::read_images(&Split::Test.images_path(&dir))
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let reports = run_infer_bench(&model_path, &images, &a.rows, a.output, a.transport)?;
+    if a.json {
+        let out = if reports.len() == 1 {
+            serde_json::to_string_pretty(&reports[0])
+        } else {
+            serde_json::to_string_pretty(&reports)
+        };
+        return out.map_err(|e| BenchError::Output(e.to_string()));
+    }
+    let mut s = String::new();
+    for r in &reports {
+        s.push_str(&format!(
+            "{} rows ({}, {}): online {:.1} KB/row, {:.2} ms/row, {} rounds, {:.3} s; setup {:.1} KB, {} rounds, {:.3} s; verified {}\n",
+            r.rows,
+            r.transport,
+            r.output,
+            r.bytes_per_row_online / 1e3,
+            r.ms_per_row_online,
+            r.online.rounds,
+            r.online.seconds,
+            r.setup.bytes_total() as f64 / 1e3,
+            r.setup.rounds,
+            r.setup.seconds,
+            r.verified
+        ));
+        for st in &r.steps {
+            s.push_str(&format!(
+                "    {:<20} sent {:>12}  received {:>12}  rounds {:>3}  {:.4} s\n",
+                st.step,
+                fusion_common::cost::group(st.bytes_sent),
+                fusion_common::cost::group(st.bytes_received),
+                st.rounds,
+                st.seconds
+            ));
+        }
+    }
+    Ok(s)
+}
+
+/// The JSON report of one `bench infer` run.
+#[derive(Clone, Debug, Serialize)]
+pub struct InferReport {
+    /// rows in the batch
+    pub rows: usize,
+    /// the backend (`cheetah`)
+    pub backend: String,
+    /// the core OT (`iknp`)
+    pub ot: String,
+    /// the 1-of-N OT of the millionaire leaves
+    pub kn: String,
+    /// bits per millionaire leaf
+    pub leaf_bits: u32,
+    /// the transport
+    pub transport: String,
+    /// what left the protocol
+    pub output: OutputMode,
+    /// the session set-up (hello, HE keys, base OTs), client side
+    pub setup: PhaseCost,
+    /// the batch, client side
+    pub online: PhaseCost,
+    /// per step, client side
+    pub steps: Vec<StepJson>,
+    /// online bytes both ways per row
+    pub bytes_per_row_online: f64,
+    /// online wall time per row, milliseconds
+    pub ms_per_row_online: f64,
+    /// whether the labels (and logits) equal the fixed-point evaluator's (always checked)
+    pub verified: bool,
+}
+
+/// The first `rows` MNIST images of `images` (cycled), as pixels.
+fn first_images(images: &[u8], rows: usize) -> Vec<u8> {
+    images
+        .chunks_exact(mnist::PIXELS)
+        .cycle()
+        .take(rows)
+        .flatten()
+        .copied()
+        .collect()
+}
+
+/// Checks a run against the evaluator.
+fn verify(
+    model: &FixedModel,
+    x: &[u64],
+    labels: &[usize],
+    logits: Option<&[u64]>,
+) -> Result<(), BenchError> {
+    let e = eval_fixed(model, x).map_err(|e| BenchError::Setup(e.to_string()))?;
+    if let Some(i) = e.labels.iter().zip(labels).position(|(a, b)| a != b) {
+        return Err(BenchError::Wrong(i));
+    }
+    if e.labels.len() != labels.len() {
+        return Err(BenchError::Wrong(labels.len().min(e.labels.len())));
+    }
+    if let Some(i) = logits.and_then(|l| e.logits.iter().zip(l).position(|(a, b)| a != b)) {
+        return Err(BenchError::Wrong(i / e.classes.max(1)));
+    }
+    Ok(())
+}
+
+fn infer_report(
+    rows: usize,
+    transport: &str,
+    output: OutputMode,
+    cost: &CostReport,
+    config: &CheetahConfig,
+) -> InferReport {
+    let c = CostJson::from_report(cost);
+    let n = rows.max(1) as f64;
+    InferReport {
+        rows,
+        backend: Cheetah::NAME.into(),
+        ot: "iknp".into(),
+        kn: match config.mpc.kn {
+            KkotConfig::Kk13 => "kk13".into(),
+            _ => "cots".into(),
+        },
+        leaf_bits: config.mpc.leaf_bits,
+        transport: transport.into(),
+        output,
+        setup: c.setup,
+        online: c.online,
+        bytes_per_row_online: c.online.bytes_total() as f64 / n,
+        ms_per_row_online: c.online.seconds * 1e3 / n,
+        steps: c.steps,
+        verified: true,
+    }
+}
+
+/// One session in memory: set-up, one batch; the client's output and costs.
+fn infer_memory(
+    model: &FixedModel,
+    x: &[u64],
+    rows: usize,
+    output: OutputMode,
+    config: &CheetahConfig,
+) -> Result<(BatchOutput, CostReport), BenchError> {
+    let (s, c) = memory_pair();
+    let spec = ModelSpec::of(model);
+    std::thread::scope(|sc| {
+        let server = sc.spawn(move || {
+            let mut ch = s;
+            let mut rng = rand::rng();
+            let mut policy = LocalPolicy::new(rows as u64, output, None);
+            let mut srv = Cheetah::server_setup(&mut ch, model, config, &mut rng)?;
+            srv.serve(&mut ch, model, &mut policy, &mut Honest, &mut rng)
+        });
+        let client = (|| {
+            let mut ch = Counting::new(c);
+            let mut rng = rand::rng();
+            let mut cl = Cheetah::client_setup(&mut ch, &spec, config, &mut rng)?;
+            let out = cl.run_batch(&mut ch, x, rows, output, &mut rng)?;
+            let (_, cost) = ch.into_parts();
+            Ok::<_, BackendError>((out, cost))
+        })();
+        let server = server.join().map_err(|_| BenchError::Panicked)?;
+        let out = client.map_err(|e| BenchError::Backend {
+            party: Party::Client,
+            source: e,
+        })?;
+        server.map_err(|e| BenchError::Backend {
+            party: Party::Server,
+            source: e,
+        })?;
+        Ok(out)
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Setup(e.to_string()))
+}
+
+/// Runs `bench infer` for each batch size: one session each, checked against the
+/// evaluator.
+pub fn run_infer_bench(
+    model_path: &std::path::Path,
+    images: &[u8],
+    rows: &[usize],
+    output: OutputMode,
+    transport: Transport,
+) -> Result<Vec<InferReport>, BenchError> {
+    if rows.is_empty() || rows.contains(&0) {
+        return Err(BenchError::Setup(
+            "--rows needs positive batch sizes".into(),
+        ));
+    }
+    let config = CheetahConfig::default();
+    let model = Model::load(model_path).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let fm = model.fixed_model();
+    match transport {
+        Transport::Memory => rows
+            .iter()
+            .map(|&n| {
+                let x = fm.encode_images(&first_images(images, n));
+                let (out, cost) = infer_memory(fm, &x, n, output, &config)?;
+                verify(fm, &x, &out.labels, out.logits.as_deref())?;
+                Ok(infer_report(n, "memory", output, &cost, &config))
+            })
+            .collect(),
+        Transport::Tls => runtime()?.block_on(async {
+            let max = rows.iter().copied().max().unwrap_or(1) as u64;
+            let policy = Policy {
+                max_rows: max,
+                output,
+                ..Policy::default()
+            };
+            let served = ServedModel::new("bench", model.clone());
+            let state = ServerState::new(Some(served), policy, SessionLimits::default());
+            let server = LocalServer::start(state, Registry::with_builtins())
+                .await
+                .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
+            let client = server
+                .client()
+                .await
+                .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
+            let info = client.model_info().await.map_err(InferError::from)?;
+            let mut reports = Vec::new();
+            for &n in rows {
+                let x = fm.encode_images(&first_images(images, n));
+                let opts = InferOptions {
+                    output: Some(output),
+                    batch_rows: Some(n),
+                    ..InferOptions::default()
+                };
+                let out = run_with_info(&client, &info, Inputs::Encoded(&x), &opts).await?;
+                let ring = fm.fixed_point().ring();
+                let logits: Option<Vec<u64>> = out
+                    .logits
+                    .as_ref()
+                    .map(|l| l.iter().flatten().map(|&v| ring.from_signed(v)).collect());
+                verify(fm, &x, &out.labels, logits.as_deref())?;
+                reports.push(infer_report(n, "tls", output, &out.cost, &config));
+            }
+            server
+                .shutdown()
+                .await
+                .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
+            Ok(reports)
+        }),
+    }
+}
+
 /// Which transport carries the two parties' messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Transport {
     /// in-process memory duplex
     Memory,
-    /// the product gRPC stream over mutual TLS on loopback (wired by the net adapter)
+    /// the product gRPC stream over mutual TLS on loopback: a real server in this
+    /// process (port 0, ephemeral certificates) and a real client
     Tls,
 }
 
@@ -217,11 +527,22 @@ pub enum BenchError {
     /// a party's thread panicked
     #[error("a party's thread panicked")]
     Panicked,
-    /// the transport is not available in this build
-    #[error("transport {0:?} is not wired in this build")]
-    Unavailable(Transport),
-    /// the secure result differs from the plaintext ReLU
-    #[error("the secure ReLU differs from the plaintext at element {0}")]
+    /// a backend role failed
+    #[error("the {party:?} role of the backend failed")]
+    Backend {
+        /// which party failed
+        party: Party,
+        /// why
+        source: BackendError,
+    },
+    /// the secure inference over TLS failed
+    #[error(transparent)]
+    Infer(#[from] InferError),
+    /// the in-process server, the model or the data could not be set up
+    #[error("setting up: {0}")]
+    Setup(String),
+    /// the secure result differs from the plaintext (ReLU) or the evaluator (inference)
+    #[error("the secure result differs from the plaintext at element (or row) {0}")]
     Wrong(usize),
     /// the report could not be rendered
     #[error("output: {0}")]
@@ -235,15 +556,79 @@ pub fn run_relu_bench(b: ReluBench, transport: Transport) -> Result<ReluReport, 
             let (s, c) = memory_pair();
             run_relu_bench_over(b, s, c, "memory")
         }
-        // The lead wires this to the gRPC adapter (common::net) after merging.
-        Transport::Tls => Err(BenchError::Unavailable(Transport::Tls)),
+        Transport::Tls => run_relu_bench_tls(b),
     }
 }
 
 type PartyOut = (Vec<u64>, StepCost, StepCost, Option<f64>);
 
-fn party<C: Channel>(
-    ch: C,
+/// The server's job of a TLS bench: its shares, and where to put its result.
+type ServerJob = (
+    Vec<u64>,
+    std::sync::mpsc::Sender<Result<PartyOut, MpcError>>,
+);
+
+/// The diagnostic backend of the TLS bench, registered only in its in-process server.
+const BENCH_RELU: &str = "bench-relu";
+
+/// The ReLU bench over the product transport: the server role runs as the session
+/// runner of a real server in this process, the client role over gRPC and TLS.
+fn run_relu_bench_tls(b: ReluBench) -> Result<ReluReport, BenchError> {
+    let ring = Ring::new(b.bits)?;
+    let mut rng = rand::rng();
+    let x: Vec<u64> = (0..b.count).map(|_| ring.random(&mut rng)).collect();
+    let (x0, x1): (Vec<u64>, Vec<u64>) = x.iter().map(|&v| ring.share(v, &mut rng)).unzip();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let slot: Arc<Mutex<Option<ServerJob>>> = Arc::new(Mutex::new(Some((x0, tx))));
+    let mut registry = Registry::with_builtins();
+    let job = slot.clone();
+    registry
+        .register(
+            BENCH_RELU,
+            move |ch: &mut dyn Channel, _: &StartInfo, _: &ServerState| {
+                let taken = job.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let Some((x0, tx)) = taken else {
+                    return Err(RunnerError::Refused(Refusal::policy(
+                        "one bench session only",
+                    )));
+                };
+                let r = party(ch, Party::Server, b, ring, x0);
+                let failed = r.as_ref().err().map(|e| e.to_string());
+                let _ = tx.send(r);
+                match failed {
+                    None => Ok(()),
+                    Some(e) => Err(RunnerError::Refused(Refusal::invalid(e))),
+                }
+            },
+        )
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let client_out = runtime()?.block_on(async {
+        let state = ServerState::new(None, Policy::default(), SessionLimits::default());
+        let server = LocalServer::start(state, registry)
+            .await
+            .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
+        let client = server
+            .client()
+            .await
+            .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
+        let out = client
+            .session(SessionStart::new(BENCH_RELU), move |ch, _| {
+                party(ch, Party::Client, b, ring, x1)
+            })
+            .await
+            .map_err(|e| BenchError::Setup(format!("the TLS session failed: {e}")));
+        server
+            .shutdown()
+            .await
+            .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
+        out
+    })?;
+    let rs = rx.recv().map_err(|_| BenchError::Panicked)?;
+    relu_report(b, ring, &x, Ok(client_out.value), rs, "tls")
+}
+
+fn party(
+    ch: &mut dyn Channel,
     who: Party,
     b: ReluBench,
     ring: Ring,
@@ -281,10 +666,24 @@ where
     let mut rng = rand::rng();
     let x: Vec<u64> = (0..b.count).map(|_| ring.random(&mut rng)).collect();
     let (x0, x1): (Vec<u64>, Vec<u64>) = x.iter().map(|&v| ring.share(v, &mut rng)).unzip();
-    let hs = std::thread::spawn(move || party(server, Party::Server, b, ring, x0));
-    let hc = std::thread::spawn(move || party(client, Party::Client, b, ring, x1));
+    let mut server = server;
+    let mut client = client;
+    let hs = std::thread::spawn(move || party(&mut server, Party::Server, b, ring, x0));
+    let hc = std::thread::spawn(move || party(&mut client, Party::Client, b, ring, x1));
     let rc = hc.join().map_err(|_| BenchError::Panicked)?;
     let rs = hs.join().map_err(|_| BenchError::Panicked)?;
+    relu_report(b, ring, &x, rc, rs, transport)
+}
+
+/// Checks both parties' outputs against the plaintext ReLU and makes the report.
+fn relu_report(
+    b: ReluBench,
+    ring: Ring,
+    x: &[u64],
+    rc: Result<PartyOut, MpcError>,
+    rs: Result<PartyOut, MpcError>,
+    transport: &str,
+) -> Result<ReluReport, BenchError> {
     let (y1, setup, relu, cpu_c) = rc.map_err(|source| BenchError::Protocol {
         party: Party::Client,
         source,
@@ -293,6 +692,9 @@ where
         party: Party::Server,
         source,
     })?;
+    if y0.len() != b.count || y1.len() != b.count {
+        return Err(BenchError::Wrong(y0.len().min(y1.len())));
+    }
     for i in 0..b.count {
         if ring.add(y0[i], y1[i]) != ring.from_signed(ring.to_signed(x[i]).max(0)) {
             return Err(BenchError::Wrong(i));
@@ -343,9 +745,56 @@ mod tests {
         assert!((r.bits_per_relu - r.bytes_total as f64 * 8.0 / 1000.0).abs() < 1e-9);
         assert!(r.setup.bytes_total > 128 * 32 * 2);
         assert!(r.rounds > 0);
-        assert!(matches!(
-            run_relu_bench(b, Transport::Tls),
-            Err(BenchError::Unavailable(_))
-        ));
+        // the same over a real server and client (gRPC, mutual TLS): same bytes, same
+        // flights (the payload is the protocol's, whatever carries it)
+        fusion_common::net::install_crypto_provider();
+        let t = run_relu_bench(b, Transport::Tls).unwrap();
+        assert_eq!(t.transport, "tls");
+        assert!(t.verified);
+        assert_eq!((t.bytes_total, t.rounds), (r.bytes_total, r.rounds));
+        assert_eq!(t.setup.bytes_total, r.setup.bytes_total);
+    }
+
+    #[test]
+    fn infer_bench_in_memory_and_over_tls_is_verified_and_consistent() {
+        fusion_common::net::install_crypto_provider();
+        let model = bundled(BUNDLED_MODEL).unwrap();
+        let dir = bundled(BUNDLED_MNIST).unwrap();
+        let images = mnist::read_images(&Split::Test.images_path(&dir)).unwrap();
+        let m =
+            run_infer_bench(&model, &images, &[2], OutputMode::Logits, Transport::Memory).unwrap();
+        let t = run_infer_bench(&model, &images, &[2], OutputMode::Logits, Transport::Tls).unwrap();
+        for r in m.iter().chain(&t) {
+            assert!(r.verified && r.rows == 2);
+            assert!(r.setup.bytes_total() > 0 && r.online.rounds > 0);
+            let sum: u64 = r
+                .steps
+                .iter()
+                .filter(|s| !s.step.starts_with("setup"))
+                .map(|s| s.bytes_sent + s.bytes_received)
+                .sum();
+            assert_eq!(sum, r.online.bytes_total());
+            assert!((r.bytes_per_row_online - sum as f64 / 2.0).abs() < 1e-9);
+        }
+        // the protocol's bytes do not depend on the transport
+        assert_eq!(m[0].online.bytes_total(), t[0].online.bytes_total());
+        assert_eq!(m[0].setup.bytes_total(), t[0].setup.bytes_total());
+        let steps: Vec<&str> = t[0].steps.iter().map(|s| s.step.as_str()).collect();
+        assert_eq!(steps.last(), Some(&"output/reveal"));
+        let v = serde_json::to_value(&t[0]).unwrap();
+        for k in [
+            "rows",
+            "setup",
+            "online",
+            "steps",
+            "bytes_per_row_online",
+            "ms_per_row_online",
+            "backend",
+            "ot",
+            "verified",
+        ] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        assert_eq!(v["steps"][0]["layer"], "setup");
     }
 }

@@ -1,114 +1,92 @@
 //! `fusion-client demo`: the whole system on one machine, over real mutual TLS.
 //!
-//! Ephemeral certificates in a temporary directory, the server in-process on
-//! 127.0.0.1 port 0 (the bundled model when its file is present), then as a client:
-//! the model info, the public pool checked against its digest, and a measured echo
-//! session with messages below and above the frame limit, with its cost table.
+//! Ephemeral certificates, the server in-process on 127.0.0.1 port 0 with the bundled
+//! model, then as a client: the model info, the public pool checked against its digest,
+//! and a secure inference (backend `cheetah`, labels only) of a few MNIST test images,
+//! printed next to their true labels and the fixed-point evaluator's labels (which the
+//! demo can compute because it holds the model too), with the cost table.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
-use fusion_common::cost::{group, human_bytes, render_table, to_json};
-use fusion_common::net::certs::{CertSpec, generate};
-use fusion_common::net::tls::{read, server_config};
-use fusion_common::net::{DEFAULT_FRAME_LIMIT, Identity, SessionStart};
-use fusion_common::nn::ModelDigest;
-use fusion_server::runner::{ECHO, Registry};
-use fusion_server::state::{Policy, ServerState, SessionLimits};
+use fusion_common::cost::render_table;
+use fusion_common::fixed::eval_fixed;
+use fusion_common::nn::mnist::{self, Split};
+use fusion_common::nn::{Model, ModelDigest};
+use fusion_server::runner::Registry;
+use fusion_server::state::{Policy, ServedModel, ServerState, SessionLimits};
+use serde::Serialize;
 
-use crate::client::Client;
-use crate::echo::echo_exchange;
+use crate::infer::{InferOptions, Inputs, run_with_info};
 use crate::info_cmd::render_info;
+use crate::local::{BUNDLED_MNIST, BUNDLED_MODEL, LocalServer, bundled};
+use crate::report::CostJson;
 
-/// The bundled model, relative to the workspace root.
-pub const BUNDLED_MODEL: &str = "models/mnist-dnn.safetensors";
-
-/// Flags of `demo` (none needed).
+/// Flags of `demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Model file to serve (default: the bundled model, when present).
+    /// Model file to serve (default: the bundled model).
     #[arg(long, env = "FUSION_MODEL")]
     pub model: Option<PathBuf>,
-    /// Print the cost report as JSON instead of a table.
+    /// The directory of the MNIST gzip IDX files (default: the bundled data/mnist).
+    #[arg(long, env = "FUSION_MNIST_DIR")]
+    pub mnist_dir: Option<PathBuf>,
+    /// MNIST test images to infer (the first ones of the test set).
+    #[arg(long, default_value_t = 8)]
+    pub images: usize,
+    /// Print the results and the cost report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
-/// Echo message sizes: small, one frame exactly, and above the 1 MiB frame limit.
-pub const ECHO_SIZES: [usize; 5] = [
-    32,
-    64 << 10,
-    DEFAULT_FRAME_LIMIT,
-    DEFAULT_FRAME_LIMIT + 1,
-    3 * DEFAULT_FRAME_LIMIT + 12_345,
-];
-
-fn bundled_model() -> Option<PathBuf> {
-    let candidates = [
-        PathBuf::from(BUNDLED_MODEL),
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(BUNDLED_MODEL),
-    ];
-    candidates.into_iter().find(|p| p.is_file())
+/// What `demo --json` prints.
+#[derive(Debug, Serialize)]
+struct DemoJson {
+    labels: Vec<usize>,
+    evaluator_labels: Vec<usize>,
+    true_labels: Vec<u8>,
+    cost: CostJson,
 }
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    fusion_common::net::install_crypto_provider();
     let say = |s: String| {
         if !args.json {
             println!("{s}");
         }
     };
+    let model_path = match &args.model {
+        Some(p) => p.clone(),
+        None => bundled(BUNDLED_MODEL)
+            .with_context(|| format!("no model file at {BUNDLED_MODEL}: pass --model"))?,
+    };
+    let dir = match &args.mnist_dir {
+        Some(d) => d.clone(),
+        None => bundled(BUNDLED_MNIST)
+            .with_context(|| format!("no MNIST files at {BUNDLED_MNIST}: pass --mnist-dir"))?,
+    };
+    let n = args.images.clamp(1, 10_000);
+    let test = mnist::load(&dir, Split::Test)?.slice(0..n)?;
 
-    // 1. certificates
-    let dir = tempfile::tempdir().context("making a temporary directory")?;
-    let bundle = generate(&CertSpec::default())?;
-    bundle.write_to(dir.path(), false)?;
+    // 1. the server, in-process, over TLS, with ephemeral certificates
+    let model = Model::load(&model_path).context("loading the model")?;
+    let served = ServedModel::new(
+        &model_path
+            .file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+        model.clone(),
+    );
+    let state = ServerState::new(Some(served), Policy::default(), SessionLimits::default());
+    let server = LocalServer::start(state, Registry::with_builtins()).await?;
     say(format!(
-        "certificates  ephemeral CA, server (localhost, 127.0.0.1), client CN=client in {}",
-        dir.path().display()
+        "certificates  ephemeral CA, server (localhost, 127.0.0.1), client CN=client\n\
+         server        listening on {} (TLS 1.3, client certificate required)",
+        server.addr
     ));
 
-    // 2. the server, in-process, over TLS
-    let model_path = args.model.clone().or_else(bundled_model);
-    if model_path.is_none() {
-        say(format!(
-            "model         no model file at {BUNDLED_MODEL} yet: serving without a model"
-        ));
-    }
-    let server_identity = Identity::from_files(
-        &dir.path().join("server.pem"),
-        &dir.path().join("server.key"),
-    )?;
-    let ca = read(&dir.path().join("ca.pem"), "CA")?;
-    let tls = server_config(&server_identity, &ca)?;
-    let state = ServerState::from_model_path(
-        model_path.as_deref(),
-        Policy::default(),
-        SessionLimits::default(),
-    )
-    .context("loading the model")?;
-    let server = fusion_server::spawn(
-        "127.0.0.1:0".parse()?,
-        tls,
-        state,
-        Registry::with_builtins(),
-    )
-    .await?;
-    let addr = format!("https://127.0.0.1:{}", server.local_addr().port()).parse()?;
-    say(format!(
-        "server        listening on {addr} (TLS 1.3, client certificate required)"
-    ));
-
-    // 3. the client
-    let client_identity = Identity::from_files(
-        &dir.path().join("client.pem"),
-        &dir.path().join("client.key"),
-    )?;
-    let client = Client::connect(&addr, Some("localhost"), &client_identity, &ca).await?;
+    // 2. the client: what the server serves, its pool
+    let client = server.client().await?;
     let info = client.model_info().await?;
     say(String::new());
     say(render_info(&info));
@@ -126,36 +104,69 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ));
     }
 
-    // 4. a measured echo
-    let sizes: Vec<String> = ECHO_SIZES
-        .iter()
-        .map(|&s| format!("{} B", group(s as u64)))
-        .collect();
+    // 3. a secure inference of the first test images (labels only)
     say(format!(
-        "echo          {} messages ({}), frame limit {}",
-        ECHO_SIZES.len(),
-        sizes.join(", "),
-        human_bytes(DEFAULT_FRAME_LIMIT as u64)
+        "secure inference of MNIST test images 0..{n} (backend cheetah, labels only)..."
     ));
-    let out = client
-        .session(SessionStart::new(ECHO), |ch, _| {
-            echo_exchange(ch, &ECHO_SIZES, &mut rand::rng())
-        })
-        .await?;
-    if args.json {
-        println!("{}", to_json(&out.cost));
-    } else {
-        println!(
-            "\ncost of the echo session {} (client side, each message sent and received whole)\n",
-            out.accepted.session_id
-        );
-        print!("{}", render_table(&out.cost));
-    }
-    let stats = server.stats();
+    let out = run_with_info(
+        &client,
+        &info,
+        Inputs::Pixels(test.images()),
+        &InferOptions::default(),
+    )
+    .await?;
+    let fm = model.fixed_model();
+    let evaluator = eval_fixed(fm, &fm.encode_images(test.images()))?.labels;
+    let stats = server.handle.stats();
     server.shutdown().await?;
-    say(format!(
+
+    if args.json {
+        let j = DemoJson {
+            labels: out.labels.clone(),
+            evaluator_labels: evaluator,
+            true_labels: test.labels().to_vec(),
+            cost: CostJson::from_report(&out.cost),
+        };
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    println!("\nimage  secure label  evaluator label  true label");
+    for (i, ((s, e), t)) in out
+        .labels
+        .iter()
+        .zip(&evaluator)
+        .zip(test.labels())
+        .enumerate()
+    {
+        let mark = if s == e {
+            ""
+        } else {
+            "  <- differs from the evaluator"
+        };
+        println!("{i:>5}  {s:>12}  {e:>15}  {t:>10}{mark}");
+    }
+    let same = out.labels == evaluator;
+    let right = out
+        .labels
+        .iter()
+        .zip(test.labels())
+        .filter(|(a, b)| **a == usize::from(**b))
+        .count();
+    println!(
+        "\nsecure labels {} the fixed-point evaluator's; {right} of {n} equal the true labels",
+        if same { "equal" } else { "DIFFER FROM" }
+    );
+    println!(
+        "\ncost of session {} (client side; setup once per session, online per batch)\n",
+        out.session_id
+    );
+    print!("{}", render_table(&out.cost));
+    println!(
         "\nserver        {} session(s) accepted, {} finished cleanly, {} refused TLS handshakes",
         stats.sessions_accepted, stats.sessions_ok, stats.handshakes_failed
-    ));
+    );
+    if !same {
+        anyhow::bail!("the secure labels differ from the fixed-point evaluator's");
+    }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The client: the library other commands build on ([`Client`]: connect over mutual
-//! TLS, `model_info`, `public_pool`, `session`) and the `info` and `demo` commands.
+//! TLS, `model_info`, `public_pool`, `session`; [`infer::run`]: a secure inference) and
+//! the `info`, `infer`, `demo` and `bench` commands.
 #![forbid(unsafe_code)]
 
 pub mod args;
@@ -8,8 +9,11 @@ pub mod bench;
 pub mod client;
 pub mod demo;
 pub mod echo;
+pub mod infer;
 pub mod info_cmd;
 pub mod link;
+pub mod local;
+pub mod report;
 pub mod tune_cmd;
 
 pub use client::{Client, ClientError, ClientOptions, SessionOutput};

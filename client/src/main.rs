@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use fusion_client::attack;
-use fusion_client::{bench, demo, info_cmd, tune_cmd};
+use fusion_client::{bench, demo, infer, info_cmd, tune_cmd};
 
 /// Fusion client: secure inference against a Fusion server over mutual TLS.
 #[derive(Debug, Parser)]
@@ -17,8 +17,12 @@ struct Cli {
 enum Command {
     /// Show the server's model, policy and your budget.
     Info(info_cmd::InfoArgs),
+    /// Secure inference of MNIST test images or an IDX image file: one label (or the
+    /// logits) per image and the cost table.
+    Infer(infer::InferArgs),
     /// Everything on this machine: ephemeral certificates, an in-process server on
-    /// 127.0.0.1 over real mutual TLS, the model info and a measured echo session.
+    /// 127.0.0.1 over real mutual TLS, the model info and a secure inference of a few
+    /// MNIST test images.
     Demo(demo::DemoArgs),
     /// Benchmarks (both parties in this process).
     Bench(bench::BenchArgs),
@@ -44,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match Cli::parse().command {
         Command::Info(args) => runtime.block_on(info_cmd::run(args)),
+        Command::Infer(args) => runtime.block_on(infer::run_cmd(args)),
         Command::Demo(args) => runtime.block_on(demo::run(args)),
         Command::Bench(args) => {
             println!("{}", bench::run(&args)?);

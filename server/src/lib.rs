@@ -3,12 +3,14 @@
 //!
 //! - [`state`]: [`state::ServerState`] (served model, policy, budgets, limits);
 //! - [`runner`]: [`runner::Registry`] of backends and the [`runner::SessionRunner`] trait;
+//! - [`backends`]: the secure-inference runners (`cheetah`) over `fusion_common::backend`;
 //! - [`service`]: the tonic service (`GetModelInfo`, `GetPublicPool`, `Session`);
 //! - [`server`]: [`server::spawn`] binds and serves, returning a [`server::ServerHandle`];
 //! - [`serve_cmd`], [`certs_cmd`]: the `serve` and `certs` subcommands;
 //! - [`model_cmd`]: `train` and `eval` (the model engineer's).
 #![forbid(unsafe_code)]
 
+pub mod backends;
 pub mod certs_cmd;
 mod listener;
 pub mod model_cmd;

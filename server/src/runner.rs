@@ -108,6 +108,10 @@ pub enum RunnerError {
         #[source]
         source: Box<dyn StdError + Send + Sync>,
     },
+    /// The backend refused a request inside the session (e.g. a batch against the
+    /// policy); the session ends with the refusal's code and message.
+    #[error("{0}")]
+    Refused(Refusal),
     /// The runner panicked (a bug); the session ends with `INTERNAL`.
     #[error("the {backend} runner failed internally")]
     Panicked {
@@ -130,6 +134,7 @@ impl RunnerError {
         match self {
             RunnerError::Channel(e) => status_code(e),
             RunnerError::Protocol { .. } => Code::Aborted,
+            RunnerError::Refused(r) => r.code,
             RunnerError::Panicked { .. } => Code::Internal,
         }
     }
@@ -141,6 +146,19 @@ pub trait SessionRunner: Send + Sync + 'static {
     /// policy checks (backend offered, rows, output mode) are already done.
     fn check_start(&self, _start: &SessionStart, _state: &ServerState) -> Result<(), Refusal> {
         Ok(())
+    }
+
+    /// Whether the backend needs a served model: without one the server does not offer
+    /// it.
+    fn needs_model(&self) -> bool {
+        false
+    }
+
+    /// Whether the backend charges the client's budget itself, per batch inside the
+    /// session (then the session start is not charged; it is refused only when the
+    /// budget is already spent).
+    fn charges_per_batch(&self) -> bool {
+        false
     }
 
     /// Runs the server's side of the protocol to the end. Called on a blocking thread.
@@ -201,10 +219,13 @@ impl Registry {
         Self::default()
     }
 
-    /// The backends this crate provides: `echo` (diagnostic).
+    /// The backends this crate provides: `echo` (diagnostic) and the secure-inference
+    /// families of [`crate::backends`] (`cheetah`), which are offered only when a model
+    /// is served.
     pub fn with_builtins() -> Self {
         let mut r = Self::empty();
         r.runners.insert(ECHO.to_owned(), Arc::new(echo));
+        crate::backends::register_all(&mut r);
         r
     }
 
@@ -297,7 +318,9 @@ mod tests {
     #[test]
     fn registry_names_and_refusals() {
         let mut r = Registry::with_builtins();
-        assert_eq!(r.names(), vec!["echo"]);
+        assert_eq!(r.names(), vec!["cheetah", "echo"]);
+        assert!(r.get("cheetah").unwrap().needs_model());
+        assert!(!r.get("echo").unwrap().needs_model());
         assert!(matches!(
             r.register("echo", echo),
             Err(RegistryError::Duplicate(_))

@@ -35,6 +35,12 @@ pub enum ServerError {
         /// the registered names
         available: String,
     },
+    /// The policy names a backend that needs a model, and no model is served.
+    #[error("backend {name:?} needs a model (--model)")]
+    NeedsModel {
+        /// the name
+        name: String,
+    },
     /// The session limits are out of range.
     #[error("invalid session limits: {0}")]
     Limits(String),
@@ -83,12 +89,16 @@ impl ServerHandle {
     }
 }
 
-/// The backends to offer: the policy's list (each must be registered) or, when the
-/// list is empty, every registered backend.
+/// The backends to offer: the policy's list (each must be registered, and have a model
+/// if it needs one) or, when the list is empty, every registered backend that can run
+/// (those that need a model only when one is served).
 fn offered(state: &ServerState, registry: &Registry) -> Result<Vec<String>, ServerError> {
     let names = registry.names();
+    let runnable = |name: &String| {
+        state.model.is_some() || registry.get(name).is_some_and(|r| !r.needs_model())
+    };
     if state.policy.backends.is_empty() {
-        return Ok(names);
+        return Ok(names.into_iter().filter(runnable).collect());
     }
     for b in &state.policy.backends {
         if !names.contains(b) {
@@ -96,6 +106,9 @@ fn offered(state: &ServerState, registry: &Registry) -> Result<Vec<String>, Serv
                 name: b.clone(),
                 available: names.join(", "),
             });
+        }
+        if !runnable(b) {
+            return Err(ServerError::NeedsModel { name: b.clone() });
         }
     }
     Ok(state.policy.backends.clone())
@@ -147,4 +160,54 @@ pub async fn spawn(
         shutdown: Some(shutdown_tx),
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Policy, ServedModel, SessionLimits};
+    use fusion_common::fixed::FixedPoint;
+    use fusion_common::nn::{Architecture, Model, Tensor};
+
+    fn tiny() -> ServedModel {
+        let arch = Architecture::mlp(&[2], &[], 2).unwrap();
+        let params = vec![vec![
+            Tensor::new(vec![2, 2], vec![1.0, 0.0, 0.0, 1.0]).unwrap(),
+            Tensor::new(vec![2], vec![0.0, 0.0]).unwrap(),
+        ]];
+        let m = Model::new(arch, params, FixedPoint::new(33, 12).unwrap()).unwrap();
+        ServedModel::new("tiny", m)
+    }
+
+    #[test]
+    fn backends_that_need_a_model_are_offered_only_with_one() {
+        let r = Registry::with_builtins();
+        let state = |model, backends: &[&str]| {
+            ServerState::new(
+                model,
+                Policy {
+                    backends: backends.iter().map(|s| s.to_string()).collect(),
+                    ..Policy::default()
+                },
+                SessionLimits::default(),
+            )
+        };
+        assert_eq!(offered(&state(None, &[]), &r).unwrap(), ["echo"]);
+        assert_eq!(
+            offered(&state(Some(tiny()), &[]), &r).unwrap(),
+            ["cheetah", "echo"]
+        );
+        assert_eq!(
+            offered(&state(Some(tiny()), &["cheetah"]), &r).unwrap(),
+            ["cheetah"]
+        );
+        assert!(matches!(
+            offered(&state(None, &["cheetah"]), &r),
+            Err(ServerError::NeedsModel { .. })
+        ));
+        assert!(matches!(
+            offered(&state(None, &["nope"]), &r),
+            Err(ServerError::UnknownBackend { .. })
+        ));
+    }
 }

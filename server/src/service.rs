@@ -17,7 +17,7 @@ use fusion_common::net::stream::{
     ChannelConfig, GrpcChannel, OUTBOUND_QUEUE, inbound_capacity, spawn_pump,
 };
 use fusion_common::net::tls::certificate_subject;
-use fusion_common::net::{OutputMode, ServiceInfo};
+use fusion_common::net::{Budget, OutputMode, ServiceInfo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -160,14 +160,31 @@ impl FusionService {
                     self.state.limits.max_sessions
                 ),
             })?;
-        let budget = self
-            .state
-            .budgets
-            .charge(client, start.rows)
-            .map_err(|e| Refusal {
-                code: tonic::Code::ResourceExhausted,
-                message: e.to_string(),
-            })?;
+        let exhausted = |e: crate::state::BudgetExhausted| Refusal {
+            code: tonic::Code::ResourceExhausted,
+            message: e.to_string(),
+        };
+        let budget = if runner.charges_per_batch() {
+            // charged per batch by the runner; refuse now only if nothing is left
+            let left = self.state.budgets.remaining(client);
+            if let Budget::Rows {
+                limit,
+                remaining: 0,
+            } = left
+            {
+                return Err(exhausted(crate::state::BudgetExhausted {
+                    requested: start.rows.max(1),
+                    remaining: 0,
+                    limit,
+                }));
+            }
+            left
+        } else {
+            self.state
+                .budgets
+                .charge(client, start.rows)
+                .map_err(exhausted)?
+        };
         let accepted = SessionAccepted {
             session_id: self.next_id.fetch_add(1, Ordering::Relaxed),
             backend: start.backend.clone(),

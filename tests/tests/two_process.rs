@@ -1,6 +1,7 @@
 //! The real binaries in two processes on loopback: `fusion-server certs` makes the
 //! certificates, `fusion-server serve` (with the bundled model) listens on port 0 and
-//! prints its address, `fusion-client info --json` asks it over mutual TLS.
+//! prints its address, `fusion-client info --json` asks it over mutual TLS and
+//! `fusion-client infer --json` runs a secure inference (flags from the environment).
 //!
 //! The binaries belong to other packages, so `env!("CARGO_BIN_EXE_...")` is not
 //! available here: the test asks cargo to build them (same profile as the test) and
@@ -136,7 +137,7 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
     );
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(v["client_subject"], "CN=client");
-    assert_eq!(v["backends"], serde_json::json!(["echo"]));
+    assert_eq!(v["backends"], serde_json::json!(["cheetah", "echo"]));
     assert_eq!(v["budget"]["kind"], "rows");
     assert_eq!(v["budget"]["remaining"], 500);
     // the bundled model's public description came across
@@ -146,6 +147,33 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
         serde_json::json!([10])
     );
     assert!(v["model"]["pool_size"].as_u64().unwrap() > 0);
+
+    // a secure inference of two MNIST test images through the client binary
+    let infer = Command::new(&client_bin)
+        .args(["infer", "--json", "--mnist-test", "0..2", "--server"])
+        .arg(format!("https://localhost:{port}"))
+        .arg("--mnist-dir")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist"))
+        .env("FUSION_CA", d("ca.pem"))
+        .env("FUSION_CERT", d("client.pem"))
+        .env("FUSION_KEY", d("client.key"))
+        .output()
+        .unwrap();
+    assert!(
+        infer.status.success(),
+        "infer failed: {}",
+        String::from_utf8_lossy(&infer.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&infer.stdout).unwrap();
+    // the first two test images are a 7 and a 2, and the model gets them right
+    assert_eq!(v["labels"], serde_json::json!([7, 2]));
+    assert_eq!(v["true_labels"], serde_json::json!([7, 2]));
+    assert_eq!(v["output"], "labels");
+    assert!(v.get("logits").is_none(), "labels only");
+    assert!(v["cost"]["setup"]["bytes_sent"].as_u64().unwrap() > 0);
+    assert!(v["cost"]["online"]["rounds"].as_u64().unwrap() > 0);
+    assert_eq!(v["cost"]["steps"][4]["step"], "layer1/linear");
+    assert_eq!(v["cost"]["steps"][4]["layer"], "layer1");
 
     // a certificate that is not a client certificate (the server's own) is refused
     let refused = Command::new(&client_bin)

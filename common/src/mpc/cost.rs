@@ -4,8 +4,9 @@
 //!
 //! They hold for an IKNP session whose COT buffers are empty when the operation starts and
 //! whose `min_batch` is 1 (as in the tests; the buffers are modelled across the levels of
-//! argmax); with buffered COTs or a larger `min_batch` only the extension part changes. `r128(n)` is n rounded up to
-//! a multiple of 128 (IKNP extends in blocks of 128 COTs).
+//! argmax); with buffered COTs or a larger `min_batch` only the extension part changes
+//! ([`Sequence`] models both, for operations chained on one session). `r128(n)` is n
+//! rounded up to a multiple of 128 (IKNP extends in blocks of 128 COTs).
 //!
 //! In bits per element (IKNP, κ = 128, leaves by KK13 over a 256-bit code, m-bit leaves,
 //! q = ceil((l-1)/m) leaves, q-1 AND nodes):
@@ -58,12 +59,14 @@ pub struct Params {
     pub kk13: bool,
 }
 
-#[derive(Default)]
+#[derive(Clone, Debug, Default)]
 struct Trace {
     cost: Cost,
     last_send: Option<bool>,
     /// COTs left in the buffers (server-sender, client-sender), as the session keeps them
     avail: (usize, usize),
+    /// the session's smallest extension (0 and 1 are the same: exact extensions)
+    min_batch: usize,
 }
 
 impl Trace {
@@ -86,15 +89,17 @@ impl Trace {
     }
     /// Reservation of (server-sender, client-sender) COTs: an IKNP extension of what the
     /// buffers lack, rounded up to blocks of 128, then the COTs are used.
+    /// COTs an extension adds when `need` are wanted and `have` are buffered:
+    /// `OtSession::extension_for` (at least `min_batch`), rounded up to IKNP's blocks.
+    fn lack(&self, have: usize, need: usize) -> usize {
+        if need > have {
+            (need - have).max(self.min_batch).div_ceil(128) * 128
+        } else {
+            0
+        }
+    }
     fn ext(&mut self, s2c: usize, c2s: usize) {
-        let lack = |have: usize, need: usize| {
-            if need > have {
-                (need - have).div_ceil(128) * 128
-            } else {
-                0
-            }
-        };
-        let (es, ec) = (lack(self.avail.0, s2c), lack(self.avail.1, c2s));
+        let (es, ec) = (self.lack(self.avail.0, s2c), self.lack(self.avail.1, c2s));
         if es > 0 {
             self.send(16 * es);
         }
@@ -106,14 +111,7 @@ impl Trace {
     /// The millionaire with the operation's reservation: with KK13 our choose messages
     /// share the flight of our extension message.
     fn mill_ext(&mut self, p: Params, groups: &[MillGroup], s2c: usize, c2s: usize) {
-        let lack = |have: usize, need: usize| {
-            if need > have {
-                (need - have).div_ceil(128) * 128
-            } else {
-                0
-            }
-        };
-        let (es, ec) = (lack(self.avail.0, s2c), lack(self.avail.1, c2s));
+        let (es, ec) = (self.lack(self.avail.0, s2c), self.lack(self.avail.1, c2s));
         self.avail = (self.avail.0 + es - s2c, self.avail.1 + ec - c2s);
         let choose = |g: &MillGroup, mk: u32| {
             if p.kk13 {
@@ -190,54 +188,27 @@ fn carry_group(ring: Ring, n: usize) -> Vec<MillGroup> {
     carry_groups(ring.bits() - 1, n)
 }
 
-/// [`MpcSession::drelu`](super::MpcSession::drelu) of `n` elements.
-pub fn drelu(p: Params, ring: Ring, n: usize) -> Cost {
+/// Runs `op` on a fresh trace (empty buffers, exact extensions).
+fn fresh(op: impl FnOnce(&mut Trace)) -> Cost {
+    let mut t = Trace::default();
+    op(&mut t);
+    t.cost
+}
+
+fn drelu_into(t: &mut Trace, p: Params, ring: Ring, n: usize) {
     let g = carry_group(ring, n);
     let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
-    let mut t = Trace::default();
     t.mill_ext(p, &g, a, b);
-    t.cost
 }
 
-/// [`MpcSession::mux`](super::MpcSession::mux) of `n` elements.
-pub fn mux(ring: Ring, n: usize) -> Cost {
-    let mut t = Trace::default();
-    t.ext(n, n);
-    t.mux(ring, n, 1);
-    t.cost
-}
-
-/// [`MpcSession::relu`](super::MpcSession::relu) of `n` elements.
-pub fn relu(p: Params, ring: Ring, n: usize) -> Cost {
+fn relu_into(t: &mut Trace, p: Params, ring: Ring, n: usize) {
     let g = carry_group(ring, n);
     let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
-    let mut t = Trace::default();
     t.mill_ext(p, &g, a + n, b + n);
     t.mux(ring, n, 1);
-    t.cost
 }
 
-/// [`MpcSession::b2a`](super::MpcSession::b2a) of `n` bits.
-pub fn b2a(ring: Ring, n: usize) -> Cost {
-    let mut t = Trace::default();
-    t.ext(n, 0);
-    t.send(n.div_ceil(8));
-    t.recv(ring.packed_len(n));
-    t.cost
-}
-
-/// [`MpcSession::trunc_nonneg`](super::MpcSession::trunc_nonneg) of `n` elements by f ≥ 1.
-pub fn trunc_nonneg(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
-    let g = carry_groups(f, n);
-    let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
-    let mut t = Trace::default();
-    t.mill_ext(p, &g, a + 2 * n, b);
-    t.send((2 * n).div_ceil(8));
-    t.recv(ring.packed_len(2 * n));
-    t.cost
-}
-
-fn trunc_general(p: Params, ring: Ring, n: usize, f: u32, relu: bool) -> Cost {
+fn trunc_general(t: &mut Trace, p: Params, ring: Ring, n: usize, f: u32, relu: bool) {
     let mut g = carry_group(ring, n);
     g.extend(carry_groups(f, n));
     let (mut a, mut b) = mill_cots(p.leaf_bits, !p.kk13, &g);
@@ -247,7 +218,6 @@ fn trunc_general(p: Params, ring: Ring, n: usize, f: u32, relu: bool) -> Cost {
     if relu {
         b += n;
     }
-    let mut t = Trace::default();
     t.mill_ext(p, &g, a, b);
     t.send(if p.kk13 {
         32 * n.div_ceil(128) * 128
@@ -259,30 +229,13 @@ fn trunc_general(p: Params, ring: Ring, n: usize, f: u32, relu: bool) -> Cost {
         t.send(ring.packed_len(n));
     }
     t.recv((n * 8 * ring.bits() as usize).div_ceil(8));
-    t.cost
 }
 
-/// [`MpcSession::trunc`](super::MpcSession::trunc) of `n` elements by f ≥ 1.
-pub fn trunc(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
-    trunc_general(p, ring, n, f, false)
-}
-
-/// [`MpcSession::relu_trunc`](super::MpcSession::relu_trunc) of `n` elements by f ≥ 1.
-pub fn relu_trunc(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
-    trunc_general(p, ring, n, f, true)
-}
-
-/// [`MpcSession::reveal`](super::MpcSession::reveal) of `n` elements to the client.
-pub fn reveal_to_client(ring: Ring, n: usize) -> Cost {
-    let mut t = Trace::default();
+fn reveal_into(t: &mut Trace, ring: Ring, n: usize) {
     t.recv(ring.packed_len(n));
-    t.cost
 }
 
-/// [`MpcSession::argmax_reveal`](super::MpcSession::argmax_reveal) to the client, `rows`
-/// rows of `cols`.
-pub fn argmax_reveal(p: Params, ring: Ring, rows: usize, cols: usize) -> Cost {
-    let mut t = Trace::default();
+fn argmax_reveal_into(t: &mut Trace, p: Params, ring: Ring, rows: usize, cols: usize) {
     let mut len = cols;
     let (mut ns, mut nc) = (0, 0);
     while len > 1 {
@@ -301,6 +254,144 @@ pub fn argmax_reveal(p: Params, ring: Ring, rows: usize, cols: usize) -> Cost {
         t.mux(ring, n, 2);
         len = len.div_ceil(2);
     }
-    t.recv(ring.packed_len(rows));
-    t.cost
+    reveal_into(t, ring, rows);
+}
+
+/// [`MpcSession::drelu`](super::MpcSession::drelu) of `n` elements.
+pub fn drelu(p: Params, ring: Ring, n: usize) -> Cost {
+    fresh(|t| drelu_into(t, p, ring, n))
+}
+
+/// [`MpcSession::mux`](super::MpcSession::mux) of `n` elements.
+pub fn mux(ring: Ring, n: usize) -> Cost {
+    fresh(|t| {
+        t.ext(n, n);
+        t.mux(ring, n, 1);
+    })
+}
+
+/// [`MpcSession::relu`](super::MpcSession::relu) of `n` elements.
+pub fn relu(p: Params, ring: Ring, n: usize) -> Cost {
+    fresh(|t| relu_into(t, p, ring, n))
+}
+
+/// [`MpcSession::b2a`](super::MpcSession::b2a) of `n` bits.
+pub fn b2a(ring: Ring, n: usize) -> Cost {
+    fresh(|t| {
+        t.ext(n, 0);
+        t.send(n.div_ceil(8));
+        t.recv(ring.packed_len(n));
+    })
+}
+
+/// [`MpcSession::trunc_nonneg`](super::MpcSession::trunc_nonneg) of `n` elements by f ≥ 1.
+pub fn trunc_nonneg(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
+    fresh(|t| {
+        let g = carry_groups(f, n);
+        let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
+        t.mill_ext(p, &g, a + 2 * n, b);
+        t.send((2 * n).div_ceil(8));
+        t.recv(ring.packed_len(2 * n));
+    })
+}
+
+/// [`MpcSession::trunc`](super::MpcSession::trunc) of `n` elements by f ≥ 1.
+pub fn trunc(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
+    fresh(|t| trunc_general(t, p, ring, n, f, false))
+}
+
+/// [`MpcSession::relu_trunc`](super::MpcSession::relu_trunc) of `n` elements by f ≥ 1.
+pub fn relu_trunc(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
+    fresh(|t| trunc_general(t, p, ring, n, f, true))
+}
+
+/// [`MpcSession::reveal`](super::MpcSession::reveal) of `n` elements to the client.
+pub fn reveal_to_client(ring: Ring, n: usize) -> Cost {
+    fresh(|t| reveal_into(t, ring, n))
+}
+
+/// [`MpcSession::argmax_reveal`](super::MpcSession::argmax_reveal) to the client, `rows`
+/// rows of `cols`.
+pub fn argmax_reveal(p: Params, ring: Ring, rows: usize, cols: usize) -> Cost {
+    fresh(|t| argmax_reveal_into(t, p, ring, rows, cols))
+}
+
+/// The costs of consecutive operations of one session as the client sees them, for
+/// callers that chain operations (the backends): the COT buffers carry over from one
+/// operation to the next (with the session's `min_batch`), and a flight that continues
+/// across two operations, or across an operation and a message of another layer
+/// ([`Sequence::send`], [`Sequence::recv`], e.g. HE), is counted once, as
+/// [`Counting`](crate::channel::Counting) counts it.
+#[derive(Clone, Debug)]
+pub struct Sequence {
+    t: Trace,
+    p: Params,
+}
+
+impl Sequence {
+    /// A sequence that starts with `available` COTs buffered at the client (as
+    /// [`OtSession::available`](crate::ot::OtSession::available) reports them there: as
+    /// sender, as receiver), on a session with extensions of at least `min_batch`, after a
+    /// flight of the client in direction `last_send` (`None`: nothing before).
+    pub fn new(
+        p: Params,
+        min_batch: usize,
+        available: (usize, usize),
+        last_send: Option<bool>,
+    ) -> Self {
+        Self {
+            t: Trace {
+                avail: (available.1, available.0),
+                min_batch,
+                last_send,
+                ..Trace::default()
+            },
+            p,
+        }
+    }
+
+    /// Everything so far.
+    pub fn total(&self) -> Cost {
+        self.t.cost
+    }
+
+    /// The COTs the client's session holds now (as sender, as receiver).
+    pub fn available(&self) -> (usize, usize) {
+        (self.t.avail.1, self.t.avail.0)
+    }
+
+    /// A message of `bytes` the client sends outside the 2PC layer.
+    pub fn send(&mut self, bytes: usize) {
+        self.t.send(bytes);
+    }
+
+    /// A message of `bytes` the client receives outside the 2PC layer.
+    pub fn recv(&mut self, bytes: usize) {
+        self.t.recv(bytes);
+    }
+
+    /// [`MpcSession::relu`](super::MpcSession::relu) of `n` elements.
+    pub fn relu(&mut self, ring: Ring, n: usize) {
+        relu_into(&mut self.t, self.p, ring, n);
+    }
+
+    /// [`MpcSession::trunc`](super::MpcSession::trunc) of `n` elements by f ≥ 1.
+    pub fn trunc(&mut self, ring: Ring, n: usize, f: u32) {
+        trunc_general(&mut self.t, self.p, ring, n, f, false);
+    }
+
+    /// [`MpcSession::relu_trunc`](super::MpcSession::relu_trunc) of `n` elements by f ≥ 1.
+    pub fn relu_trunc(&mut self, ring: Ring, n: usize, f: u32) {
+        trunc_general(&mut self.t, self.p, ring, n, f, true);
+    }
+
+    /// [`MpcSession::reveal`](super::MpcSession::reveal) of `n` elements to the client.
+    pub fn reveal_to_client(&mut self, ring: Ring, n: usize) {
+        reveal_into(&mut self.t, ring, n);
+    }
+
+    /// [`MpcSession::argmax_reveal`](super::MpcSession::argmax_reveal) to the client.
+    pub fn argmax_reveal(&mut self, ring: Ring, rows: usize, cols: usize) {
+        argmax_reveal_into(&mut self.t, self.p, ring, rows, cols);
+    }
 }

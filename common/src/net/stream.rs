@@ -31,6 +31,9 @@ pub type Inbound = mpsc::Receiver<Result<pb::Frame, Status>>;
 /// [`GrpcChannel::client`] / [`GrpcChannel::server`]).
 pub const OUTBOUND_QUEUE: usize = 16;
 
+/// How long a failed send waits for the peer's reason (see `GrpcChannel::peer_reason`).
+const PEER_REASON_WAIT: Duration = Duration::from_secs(10);
+
 /// Longest abort reason passed on or shown.
 const MAX_REASON: usize = 1024;
 
@@ -204,7 +207,7 @@ impl GrpcChannel {
         r
     }
 
-    fn push(&self, chunk: pb::Chunk) -> Result<(), ChannelError> {
+    fn push(&mut self, chunk: pb::Chunk) -> Result<(), ChannelError> {
         let frame = pb::Frame {
             kind: Some(Kind::Chunk(chunk)),
         };
@@ -216,7 +219,34 @@ impl GrpcChannel {
         if sent {
             Ok(())
         } else {
-            Err(ChannelError::Closed)
+            Err(self.peer_reason())
+        }
+    }
+
+    /// After a send found the stream closed: the reason the peer ended the session (its
+    /// status, or its abort frame, queued behind data this side will no longer read),
+    /// waiting at most [`PEER_REASON_WAIT`]; `Closed` if it gave none. A peer that
+    /// refuses a request while this side is still sending thus reaches this side by
+    /// name, not as a bare `Closed`.
+    fn peer_reason(&mut self) -> ChannelError {
+        let wait = self
+            .config
+            .idle_timeout
+            .map_or(PEER_REASON_WAIT, |t| t.min(PEER_REASON_WAIT));
+        loop {
+            match block_on(&self.handle, Some(wait), self.inbound.recv()) {
+                Ok(Some(Err(status))) => return status_error(&status),
+                Ok(Some(Ok(pb::Frame {
+                    kind: Some(Kind::Abort(a)),
+                }))) => {
+                    return ChannelError::Transport(format!(
+                        "the peer aborted the session: {}",
+                        clip(&a.reason)
+                    ));
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(None) | Err(_) => return ChannelError::Closed,
+            }
         }
     }
 
@@ -374,6 +404,40 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn a_send_into_a_closed_stream_reports_the_peers_reason() {
+        let rt = runtime();
+        let cfg = config(MIN_FRAME_LIMIT, 1 << 20, Some(5_000));
+        // the peer refused (status) while we were sending: its data before the status
+        // is skipped, the status is the error
+        let (mut ch, out_rx, in_tx) = client_end(cfg, &rt);
+        drop(out_rx);
+        let data = pb::Frame {
+            kind: Some(Kind::Chunk(pb::Chunk {
+                payload: vec![1, 2, 3],
+                ..Default::default()
+            })),
+        };
+        rt.block_on(async {
+            in_tx.send(Ok(data)).await.unwrap();
+            in_tx
+                .send(Err(Status::failed_precondition("batch refused: no")))
+                .await
+                .unwrap();
+        });
+        let e = ch.send(b"x").unwrap_err();
+        assert!(
+            matches!(&e, ChannelError::Transport(m) if m.contains("FailedPrecondition") && m.contains("batch refused: no")),
+            "{e}"
+        );
+        // and the channel stays failed with that error
+        assert!(matches!(ch.recv(), Err(ChannelError::Transport(_))));
+        // a peer that went away without a reason: Closed
+        let (mut ch, out_rx, in_tx) = client_end(cfg, &rt);
+        drop((out_rx, in_tx));
+        assert!(matches!(ch.send(b"x"), Err(ChannelError::Closed)));
     }
 
     #[test]

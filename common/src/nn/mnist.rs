@@ -375,6 +375,30 @@ pub fn read_images(path: &Path) -> Result<Vec<u8>, MnistError> {
     parse_images(path, &decompress(path)?)
 }
 
+/// Reads an IDX image file, gzip-compressed or raw (told apart by the gzip magic
+/// bytes), at most 64 MiB of image data; every check of [`parse_images`] applies.
+pub fn read_images_any(path: &Path) -> Result<Vec<u8>, MnistError> {
+    let io = |source| MnistError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut magic = Vec::with_capacity(2);
+    file.take(2).read_to_end(&mut magic).map_err(io)?;
+    if magic == [0x1f, 0x8b] {
+        return read_images(path);
+    }
+    if len > MAX_DECOMPRESSED {
+        return Err(MnistError::TooLarge {
+            path: path.to_path_buf(),
+            limit: MAX_DECOMPRESSED,
+        });
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
+    parse_images(path, &bytes)
+}
+
 /// Reads a gzip IDX label file.
 pub fn read_labels(path: &Path) -> Result<Vec<u8>, MnistError> {
     parse_labels(path, &decompress(path)?)
@@ -393,6 +417,35 @@ mod tests {
         let len = (n * rows * cols) as isize + extra;
         v.extend(std::iter::repeat_n(7u8, len.max(0) as usize));
         v
+    }
+
+    #[test]
+    fn images_are_read_raw_or_gzip() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let raw = idx_images(2, 28, 28, 0);
+        let rp = dir.path().join("x.idx");
+        std::fs::write(&rp, &raw).unwrap();
+        assert_eq!(read_images_any(&rp).unwrap().len(), 2 * PIXELS);
+        let gp = dir.path().join("x.idx.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).unwrap();
+        std::fs::write(&gp, gz.finish().unwrap()).unwrap();
+        assert_eq!(read_images_any(&gp).unwrap(), read_images_any(&rp).unwrap());
+        std::fs::write(&rp, &raw[..raw.len() - 1]).unwrap();
+        assert!(matches!(
+            read_images_any(&rp),
+            Err(MnistError::Length { .. })
+        ));
+        std::fs::write(&rp, [0x1f]).unwrap();
+        assert!(matches!(
+            read_images_any(&rp),
+            Err(MnistError::Length { .. })
+        ));
+        assert!(matches!(
+            read_images_any(&dir.path().join("missing")),
+            Err(MnistError::Io { .. })
+        ));
     }
 
     #[test]

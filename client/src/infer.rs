@@ -1,0 +1,437 @@
+//! Secure inference against a server: [`run`] (the library call) and the
+//! `fusion-client infer` command.
+//!
+//! ```no_run
+//! # async fn demo(client: fusion_client::Client, pixels: Vec<u8>) -> Result<(), fusion_client::infer::InferError> {
+//! use fusion_client::infer::{InferOptions, Inputs, run};
+//! let out = run(&client, Inputs::Pixels(&pixels), &InferOptions::default()).await?;
+//! println!("labels {:?}", out.labels);
+//! println!("{}", fusion_common::cost::render_table(&out.cost));
+//! # Ok(()) }
+//! ```
+//!
+//! One session per call: the backend's set-up (HE keys, base OTs), then the rows in
+//! batches of at most `batch_rows` (and the server's largest batch), each charged to
+//! this client's budget by the server. The output mode is the server's decision: the
+//! client may ask for one (a labels-only server refuses logits by name).
+
+use std::ops::Range;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+use fusion_common::backend::{
+    BackendError, BackendKind, BatchOutput, Cheetah, CheetahConfig, InferenceClient, LayerKind,
+    ModelSpec, OutputMode, SecureInference,
+};
+use fusion_common::channel::{Channel, CostReport};
+use fusion_common::cost::render_table;
+use fusion_common::fixed::FixedPoint;
+use fusion_common::net::{ModelSummary, ServiceInfo, SessionStart};
+use fusion_common::nn::mnist::{self, Split};
+use rand::{CryptoRng, Rng};
+use serde::Serialize;
+
+use crate::args::ConnectArgs;
+use crate::client::{Client, ClientError};
+use crate::local::{BUNDLED_MNIST, bundled};
+use crate::report::CostJson;
+
+/// The rows to infer.
+#[derive(Debug, Clone, Copy)]
+pub enum Inputs<'a> {
+    /// 8-bit pixels, the model's input length per row (encoded at the model's scale)
+    Pixels(&'a [u8]),
+    /// ring elements already encoded at the model's scale
+    Encoded(&'a [u64]),
+}
+
+/// How to run.
+#[derive(Debug, Clone, Default)]
+pub struct InferOptions {
+    /// the protocol family
+    pub backend: BackendKind,
+    /// the output mode to ask for (`None`: the server's policy)
+    pub output: Option<OutputMode>,
+    /// the largest batch to send (`None`: the server's largest)
+    pub batch_rows: Option<usize>,
+    /// the `cheetah` session's configuration (must equal the server's)
+    pub cheetah: CheetahConfig,
+}
+
+/// What a secure inference returns.
+#[derive(Debug, Clone)]
+pub struct InferOutput {
+    /// one label per row
+    pub labels: Vec<usize>,
+    /// in logits mode, the logits per row (signed fixed point at scale 2^`scale_bits`)
+    pub logits: Option<Vec<Vec<i64>>>,
+    /// f
+    pub scale_bits: u32,
+    /// the output mode the server applied
+    pub output: OutputMode,
+    /// the backend
+    pub backend: BackendKind,
+    /// batches run
+    pub batches: usize,
+    /// the server's number for the session
+    pub session_id: u64,
+    /// the client's costs per step (setup steps start with `setup`)
+    pub cost: CostReport,
+}
+
+/// Errors of a secure inference.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InferError {
+    /// Connecting, a refusal, or the session failed (the protocol's error and the
+    /// server's named reason are in the message and the source chain).
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The server serves no model.
+    #[error("the server has no model loaded")]
+    NoModel,
+    /// The server does not offer the backend.
+    #[error("backend {backend} is not offered by the server (offered: {offered})")]
+    NotOffered {
+        /// asked for
+        backend: String,
+        /// what the server offers
+        offered: String,
+    },
+    /// The server's model description cannot be used.
+    #[error("the server's model description: {0}")]
+    BadModel(String),
+    /// Inputs that are not whole rows.
+    #[error("{len} input values are not whole rows of {cols}")]
+    Shape {
+        /// values given
+        len: usize,
+        /// the model's input length
+        cols: usize,
+    },
+    /// No rows.
+    #[error("no inputs")]
+    Empty,
+}
+
+/// The public model description a backend needs, from the server's `GetModelInfo`.
+pub fn model_spec(m: &ModelSummary) -> Result<ModelSpec, InferError> {
+    let bad = |s: String| InferError::BadModel(s);
+    let fixed = FixedPoint::new(m.ring_bits, m.scale_bits).map_err(|e| bad(e.to_string()))?;
+    let len = |s: &[u64]| {
+        s.iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(usize::try_from(d).ok()?))
+    };
+    let input_len =
+        len(&m.architecture.input_shape).ok_or_else(|| bad("input shape too large".into()))?;
+    let layers = m
+        .architecture
+        .layers
+        .iter()
+        .map(|l| {
+            Ok(match l.kind.as_str() {
+                "dense" => LayerKind::Dense {
+                    inputs: len(&l.input_shape)
+                        .ok_or_else(|| bad("dense input shape too large".into()))?,
+                    outputs: len(&l.output_shape)
+                        .ok_or_else(|| bad("dense output shape too large".into()))?,
+                },
+                "relu" => LayerKind::Relu,
+                "flatten" => LayerKind::Flatten,
+                other => LayerKind::Other(other.to_owned()),
+            })
+        })
+        .collect::<Result<Vec<_>, InferError>>()?;
+    let digest = <[u8; 32]>::try_from(m.model_digest.as_slice())
+        .map_err(|_| bad(format!("a model digest of {} bytes", m.model_digest.len())))?;
+    Ok(ModelSpec {
+        fixed,
+        input_len,
+        layers,
+        digest,
+    })
+}
+
+/// Asks the server for its description, then runs [`run_with_info`].
+pub async fn run(
+    client: &Client,
+    inputs: Inputs<'_>,
+    opts: &InferOptions,
+) -> Result<InferOutput, InferError> {
+    let info = client.model_info().await?;
+    run_with_info(client, &info, inputs, opts).await
+}
+
+/// The client's side of one session of a protocol family: set-up, then the batches.
+fn client_batches<B: SecureInference, R: Rng + CryptoRng + ?Sized>(
+    ch: &mut dyn Channel,
+    spec: &ModelSpec,
+    config: &B::Config,
+    x: &[u64],
+    per: usize,
+    output: OutputMode,
+    rng: &mut R,
+) -> Result<Vec<BatchOutput>, BackendError> {
+    let mut c = B::client_setup(ch, spec, config, rng)?;
+    let cols = spec.input_len;
+    x.chunks(per * cols)
+        .map(|rows| c.run_batch(ch, rows, rows.len() / cols, output, rng))
+        .collect()
+}
+
+/// Runs the rows through the server's model in one session (see the module doc), with
+/// the server's description `info` already in hand.
+pub async fn run_with_info(
+    client: &Client,
+    info: &ServiceInfo,
+    inputs: Inputs<'_>,
+    opts: &InferOptions,
+) -> Result<InferOutput, InferError> {
+    let m = info.model.as_ref().ok_or(InferError::NoModel)?;
+    let kind = opts.backend;
+    if !info.backends.iter().any(|b| b == kind.name()) {
+        return Err(InferError::NotOffered {
+            backend: kind.name().into(),
+            offered: info.backends.join(", "),
+        });
+    }
+    let spec = model_spec(m)?;
+    let x: Vec<u64> = match inputs {
+        Inputs::Pixels(p) => spec.fixed.encode_pixels(p),
+        Inputs::Encoded(v) => v.to_vec(),
+    };
+    let cols = spec.input_len;
+    if x.is_empty() {
+        return Err(InferError::Empty);
+    }
+    if !x.len().is_multiple_of(cols) {
+        return Err(InferError::Shape { len: x.len(), cols });
+    }
+    let rows = x.len() / cols;
+    let per = opts
+        .batch_rows
+        .unwrap_or(usize::MAX)
+        .min(usize::try_from(info.max_rows).unwrap_or(usize::MAX))
+        .min(rows)
+        .max(1);
+    let mut start = SessionStart::new(kind.name()).with_batch(per as u64, cols as u64);
+    if let Some(o) = opts.output {
+        start = start.with_output(o);
+    }
+    let cheetah = opts.cheetah;
+    let ring = spec.fixed.ring();
+    let out = client
+        .session(start, move |ch, accepted| {
+            let mut rng = rand::rng();
+            match kind {
+                BackendKind::Cheetah => client_batches::<Cheetah, _>(
+                    ch,
+                    &spec,
+                    &cheetah,
+                    &x,
+                    per,
+                    accepted.output,
+                    &mut rng,
+                ),
+                other => Err(BackendError::BadBatch(format!(
+                    "backend {other} is not available in this client"
+                ))),
+            }
+        })
+        .await?;
+    let batches = out.value.len();
+    let mut labels = Vec::with_capacity(rows);
+    let mut logits: Option<Vec<Vec<i64>>> = None;
+    for b in out.value {
+        labels.extend(b.labels);
+        if let Some(l) = b.logits {
+            logits.get_or_insert_with(Vec::new).extend(
+                l.chunks(b.classes.max(1))
+                    .map(|r| r.iter().map(|&v| ring.to_signed(v)).collect()),
+            );
+        }
+    }
+    Ok(InferOutput {
+        labels,
+        logits,
+        scale_bits: m.scale_bits,
+        output: out.accepted.output,
+        backend: kind,
+        batches,
+        session_id: out.accepted.session_id,
+        cost: out.cost,
+    })
+}
+
+/// `A..B` (end exclusive).
+pub fn parse_range(s: &str) -> Result<Range<usize>, String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("{s:?} is not a range A..B"))?;
+    let a: usize = a.trim().parse().map_err(|e| format!("range start: {e}"))?;
+    let b: usize = b.trim().parse().map_err(|e| format!("range end: {e}"))?;
+    if a >= b {
+        return Err(format!("empty range {a}..{b}"));
+    }
+    Ok(a..b)
+}
+
+/// Flags of `infer`.
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// MNIST test images A..B (end exclusive, of 10,000) from --mnist-dir.
+    #[arg(
+        long = "mnist-test",
+        value_name = "A..B",
+        value_parser = parse_range,
+        conflicts_with = "input",
+        required_unless_present = "input"
+    )]
+    pub mnist_test: Option<Range<usize>>,
+    /// An IDX3 image file (28x28 unsigned bytes, gzip-compressed or raw).
+    #[arg(long, value_name = "FILE.idx")]
+    pub input: Option<PathBuf>,
+    /// The directory of the MNIST gzip IDX files (default: the bundled data/mnist).
+    #[arg(long, env = "FUSION_MNIST_DIR")]
+    pub mnist_dir: Option<PathBuf>,
+    /// The protocol family.
+    #[arg(long, env = "FUSION_BACKEND", default_value = "cheetah")]
+    pub backend: BackendKind,
+    /// The output to ask for: `labels` or `logits` (default: the server's policy).
+    #[arg(long, env = "FUSION_INFER_OUTPUT")]
+    pub output: Option<OutputMode>,
+    /// The largest batch to send (default: the server's largest).
+    #[arg(long, env = "FUSION_BATCH")]
+    pub batch: Option<usize>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `infer --json` prints.
+#[derive(Debug, Serialize)]
+struct InferJson {
+    backend: String,
+    output: OutputMode,
+    rows: usize,
+    batches: usize,
+    labels: Vec<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logits: Option<Vec<Vec<f64>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale_bits: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    true_labels: Option<Vec<u8>>,
+    cost: CostJson,
+}
+
+fn decode(v: i64, scale_bits: u32) -> f64 {
+    // exact: |v| < 2^53 and a power-of-two scale
+    v as f64 / (1u64 << scale_bits) as f64
+}
+
+/// Reads the images the flags name: pixels and, for MNIST test images, the true labels.
+fn load_inputs(args: &InferArgs) -> anyhow::Result<(Vec<u8>, Option<Vec<u8>>)> {
+    if let Some(path) = &args.input {
+        let pixels = mnist::read_images_any(path)?;
+        if pixels.is_empty() {
+            anyhow::bail!("{} holds no images", path.display());
+        }
+        return Ok((pixels, None));
+    }
+    let range = args
+        .mnist_test
+        .clone()
+        .context("give --mnist-test A..B or --input FILE.idx")?;
+    let dir = match &args.mnist_dir {
+        Some(d) => d.clone(),
+        None => bundled(BUNDLED_MNIST).context("no MNIST directory: pass --mnist-dir")?,
+    };
+    let test = mnist::load(&dir, Split::Test)?.slice(range)?;
+    Ok((test.images().to_vec(), Some(test.labels().to_vec())))
+}
+
+/// Connects, runs, prints.
+pub async fn run_cmd(args: InferArgs) -> anyhow::Result<()> {
+    let (pixels, truth) = load_inputs(&args)?;
+    let client = args.connect.connect().await?;
+    let info = client.model_info().await?;
+    let opts = InferOptions {
+        backend: args.backend,
+        output: args.output,
+        batch_rows: args.batch,
+        ..InferOptions::default()
+    };
+    let out = run_with_info(&client, &info, Inputs::Pixels(&pixels), &opts).await?;
+    if args.json {
+        let j = InferJson {
+            backend: out.backend.name().into(),
+            output: out.output,
+            rows: out.labels.len(),
+            batches: out.batches,
+            labels: out.labels.clone(),
+            logits: out.logits.as_ref().map(|l| {
+                l.iter()
+                    .map(|r| r.iter().map(|&v| decode(v, out.scale_bits)).collect())
+                    .collect()
+            }),
+            scale_bits: out.logits.as_ref().map(|_| out.scale_bits),
+            true_labels: truth,
+            cost: CostJson::from_report(&out.cost),
+        };
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    print!("{}", render_output(&out, truth.as_deref()));
+    Ok(())
+}
+
+/// The text output: one line per row, then the cost table.
+pub fn render_output(out: &InferOutput, truth: Option<&[u8]>) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "session {}: backend {}, output {}, {} rows in {} batch(es)\n",
+        out.session_id,
+        out.backend,
+        out.output,
+        out.labels.len(),
+        out.batches
+    );
+    let _ = writeln!(
+        s,
+        "row  label{}{}",
+        if truth.is_some() { "  true" } else { "" },
+        if out.logits.is_some() { "  logits" } else { "" }
+    );
+    for (i, l) in out.labels.iter().enumerate() {
+        let _ = write!(s, "{i:>3}  {l:>5}");
+        if let Some(t) = truth.and_then(|t| t.get(i)) {
+            let _ = write!(s, "  {t:>4}");
+        }
+        if let Some(row) = out.logits.as_ref().and_then(|l| l.get(i)) {
+            let vals: Vec<String> = row
+                .iter()
+                .map(|&v| format!("{:.3}", decode(v, out.scale_bits)))
+                .collect();
+            let _ = write!(s, "  [{}]", vals.join(", "));
+        }
+        s.push('\n');
+    }
+    if let Some(t) = truth {
+        let right = out
+            .labels
+            .iter()
+            .zip(t)
+            .filter(|(a, b)| **a == usize::from(**b))
+            .count();
+        let _ = writeln!(s, "\n{right} of {} labels equal the true labels", t.len());
+    }
+    let _ = writeln!(s, "\ncost (client side)\n");
+    s.push_str(&render_table(&out.cost));
+    s
+}

@@ -1,0 +1,778 @@
+//! Backend `cheetah`: linear layers by BFV with Cheetah's coefficient packing
+//! ([`crate::he`], Cheetah §4.1 HomFC, with flooding), truncation, ReLU and argmax by the
+//! OT engine ([`crate::mpc`], CrypTFlow2 millionaire over IKNP + KK13). Message flow: the
+//! module doc of [`crate::backend`].
+//!
+//! Each linear layer of a batch is one flight each way whatever the batch size: when a
+//! batch has more rows than one HE call may return values for (2^18, the flooding
+//! budget), the client sends the queries of all its row chunks in one flight and the
+//! server answers them all in the next.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use rand::{CryptoRng, Rng};
+use tracing::debug;
+use zeroize::Zeroizing;
+
+use super::plan::{Plan, Post, Stage};
+use super::wire::{BACKEND_VERSION, BatchHeader, HEADER_LEN, Hello};
+use super::{
+    BackendError, BatchOutput, BatchPolicy, BatchRefusal, BatchSummary, HookOp, HookPoint,
+    InferenceClient, InferenceServer, ModelSpec, OutputMode, SecureInference, ServerHook,
+};
+use crate::channel::{Channel, ChannelError, StepCost};
+use crate::fixed::{FixedLayer, FixedModel, first_argmax};
+use crate::he::{self, HeParams, LinearShape, Packing};
+use crate::mpc::{MpcConfig, MpcSession, Party, cost};
+use crate::ot::KkotConfig;
+use crate::ring::Ring;
+
+/// The `cheetah` family.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cheetah;
+
+/// Tunables both parties of a `cheetah` session must share (the client announces its
+/// own in the hello; the server refuses a difference by name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CheetahConfig {
+    /// the 2PC session's configuration (leaf width, 1-of-N OT, extension batch)
+    pub mpc: MpcConfig,
+    /// a public bound on the signed bits of the weights (a smaller HE modulus), or
+    /// `None`: any ring element, which reveals nothing about the weights
+    pub weight_bits: Option<u32>,
+}
+
+impl CheetahConfig {
+    fn weight_bits(&self, plan: &Plan) -> u32 {
+        self.weight_bits.unwrap_or_else(|| plan.fixed.ring_bits())
+    }
+
+    fn describe(mpc: &MpcConfig, weight_bits: u32) -> String {
+        format!(
+            "leaf bits {}, 1-of-N {:?}, min batch {}, weight bits {}",
+            mpc.leaf_bits, mpc.kn, mpc.min_batch, weight_bits
+        )
+    }
+}
+
+impl SecureInference for Cheetah {
+    const NAME: &'static str = "cheetah";
+    type Config = CheetahConfig;
+    type Client = CheetahClient;
+    type Server = CheetahServer;
+
+    fn client_setup<R: Rng + CryptoRng + ?Sized>(
+        ch: &mut dyn Channel,
+        spec: &ModelSpec,
+        config: &CheetahConfig,
+        rng: &mut R,
+    ) -> Result<CheetahClient, BackendError> {
+        CheetahClient::setup(ch, spec, config, rng)
+    }
+
+    fn server_setup<R: Rng + CryptoRng + ?Sized>(
+        ch: &mut dyn Channel,
+        model: &FixedModel,
+        config: &CheetahConfig,
+        rng: &mut R,
+    ) -> Result<CheetahServer, BackendError> {
+        CheetahServer::setup(ch, model, config, rng)
+    }
+}
+
+fn he_params(plan: &Plan, config: &CheetahConfig) -> Result<Arc<HeParams>, BackendError> {
+    Ok(Arc::new(HeParams::new(
+        plan.fixed.ring_bits(),
+        config.weight_bits(plan),
+    )?))
+}
+
+/// The HE calls of a linear layer: row ranges and their shapes.
+fn calls(
+    plan: &Plan,
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+) -> Vec<(Range<usize>, LinearShape)> {
+    plan.chunks(rows)
+        .map(|r| {
+            let s = LinearShape::new(r.len(), inputs, outputs);
+            (r, s)
+        })
+        .collect()
+}
+
+/// The client's role of a `cheetah` session.
+pub struct CheetahClient {
+    pub(super) plan: Plan,
+    config: CheetahConfig,
+    he: he::ClientSession,
+    mpc: MpcSession,
+    batches: u64,
+    poisoned: bool,
+}
+
+impl fmt::Debug for CheetahClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheetahClient")
+            .field("config", &self.config)
+            .field("he", &self.he)
+            .field("mpc", &self.mpc)
+            .field("batches", &self.batches)
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
+}
+
+impl CheetahClient {
+    /// Sets the session up for the public model `spec`: hello, HE keys (the secret key
+    /// stays here), base OTs.
+    pub fn setup<R: Rng + CryptoRng + ?Sized>(
+        ch: &mut dyn Channel,
+        spec: &ModelSpec,
+        config: &CheetahConfig,
+        rng: &mut R,
+    ) -> Result<Self, BackendError> {
+        let plan = Plan::new(spec)?;
+        let params = he_params(&plan, config)?;
+        let weight_bits = u8::try_from(params.weight_bits())
+            .map_err(|_| BackendError::UnsupportedModel("weight bound above 255 bits".into()))?;
+        ch.set_step("setup/hello");
+        ch.send_vec(
+            Hello {
+                version: BACKEND_VERSION,
+                digest: spec.digest,
+                mpc: config.mpc,
+                weight_bits,
+            }
+            .encode(),
+        )?;
+        ch.set_step("setup/he-keys");
+        let he = he::client_setup(ch, params, rng)?;
+        ch.set_step("setup/base-ot");
+        let mpc = MpcSession::setup(ch, Party::Client, config.mpc, rng)?;
+        Ok(Self {
+            plan,
+            config: *config,
+            he,
+            mpc,
+            batches: 0,
+            poisoned: false,
+        })
+    }
+
+    /// The HE parameters of the session.
+    pub fn he_params(&self) -> &HeParams {
+        self.he.params()
+    }
+
+    /// Logits per row.
+    pub fn classes(&self) -> usize {
+        self.plan.output_len
+    }
+
+    /// The costs of the next batch of `rows` rows, per step, as this client's
+    /// [`Counting`](crate::channel::Counting) will record them: bytes each way and
+    /// flights, from the `he` and `mpc` cost formulas with the COTs this session holds
+    /// now. Messages and time are not predicted (zero). The count of flights assumes that
+    /// the client's last message before the batch was one it received (as after a batch).
+    pub fn predict_batch_cost(
+        &mut self,
+        rows: usize,
+        output: OutputMode,
+    ) -> Result<Vec<StepCost>, BackendError> {
+        let plan = &self.plan;
+        let ring = plan.fixed.ring();
+        let f = plan.fixed.frac_bits();
+        let p = cost::Params {
+            leaf_bits: self.config.mpc.leaf_bits,
+            kk13: self.config.mpc.kn == KkotConfig::Kk13,
+        };
+        let mut seq = cost::Sequence::new(
+            p,
+            self.config.mpc.min_batch,
+            self.mpc.ot().available(),
+            Some(false),
+        );
+        let mut steps = Vec::new();
+        let mut step = |name: String,
+                        seq: &mut cost::Sequence,
+                        op: &mut dyn FnMut(&mut cost::Sequence) -> Result<(), BackendError>|
+         -> Result<(), BackendError> {
+            let before = seq.total();
+            op(seq)?;
+            let after = seq.total();
+            steps.push(StepCost {
+                step: name,
+                bytes_sent: after.sent - before.sent,
+                bytes_received: after.received - before.received,
+                rounds: after.flights - before.flights,
+                ..StepCost::default()
+            });
+            Ok(())
+        };
+        step("batch/header".into(), &mut seq, &mut |s| {
+            s.send(HEADER_LEN);
+            Ok(())
+        })?;
+        let params = self.he.params();
+        for stage in &plan.stages {
+            match *stage {
+                Stage::Linear {
+                    group,
+                    inputs,
+                    outputs,
+                    post,
+                    ..
+                } => {
+                    let costs = calls(plan, rows, inputs, outputs)
+                        .iter()
+                        .map(|(_, s)| he::layer_cost(params, s))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    step(format!("layer{group}/linear"), &mut seq, &mut |s| {
+                        costs.iter().for_each(|c| s.send(c.query_bytes));
+                        costs.iter().for_each(|c| s.recv(c.response_bytes));
+                        Ok(())
+                    })?;
+                    let parts: Vec<usize> = plan.mpc_parts(rows * outputs, outputs).collect();
+                    match post {
+                        Post::ReluTrunc => {
+                            step(format!("layer{group}/relu_trunc"), &mut seq, &mut |s| {
+                                parts.iter().for_each(|&n| s.relu_trunc(ring, n, f));
+                                Ok(())
+                            })?
+                        }
+                        Post::Trunc => step(format!("layer{group}/trunc"), &mut seq, &mut |s| {
+                            parts.iter().for_each(|&n| s.trunc(ring, n, f));
+                            Ok(())
+                        })?,
+                    }
+                }
+                Stage::Relu { group, width } => {
+                    let parts: Vec<usize> = plan.mpc_parts(rows * width, width).collect();
+                    step(format!("layer{group}/relu"), &mut seq, &mut |s| {
+                        parts.iter().for_each(|&n| s.relu(ring, n));
+                        Ok(())
+                    })?
+                }
+            }
+        }
+        let classes = plan.output_len;
+        let parts: Vec<usize> = plan.mpc_parts(rows * classes, classes).collect();
+        match output {
+            OutputMode::Labels => step("output/argmax".into(), &mut seq, &mut |s| {
+                parts
+                    .iter()
+                    .for_each(|&n| s.argmax_reveal(ring, n / classes, classes));
+                Ok(())
+            })?,
+            OutputMode::Logits => step("output/reveal".into(), &mut seq, &mut |s| {
+                s.reveal_to_client(ring, rows * classes);
+                Ok(())
+            })?,
+        }
+        Ok(steps)
+    }
+
+    fn batch_inner<R: Rng + CryptoRng + ?Sized>(
+        &mut self,
+        ch: &mut dyn Channel,
+        inputs: &[u64],
+        rows: usize,
+        output: OutputMode,
+        rng: &mut R,
+    ) -> Result<BatchOutput, BackendError> {
+        let plan = &self.plan;
+        let ring = plan.fixed.ring();
+        if rows == 0 {
+            return Err(BackendError::BadBatch("a batch of zero rows".into()));
+        }
+        let header = BatchHeader {
+            rows: u32::try_from(rows)
+                .map_err(|_| BackendError::BadBatch(format!("{rows} rows in one batch")))?,
+            cols: u32::try_from(plan.input_len)
+                .map_err(|_| BackendError::BadBatch("input rows too long".into()))?,
+            output,
+        };
+        check_inputs(ring, inputs, rows * plan.input_len)?;
+
+        ch.set_step("batch/header");
+        ch.send_vec(header.encode())?;
+        let mut x = Zeroizing::new(inputs.to_vec());
+        for stage in &plan.stages {
+            match *stage {
+                Stage::Linear {
+                    group,
+                    inputs: ni,
+                    outputs: no,
+                    post,
+                    ..
+                } => {
+                    ch.set_step(&format!("layer{group}/linear"));
+                    let y = client_linear(ch, &self.he, plan, &x, rows, ni, no, rng)?;
+                    let op = match post {
+                        Post::ReluTrunc => NonLinear::ReluTrunc,
+                        Post::Trunc => NonLinear::Trunc,
+                    };
+                    ch.set_step(&format!("layer{group}/{}", op.name()));
+                    x = nonlinear(&mut self.mpc, ch, plan, &y, no, op)?;
+                }
+                Stage::Relu { group, width } => {
+                    ch.set_step(&format!("layer{group}/relu"));
+                    x = nonlinear(&mut self.mpc, ch, plan, &x, width, NonLinear::Relu)?;
+                }
+            }
+        }
+        let classes = plan.output_len;
+        let out = match output {
+            OutputMode::Labels => {
+                ch.set_step("output/argmax");
+                let labels =
+                    argmax_reveal(&mut self.mpc, ch, plan, &x)?.ok_or_else(nothing_revealed)?;
+                BatchOutput {
+                    labels,
+                    logits: None,
+                    classes,
+                }
+            }
+            OutputMode::Logits => {
+                ch.set_step("output/reveal");
+                let logits = self
+                    .mpc
+                    .reveal(ch, ring, &x, Party::Client)?
+                    .ok_or_else(nothing_revealed)?;
+                let labels = logits
+                    .chunks(classes)
+                    .map(|row| {
+                        let signed: Vec<i64> = row.iter().map(|&v| ring.to_signed(v)).collect();
+                        first_argmax(&signed)
+                    })
+                    .collect();
+                BatchOutput {
+                    labels,
+                    logits: Some(logits),
+                    classes,
+                }
+            }
+        };
+        ch.flush()?;
+        self.batches += 1;
+        Ok(out)
+    }
+}
+
+fn nothing_revealed() -> BackendError {
+    BackendError::Malformed {
+        what: "output",
+        reason: "nothing was revealed to the client".into(),
+    }
+}
+
+/// The non-linear operation after a layer.
+#[derive(Debug, Clone, Copy)]
+enum NonLinear {
+    ReluTrunc,
+    Trunc,
+    Relu,
+}
+
+impl NonLinear {
+    fn name(self) -> &'static str {
+        match self {
+            NonLinear::ReluTrunc => "relu_trunc",
+            NonLinear::Trunc => "trunc",
+            NonLinear::Relu => "relu",
+        }
+    }
+}
+
+/// Shares of `op` on the shares `x` (rows of `width`), in 2PC calls of at most
+/// `plan.mpc_values` values (CrypTFlow2 truncation and ReLU, [`crate::mpc`]).
+fn nonlinear(
+    mpc: &mut MpcSession,
+    ch: &mut dyn Channel,
+    plan: &Plan,
+    x: &[u64],
+    width: usize,
+    op: NonLinear,
+) -> Result<Zeroizing<Vec<u64>>, BackendError> {
+    let (ring, f) = (plan.fixed.ring(), plan.fixed.frac_bits());
+    let mut out = Zeroizing::new(Vec::with_capacity(x.len()));
+    let mut at = 0;
+    for n in plan.mpc_parts(x.len(), width) {
+        let part = &x[at..at + n];
+        at += n;
+        let y = Zeroizing::new(match op {
+            NonLinear::ReluTrunc => mpc.relu_trunc(ch, ring, part, f)?,
+            NonLinear::Trunc => mpc.trunc(ch, ring, part, f)?,
+            NonLinear::Relu => mpc.relu(ch, ring, part)?,
+        });
+        out.extend_from_slice(&y);
+    }
+    Ok(out)
+}
+
+/// The first argmax of each row of the shares `x`, revealed to the client only
+/// (`Some(labels)` at the client, `None` at the server), in calls of at most
+/// `plan.mpc_values` values.
+fn argmax_reveal(
+    mpc: &mut MpcSession,
+    ch: &mut dyn Channel,
+    plan: &Plan,
+    x: &[u64],
+) -> Result<Option<Vec<usize>>, BackendError> {
+    let (ring, classes) = (plan.fixed.ring(), plan.output_len);
+    let mut labels: Option<Vec<usize>> = None;
+    let mut at = 0;
+    for n in plan.mpc_parts(x.len(), classes) {
+        let part = &x[at..at + n];
+        at += n;
+        if let Some(l) = mpc.argmax_reveal(ch, ring, part, classes, Party::Client)? {
+            labels.get_or_insert_with(Vec::new).extend(l);
+        }
+    }
+    Ok(labels)
+}
+
+fn check_inputs(ring: Ring, inputs: &[u64], expected: usize) -> Result<(), BackendError> {
+    if inputs.len() != expected {
+        return Err(BackendError::InputLength {
+            what: "inputs",
+            expected,
+            actual: inputs.len(),
+        });
+    }
+    if let Some(index) = inputs.iter().position(|&v| v > ring.mask()) {
+        return Err(BackendError::NotInRing {
+            index,
+            bits: ring.bits(),
+        });
+    }
+    Ok(())
+}
+
+/// The client's side of a linear layer over all row chunks: every query in one flight,
+/// then every response (Cheetah §4.1; one chunk is exactly [`he::client_linear`]).
+#[allow(clippy::too_many_arguments)]
+fn client_linear<R: Rng + CryptoRng + ?Sized>(
+    ch: &mut dyn Channel,
+    he: &he::ClientSession,
+    plan: &Plan,
+    x: &[u64],
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+    rng: &mut R,
+) -> Result<Zeroizing<Vec<u64>>, BackendError> {
+    let calls = calls(plan, rows, inputs, outputs);
+    for (r, s) in &calls {
+        for msg in he.encrypt_layer(&x[r.start * inputs..r.end * inputs], *s, rng)? {
+            ch.send_vec(msg)?;
+        }
+    }
+    ch.flush()?;
+    let mut y = Zeroizing::new(Vec::with_capacity(rows * outputs));
+    for (_, s) in &calls {
+        let header = ch.recv()?;
+        let count = Packing::choose(he.params(), s)?.output_cts(s);
+        let cts = Zeroizing::new(
+            (0..count)
+                .map(|_| ch.recv())
+                .collect::<Result<Vec<_>, _>>()?,
+        );
+        y.extend(he.decrypt_layer(*s, &header, &cts)?);
+    }
+    Ok(y)
+}
+
+/// The server's side of a linear layer over all row chunks: receives every query, then
+/// answers each (one chunk is exactly [`he::server_linear`]). Returns its share R.
+#[allow(clippy::too_many_arguments)]
+fn server_linear<R: Rng + CryptoRng + ?Sized>(
+    ch: &mut dyn Channel,
+    he: &he::ServerSession,
+    plan: &Plan,
+    weights: &[u64],
+    bias: &[u64],
+    xs: Option<&[u64]>,
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+    rng: &mut R,
+) -> Result<Zeroizing<Vec<u64>>, BackendError> {
+    let calls = calls(plan, rows, inputs, outputs);
+    let mut queries = Vec::with_capacity(calls.len());
+    for (_, s) in &calls {
+        let header = ch.recv()?;
+        let count = he.check_query_header(*s, &header)?;
+        let cts = (0..count)
+            .map(|_| ch.recv())
+            .collect::<Result<Vec<_>, _>>()?;
+        queries.push((header, cts));
+    }
+    let mut y = Zeroizing::new(Vec::with_capacity(rows * outputs));
+    for ((r, s), (header, cts)) in calls.iter().zip(&queries) {
+        let xs = xs.map(|v| &v[r.start * inputs..r.end * inputs]);
+        let (msgs, share) = he.evaluate_layer(weights, bias, xs, *s, header, cts, rng)?;
+        y.extend_from_slice(&share);
+        drop(Zeroizing::new(share));
+        for m in msgs {
+            ch.send_vec(m)?;
+        }
+    }
+    ch.flush()?;
+    Ok(y)
+}
+
+impl InferenceClient for CheetahClient {
+    fn run_batch<R: Rng + CryptoRng + ?Sized>(
+        &mut self,
+        ch: &mut dyn Channel,
+        inputs: &[u64],
+        rows: usize,
+        output: OutputMode,
+        rng: &mut R,
+    ) -> Result<BatchOutput, BackendError> {
+        if self.poisoned {
+            return Err(BackendError::Poisoned);
+        }
+        let r = self.batch_inner(ch, inputs, rows, output, rng);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+}
+
+/// The server's role of a `cheetah` session.
+pub struct CheetahServer {
+    pub(super) plan: Plan,
+    spec: ModelSpec,
+    he: he::ServerSession,
+    mpc: MpcSession,
+    batches: u64,
+    poisoned: bool,
+}
+
+impl fmt::Debug for CheetahServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheetahServer")
+            .field("he", &self.he)
+            .field("mpc", &self.mpc)
+            .field("batches", &self.batches)
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
+}
+
+impl CheetahServer {
+    /// Sets the session up for `model` (the model this server announced): checks the
+    /// client's hello (version, model digest, configuration), receives its HE public key,
+    /// runs the base OTs.
+    pub fn setup<R: Rng + CryptoRng + ?Sized>(
+        ch: &mut dyn Channel,
+        model: &FixedModel,
+        config: &CheetahConfig,
+        rng: &mut R,
+    ) -> Result<Self, BackendError> {
+        let spec = ModelSpec::of(model);
+        let plan = Plan::new(&spec)?;
+        let params = he_params(&plan, config)?;
+        ch.set_step("setup/hello");
+        let hello = Hello::decode(&ch.recv()?)?;
+        if hello.digest != spec.digest {
+            return Err(BackendError::ModelMismatch {
+                expected: hex::encode(hello.digest),
+                actual: hex::encode(spec.digest),
+            });
+        }
+        let ours = params.weight_bits();
+        if hello.mpc != config.mpc || u32::from(hello.weight_bits) != ours {
+            return Err(BackendError::ConfigMismatch {
+                ours: CheetahConfig::describe(&config.mpc, ours),
+                peer: CheetahConfig::describe(&hello.mpc, u32::from(hello.weight_bits)),
+            });
+        }
+        ch.set_step("setup/he-keys");
+        let he = he::server_setup(ch, params)?;
+        ch.set_step("setup/base-ot");
+        let mpc = MpcSession::setup(ch, Party::Server, config.mpc, rng)?;
+        Ok(Self {
+            plan,
+            spec,
+            he,
+            mpc,
+            batches: 0,
+            poisoned: false,
+        })
+    }
+
+    /// Batches served so far.
+    pub fn batches(&self) -> u64 {
+        self.batches
+    }
+
+    /// Checks a header against the model and the policy, charging the budget last.
+    fn admit(&self, h: &BatchHeader, policy: &mut dyn BatchPolicy) -> Result<(), BatchRefusal> {
+        if h.rows == 0 {
+            return Err(BatchRefusal::NoRows);
+        }
+        let expected = self.plan.input_len as u64;
+        if u64::from(h.cols) != expected {
+            return Err(BatchRefusal::Columns {
+                declared: u64::from(h.cols),
+                expected,
+            });
+        }
+        let max = policy.max_rows();
+        if u64::from(h.rows) > max {
+            return Err(BatchRefusal::TooManyRows {
+                rows: u64::from(h.rows),
+                max,
+            });
+        }
+        if !policy.allows(h.output) {
+            return Err(BatchRefusal::LogitsNotAllowed);
+        }
+        policy.charge(u64::from(h.rows))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn batch_inner<R: Rng + CryptoRng + ?Sized>(
+        &mut self,
+        ch: &mut dyn Channel,
+        msg: &[u8],
+        model: &FixedModel,
+        policy: &mut dyn BatchPolicy,
+        hook: &mut dyn ServerHook,
+        rng: &mut R,
+    ) -> Result<BatchSummary, BackendError> {
+        let spec = ModelSpec::of(model);
+        if spec.layers != self.spec.layers
+            || spec.fixed != self.spec.fixed
+            || spec.input_len != self.spec.input_len
+        {
+            return Err(BackendError::ArchitectureChanged);
+        }
+        let h = BatchHeader::decode(msg)?;
+        self.admit(&h, policy)?;
+        let rows = h.rows as usize;
+        let batch = self.batches;
+        debug!(batch, rows, output = %h.output, "cheetah batch accepted");
+        let plan = &self.plan;
+        let ring = plan.fixed.ring();
+        let at = |layer, op, cols| HookPoint {
+            batch,
+            layer,
+            op,
+            rows,
+            cols,
+        };
+        // The server's share of the current values; absent (zero) before the first layer.
+        let mut xs: Option<Zeroizing<Vec<u64>>> = None;
+        for stage in &plan.stages {
+            match *stage {
+                Stage::Linear {
+                    group,
+                    index,
+                    inputs,
+                    outputs,
+                    post,
+                } => {
+                    let Some(FixedLayer::Dense(d)) = model.layers().get(index) else {
+                        return Err(BackendError::ArchitectureChanged);
+                    };
+                    ch.set_step(&format!("layer{group}/linear"));
+                    let mut y = server_linear(
+                        ch,
+                        &self.he,
+                        plan,
+                        d.weight(),
+                        d.bias(),
+                        xs.as_deref().map(|v| v.as_slice()),
+                        rows,
+                        inputs,
+                        outputs,
+                        rng,
+                    )?;
+                    hook.shares(at(group, HookOp::Linear, outputs), &mut y);
+                    let (op, hop) = match post {
+                        Post::ReluTrunc => (NonLinear::ReluTrunc, HookOp::ReluTrunc),
+                        Post::Trunc => (NonLinear::Trunc, HookOp::Trunc),
+                    };
+                    ch.set_step(&format!("layer{group}/{}", op.name()));
+                    let mut z = nonlinear(&mut self.mpc, ch, plan, &y, outputs, op)?;
+                    hook.shares(at(group, hop, outputs), &mut z);
+                    xs = Some(z);
+                }
+                Stage::Relu { group, width } => {
+                    let x = xs
+                        .take()
+                        .unwrap_or_else(|| Zeroizing::new(vec![0; rows * width]));
+                    ch.set_step(&format!("layer{group}/relu"));
+                    let mut z = nonlinear(&mut self.mpc, ch, plan, &x, width, NonLinear::Relu)?;
+                    hook.shares(at(group, HookOp::Relu, width), &mut z);
+                    xs = Some(z);
+                }
+            }
+        }
+        let classes = plan.output_len;
+        let mut out = xs.ok_or_else(|| {
+            BackendError::UnsupportedModel("no dense layer (nothing to output)".into())
+        })?;
+        let last = match plan.stages.last() {
+            Some(Stage::Linear { group, .. } | Stage::Relu { group, .. }) => *group,
+            None => 0,
+        };
+        hook.shares(at(last, HookOp::Output, classes), &mut out);
+        match h.output {
+            OutputMode::Labels => {
+                ch.set_step("output/argmax");
+                argmax_reveal(&mut self.mpc, ch, plan, &out)?;
+            }
+            OutputMode::Logits => {
+                ch.set_step("output/reveal");
+                self.mpc.reveal(ch, ring, &out, Party::Client)?;
+            }
+        }
+        ch.flush()?;
+        self.batches += 1;
+        Ok(BatchSummary {
+            index: batch,
+            rows: u64::from(h.rows),
+            output: h.output,
+        })
+    }
+}
+
+impl InferenceServer for CheetahServer {
+    fn serve_batch<R: Rng + CryptoRng + ?Sized>(
+        &mut self,
+        ch: &mut dyn Channel,
+        model: &FixedModel,
+        policy: &mut dyn BatchPolicy,
+        hook: &mut dyn ServerHook,
+        rng: &mut R,
+    ) -> Result<Option<BatchSummary>, BackendError> {
+        if self.poisoned {
+            return Err(BackendError::Poisoned);
+        }
+        ch.set_step("batch/header");
+        let msg = match ch.recv() {
+            Ok(m) => m,
+            // the client ended the session between two batches
+            Err(ChannelError::Closed) => return Ok(None),
+            Err(e) => {
+                self.poisoned = true;
+                return Err(e.into());
+            }
+        };
+        let r = self.batch_inner(ch, &msg, model, policy, hook, rng);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r.map(Some)
+    }
+}

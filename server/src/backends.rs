@@ -1,0 +1,247 @@
+//! The secure-inference runners: the server role of each family of
+//! [`fusion_common::backend`], over the session's channel, with the server's policy and
+//! per-client budgets.
+//!
+//! A session: the start is checked ([`SessionRunner::check_start`]: a model is served,
+//! the declared columns are its input length), then the family's set-up, then batches
+//! until the client closes its stream. Each batch header is checked against the policy
+//! ([`SessionPolicy`]: largest batch, output mode) and charged to the client's budget;
+//! a refusal ends the session with its own gRPC code and message (the server goes on
+//! serving others).
+
+use fusion_common::backend::{
+    BackendError, BatchPolicy, BatchRefusal, Cheetah, CheetahConfig, Honest, InferenceServer,
+    OutputMode, SecureInference,
+};
+use fusion_common::net::session::SessionStart;
+use tonic::Code;
+
+use fusion_common::channel::Channel;
+
+use crate::runner::{Refusal, Registry, RunnerError, SessionRunner, StartInfo};
+use crate::state::ServerState;
+
+/// Registers every family this build offers (`cheetah`).
+pub(crate) fn register_all(r: &mut Registry) {
+    // the names are valid and distinct from `echo`: registration cannot fail
+    let _ = r.register(Cheetah::NAME, CheetahRunner::default());
+}
+
+/// What a batch may do in one session: the server's policy (largest batch, at most the
+/// rows the session declared; the output mode) and the client's budget.
+#[derive(Debug)]
+pub struct SessionPolicy<'a> {
+    state: &'a ServerState,
+    client: &'a str,
+    max_rows: u64,
+}
+
+impl<'a> SessionPolicy<'a> {
+    /// The policy of a session started with `start`.
+    pub fn new(state: &'a ServerState, start: &'a StartInfo) -> Self {
+        let max_rows = match start.rows {
+            0 => state.policy.max_rows,
+            r => r.min(state.policy.max_rows),
+        };
+        Self {
+            state,
+            client: &start.client,
+            max_rows,
+        }
+    }
+}
+
+impl BatchPolicy for SessionPolicy<'_> {
+    fn max_rows(&self) -> u64 {
+        self.max_rows
+    }
+
+    fn allows(&self, output: OutputMode) -> bool {
+        output == OutputMode::Labels || self.state.policy.output == OutputMode::Logits
+    }
+
+    fn charge(&mut self, rows: u64) -> Result<(), BatchRefusal> {
+        self.state
+            .budgets
+            .charge(self.client, rows)
+            .map(|_| ())
+            .map_err(|e| BatchRefusal::Budget {
+                requested: e.requested,
+                remaining: e.remaining,
+                limit: e.limit,
+            })
+    }
+}
+
+/// The gRPC code of a refused batch.
+pub fn refusal_code(r: &BatchRefusal) -> Code {
+    match r {
+        BatchRefusal::NoRows | BatchRefusal::Columns { .. } => Code::InvalidArgument,
+        BatchRefusal::Budget { .. } => Code::ResourceExhausted,
+        _ => Code::FailedPrecondition,
+    }
+}
+
+/// A backend error as the session's end: refusals with their own code, transport
+/// errors as such, the rest as a protocol failure (`ABORTED`).
+pub fn runner_error(backend: &str, e: BackendError) -> RunnerError {
+    match e {
+        BackendError::Refused(r) => RunnerError::Refused(Refusal {
+            code: refusal_code(&r),
+            message: format!("{backend}: batch refused: {r}"),
+        }),
+        BackendError::Channel(c) => RunnerError::Channel(c),
+        other => RunnerError::protocol(backend, other),
+    }
+}
+
+/// Checks a start of a family that needs the served model.
+fn check_model_start(start: &SessionStart, state: &ServerState) -> Result<(), Refusal> {
+    let Some(m) = &state.model else {
+        return Err(Refusal::policy("this server has no model loaded"));
+    };
+    let expected = m.model.fixed_model().input_len() as u64;
+    if start.cols != expected {
+        return Err(Refusal::invalid(format!(
+            "batch declares {} columns per row, the model takes {expected}",
+            start.cols
+        )));
+    }
+    Ok(())
+}
+
+/// The server role of `cheetah`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheetahRunner {
+    /// the 2PC configuration clients must use
+    pub config: CheetahConfig,
+}
+
+impl SessionRunner for CheetahRunner {
+    fn needs_model(&self) -> bool {
+        true
+    }
+
+    fn charges_per_batch(&self) -> bool {
+        true
+    }
+
+    fn check_start(&self, start: &SessionStart, state: &ServerState) -> Result<(), Refusal> {
+        check_model_start(start, state)
+    }
+
+    fn run(
+        &self,
+        ch: &mut dyn Channel,
+        start: &StartInfo,
+        state: &ServerState,
+    ) -> Result<(), RunnerError> {
+        let name = Cheetah::NAME;
+        let model = state
+            .model
+            .as_ref()
+            .ok_or_else(|| RunnerError::Refused(Refusal::policy("this server has no model")))?
+            .model
+            .fixed_model();
+        let mut rng = rand::rng();
+        let mut server = Cheetah::server_setup(ch, model, &self.config, &mut rng)
+            .map_err(|e| runner_error(name, e))?;
+        let mut policy = SessionPolicy::new(state, start);
+        let batches = server
+            .serve(ch, model, &mut policy, &mut Honest, &mut rng)
+            .map_err(|e| runner_error(name, e))?;
+        tracing::info!(
+            session = start.session_id,
+            client = %start.client,
+            batches,
+            "cheetah session done"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Policy, SessionLimits};
+    use fusion_common::channel::ChannelError;
+    use std::collections::BTreeMap;
+
+    fn start(rows: u64) -> StartInfo {
+        StartInfo {
+            session_id: 1,
+            client: "CN=a".into(),
+            backend: "cheetah".into(),
+            rows,
+            cols: 784,
+            output: OutputMode::Labels,
+            params: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_session_policy_caps_rows_checks_the_output_and_charges_the_budget() {
+        let state = ServerState::new(
+            None,
+            Policy {
+                max_rows: 100,
+                budget: Some(10),
+                ..Policy::default()
+            },
+            SessionLimits::default(),
+        );
+        let s0 = start(0);
+        let s7 = start(7);
+        let s500 = start(500);
+        assert_eq!(SessionPolicy::new(&state, &s0).max_rows(), 100);
+        assert_eq!(SessionPolicy::new(&state, &s7).max_rows(), 7);
+        assert_eq!(SessionPolicy::new(&state, &s500).max_rows(), 100);
+        let mut p = SessionPolicy::new(&state, &s7);
+        assert!(p.allows(OutputMode::Labels) && !p.allows(OutputMode::Logits));
+        p.charge(6).unwrap();
+        assert_eq!(
+            p.charge(5),
+            Err(BatchRefusal::Budget {
+                requested: 5,
+                remaining: 4,
+                limit: 10
+            })
+        );
+        // the budget is the server's, per certificate
+        assert_eq!(state.budgets.remaining("CN=a").remaining(), 4);
+    }
+
+    #[test]
+    fn backend_errors_become_session_ends_with_their_codes() {
+        let e = runner_error("cheetah", BackendError::Refused(BatchRefusal::NoRows));
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(
+            e.to_string(),
+            "cheetah: batch refused: a batch of zero rows"
+        );
+        let e = runner_error(
+            "cheetah",
+            BackendError::Refused(BatchRefusal::Budget {
+                requested: 1,
+                remaining: 0,
+                limit: 1,
+            }),
+        );
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        let e = runner_error(
+            "cheetah",
+            BackendError::Refused(BatchRefusal::LogitsNotAllowed),
+        );
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        let e = runner_error(
+            "cheetah",
+            BackendError::Channel(ChannelError::FrameTooLarge {
+                actual: 2,
+                limit: 1,
+            }),
+        );
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        let e = runner_error("cheetah", BackendError::Poisoned);
+        assert_eq!(e.code(), Code::Aborted);
+    }
+}
