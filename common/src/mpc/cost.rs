@@ -2,10 +2,14 @@
 //! received and flights (direction changes + 1, as [`Counting`](crate::channel::Counting)
 //! counts them from a fresh counter). The server's bytes are the mirror image.
 //!
-//! They hold for an IKNP session whose COT buffers are empty when the operation starts and
+//! They hold for a session whose COT buffers are empty when the operation starts and
 //! whose `min_batch` is 1 (as in the tests; the buffers are modelled across the levels of
-//! argmax); with buffered COTs or a larger `min_batch` only the extension part changes. `r128(n)` is n rounded up to
-//! a multiple of 128 (IKNP extends in blocks of 128 COTs).
+//! argmax); with buffered COTs or a larger `min_batch` only the extension part changes.
+//! [`Extension`] models the core OT: IKNP extends by what the buffer lacks rounded up to
+//! `r128(n)`, a multiple of 128, the COT receiver sending 16 bytes per COT; Ferret hands
+//! out its spare COTs, then whole iterations, the COT sender sending a fixed number of
+//! bytes per iteration ([`crate::ot::FerretParams::iteration_bytes`]). Either way the
+//! extension is one flight each way and shares flights as below.
 //!
 //! In bits per element (IKNP, κ = 128, leaves by KK13 over a 256-bit code, m-bit leaves,
 //! q = ceil((l-1)/m) leaves, q-1 AND nodes):
@@ -23,12 +27,13 @@
 //! | argmax (per row of k) | (k-1)·(DReLU + 2·(κ + 1 + 2l)) + l (reveal) |
 //!
 //! (w_k = 1 for the lowest leaf, 2 otherwise; with 1-of-N from COTs a leaf costs
-//! m_k·(κ + 1) + w_k·2^{m_k} instead of 256 + w_k·2^{m_k}.)
+//! m_k·(κ + 1) + w_k·2^{m_k} instead of 256 + w_k·2^{m_k}.) Over Ferret replace κ = 128 by
+//! about 0.45 (bits per COT of the main parameter set, amortised over whole iterations).
 //! Flights (client), ReLU with KK13: 4 (extension and leaf OTs share flights; both parties
 //! hold the tables for half of the batch) + 2·ceil(log2 q) (AND levels) + 4 (MUX).
 
 use super::millionaire::{MillGroup, carry_groups, leaf_sizes, mill_cots, tree};
-use crate::ot::Party;
+use crate::ot::{FerretParams, Party};
 use crate::ring::Ring;
 
 /// Costs seen by the client.
@@ -56,6 +61,43 @@ pub struct Params {
     pub leaf_bits: u32,
     /// whether 1-of-N OTs use KK13 (else m COTs)
     pub kk13: bool,
+    /// how the core OT extends the COT buffers
+    pub ext: Extension,
+}
+
+/// How the core OT fills the session's COT buffers (the state at the operation's start).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Extension {
+    /// IKNP: what the buffer lacks, rounded up to a multiple of 128; 16 bytes per COT from
+    /// the COT receiver
+    #[default]
+    Iknp,
+    /// Ferret: the spare COTs first, then whole iterations of `usable` COTs, each costing
+    /// `iteration_bytes` from the COT sender
+    Ferret {
+        /// COTs per iteration
+        usable: usize,
+        /// bytes per iteration
+        iteration_bytes: usize,
+        /// spare COTs, server as sender
+        spare_s2c: usize,
+        /// spare COTs, client as sender
+        spare_c2s: usize,
+    },
+}
+
+impl Extension {
+    /// Ferret right after setup with (`boot`, `main`): the bootstrap's spare in both
+    /// directions, then `main` iterations.
+    pub fn ferret_after_setup(boot: &FerretParams, main: &FerretParams) -> Self {
+        let spare = boot.n().saturating_sub(main.reserve());
+        Extension::Ferret {
+            usable: main.usable(),
+            iteration_bytes: main.iteration_bytes(),
+            spare_s2c: spare,
+            spare_c2s: spare,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -64,9 +106,55 @@ struct Trace {
     last_send: Option<bool>,
     /// COTs left in the buffers (server-sender, client-sender), as the session keeps them
     avail: (usize, usize),
+    ext: Extension,
+}
+
+fn lack(have: usize, need: usize) -> usize {
+    need.saturating_sub(have)
 }
 
 impl Trace {
+    fn new(p: Params) -> Self {
+        Self {
+            ext: p.ext,
+            ..Self::default()
+        }
+    }
+
+    /// A reservation of (server-sender, client-sender) COTs: extends what the buffers lack
+    /// and takes the COTs. Returns the extension bytes (client sends, client receives).
+    fn extend(&mut self, s2c: usize, c2s: usize) -> (usize, usize) {
+        let (ls, lc) = (lack(self.avail.0, s2c), lack(self.avail.1, c2s));
+        let (gs, gc, sent, received) = match &mut self.ext {
+            Extension::Iknp => {
+                let r = |n: usize| n.div_ceil(128) * 128;
+                // the client is the IKNP receiver (sender of the matrix) for s2c COTs
+                (r(ls), r(lc), 16 * r(ls), 16 * r(lc))
+            }
+            Extension::Ferret {
+                usable,
+                iteration_bytes,
+                spare_s2c,
+                spare_c2s,
+            } => {
+                let get = |need: usize, spare: &mut usize| {
+                    if need == 0 {
+                        return (0, 0);
+                    }
+                    let iters = need.saturating_sub(*spare).div_ceil(*usable);
+                    let got = std::mem::take(spare) + iters * *usable;
+                    (got, iters * *iteration_bytes)
+                };
+                let (gs, bs) = get(ls, spare_s2c);
+                let (gc, bc) = get(lc, spare_c2s);
+                // the COT sender sends Ferret's messages: the client for c2s COTs
+                (gs, gc, bc, bs)
+            }
+        };
+        self.avail = (self.avail.0 + gs - s2c, self.avail.1 + gc - c2s);
+        (sent, received)
+    }
+
     fn ev(&mut self, send: bool, bytes: usize) {
         if self.last_send != Some(send) {
             self.cost.flights += 1;
@@ -84,37 +172,20 @@ impl Trace {
     fn recv(&mut self, b: usize) {
         self.ev(false, b)
     }
-    /// Reservation of (server-sender, client-sender) COTs: an IKNP extension of what the
-    /// buffers lack, rounded up to blocks of 128, then the COTs are used.
+    /// Reservation of (server-sender, client-sender) COTs, one flight each way.
     fn ext(&mut self, s2c: usize, c2s: usize) {
-        let lack = |have: usize, need: usize| {
-            if need > have {
-                (need - have).div_ceil(128) * 128
-            } else {
-                0
-            }
-        };
-        let (es, ec) = (lack(self.avail.0, s2c), lack(self.avail.1, c2s));
-        if es > 0 {
-            self.send(16 * es);
+        let (sent, received) = self.extend(s2c, c2s);
+        if sent > 0 {
+            self.send(sent);
         }
-        if ec > 0 {
-            self.recv(16 * ec);
+        if received > 0 {
+            self.recv(received);
         }
-        self.avail = (self.avail.0 + es - s2c, self.avail.1 + ec - c2s);
     }
     /// The millionaire with the operation's reservation: with KK13 our choose messages
     /// share the flight of our extension message.
     fn mill_ext(&mut self, p: Params, groups: &[MillGroup], s2c: usize, c2s: usize) {
-        let lack = |have: usize, need: usize| {
-            if need > have {
-                (need - have).div_ceil(128) * 128
-            } else {
-                0
-            }
-        };
-        let (es, ec) = (lack(self.avail.0, s2c), lack(self.avail.1, c2s));
-        self.avail = (self.avail.0 + es - s2c, self.avail.1 + ec - c2s);
+        let (sent, received) = self.extend(s2c, c2s);
         let choose = |g: &MillGroup, mk: u32| {
             if p.kk13 {
                 32 * g.n.div_ceil(128) * 128
@@ -132,14 +203,14 @@ impl Trace {
                 }
             }
         };
-        if es > 0 {
-            self.send(16 * es);
+        if sent > 0 {
+            self.send(sent);
         }
         if p.kk13 {
             send_chooses(self);
         }
-        if ec > 0 {
-            self.recv(16 * ec);
+        if received > 0 {
+            self.recv(received);
         }
         if !p.kk13 {
             send_chooses(self);
@@ -194,14 +265,14 @@ fn carry_group(ring: Ring, n: usize) -> Vec<MillGroup> {
 pub fn drelu(p: Params, ring: Ring, n: usize) -> Cost {
     let g = carry_group(ring, n);
     let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
-    let mut t = Trace::default();
+    let mut t = Trace::new(p);
     t.mill_ext(p, &g, a, b);
     t.cost
 }
 
 /// [`MpcSession::mux`](super::MpcSession::mux) of `n` elements.
-pub fn mux(ring: Ring, n: usize) -> Cost {
-    let mut t = Trace::default();
+pub fn mux(p: Params, ring: Ring, n: usize) -> Cost {
+    let mut t = Trace::new(p);
     t.ext(n, n);
     t.mux(ring, n, 1);
     t.cost
@@ -211,15 +282,15 @@ pub fn mux(ring: Ring, n: usize) -> Cost {
 pub fn relu(p: Params, ring: Ring, n: usize) -> Cost {
     let g = carry_group(ring, n);
     let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
-    let mut t = Trace::default();
+    let mut t = Trace::new(p);
     t.mill_ext(p, &g, a + n, b + n);
     t.mux(ring, n, 1);
     t.cost
 }
 
 /// [`MpcSession::b2a`](super::MpcSession::b2a) of `n` bits.
-pub fn b2a(ring: Ring, n: usize) -> Cost {
-    let mut t = Trace::default();
+pub fn b2a(p: Params, ring: Ring, n: usize) -> Cost {
+    let mut t = Trace::new(p);
     t.ext(n, 0);
     t.send(n.div_ceil(8));
     t.recv(ring.packed_len(n));
@@ -230,7 +301,7 @@ pub fn b2a(ring: Ring, n: usize) -> Cost {
 pub fn trunc_nonneg(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
     let g = carry_groups(f, n);
     let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
-    let mut t = Trace::default();
+    let mut t = Trace::new(p);
     t.mill_ext(p, &g, a + 2 * n, b);
     t.send((2 * n).div_ceil(8));
     t.recv(ring.packed_len(2 * n));
@@ -247,7 +318,7 @@ fn trunc_general(p: Params, ring: Ring, n: usize, f: u32, relu: bool) -> Cost {
     if relu {
         b += n;
     }
-    let mut t = Trace::default();
+    let mut t = Trace::new(p);
     t.mill_ext(p, &g, a, b);
     t.send(if p.kk13 {
         32 * n.div_ceil(128) * 128
@@ -282,7 +353,7 @@ pub fn reveal_to_client(ring: Ring, n: usize) -> Cost {
 /// [`MpcSession::argmax_reveal`](super::MpcSession::argmax_reveal) to the client, `rows`
 /// rows of `cols`.
 pub fn argmax_reveal(p: Params, ring: Ring, rows: usize, cols: usize) -> Cost {
-    let mut t = Trace::default();
+    let mut t = Trace::new(p);
     let mut len = cols;
     let (mut ns, mut nc) = (0, 0);
     while len > 1 {

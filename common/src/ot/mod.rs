@@ -7,7 +7,9 @@
 //!   base.rs      Chou-Orlandi base OT (Ristretto255), both directions, once per session
 //!      │  128 random OTs per direction
 //!   iknp.rs      IKNP extension with the ALSZ optimisations  ──implements──▶  RandomCot
-//!      │                                                           (Ferret, issue 9, will too)
+//!   ferret/      Ferret silent OT (GGM trees, regular-noise MPCOT, LPN), bootstrapped from
+//!      │         IKNP once per session ──implements──▶ RandomCot; `CoreOt` picks either at
+//!      │         run time (`OtKind`, Ferret by default)
 //!   session.rs   OtSession<C: RandomCot>: buffers COTs per direction (large batches, one
 //!      │         flight per extension, none when the buffer suffices) and derives
 //!      │           - random OT (ROT), k-bit messages           (no extra traffic)
@@ -51,6 +53,7 @@
 #[allow(unsafe_code)]
 mod aesni;
 mod base;
+pub mod ferret;
 mod hash;
 mod iknp;
 mod kkot;
@@ -59,6 +62,7 @@ mod session;
 mod tests;
 mod transpose;
 
+pub use ferret::{CoreOt, Ferret, FerretParams, OtKind};
 pub use hash::{Prg, Tccr};
 pub use iknp::Iknp;
 pub use kkot::KkotConfig;
