@@ -7,14 +7,14 @@
 //! ```text
 //!   setup (once per session)
 //!     Chou-Orlandi base OTs, IKNP extension of BOOTSTRAP.reserve() = 74,036 COTs per
-//!     direction (both: one flight each way); Δ = IKNP's Δ
+//!     direction (both: one flight each way), IKNP's Δ drawn with LSB 1
 //!     one BOOTSTRAP iteration (below) ─▶ MAIN stock (540,928) + 329,472 spare COTs
 //!
 //!   iteration with parameters (t, h, k), stock = k + t·h COTs from the previous one
 //!     S: t GGM trees of 2^h leaves     ────── t·(2h+1) blocks (mpcot.rs) ──────▶  R: punctured
 //!        (MPCOT, regular noise)                                                     trees, e
 //!     both: LPN with the public code of the iteration (lpn.rs):
-//!        S: y = v ⊕ A·K_stock               R: z = w ⊕ A·M_stock,  x = e ⊕ A·u_stock
+//!        S: y = v ⊕ A·K_stock               R: z = w ⊕ A·M_stock   (x = e ⊕ A·u = LSB(z))
 //!     keep the last k + t·h outputs as the next stock, hand out n − k − t·h
 //!     (z = y ⊕ x·Δ: random COTs with the session's global Δ)
 //!
@@ -33,15 +33,17 @@
 //!
 //! # Choices
 //!
-//! - Choice bits are kept explicitly (one byte per COT), not in the least significant bit
-//!   of the blocks as in the reference: Δ stays a uniform 128-bit value (IKNP's) and the
-//!   keys stay uniform, at the price of one byte-sized lookup per stock index in the LPN.
+//! - Choice bits ride in the least significant bit of the receiver's blocks, as in the
+//!   reference: Δ has LSB 1 (127 random bits) and every sender key has LSB 0, so
+//!   LSB(m) = b is carried through the GGM trees and the code for free. (Keeping the bits
+//!   in a separate byte table made the receiver's LPN step twice as slow as the sender's,
+//!   measured.) [`RandomCot::delta`] and the handed-out keys keep this form.
 //! - The code's seed, the level-OT hash key and the GGM keys are public and derived from
 //!   the IKNP session identifier (both parties agree on it): no seed message.
 //! - One thread per party: the bench runs both parties on the machine's two cores; the
 //!   LPN step splits into independent row ranges if a deployment wants two threads.
-//! - Memory per party and direction: one iteration's output (n blocks, 160 MiB for MAIN,
-//!   plus n bytes of choice bits on the receiving side) and the stock (8.7 MiB).
+//! - Memory per party and direction: one iteration's output (n blocks, 160 MiB for MAIN)
+//!   and the stock (8.3 MiB).
 
 mod ggm;
 mod lpn;
@@ -63,11 +65,12 @@ use crate::channel::Channel;
 use ggm::Ggm;
 use lpn::LpnCode;
 
-/// Our stock and spare COTs as the sender of one direction.
+/// Stock and spare COTs of one direction: keys (LSB 0) on the sender's side, received
+/// blocks (choice bit in the LSB) on the receiver's.
 #[derive(Default)]
-struct SendSide {
-    /// the stock keys: k for the code, then t·h for the level OTs
-    keys: Vec<Block>,
+struct Side {
+    /// the stock: k for the code, then t·h for the level OTs
+    stock: Vec<Block>,
     /// COTs produced beyond what was asked (handed out first)
     spare: Vec<Block>,
     /// iterations run in this direction
@@ -76,36 +79,17 @@ struct SendSide {
     tw: u64,
 }
 
-/// Our stock and spare COTs as the receiver of one direction.
-#[derive(Default)]
-struct RecvSide {
-    bits: Vec<u8>,
-    m: Vec<Block>,
-    spare_bits: Vec<u8>,
-    spare_m: Vec<Block>,
-    iter: u64,
-    tw: u64,
-}
-
-impl Drop for SendSide {
+impl Drop for Side {
     fn drop(&mut self) {
-        self.keys.zeroize();
+        self.stock.zeroize();
         self.spare.zeroize();
-    }
-}
-
-impl Drop for RecvSide {
-    fn drop(&mut self) {
-        self.bits.zeroize();
-        self.m.zeroize();
-        self.spare_bits.zeroize();
-        self.spare_m.zeroize();
     }
 }
 
 /// Ferret random COT, both directions of one session (see the module documentation).
 pub struct Ferret {
     party: Party,
+    /// our Δ (LSB 1)
     delta: Block,
     main: FerretParams,
     session_id: [u8; 32],
@@ -114,8 +98,10 @@ pub struct Ferret {
     /// secret: the GGM seeds of our trees
     prg: Prg,
     ggm: Ggm,
-    send: SendSide,
-    recv: RecvSide,
+    /// the direction where we are the COT sender
+    send: Side,
+    /// the direction where we are the COT receiver
+    recv: Side,
     /// our sender-side output between `extend_send` and `extend_recv`
     pending: Option<Vec<Block>>,
 }
@@ -154,6 +140,14 @@ fn derive_block(context: &str, parts: &[&[u8]]) -> Block {
     Block::from_le_bytes(k)
 }
 
+/// Moves the last `keep_from..` blocks of `out` into `stock` (same length) and truncates.
+fn split_stock(out: &mut Vec<Block>, keep_from: usize, stock: &mut Vec<Block>) {
+    stock.clear();
+    stock.extend_from_slice(&out[keep_from..]);
+    out[keep_from..].zeroize();
+    out.truncate(keep_from);
+}
+
 impl Ferret {
     /// Sets up Ferret in both directions with the product parameters ([`BOOTSTRAP`] once,
     /// then [`MAIN`]): base OTs, IKNP for the bootstrap stock, one bootstrap iteration.
@@ -176,12 +170,23 @@ impl Ferret {
         rng: &mut R,
     ) -> Result<Self, OtError> {
         FerretParams::check_pair(&boot, &main)?;
-        let mut iknp = Iknp::setup(ch, party, rng)?;
+        // Δ with LSB 1: the choice bit of every COT is the LSB of the receiver's block.
+        let mut delta: Block = rng.random::<Block>() | 1;
+        let mut iknp = Iknp::setup_with_delta(ch, party, delta, rng)?;
+        delta.zeroize();
         let m_b = boot.reserve();
-        let mut base = iknp.extend(ch, m_b, m_b)?;
+        let base = iknp.extend(ch, m_b, m_b)?;
         if base.send.len() < m_b || base.recv.len() < m_b || base.recv_bits.len() < m_b {
             return Err(OtError::BadRequest("IKNP returned too few COTs".into()));
         }
+        // LSB form: keys k ∧ ¬1, received blocks (m ∧ ¬1) | b; still m = k ⊕ b·Δ
+        let mut keys: Vec<Block> = base.send[..m_b].iter().map(|&k| k & !1).collect();
+        let mut recv: Vec<Block> = base.recv[..m_b]
+            .iter()
+            .zip(&base.recv_bits)
+            .map(|(&m, &b)| (m & !1) | Block::from(b & 1))
+            .collect();
+        drop(base);
         let session_id = iknp.session_id();
         let mut s = Self {
             party,
@@ -194,42 +199,27 @@ impl Ferret {
             )),
             prg: Prg::from_rng(rng),
             ggm: Ggm::new(main.h.max(boot.h)),
-            send: SendSide::default(),
-            recv: RecvSide::default(),
+            send: Side::default(),
+            recv: Side::default(),
             pending: None,
         };
         drop(iknp);
-        // Bootstrap iteration in both directions: ours first (one flight each way).
+        // The bootstrap iteration in both directions: ours first (one flight each way).
         let mut out = vec![0 as Block; boot.n()];
-        let msg = s.sender_iteration(&boot, &base.send[..m_b], &mut out);
+        let msg = s.sender_iteration(&boot, &keys, &mut out);
         ch.send_vec(msg)?;
         let peer = ch
             .recv_exact(boot.iteration_bytes())
             .map_err(|e| OtError::msg("Ferret bootstrap messages", e))?;
         let mut m = vec![0 as Block; boot.n()];
-        let mut bits = vec![0u8; boot.n()];
-        s.recv_iteration(
-            &boot,
-            &base.recv_bits[..m_b],
-            &base.recv[..m_b],
-            &peer,
-            &mut m,
-            &mut bits,
-        )?;
-        drop(std::mem::take(&mut base));
+        s.recv_iteration(&boot, &recv, &peer, &mut m)?;
+        keys.zeroize();
+        recv.zeroize();
         let keep = boot.n() - main.reserve();
-        s.send.keys = out[keep..].to_vec();
-        out[keep..].zeroize();
-        out.truncate(keep);
+        split_stock(&mut out, keep, &mut s.send.stock);
+        split_stock(&mut m, keep, &mut s.recv.stock);
         s.send.spare = out;
-        s.recv.m = m[keep..].to_vec();
-        s.recv.bits = bits[keep..].to_vec();
-        m[keep..].zeroize();
-        bits[keep..].zeroize();
-        m.truncate(keep);
-        bits.truncate(keep);
-        s.recv.spare_m = m;
-        s.recv.spare_bits = bits;
+        s.recv.spare = m;
         Ok(s)
     }
 
@@ -240,7 +230,7 @@ impl Ferret {
 
     /// Spare COTs held back (handed out by the next extension): (as sender, as receiver).
     pub fn spare(&self) -> (usize, usize) {
-        (self.send.spare.len(), self.recv.spare_m.len())
+        (self.send.spare.len(), self.recv.spare.len())
     }
 
     /// The public session identifier (from the IKNP base OTs; both parties agree on it).
@@ -293,42 +283,28 @@ impl Ferret {
         msg
     }
 
-    /// One iteration as the receiver: fills `m` and `bits` (n each, bits zero on entry)
-    /// with z = w ⊕ A·M and x = e ⊕ A·u.
+    /// One iteration as the receiver: fills `m` (n blocks) with z = w ⊕ A·M (choice bits
+    /// x = e ⊕ A·u in the LSBs).
     fn recv_iteration(
         &mut self,
         p: &FerretParams,
-        stock_bits: &[u8],
-        stock_m: &[Block],
+        stock: &[Block],
         msg: &[u8],
         m: &mut [Block],
-        bits: &mut [u8],
     ) -> Result<(), OtError> {
         let dir = 1 - self.dir_send();
-        let (code_m, ot_m) = stock_m.split_at(p.k());
-        let (code_b, ot_b) = stock_bits.split_at(p.k());
-        mpcot::recv(
-            p,
-            &mut self.ggm,
-            &self.hash,
-            ot_b,
-            ot_m,
-            dir,
-            self.recv.tw,
-            msg,
-            m,
-            bits,
-        )?;
+        let (code_m, ot_m) = stock.split_at(p.k());
+        mpcot::recv(p, &mut self.ggm, &self.hash, ot_m, dir, self.recv.tw, msg, m)?;
         self.recv.tw += ot_m.len() as u64;
-        self.code(p, dir, self.recv.iter)
-            .encode_with_bits(m, bits, code_m, code_b);
+        // Ferret Fig. 7 (primal LPN): z = w ⊕ A·M
+        self.code(p, dir, self.recv.iter).encode(m, code_m);
         self.recv.iter += 1;
         Ok(())
     }
 
     /// MAIN iterations an extension of `need` COTs runs when `spare` are held back.
     fn iterations(&self, need: usize, spare: usize) -> usize {
-        if need == 0 || need <= spare {
+        if need <= spare {
             0
         } else {
             (need - spare).div_ceil(self.main.usable())
@@ -379,13 +355,11 @@ impl RandomCot for Ferret {
             for _ in 0..iters {
                 let base = out.len();
                 out.resize(base + main.n(), 0);
-                let mut stock = std::mem::take(&mut self.send.keys);
+                let mut stock = std::mem::take(&mut self.send.stock);
                 msg.extend_from_slice(&self.sender_iteration(&main, &stock, &mut out[base..]));
                 // the last k + t·h outputs are the next stock
-                stock.copy_from_slice(&out[base + main.usable()..]);
-                self.send.keys = stock;
-                out[base + main.usable()..].zeroize();
-                out.truncate(base + main.usable());
+                split_stock(&mut out, base + main.usable(), &mut stock);
+                self.send.stock = stock;
             }
             ch.send_vec(msg)?;
         }
@@ -410,45 +384,40 @@ impl RandomCot for Ferret {
             return Ok(batch);
         }
         let main = self.main;
-        let mut m = std::mem::take(&mut self.recv.spare_m);
-        let mut bits = std::mem::take(&mut self.recv.spare_bits);
+        let mut m = std::mem::take(&mut self.recv.spare);
         let iters = self.iterations(n_recv, m.len());
         if iters > 0 {
             let msg = ch
                 .recv_exact(iters * main.iteration_bytes())
                 .map_err(|e| OtError::msg("Ferret SPCOT messages", e))?;
             m.reserve_exact(iters * main.usable() + main.reserve());
-            bits.reserve_exact(iters * main.usable() + main.reserve());
             for part in msg.chunks_exact(main.iteration_bytes()) {
                 let base = m.len();
                 m.resize(base + main.n(), 0);
-                bits.resize(base + main.n(), 0);
-                let mut sm = std::mem::take(&mut self.recv.m);
-                let mut sb = std::mem::take(&mut self.recv.bits);
-                let r =
-                    self.recv_iteration(&main, &sb, &sm, part, &mut m[base..], &mut bits[base..]);
-                let keep = base + main.usable();
-                sm.copy_from_slice(&m[keep..]);
-                sb.copy_from_slice(&bits[keep..]);
-                self.recv.m = sm;
-                self.recv.bits = sb;
-                m[keep..].zeroize();
-                bits[keep..].zeroize();
-                m.truncate(keep);
-                bits.truncate(keep);
+                let mut stock = std::mem::take(&mut self.recv.stock);
+                let r = self.recv_iteration(&main, &stock, part, &mut m[base..]);
+                split_stock(&mut m, base + main.usable(), &mut stock);
+                self.recv.stock = stock;
                 r?;
             }
         }
+        batch.recv_bits = m.iter().map(|&x| (x & 1) as u8).collect();
         batch.recv = m;
-        batch.recv_bits = bits;
         Ok(batch)
     }
 
     fn extend_cost(&self, n_send: usize, n_recv: usize) -> (usize, usize) {
         let b = self.main.iteration_bytes();
+        let it = |need: usize, spare: usize| {
+            if need == 0 {
+                0
+            } else {
+                self.iterations(need, spare)
+            }
+        };
         (
-            b * self.iterations(n_send, self.send.spare.len()),
-            b * self.iterations(n_recv, self.recv.spare_m.len()),
+            b * it(n_send, self.send.spare.len()),
+            b * it(n_recv, self.recv.spare.len()),
         )
     }
 

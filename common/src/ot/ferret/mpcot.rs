@@ -13,6 +13,9 @@
 //!                                                     in each bin (regular noise of weight t)
 //! ```
 //!
+//! Choice bits ride in the least significant bit (as in the reference): Δ has LSB 1 and
+//! the leaves are used with their LSB cleared (v_j ∧ ¬1, also inside d), so LSB(w_j) = e_j.
+//!
 //! The receiver's noise position is the complement of its random base-COT choice bits, so
 //! it sends nothing (Ferret's SPCOT with the choice bits of F_COT used directly, as in the
 //! reference implementation emp-ot `mpcot_reg.h`): the sender learns nothing, and α is
@@ -32,15 +35,25 @@ pub(crate) fn tweak(dir: u8, idx: u64) -> Block {
     (u128::from(dir) << 64) | u128::from(idx)
 }
 
+/// Clears the least significant bit of every leaf and returns the XOR of the results.
+fn mask_and_sum(tree: &mut [Block]) -> Block {
+    let mut acc = 0;
+    for v in tree.iter_mut() {
+        *v &= !1;
+        acc ^= *v;
+    }
+    acc
+}
+
 fn read_block(b: &[u8]) -> Block {
     let mut a = [0u8; 16];
     a.copy_from_slice(&b[..16]);
     Block::from_le_bytes(a)
 }
 
-/// Sender of one MPCOT: fills `out` (n blocks, tree j in `out[j·2^h..]`) with v and returns
-/// the message (t·(2h + 1) blocks). `base` holds the t·h base-COT keys (tree-major, level
-/// order); `tw0` is the first tweak index, `tw0 + t·h` the next free one.
+/// Sender of one MPCOT: fills `out` (n blocks, tree j in `out[j·2^h..]`) with v (LSBs
+/// clear) and returns the message (t·(2h + 1) blocks). `base` holds the t·h base-COT keys
+/// (tree-major, level order); `tw0` is the first tweak index, `tw0 + t·h` the next free one.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn send(
     p: &FerretParams,
@@ -59,14 +72,13 @@ pub(crate) fn send(
     debug_assert_eq!(out.len(), p.n());
     let mut sums = vec![[0 as Block; 2]; p.t * h];
     let mut d = vec![0 as Block; p.t];
-    for (j, (tree, s)) in out
+    for ((tree, s), dj) in out
         .chunks_exact_mut(leaves)
         .zip(sums.chunks_exact_mut(h))
-        .enumerate()
+        .zip(d.iter_mut())
     {
         ggm.expand_tree(prg.block(), tree, s);
-        // the XOR of all leaves is the sum of the last level's two sides
-        d[j] = delta ^ s[h - 1][0] ^ s[h - 1][1];
+        *dj = delta ^ mask_and_sum(tree);
     }
     let base1: Vec<Block> = base.iter().map(|&q| q ^ delta).collect();
     let mut h0 = vec![0 as Block; base.len()];
@@ -87,21 +99,18 @@ pub(crate) fn send(
     msg
 }
 
-/// Receiver of one MPCOT: from the base COTs (`bits`, `m`, t·h each) and the sender's
-/// message, fills `out` with w and sets `e` (n bits, zero on entry) to the unit vectors.
-/// Returns the noise positions (one per tree, relative to the tree).
-#[allow(clippy::too_many_arguments)]
+/// Receiver of one MPCOT: from the base COTs (`m`, t·h of them, choice bits in their LSB)
+/// and the sender's message, fills `out` with w (e in the LSBs). Returns the noise
+/// positions (one per tree, relative to the tree).
 pub(crate) fn recv(
     p: &FerretParams,
     ggm: &mut Ggm,
     hash: &Tccr,
-    bits: &[u8],
     m: &[Block],
     dir: u8,
     tw0: u64,
     msg: &[u8],
     out: &mut [Block],
-    e: &mut [u8],
 ) -> Result<Vec<usize>, OtError> {
     let h = p.h as usize;
     let leaves = 1usize << h;
@@ -117,25 +126,23 @@ pub(crate) fn recv(
     let mut hm = vec![0 as Block; m.len()];
     hash.hash_many(m, |i| tweak(dir, tw0 + i as u64), &mut hm);
     let mut known = vec![0 as Block; h];
+    let mut off = vec![0u8; h];
     let mut alphas = Vec::with_capacity(p.t);
     let per_tree = (2 * h + 1) * 16;
-    for (j, ((tree, et), part)) in out
+    for (j, (tree, part)) in out
         .chunks_exact_mut(leaves)
-        .zip(e.chunks_exact_mut(leaves))
         .zip(msg.chunks_exact(per_tree))
         .enumerate()
     {
-        let off = &bits[j * h..(j + 1) * h];
         for i in 0..h {
-            let r = usize::from(off[i] & 1);
-            let c = read_block(&part[(2 * i + r) * 16..]);
+            off[i] = (m[j * h + i] & 1) as u8;
+            let c = read_block(&part[(2 * i + usize::from(off[i])) * 16..]);
             known[i] = c ^ hm[j * h + i];
         }
-        let alpha = ggm.expand_punctured(off, &known, tree);
+        let alpha = ggm.expand_punctured(&off, &known, tree);
         let d = read_block(&part[2 * h * 16..]);
-        let rest = tree.iter().fold(0, |a, &v| a ^ v);
-        tree[alpha] = d ^ rest;
-        et[alpha] = 1;
+        // leaf α is 0 here, so the sum runs over the others
+        tree[alpha] = d ^ mask_and_sum(tree);
         alphas.push(alpha);
     }
     known.iter_mut().for_each(|k| *k = 0);
@@ -154,13 +161,15 @@ mod tests {
             h: 6,
             log_k: 4,
         };
-        let delta: Block = 0x0123_4567_89ab_cdef_0f1e_2d3c_4b5a_6978;
+        let delta: Block = 0x0123_4567_89ab_cdef_0f1e_2d3c_4b5a_6979;
         let hash = Tccr::new(77);
         let mut prg = Prg::new(5);
         let mut coins = Prg::new(6);
         let nb = p.t * p.h as usize;
+        // base COTs in the LSB form: keys with LSB 0, Δ with LSB 1
         let mut q = vec![0 as Block; nb];
         coins.fill_blocks(&mut q);
+        q.iter_mut().for_each(|x| *x &= !1);
         let bits = coins.bits(nb);
         let m: Vec<Block> = q
             .iter()
@@ -168,42 +177,20 @@ mod tests {
             .map(|(&q, &b)| if b == 1 { q ^ delta } else { q })
             .collect();
         let mut v = vec![0 as Block; p.n()];
-        let msg = send(
-            &p,
-            &mut Ggm::new(p.h),
-            &hash,
-            &mut prg,
-            delta,
-            &q,
-            1,
-            500,
-            &mut v,
-        );
+        let mut ggm = Ggm::new(p.h);
+        let msg = send(&p, &mut ggm, &hash, &mut prg, delta, &q, 1, 500, &mut v);
         assert_eq!(msg.len(), p.t * 13 * 16);
         let mut w = vec![0 as Block; p.n()];
-        let mut e = vec![0u8; p.n()];
-        let alphas = recv(
-            &p,
-            &mut Ggm::new(p.h),
-            &hash,
-            &bits,
-            &m,
-            1,
-            500,
-            &msg,
-            &mut w,
-            &mut e,
-        )
-        .unwrap();
+        let alphas = recv(&p, &mut ggm, &hash, &m, 1, 500, &msg, &mut w).unwrap();
         let bin = 1usize << p.h;
         for j in 0..p.t {
             // α is the complement of the tree's base choice bits, most significant first
-            let want =
-                (0..p.h as usize).fold(0, |a, i| (a << 1) | usize::from(1 - bits[j * 6 + i]));
+            let want = (0..6).fold(0, |a, i| (a << 1) | usize::from(1 - bits[j * 6 + i]));
             assert_eq!(alphas[j], want);
             for x in 0..bin {
                 let i = j * bin + x;
-                assert_eq!(e[i], u8::from(x == want));
+                assert_eq!(v[i] & 1, 0);
+                assert_eq!(w[i] & 1, u128::from(x == want), "e in the LSB");
                 assert_eq!(w[i], if x == want { v[i] ^ delta } else { v[i] });
             }
         }
@@ -212,34 +199,10 @@ mod tests {
         assert!(distinct.len() > 20);
         // a wrong tweak base breaks the correlation (the hash keys the level OTs)
         let mut w2 = vec![0 as Block; p.n()];
-        let mut e2 = vec![0u8; p.n()];
-        recv(
-            &p,
-            &mut Ggm::new(p.h),
-            &hash,
-            &bits,
-            &m,
-            1,
-            501,
-            &msg,
-            &mut w2,
-            &mut e2,
-        )
-        .unwrap();
+        recv(&p, &mut ggm, &hash, &m, 1, 501, &msg, &mut w2).unwrap();
         assert_ne!(w2, w);
         // a short message is a named error
-        let r = recv(
-            &p,
-            &mut Ggm::new(p.h),
-            &hash,
-            &bits,
-            &m,
-            1,
-            500,
-            &msg[1..],
-            &mut w2,
-            &mut e2,
-        );
+        let r = recv(&p, &mut ggm, &hash, &m, 1, 500, &msg[1..], &mut w2);
         assert!(matches!(
             r,
             Err(OtError::Message {
