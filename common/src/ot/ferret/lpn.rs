@@ -30,6 +30,7 @@ const MAX_BLOCKS: usize = (GROUP * D).div_ceil(4);
 /// Groups whose index blocks are encrypted in one call.
 const BATCH: usize = 64;
 
+#[cfg(test)]
 /// Splits the blocks of whole groups into their `GROUP·D` indices each: lanes of `BITS`
 /// bits, `LANES` per block, in order, masked.
 fn extract<const LANES: usize, const BITS: usize>(blocks: &[Block], idx: &mut [u32], mask: u32) {
@@ -74,6 +75,7 @@ impl LpnCode {
     }
 
     /// The D indices of every output of groups `g0..g0 + count` (D·GROUP per group).
+    #[cfg(test)]
     fn indices(&self, g0: usize, count: usize, blocks: &mut [Block], idx: &mut [u32]) {
         let nb = self.blocks;
         let blocks = &mut blocks[..count * nb];
@@ -100,35 +102,71 @@ impl LpnCode {
         r
     }
 
-    /// `out[i] ^= ⊕_j stock[idx(i, j)]` for every i (`out.len()` a multiple of 4,
-    /// `stock.len()` = 2^log_k).
-    pub(crate) fn encode(&self, out: &mut [Block], stock: &[Block]) {
-        self.run(out.len(), stock.len(), |i, idx| {
-            let mut acc = out[i];
-            for &j in idx {
-                acc ^= stock[j as usize];
+    /// `out[r] ^= ⊕_j stock[idx(first + r, j)]` for every r: rows `first..first + out.len()`
+    /// of the code (`first` and `out.len()` multiples of 4, `stock.len()` = 2^log_k).
+    /// The indices are used as they come out of AES, group by group (no index buffer).
+    pub(crate) fn encode_at(&self, out: &mut [Block], first: usize, stock: &[Block]) {
+        assert!(
+            first.is_multiple_of(GROUP)
+                && out.len().is_multiple_of(GROUP)
+                && stock.len() > self.mask as usize,
+            "LPN code: rows {first}+{}, stock of {}",
+            out.len(),
+            stock.len()
+        );
+        // a slice of exactly mask + 1 entries: `x & mask` needs no bounds check
+        let stock = &stock[..=self.mask as usize];
+        let nb = self.blocks;
+        let g_first = first / GROUP;
+        let groups = out.len() / GROUP;
+        let mut blocks = [0 as Block; BATCH * MAX_BLOCKS];
+        let mut g = 0;
+        while g < groups {
+            let count = BATCH.min(groups - g);
+            let bl = &mut blocks[..count * nb];
+            for (c, b) in bl.iter_mut().enumerate() {
+                *b = ((g_first + g) * nb + c) as Block;
             }
-            out[i] = acc;
-        });
+            self.aes.encrypt(bl);
+            let rows = &mut out[g * GROUP..(g + count) * GROUP];
+            for (gb, o) in bl.chunks_exact(nb).zip(rows.chunks_exact_mut(GROUP)) {
+                if self.lanes == 6 {
+                    apply::<6, 21>(gb, o, stock, self.mask);
+                } else {
+                    apply::<4, 32>(gb, o, stock, self.mask);
+                }
+            }
+            g += count;
+        }
     }
 
-    fn run(&self, n: usize, k: usize, mut f: impl FnMut(usize, &[u32])) {
-        assert!(
-            n.is_multiple_of(GROUP) && k > self.mask as usize,
-            "LPN code: {n} outputs, stock of {k}"
-        );
-        let groups = n / GROUP;
-        let mut blocks = vec![0 as Block; BATCH * MAX_BLOCKS];
-        let mut idx = vec![0u32; BATCH * GROUP * D];
-        let mut g0 = 0;
-        while g0 < groups {
-            let count = BATCH.min(groups - g0);
-            self.indices(g0, count, &mut blocks, &mut idx);
-            for (r, row) in idx[..count * GROUP * D].chunks_exact(D).enumerate() {
-                f(g0 * GROUP + r, row);
-            }
-            g0 += count;
+    /// [`Self::encode_at`] from row 0.
+    #[cfg(test)]
+    pub(crate) fn encode(&self, out: &mut [Block], stock: &[Block]) {
+        self.encode_at(out, 0, stock);
+    }
+}
+
+/// One group: the `GROUP·D` lanes of the group's blocks, in order, D per output.
+#[inline(always)]
+fn apply<const LANES: usize, const BITS: usize>(
+    gb: &[Block],
+    out: &mut [Block],
+    stock: &[Block],
+    mask: u32,
+) {
+    let mut lanes = [0u32; MAX_BLOCKS * 6];
+    for (c, b) in gb.iter().enumerate() {
+        for l in 0..LANES {
+            lanes[c * LANES + l] = ((b >> (BITS * l)) as u32) & mask;
         }
+    }
+    for (r, acc) in out.iter_mut().enumerate() {
+        let mut a = *acc;
+        for t in 0..D {
+            a ^= stock[(lanes[r * D + t] & mask) as usize];
+        }
+        *acc = a;
     }
 }
 
@@ -169,6 +207,23 @@ mod tests {
         for i in 0..n {
             assert_eq!(y[i], want[i] ^ i as Block, "row {i}");
         }
+    }
+
+    #[test]
+    fn encoding_a_range_of_rows_equals_the_same_rows_of_the_whole() {
+        let code = LpnCode::new(9, 8);
+        let x: Vec<Block> = (0..256u128).map(|j| (j << 64) | (j * 77)).collect();
+        let mut whole: Vec<Block> = (0..1024u128).collect();
+        code.encode(&mut whole, &x);
+        let mut part: Vec<Block> = (512..768u128).collect();
+        code.encode_at(&mut part, 512, &x);
+        assert_eq!(part[..], whole[512..768]);
+        // a longer stock than 2^log_k is fine (only the first 2^log_k entries are read)
+        let mut longer = x.clone();
+        longer.extend_from_slice(&[u128::MAX; 5]);
+        let mut again: Vec<Block> = (0..1024u128).collect();
+        code.encode(&mut again, &longer);
+        assert_eq!(again, whole);
     }
 
     #[test]
@@ -224,40 +279,43 @@ mod speed {
 
     fn cpu() -> f64 {
         let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
-        s.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0)
+        s.split_whitespace()
+            .next()
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(0.0)
     }
 
     #[test]
     #[ignore = "timing probe, run by hand"]
     fn lpn_speed_probe() {
-        let log_k = 19;
-        let k = 1usize << log_k;
         let n = 1usize << 22;
-        let stock: Vec<Block> = (0..k as u128).map(|j| j * 0x9e37_79b9_7f4a_7c15).collect();
-        let code = LpnCode::new(3, log_k);
-        let mut out = vec![0 as Block; n];
-        for _ in 0..2 {
-            let t = cpu();
-            code.encode(&mut out, &stock);
-            let a = (cpu() - t) / n as f64;
-            let mut blocks = vec![0 as Block; BATCH * MAX_BLOCKS];
-            let mut idx = vec![0u32; BATCH * GROUP * D];
-            let t = cpu();
-            for g in (0..n / GROUP).step_by(BATCH) {
-                code.indices(g, BATCH, &mut blocks, &mut idx);
+        let mut out = vec![1 as Block; n];
+        for log_k in [14u32, 16, 17, 18, 19] {
+            let k = 1usize << log_k;
+            let stock: Vec<Block> = (0..k as u128).map(|j| j * 0x9e37_79b9_7f4a_7c15).collect();
+            let code = LpnCode::new(3, log_k);
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t = cpu();
+                code.encode(&mut out, &stock);
+                best = best.min((cpu() - t) / n as f64);
             }
-            let c = (cpu() - t) / n as f64;
-            let mut big = vec![1 as Block; 1 << 16];
-            code.aes.encrypt(&mut big);
-            let t = cpu();
-            for _ in 0..15 {
-                code.aes.encrypt(&mut big);
-            }
-            code.aes.encrypt(&mut big);
-            let d = (cpu() - t) / (15u64 << 16) as f64;
-            eprintln!(
-                "CPU: encode {a:.1} ns/output, indices only {c:.1}, AES {d:.2} ns/block"
-            );
+            eprintln!("k = 2^{log_k}: encode {best:.1} ns/output (CPU)");
         }
+        let code = LpnCode::new(3, 19);
+        let mut blocks = vec![0 as Block; BATCH * MAX_BLOCKS];
+        let mut idx = vec![0u32; BATCH * GROUP * D];
+        let t = cpu();
+        for g in (0..n / GROUP).step_by(BATCH) {
+            code.indices(g, BATCH, &mut blocks, &mut idx);
+        }
+        let c = (cpu() - t) / n as f64;
+        let mut big = vec![1 as Block; 1 << 16];
+        let t = cpu();
+        for _ in 0..16 {
+            code.aes.encrypt(&mut big);
+        }
+        let d = (cpu() - t) / (16u64 << 16) as f64;
+        eprintln!("indices only {c:.1} ns/output, AES {d:.2} ns/block");
     }
 }

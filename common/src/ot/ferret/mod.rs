@@ -205,13 +205,13 @@ impl Ferret {
         };
         drop(iknp);
         // The bootstrap iteration in both directions: ours first (one flight each way).
-        let mut out = vec![0 as Block; boot.n()];
+        let mut out = Vec::with_capacity(boot.n());
         let msg = s.sender_iteration(&boot, &keys, &mut out);
         ch.send_vec(msg)?;
         let peer = ch
             .recv_exact(boot.iteration_bytes())
             .map_err(|e| OtError::msg("Ferret bootstrap messages", e))?;
-        let mut m = vec![0 as Block; boot.n()];
+        let mut m = Vec::with_capacity(boot.n());
         s.recv_iteration(&boot, &recv, &peer, &mut m)?;
         keys.zeroize();
         recv.zeroize();
@@ -255,16 +255,19 @@ impl Ferret {
         LpnCode::new(seed, p.log_k)
     }
 
-    /// One iteration as the sender: `stock` = k code keys then t·h level-OT keys; fills
-    /// `out` (n blocks) with y = v ⊕ A·K and returns the message.
+    /// One iteration as the sender: `stock` = k code keys then t·h level-OT keys; appends
+    /// y = v ⊕ A·K (n blocks) to `out` and returns the message. Each tree goes through
+    /// the code while it is in cache.
     fn sender_iteration(
         &mut self,
         p: &FerretParams,
         stock: &[Block],
-        out: &mut [Block],
+        out: &mut Vec<Block>,
     ) -> Vec<u8> {
         let dir = self.dir_send();
         let (code_keys, ot_keys) = stock.split_at(p.k());
+        let code = self.code(p, dir, self.send.iter);
+        let h = p.h;
         let msg = mpcot::send(
             p,
             &mut self.ggm,
@@ -274,30 +277,45 @@ impl Ferret {
             ot_keys,
             dir,
             self.send.tw,
-            out,
+            |j, tree| {
+                // Ferret Fig. 7 (primal LPN): y = v ⊕ A·K, rows of tree j
+                code.encode_at(tree, j << h, code_keys);
+                out.extend_from_slice(tree);
+            },
         );
         self.send.tw += ot_keys.len() as u64;
-        // Ferret Fig. 7 (primal LPN): y = v ⊕ A·K
-        self.code(p, dir, self.send.iter).encode(out, code_keys);
         self.send.iter += 1;
         msg
     }
 
-    /// One iteration as the receiver: fills `m` (n blocks) with z = w ⊕ A·M (choice bits
-    /// x = e ⊕ A·u in the LSBs).
+    /// One iteration as the receiver: appends z = w ⊕ A·M (n blocks, choice bits
+    /// x = e ⊕ A·u in the LSBs) to `m`.
     fn recv_iteration(
         &mut self,
         p: &FerretParams,
         stock: &[Block],
         msg: &[u8],
-        m: &mut [Block],
+        m: &mut Vec<Block>,
     ) -> Result<(), OtError> {
         let dir = 1 - self.dir_send();
         let (code_m, ot_m) = stock.split_at(p.k());
-        mpcot::recv(p, &mut self.ggm, &self.hash, ot_m, dir, self.recv.tw, msg, m)?;
+        let code = self.code(p, dir, self.recv.iter);
+        let h = p.h;
+        mpcot::recv(
+            p,
+            &mut self.ggm,
+            &self.hash,
+            ot_m,
+            dir,
+            self.recv.tw,
+            msg,
+            |j, tree| {
+                // Ferret Fig. 7 (primal LPN): z = w ⊕ A·M, rows of tree j
+                code.encode_at(tree, j << h, code_m);
+                m.extend_from_slice(tree);
+            },
+        )?;
         self.recv.tw += ot_m.len() as u64;
-        // Ferret Fig. 7 (primal LPN): z = w ⊕ A·M
-        self.code(p, dir, self.recv.iter).encode(m, code_m);
         self.recv.iter += 1;
         Ok(())
     }
@@ -354,9 +372,8 @@ impl RandomCot for Ferret {
             let mut msg = Vec::with_capacity(iters * main.iteration_bytes());
             for _ in 0..iters {
                 let base = out.len();
-                out.resize(base + main.n(), 0);
                 let mut stock = std::mem::take(&mut self.send.stock);
-                msg.extend_from_slice(&self.sender_iteration(&main, &stock, &mut out[base..]));
+                msg.extend_from_slice(&self.sender_iteration(&main, &stock, &mut out));
                 // the last k + t·h outputs are the next stock
                 split_stock(&mut out, base + main.usable(), &mut stock);
                 self.send.stock = stock;
@@ -393,10 +410,11 @@ impl RandomCot for Ferret {
             m.reserve_exact(iters * main.usable() + main.reserve());
             for part in msg.chunks_exact(main.iteration_bytes()) {
                 let base = m.len();
-                m.resize(base + main.n(), 0);
                 let mut stock = std::mem::take(&mut self.recv.stock);
-                let r = self.recv_iteration(&main, &stock, part, &mut m[base..]);
-                split_stock(&mut m, base + main.usable(), &mut stock);
+                let r = self.recv_iteration(&main, &stock, part, &mut m);
+                if r.is_ok() {
+                    split_stock(&mut m, base + main.usable(), &mut stock);
+                }
                 self.recv.stock = stock;
                 r?;
             }

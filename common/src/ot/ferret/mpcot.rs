@@ -51,9 +51,10 @@ fn read_block(b: &[u8]) -> Block {
     Block::from_le_bytes(a)
 }
 
-/// Sender of one MPCOT: fills `out` (n blocks, tree j in `out[j·2^h..]`) with v (LSBs
-/// clear) and returns the message (t·(2h + 1) blocks). `base` holds the t·h base-COT keys
-/// (tree-major, level order); `tw0` is the first tweak index, `tw0 + t·h` the next free one.
+/// Sender of one MPCOT: expands tree after tree (v with LSBs clear) into a scratch buffer
+/// and passes each to `emit(j, tree)`; returns the message (t·(2h + 1) blocks). `base`
+/// holds the t·h base-COT keys (tree-major, level order); `tw0` is the first tweak index,
+/// `tw0 + t·h` the next free one.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn send(
     p: &FerretParams,
@@ -64,44 +65,41 @@ pub(crate) fn send(
     base: &[Block],
     dir: u8,
     tw0: u64,
-    out: &mut [Block],
+    mut emit: impl FnMut(usize, &mut [Block]),
 ) -> Vec<u8> {
     let h = p.h as usize;
-    let leaves = 1usize << h;
     debug_assert_eq!(base.len(), p.t * h);
-    debug_assert_eq!(out.len(), p.n());
-    let mut sums = vec![[0 as Block; 2]; p.t * h];
-    let mut d = vec![0 as Block; p.t];
-    for ((tree, s), dj) in out
-        .chunks_exact_mut(leaves)
-        .zip(sums.chunks_exact_mut(h))
-        .zip(d.iter_mut())
-    {
-        ggm.expand_tree(prg.block(), tree, s);
-        *dj = delta ^ mask_and_sum(tree);
-    }
+    // the level OTs' pads H(τ, q) and H(τ, q ⊕ Δ), all at once
     let base1: Vec<Block> = base.iter().map(|&q| q ^ delta).collect();
     let mut h0 = vec![0 as Block; base.len()];
     let mut h1 = vec![0 as Block; base.len()];
     hash.hash_many(base, |i| tweak(dir, tw0 + i as u64), &mut h0);
     hash.hash_many(&base1, |i| tweak(dir, tw0 + i as u64), &mut h1);
+    let mut tree = vec![0 as Block; 1 << h];
+    let mut sums = vec![[0 as Block; 2]; h];
     let mut msg = Vec::with_capacity(p.iteration_bytes());
     for j in 0..p.t {
-        for i in j * h..(j + 1) * h {
+        ggm.expand_tree(prg.block(), &mut tree, &mut sums);
+        let d = delta ^ mask_and_sum(&mut tree);
+        for (i, s) in sums.iter().enumerate() {
             // Ferret Fig. 5 (SPCOT), step 3: the level sums under the base OTs
-            msg.extend_from_slice(&(sums[i][0] ^ h0[i]).to_le_bytes());
-            msg.extend_from_slice(&(sums[i][1] ^ h1[i]).to_le_bytes());
+            msg.extend_from_slice(&(s[0] ^ h0[j * h + i]).to_le_bytes());
+            msg.extend_from_slice(&(s[1] ^ h1[j * h + i]).to_le_bytes());
         }
         // Fig. 5, step 4 (semi-honest, no consistency check)
-        msg.extend_from_slice(&d[j].to_le_bytes());
+        msg.extend_from_slice(&d.to_le_bytes());
+        emit(j, &mut tree);
     }
     sums.iter_mut().for_each(|s| *s = [0, 0]);
+    h0.iter_mut().chain(h1.iter_mut()).for_each(|x| *x = 0);
+    tree.iter_mut().for_each(|x| *x = 0);
     msg
 }
 
 /// Receiver of one MPCOT: from the base COTs (`m`, t·h of them, choice bits in their LSB)
-/// and the sender's message, fills `out` with w (e in the LSBs). Returns the noise
-/// positions (one per tree, relative to the tree).
+/// and the sender's message, rebuilds tree after tree (w, with e in the LSBs) and passes
+/// each to `emit(j, tree)`. Returns the noise positions (one per tree, within the tree).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn recv(
     p: &FerretParams,
     ggm: &mut Ggm,
@@ -110,10 +108,9 @@ pub(crate) fn recv(
     dir: u8,
     tw0: u64,
     msg: &[u8],
-    out: &mut [Block],
+    mut emit: impl FnMut(usize, &mut [Block]),
 ) -> Result<Vec<usize>, OtError> {
     let h = p.h as usize;
-    let leaves = 1usize << h;
     if msg.len() != p.iteration_bytes() {
         return Err(OtError::msg(
             "Ferret SPCOT messages",
@@ -127,26 +124,25 @@ pub(crate) fn recv(
     hash.hash_many(m, |i| tweak(dir, tw0 + i as u64), &mut hm);
     let mut known = vec![0 as Block; h];
     let mut off = vec![0u8; h];
+    let mut tree = vec![0 as Block; 1 << h];
     let mut alphas = Vec::with_capacity(p.t);
     let per_tree = (2 * h + 1) * 16;
-    for (j, (tree, part)) in out
-        .chunks_exact_mut(leaves)
-        .zip(msg.chunks_exact(per_tree))
-        .enumerate()
-    {
+    for (j, part) in msg.chunks_exact(per_tree).enumerate() {
         for i in 0..h {
             off[i] = (m[j * h + i] & 1) as u8;
             let c = read_block(&part[(2 * i + usize::from(off[i])) * 16..]);
             known[i] = c ^ hm[j * h + i];
         }
-        let alpha = ggm.expand_punctured(&off, &known, tree);
+        let alpha = ggm.expand_punctured(&off, &known, &mut tree);
         let d = read_block(&part[2 * h * 16..]);
         // leaf α is 0 here, so the sum runs over the others
-        tree[alpha] = d ^ mask_and_sum(tree);
+        tree[alpha] = d ^ mask_and_sum(&mut tree);
         alphas.push(alpha);
+        emit(j, &mut tree);
     }
     known.iter_mut().for_each(|k| *k = 0);
     hm.iter_mut().for_each(|k| *k = 0);
+    tree.iter_mut().for_each(|x| *x = 0);
     Ok(alphas)
 }
 
@@ -176,12 +172,18 @@ mod tests {
             .zip(&bits)
             .map(|(&q, &b)| if b == 1 { q ^ delta } else { q })
             .collect();
-        let mut v = vec![0 as Block; p.n()];
+        let mut v = Vec::new();
         let mut ggm = Ggm::new(p.h);
-        let msg = send(&p, &mut ggm, &hash, &mut prg, delta, &q, 1, 500, &mut v);
+        let msg = send(&p, &mut ggm, &hash, &mut prg, delta, &q, 1, 500, |_, t| {
+            v.extend_from_slice(t)
+        });
         assert_eq!(msg.len(), p.t * 13 * 16);
-        let mut w = vec![0 as Block; p.n()];
-        let alphas = recv(&p, &mut ggm, &hash, &m, 1, 500, &msg, &mut w).unwrap();
+        let mut w = Vec::new();
+        let alphas = recv(&p, &mut ggm, &hash, &m, 1, 500, &msg, |_, t| {
+            w.extend_from_slice(t)
+        })
+        .unwrap();
+        assert_eq!((v.len(), w.len()), (p.n(), p.n()));
         let bin = 1usize << p.h;
         for j in 0..p.t {
             // α is the complement of the tree's base choice bits, most significant first
@@ -198,11 +200,11 @@ mod tests {
         let distinct: std::collections::HashSet<_> = alphas.iter().collect();
         assert!(distinct.len() > 20);
         // a wrong tweak base breaks the correlation (the hash keys the level OTs)
-        let mut w2 = vec![0 as Block; p.n()];
-        recv(&p, &mut ggm, &hash, &m, 1, 501, &msg, &mut w2).unwrap();
+        let mut w2 = Vec::new();
+        recv(&p, &mut ggm, &hash, &m, 1, 501, &msg, |_, t| w2.extend_from_slice(t)).unwrap();
         assert_ne!(w2, w);
         // a short message is a named error
-        let r = recv(&p, &mut ggm, &hash, &m, 1, 500, &msg[1..], &mut w2);
+        let r = recv(&p, &mut ggm, &hash, &m, 1, 500, &msg[1..], |_, _| ());
         assert!(matches!(
             r,
             Err(OtError::Message {
