@@ -7,9 +7,10 @@
 //! argmax); with buffered COTs or a larger `min_batch` only the extension part changes.
 //! [`Extension`] models the core OT: IKNP extends by what the buffer lacks rounded up to
 //! `r128(n)`, a multiple of 128, the COT receiver sending 16 bytes per COT; Ferret hands
-//! out its spare COTs, then whole iterations, the COT sender sending a fixed number of
-//! bytes per iteration ([`crate::ot::FerretParams::iteration_bytes`]). Either way the
-//! extension is one flight each way and shares flights as below.
+//! out exactly what is asked, from the COTs left over from its last iteration and then
+//! from new iterations, the COT sender sending a fixed number of bytes per iteration
+//! ([`crate::ot::FerretParams::iteration_bytes`]). Either way the extension is one
+//! flight each way and shares flights as below.
 //!
 //! In bits per element (IKNP, κ = 128, leaves by KK13 over a 256-bit code, m-bit leaves,
 //! q = ceil((l-1)/m) leaves, q-1 AND nodes):
@@ -72,23 +73,23 @@ pub enum Extension {
     /// the COT receiver
     #[default]
     Iknp,
-    /// Ferret: the spare COTs first, then whole iterations of `usable` COTs, each costing
-    /// `iteration_bytes` from the COT sender
+    /// Ferret: exactly what the buffer lacks, from the `spare` COTs left in Ferret, then
+    /// from iterations of `usable` COTs, each costing `iteration_bytes` from the COT sender
     Ferret {
         /// COTs per iteration
         usable: usize,
         /// bytes per iteration
         iteration_bytes: usize,
-        /// spare COTs, server as sender
+        /// COTs left in Ferret, server as sender
         spare_s2c: usize,
-        /// spare COTs, client as sender
+        /// COTs left in Ferret, client as sender
         spare_c2s: usize,
     },
 }
 
 impl Extension {
-    /// Ferret right after setup with (`boot`, `main`): the bootstrap's spare in both
-    /// directions, then `main` iterations.
+    /// Ferret right after setup with (`boot`, `main`): the bootstrap's left-over COTs in
+    /// both directions, then `main` iterations.
     pub fn ferret_after_setup(boot: &FerretParams, main: &FerretParams) -> Self {
         let spare = boot.n().saturating_sub(main.reserve());
         Extension::Ferret {
@@ -138,12 +139,9 @@ impl Trace {
                 spare_c2s,
             } => {
                 let get = |need: usize, spare: &mut usize| {
-                    if need == 0 {
-                        return (0, 0);
-                    }
                     let iters = need.saturating_sub(*spare).div_ceil(*usable);
-                    let got = std::mem::take(spare) + iters * *usable;
-                    (got, iters * *iteration_bytes)
+                    *spare = *spare + iters * *usable - need;
+                    (need, iters * *iteration_bytes)
                 };
                 let (gs, bs) = get(ls, spare_s2c);
                 let (gc, bc) = get(lc, spare_c2s);

@@ -20,7 +20,7 @@
 //! the seed from the session and the iteration.
 
 use super::super::Block;
-use super::super::aesni::Aes;
+use super::super::aesni::{Aes, prefetch_l2};
 use super::params::D;
 
 /// Outputs per group (one group's indices come from B AES blocks).
@@ -29,8 +29,9 @@ const GROUP: usize = 4;
 const MAX_BLOCKS: usize = (GROUP * D).div_ceil(4);
 /// Groups whose index blocks are encrypted in one call.
 const BATCH: usize = 64;
+/// Rows ahead whose stock entries are prefetched (see [`LpnCode::encode_at`]).
+const PREFETCH: usize = 24;
 
-#[cfg(test)]
 /// Splits the blocks of whole groups into their `GROUP·D` indices each: lanes of `BITS`
 /// bits, `LANES` per block, in order, masked.
 fn extract<const LANES: usize, const BITS: usize>(blocks: &[Block], idx: &mut [u32], mask: u32) {
@@ -75,7 +76,6 @@ impl LpnCode {
     }
 
     /// The D indices of every output of groups `g0..g0 + count` (D·GROUP per group).
-    #[cfg(test)]
     fn indices(&self, g0: usize, count: usize, blocks: &mut [Block], idx: &mut [u32]) {
         let nb = self.blocks;
         let blocks = &mut blocks[..count * nb];
@@ -103,8 +103,13 @@ impl LpnCode {
     }
 
     /// `out[r] ^= ⊕_j stock[idx(first + r, j)]` for every r: rows `first..first + out.len()`
-    /// of the code (`first` and `out.len()` multiples of 4, `stock.len()` = 2^log_k).
-    /// The indices are used as they come out of AES, group by group (no index buffer).
+    /// of the code (`first` and `out.len()` multiples of 4, `stock.len()` ≥ 2^log_k).
+    ///
+    /// Memory-bound: D random reads from a stock of megabytes per output. The indices of a
+    /// batch of 256 rows are computed first and the stock entries of row r + [`PREFETCH`]
+    /// are prefetched into L2 while row r is summed (measured on the shared 2-core EPYC:
+    /// CPU per ReLU 7.4 → 5.1 µs with both parties in one process; distances 16 to 32
+    /// rows were equal within noise, prefetching into L1 was worse).
     pub(crate) fn encode_at(&self, out: &mut [Block], first: usize, stock: &[Block]) {
         assert!(
             first.is_multiple_of(GROUP)
@@ -115,26 +120,29 @@ impl LpnCode {
             stock.len()
         );
         // a slice of exactly mask + 1 entries: `x & mask` needs no bounds check
-        let stock = &stock[..=self.mask as usize];
-        let nb = self.blocks;
+        let mask = self.mask;
+        let stock = &stock[..=mask as usize];
         let g_first = first / GROUP;
         let groups = out.len() / GROUP;
         let mut blocks = [0 as Block; BATCH * MAX_BLOCKS];
+        let mut idx = [0u32; BATCH * GROUP * D];
         let mut g = 0;
         while g < groups {
             let count = BATCH.min(groups - g);
-            let bl = &mut blocks[..count * nb];
-            for (c, b) in bl.iter_mut().enumerate() {
-                *b = ((g_first + g) * nb + c) as Block;
-            }
-            self.aes.encrypt(bl);
+            self.indices(g_first + g, count, &mut blocks, &mut idx);
             let rows = &mut out[g * GROUP..(g + count) * GROUP];
-            for (gb, o) in bl.chunks_exact(nb).zip(rows.chunks_exact_mut(GROUP)) {
-                if self.lanes == 6 {
-                    apply::<6, 21>(gb, o, stock, self.mask);
-                } else {
-                    apply::<4, 32>(gb, o, stock, self.mask);
+            let n = rows.len();
+            for r in 0..n {
+                if r + PREFETCH < n {
+                    for &j in &idx[(r + PREFETCH) * D..(r + PREFETCH + 1) * D] {
+                        prefetch_l2(&stock[(j & mask) as usize]);
+                    }
                 }
+                let mut a = rows[r];
+                for &j in &idx[r * D..(r + 1) * D] {
+                    a ^= stock[(j & mask) as usize];
+                }
+                rows[r] = a;
             }
             g += count;
         }
@@ -144,29 +152,6 @@ impl LpnCode {
     #[cfg(test)]
     pub(crate) fn encode(&self, out: &mut [Block], stock: &[Block]) {
         self.encode_at(out, 0, stock);
-    }
-}
-
-/// One group: the `GROUP·D` lanes of the group's blocks, in order, D per output.
-#[inline(always)]
-fn apply<const LANES: usize, const BITS: usize>(
-    gb: &[Block],
-    out: &mut [Block],
-    stock: &[Block],
-    mask: u32,
-) {
-    let mut lanes = [0u32; MAX_BLOCKS * 6];
-    for (c, b) in gb.iter().enumerate() {
-        for l in 0..LANES {
-            lanes[c * LANES + l] = ((b >> (BITS * l)) as u32) & mask;
-        }
-    }
-    for (r, acc) in out.iter_mut().enumerate() {
-        let mut a = *acc;
-        for t in 0..D {
-            a ^= stock[(lanes[r * D + t] & mask) as usize];
-        }
-        *acc = a;
     }
 }
 

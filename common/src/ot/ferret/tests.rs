@@ -82,21 +82,25 @@ fn check(delta: Block, send: &[Block], bits: &[u8], recv: &[Block]) {
 fn every_cot_satisfies_the_correlation_in_both_directions() {
     let spare = TEST_BOOT.n() - TEST_MAIN.reserve();
     let u = TEST_MAIN.usable();
-    // spare only; spare + 2 iterations; 0 in one direction; 1 iteration each
-    let calls = vec![(10, 10), (2 * u, 1), (0, 3 * u), (5, 5)];
-    let (s, c) = run(TEST_BOOT, TEST_MAIN, calls);
-    assert_ne!(s.0, c.0);
-    let sizes = [
-        (spare, spare),
-        (2 * u, u),
+    // from the bootstrap's left-overs; 2 iterations and left-overs; 0 in one direction
+    // and 3 iterations in the other; left-overs; across the end of an iteration
+    let calls = vec![
+        (10, 10),
+        (2 * u, 1),
         (0, 3 * u),
-        (u, u), // Ferret hands out whole iterations; the caller (OtSession) buffers the rest
+        (5, 5),
+        (spare + u, 2 * u),
     ];
+    let (s, c) = run(TEST_BOOT, TEST_MAIN, calls.clone());
+    assert_ne!(s.0, c.0);
+    assert_eq!((s.0 & 1, c.0 & 1), (1, 1)); // Δ has LSB 1
+    assert!(spare > 10 + 1 + 5);
     for (k, (bs, bc)) in s.1.iter().zip(&c.1).enumerate() {
         // server -> client direction, then client -> server
         check(s.0, &bs.send, &bc.recv_bits, &bc.recv);
         check(c.0, &bc.send, &bs.recv_bits, &bs.recv);
-        assert_eq!((bs.send.len(), bc.send.len()), sizes[k], "call {k}");
+        // exactly what was asked
+        assert_eq!((bs.send.len(), bc.send.len()), calls[k], "call {k}");
     }
     // different calls never repeat a COT
     let all: std::collections::HashSet<_> = s.1.iter().flat_map(|b| b.send.iter()).collect();
@@ -155,12 +159,10 @@ fn the_trait_cost_matches_the_traffic_and_spare_is_tracked() {
     let _ = f.extend(&mut ch, 5000, 100).unwrap();
     let e = ch.report().total_with_prefix("ext");
     assert_eq!((e.bytes_sent as usize, e.bytes_received as usize), want);
-    assert_eq!(want.1, 0); // 100 came from the spare
-    assert_eq!(
-        want.0,
-        main.iteration_bytes() * (5000 - spare).div_ceil(main.usable())
-    );
-    assert_eq!(f.spare(), (0, 0));
+    assert_eq!(want.1, 0); // 100 came from the bootstrap's left-overs
+    let iters = (5000 - spare).div_ceil(main.usable());
+    assert_eq!((iters, want.0), (2, 2 * main.iteration_bytes()));
+    assert_eq!(f.spare(), (spare + 2 * main.usable() - 5000, spare - 100));
     assert_eq!(f.name(), "ferret");
     h.join().unwrap();
 }
@@ -252,14 +254,15 @@ fn tampered_pair() -> ((Block, Vec<Block>), CotBatch, Vec<u8>) {
     let mut rng = ChaCha12Rng::seed_from_u64(3);
     let mut f = Ferret::setup_with_params(&mut ch, Party::Server, boot, main, &mut rng).unwrap();
     let spare = f.spare().0;
-    f.extend_send(&mut ch, spare + 1, 0).unwrap();
-    let batch = f.extend_recv(&mut ch, spare + 1, 0).unwrap();
+    let want = spare + 2 * (1 << main.h);
+    f.extend_send(&mut ch, want, 0).unwrap();
+    let batch = f.extend_recv(&mut ch, want, 0).unwrap();
     let (mut fc, mut msg) = h.join().unwrap();
     msg[4] ^= 1;
     msg[20] ^= 1;
     let (mut x, mut y) = memory_pair();
     x.send(&msg).unwrap();
-    let got = fc.extend(&mut y, 0, spare + 1).unwrap();
+    let got = fc.extend(&mut y, 0, want).unwrap();
     let bits = got.recv_bits.clone();
     ((f.delta(), batch.send.clone()), got, bits)
 }
@@ -269,7 +272,7 @@ fn real_parameter_sets_produce_correlated_cots() {
     // The product sets end to end: setup (IKNP, bootstrap) and one MAIN iteration each way.
     let u = MAIN.usable();
     let spare = BOOTSTRAP.n() - MAIN.reserve();
-    let (s, c) = run(BOOTSTRAP, MAIN, vec![(spare + 1, spare + 1)]);
+    let (s, c) = run(BOOTSTRAP, MAIN, vec![(spare + u, spare + u)]);
     let (bs, bc) = (&s.1[0], &c.1[0]);
     assert_eq!(bs.send.len(), spare + u);
     // check a sample spread over the output (all of it would take a while in debug builds)
