@@ -63,7 +63,9 @@ fn setup(
 ) -> Sess {
     let mut rng = ChaCha12Rng::seed_from_u64(seed);
     let core = match ot {
-        Ot::Iknp => CoreOt::Iknp(crate::ot::Iknp::setup(ch, party, &mut rng).unwrap()),
+        Ot::Iknp => CoreOt::Iknp(Box::new(
+            crate::ot::Iknp::setup(ch, party, &mut rng).unwrap(),
+        )),
         Ot::Ferret => CoreOt::Ferret(Box::new(
             Ferret::setup_with_params(ch, party, TEST_BOOT, TEST_MAIN, &mut rng).unwrap(),
         )),

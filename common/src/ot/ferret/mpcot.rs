@@ -201,7 +201,10 @@ mod tests {
         assert!(distinct.len() > 20);
         // a wrong tweak base breaks the correlation (the hash keys the level OTs)
         let mut w2 = Vec::new();
-        recv(&p, &mut ggm, &hash, &m, 1, 501, &msg, |_, t| w2.extend_from_slice(t)).unwrap();
+        recv(&p, &mut ggm, &hash, &m, 1, 501, &msg, |_, t| {
+            w2.extend_from_slice(t)
+        })
+        .unwrap();
         assert_ne!(w2, w);
         // a short message is a named error
         let r = recv(&p, &mut ggm, &hash, &m, 1, 500, &msg[1..], |_, _| ());

@@ -31,9 +31,9 @@ impl OtKind {
 /// A core OT chosen at run time.
 #[derive(Debug)]
 pub enum CoreOt {
-    /// IKNP/ALSZ
-    Iknp(Iknp),
-    /// Ferret (boxed: its state is large)
+    /// IKNP/ALSZ (boxed, as both states are large)
+    Iknp(Box<Iknp>),
+    /// Ferret
     Ferret(Box<Ferret>),
 }
 
@@ -46,7 +46,7 @@ impl CoreOt {
         rng: &mut R,
     ) -> Result<Self, OtError> {
         Ok(match kind {
-            OtKind::Iknp => CoreOt::Iknp(Iknp::setup(ch, party, rng)?),
+            OtKind::Iknp => CoreOt::Iknp(Box::new(Iknp::setup(ch, party, rng)?)),
             OtKind::Ferret => CoreOt::Ferret(Box::new(Ferret::setup(ch, party, rng)?)),
         })
     }
@@ -69,14 +69,14 @@ impl CoreOt {
 
     fn inner(&self) -> &dyn RandomCot {
         match self {
-            CoreOt::Iknp(c) => c,
+            CoreOt::Iknp(c) => c.as_ref(),
             CoreOt::Ferret(c) => c.as_ref(),
         }
     }
 
     fn inner_mut(&mut self) -> &mut dyn RandomCot {
         match self {
-            CoreOt::Iknp(c) => c,
+            CoreOt::Iknp(c) => c.as_mut(),
             CoreOt::Ferret(c) => c.as_mut(),
         }
     }

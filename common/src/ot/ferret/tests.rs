@@ -84,13 +84,7 @@ fn every_cot_satisfies_the_correlation_in_both_directions() {
     let u = TEST_MAIN.usable();
     // from the bootstrap's left-overs; 2 iterations and left-overs; 0 in one direction
     // and 3 iterations in the other; left-overs; across the end of an iteration
-    let calls = vec![
-        (10, 10),
-        (2 * u, 1),
-        (0, 3 * u),
-        (5, 5),
-        (spare + u, 2 * u),
-    ];
+    let calls = vec![(10, 10), (2 * u, 1), (0, 3 * u), (5, 5), (spare + u, 2 * u)];
     let (s, c) = run(TEST_BOOT, TEST_MAIN, calls.clone());
     assert_ne!(s.0, c.0);
     assert_eq!((s.0 & 1, c.0 & 1), (1, 1)); // Δ has LSB 1
