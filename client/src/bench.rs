@@ -24,7 +24,7 @@ use fusion_common::backend::{
 };
 use fusion_common::channel::{Channel, CostReport, Counting, StepCost, memory_pair};
 use fusion_common::fixed::{FixedModel, eval_fixed};
-use fusion_common::mpc::{MpcConfig, MpcError, MpcSession, Party};
+use fusion_common::mpc::{MpcConfig, MpcError, MpcSession, OtKind, Party};
 use fusion_common::net::SessionStart;
 use fusion_common::nn::Model;
 use fusion_common::nn::mnist::{self, Split};
@@ -93,15 +93,37 @@ pub struct ReluArgs {
     /// transport between the two parties
     #[arg(long, value_enum, default_value_t = Transport::Memory)]
     pub transport: Transport,
-    /// bits per millionaire leaf (m of the 1-of-2^m OTs)
-    #[arg(long, default_value_t = MpcConfig::default().leaf_bits)]
-    pub leaf_bits: u32,
-    /// 1-of-N OT of the millionaire leaves
-    #[arg(long, value_enum, default_value_t = KnArg::Kk13)]
-    pub kn: KnArg,
+    /// core OT extension (Ferret by default, as in the backend)
+    #[arg(long, value_enum, default_value_t = OtArg::Ferret)]
+    pub ot: OtArg,
+    /// bits per millionaire leaf (m of the 1-of-2^m OTs); default: the core OT's
+    /// recommended value (6 for IKNP, 4 for Ferret)
+    #[arg(long)]
+    pub leaf_bits: Option<u32>,
+    /// 1-of-N OT of the millionaire leaves; default: kk13 with IKNP, cots with Ferret
+    #[arg(long, value_enum)]
+    pub kn: Option<KnArg>,
     /// print one JSON object
     #[arg(long)]
     pub json: bool,
+}
+
+/// The core OT on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OtArg {
+    /// IKNP/ALSZ OT extension
+    Iknp,
+    /// Ferret silent OT
+    Ferret,
+}
+
+impl From<OtArg> for OtKind {
+    fn from(o: OtArg) -> Self {
+        match o {
+            OtArg::Iknp => OtKind::Iknp,
+            OtArg::Ferret => OtKind::Ferret,
+        }
+    }
 }
 
 /// The 1-of-N OT flavour on the command line.
@@ -118,18 +140,22 @@ pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
     match &args.what {
         BenchCmd::Infer(a) => run_infer_cmd(a),
         BenchCmd::Relu(a) => {
+            let ot = OtKind::from(a.ot);
+            let rec = MpcConfig::recommended(ot);
             let config = MpcConfig {
-                leaf_bits: a.leaf_bits,
+                leaf_bits: a.leaf_bits.unwrap_or(rec.leaf_bits),
                 kn: match a.kn {
-                    KnArg::Kk13 => KkotConfig::Kk13,
-                    KnArg::Cots => KkotConfig::FromCots,
+                    None => rec.kn,
+                    Some(KnArg::Kk13) => KkotConfig::Kk13,
+                    Some(KnArg::Cots) => KkotConfig::FromCots,
                 },
-                ..MpcConfig::default()
+                ..rec
             };
             let b = ReluBench {
                 count: a.count,
                 bits: a.bits,
                 config,
+                ot,
             };
             let r = run_relu_bench(b, a.transport)?;
             if a.json {
@@ -434,6 +460,8 @@ pub struct ReluBench {
     pub bits: u32,
     /// session configuration (leaf width, 1-of-N flavour, batch size)
     pub config: MpcConfig,
+    /// the core OT
+    pub ot: OtKind,
 }
 
 /// Costs of one phase as the client sees them.
@@ -484,7 +512,7 @@ pub struct ReluReport {
     pub setup: Phase,
     /// the ReLU batch in the same form
     pub relu: Phase,
-    /// the core OT (`iknp`)
+    /// the core OT (`iknp` or `ferret`)
     pub ot: String,
     /// the 1-of-N OT of the millionaire leaves (`kk13` or `cots`)
     pub kn: String,
@@ -500,6 +528,17 @@ pub struct ReluReport {
     pub cpu_seconds_server: Option<f64>,
     /// CPU time of the client's thread during the ReLU batch, seconds
     pub cpu_seconds_client: Option<f64>,
+    /// peak resident memory of the whole process (both parties), bytes, from `VmHWM` in
+    /// `/proc/self/status` (null where unavailable)
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// The process's peak resident set (`VmHWM`, Linux), bytes.
+fn peak_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// This thread's CPU time so far, from `/proc/thread-self/schedstat` (Linux).
@@ -637,7 +676,7 @@ fn party(
     let mut ch = Counting::new(ch);
     ch.set_step("setup");
     let mut rng = rand::rng();
-    let mut s = MpcSession::setup(&mut ch, who, b.config, &mut rng)?;
+    let mut s = MpcSession::setup_with(&mut ch, who, b.config, b.ot, &mut rng)?;
     ch.set_step("relu");
     let cpu0 = thread_cpu();
     let t = Instant::now();
@@ -715,7 +754,7 @@ fn relu_report(
             seconds,
             ..Phase::from(&relu)
         },
-        ot: "iknp".into(),
+        ot: b.ot.name().into(),
         kn: match b.config.kn {
             KkotConfig::Kk13 => "kk13".into(),
             _ => "cots".into(),
@@ -725,6 +764,7 @@ fn relu_report(
         verified: true,
         cpu_seconds_server: cpu_s,
         cpu_seconds_client: cpu_c,
+        peak_memory_bytes: peak_memory(),
     })
 }
 
@@ -738,10 +778,12 @@ mod tests {
             count: 1000,
             bits: 32,
             config: MpcConfig::default(),
+            ot: OtKind::Iknp,
         };
         let r = run_relu_bench(b, Transport::Memory).unwrap();
         assert!(r.verified);
         assert_eq!(r.count, 1000);
+        assert_eq!(r.ot, "iknp");
         assert!((r.bits_per_relu - r.bytes_total as f64 * 8.0 / 1000.0).abs() < 1e-9);
         assert!(r.setup.bytes_total > 128 * 32 * 2);
         assert!(r.rounds > 0);
@@ -796,5 +838,30 @@ mod tests {
             assert!(v.get(k).is_some(), "{k}");
         }
         assert_eq!(v["steps"][0]["layer"], "setup");
+    }
+
+    #[test]
+    fn relu_bench_over_ferret_reports_the_ot_and_memory() {
+        let args = BenchArgs {
+            what: BenchCmd::Relu(ReluArgs {
+                count: 500,
+                bits: 37,
+                transport: Transport::Memory,
+                ot: OtArg::Ferret,
+                leaf_bits: None,
+                kn: None,
+                json: true,
+            }),
+        };
+        let out = run(&args).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["ot"], "ferret");
+        assert_eq!(v["kn"], "cots");
+        assert_eq!(v["verified"], true);
+        // the setup carries the IKNP bootstrap (74,036 COTs each way, 16 bytes each)
+        assert!(v["setup"]["bytes_total"].as_u64().unwrap() > 2 * 16 * 74_036);
+        // 500 ReLUs come out of the bootstrap's spare COTs: protocol bytes only
+        assert!(v["bits_per_relu"].as_f64().unwrap() < 480.0);
+        assert!(v["peak_memory_bytes"].as_u64().unwrap_or(1) > 0);
     }
 }

@@ -189,6 +189,7 @@ impl CheetahClient {
         let p = cost::Params {
             leaf_bits: self.config.mpc.leaf_bits,
             kk13: self.config.mpc.kn == KkotConfig::Kk13,
+            ext: cost::Extension::Iknp,
         };
         let mut seq = cost::Sequence::new(
             p,

@@ -2,11 +2,16 @@
 //! received and flights (direction changes + 1, as [`Counting`](crate::channel::Counting)
 //! counts them from a fresh counter). The server's bytes are the mirror image.
 //!
-//! They hold for an IKNP session whose COT buffers are empty when the operation starts and
+//! They hold for a session whose COT buffers are empty when the operation starts and
 //! whose `min_batch` is 1 (as in the tests; the buffers are modelled across the levels of
 //! argmax); with buffered COTs or a larger `min_batch` only the extension part changes
-//! ([`Sequence`] models both, for operations chained on one session). `r128(n)` is n
-//! rounded up to a multiple of 128 (IKNP extends in blocks of 128 COTs).
+//! ([`Sequence`] models both, for operations chained on one session).
+//! [`Extension`] models the core OT: IKNP extends by what the buffer lacks rounded up to
+//! `r128(n)`, a multiple of 128, the COT receiver sending 16 bytes per COT; Ferret hands
+//! out exactly what is asked, from the COTs left over from its last iteration and then
+//! from new iterations, the COT sender sending a fixed number of bytes per iteration
+//! ([`crate::ot::FerretParams::iteration_bytes`]). Either way the extension is one
+//! flight each way and shares flights as below.
 //!
 //! In bits per element (IKNP, κ = 128, leaves by KK13 over a 256-bit code, m-bit leaves,
 //! q = ceil((l-1)/m) leaves, q-1 AND nodes):
@@ -24,12 +29,13 @@
 //! | argmax (per row of k) | (k-1)·(DReLU + 2·(κ + 1 + 2l)) + l (reveal) |
 //!
 //! (w_k = 1 for the lowest leaf, 2 otherwise; with 1-of-N from COTs a leaf costs
-//! m_k·(κ + 1) + w_k·2^{m_k} instead of 256 + w_k·2^{m_k}.)
+//! m_k·(κ + 1) + w_k·2^{m_k} instead of 256 + w_k·2^{m_k}.) Over Ferret replace κ = 128 by
+//! about 0.45 (bits per COT of the main parameter set, amortised over whole iterations).
 //! Flights (client), ReLU with KK13: 4 (extension and leaf OTs share flights; both parties
 //! hold the tables for half of the batch) + 2·ceil(log2 q) (AND levels) + 4 (MUX).
 
 use super::millionaire::{MillGroup, carry_groups, leaf_sizes, mill_cots, tree};
-use crate::ot::Party;
+use crate::ot::{FerretParams, Party};
 use crate::ring::Ring;
 
 /// Costs seen by the client.
@@ -57,6 +63,43 @@ pub struct Params {
     pub leaf_bits: u32,
     /// whether 1-of-N OTs use KK13 (else m COTs)
     pub kk13: bool,
+    /// how the core OT extends the COT buffers
+    pub ext: Extension,
+}
+
+/// How the core OT fills the session's COT buffers (the state at the operation's start).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Extension {
+    /// IKNP: what the buffer lacks, rounded up to a multiple of 128; 16 bytes per COT from
+    /// the COT receiver
+    #[default]
+    Iknp,
+    /// Ferret: exactly what the buffer lacks, from the `spare` COTs left in Ferret, then
+    /// from iterations of `usable` COTs, each costing `iteration_bytes` from the COT sender
+    Ferret {
+        /// COTs per iteration
+        usable: usize,
+        /// bytes per iteration
+        iteration_bytes: usize,
+        /// COTs left in Ferret, server as sender
+        spare_s2c: usize,
+        /// COTs left in Ferret, client as sender
+        spare_c2s: usize,
+    },
+}
+
+impl Extension {
+    /// Ferret right after setup with (`boot`, `main`): the bootstrap's left-over COTs in
+    /// both directions, then `main` iterations.
+    pub fn ferret_after_setup(boot: &FerretParams, main: &FerretParams) -> Self {
+        let spare = boot.n().saturating_sub(main.reserve());
+        Extension::Ferret {
+            usable: main.usable(),
+            iteration_bytes: main.iteration_bytes(),
+            spare_s2c: spare,
+            spare_c2s: spare,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -67,6 +110,7 @@ struct Trace {
     avail: (usize, usize),
     /// the session's smallest extension (0 and 1 are the same: exact extensions)
     min_batch: usize,
+    ext: Extension,
 }
 
 impl Trace {
@@ -87,32 +131,68 @@ impl Trace {
     fn recv(&mut self, b: usize) {
         self.ev(false, b)
     }
-    /// Reservation of (server-sender, client-sender) COTs: an IKNP extension of what the
-    /// buffers lack, rounded up to blocks of 128, then the COTs are used.
-    /// COTs an extension adds when `need` are wanted and `have` are buffered:
-    /// `OtSession::extension_for` (at least `min_batch`), rounded up to IKNP's blocks.
+    fn new(p: Params) -> Self {
+        Self {
+            ext: p.ext,
+            ..Self::default()
+        }
+    }
+
+    /// COTs the session asks the core OT for when `need` are wanted and `have` are
+    /// buffered: `OtSession::extension_for` (at least `min_batch`).
     fn lack(&self, have: usize, need: usize) -> usize {
         if need > have {
-            (need - have).max(self.min_batch).div_ceil(128) * 128
+            (need - have).max(self.min_batch)
         } else {
             0
         }
     }
+
+    /// A reservation of (server-sender, client-sender) COTs: extends what the buffers lack
+    /// and takes the COTs. Returns the extension bytes (client sends, client receives).
+    fn extend(&mut self, s2c: usize, c2s: usize) -> (usize, usize) {
+        let (ls, lc) = (self.lack(self.avail.0, s2c), self.lack(self.avail.1, c2s));
+        let (gs, gc, sent, received) = match &mut self.ext {
+            Extension::Iknp => {
+                let r = |n: usize| n.div_ceil(128) * 128;
+                // the client is the IKNP receiver (sender of the matrix) for s2c COTs
+                (r(ls), r(lc), 16 * r(ls), 16 * r(lc))
+            }
+            Extension::Ferret {
+                usable,
+                iteration_bytes,
+                spare_s2c,
+                spare_c2s,
+            } => {
+                let get = |need: usize, spare: &mut usize| {
+                    let iters = need.saturating_sub(*spare).div_ceil(*usable);
+                    *spare = *spare + iters * *usable - need;
+                    (need, iters * *iteration_bytes)
+                };
+                let (gs, bs) = get(ls, spare_s2c);
+                let (gc, bc) = get(lc, spare_c2s);
+                // the COT sender sends Ferret's messages: the client for c2s COTs
+                (gs, gc, bc, bs)
+            }
+        };
+        self.avail = (self.avail.0 + gs - s2c, self.avail.1 + gc - c2s);
+        (sent, received)
+    }
+
+    /// Reservation of (server-sender, client-sender) COTs, one flight each way.
     fn ext(&mut self, s2c: usize, c2s: usize) {
-        let (es, ec) = (self.lack(self.avail.0, s2c), self.lack(self.avail.1, c2s));
-        if es > 0 {
-            self.send(16 * es);
+        let (sent, received) = self.extend(s2c, c2s);
+        if sent > 0 {
+            self.send(sent);
         }
-        if ec > 0 {
-            self.recv(16 * ec);
+        if received > 0 {
+            self.recv(received);
         }
-        self.avail = (self.avail.0 + es - s2c, self.avail.1 + ec - c2s);
     }
     /// The millionaire with the operation's reservation: with KK13 our choose messages
     /// share the flight of our extension message.
     fn mill_ext(&mut self, p: Params, groups: &[MillGroup], s2c: usize, c2s: usize) {
-        let (es, ec) = (self.lack(self.avail.0, s2c), self.lack(self.avail.1, c2s));
-        self.avail = (self.avail.0 + es - s2c, self.avail.1 + ec - c2s);
+        let (sent, received) = self.extend(s2c, c2s);
         let choose = |g: &MillGroup, mk: u32| {
             if p.kk13 {
                 32 * g.n.div_ceil(128) * 128
@@ -130,14 +210,14 @@ impl Trace {
                 }
             }
         };
-        if es > 0 {
-            self.send(16 * es);
+        if sent > 0 {
+            self.send(sent);
         }
         if p.kk13 {
             send_chooses(self);
         }
-        if ec > 0 {
-            self.recv(16 * ec);
+        if received > 0 {
+            self.recv(received);
         }
         if !p.kk13 {
             send_chooses(self);
@@ -189,8 +269,8 @@ fn carry_group(ring: Ring, n: usize) -> Vec<MillGroup> {
 }
 
 /// Runs `op` on a fresh trace (empty buffers, exact extensions).
-fn fresh(op: impl FnOnce(&mut Trace)) -> Cost {
-    let mut t = Trace::default();
+fn fresh(p: Params, op: impl FnOnce(&mut Trace)) -> Cost {
+    let mut t = Trace::new(p);
     op(&mut t);
     t.cost
 }
@@ -259,12 +339,12 @@ fn argmax_reveal_into(t: &mut Trace, p: Params, ring: Ring, rows: usize, cols: u
 
 /// [`MpcSession::drelu`](super::MpcSession::drelu) of `n` elements.
 pub fn drelu(p: Params, ring: Ring, n: usize) -> Cost {
-    fresh(|t| drelu_into(t, p, ring, n))
+    fresh(p, |t| drelu_into(t, p, ring, n))
 }
 
 /// [`MpcSession::mux`](super::MpcSession::mux) of `n` elements.
-pub fn mux(ring: Ring, n: usize) -> Cost {
-    fresh(|t| {
+pub fn mux(p: Params, ring: Ring, n: usize) -> Cost {
+    fresh(p, |t| {
         t.ext(n, n);
         t.mux(ring, n, 1);
     })
@@ -272,12 +352,12 @@ pub fn mux(ring: Ring, n: usize) -> Cost {
 
 /// [`MpcSession::relu`](super::MpcSession::relu) of `n` elements.
 pub fn relu(p: Params, ring: Ring, n: usize) -> Cost {
-    fresh(|t| relu_into(t, p, ring, n))
+    fresh(p, |t| relu_into(t, p, ring, n))
 }
 
 /// [`MpcSession::b2a`](super::MpcSession::b2a) of `n` bits.
-pub fn b2a(ring: Ring, n: usize) -> Cost {
-    fresh(|t| {
+pub fn b2a(p: Params, ring: Ring, n: usize) -> Cost {
+    fresh(p, |t| {
         t.ext(n, 0);
         t.send(n.div_ceil(8));
         t.recv(ring.packed_len(n));
@@ -286,7 +366,7 @@ pub fn b2a(ring: Ring, n: usize) -> Cost {
 
 /// [`MpcSession::trunc_nonneg`](super::MpcSession::trunc_nonneg) of `n` elements by f ≥ 1.
 pub fn trunc_nonneg(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
-    fresh(|t| {
+    fresh(p, |t| {
         let g = carry_groups(f, n);
         let (a, b) = mill_cots(p.leaf_bits, !p.kk13, &g);
         t.mill_ext(p, &g, a + 2 * n, b);
@@ -297,23 +377,25 @@ pub fn trunc_nonneg(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
 
 /// [`MpcSession::trunc`](super::MpcSession::trunc) of `n` elements by f ≥ 1.
 pub fn trunc(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
-    fresh(|t| trunc_general(t, p, ring, n, f, false))
+    fresh(p, |t| trunc_general(t, p, ring, n, f, false))
 }
 
 /// [`MpcSession::relu_trunc`](super::MpcSession::relu_trunc) of `n` elements by f ≥ 1.
 pub fn relu_trunc(p: Params, ring: Ring, n: usize, f: u32) -> Cost {
-    fresh(|t| trunc_general(t, p, ring, n, f, true))
+    fresh(p, |t| trunc_general(t, p, ring, n, f, true))
 }
 
 /// [`MpcSession::reveal`](super::MpcSession::reveal) of `n` elements to the client.
 pub fn reveal_to_client(ring: Ring, n: usize) -> Cost {
-    fresh(|t| reveal_into(t, ring, n))
+    let mut t = Trace::default();
+    reveal_into(&mut t, ring, n);
+    t.cost
 }
 
 /// [`MpcSession::argmax_reveal`](super::MpcSession::argmax_reveal) to the client, `rows`
 /// rows of `cols`.
 pub fn argmax_reveal(p: Params, ring: Ring, rows: usize, cols: usize) -> Cost {
-    fresh(|t| argmax_reveal_into(t, p, ring, rows, cols))
+    fresh(p, |t| argmax_reveal_into(t, p, ring, rows, cols))
 }
 
 /// The costs of consecutive operations of one session as the client sees them, for
@@ -344,7 +426,7 @@ impl Sequence {
                 avail: (available.1, available.0),
                 min_batch,
                 last_send,
-                ..Trace::default()
+                ..Trace::new(p)
             },
             p,
         }

@@ -4,12 +4,25 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
 
-use super::cost::{self, Cost, Params};
+use super::cost::{self, Cost, Extension, Params};
 use super::*;
 use crate::channel::{Counting, MemoryChannel, StepCost, memory_pair};
-use crate::ot::KkotConfig;
+use crate::ot::ferret::tests::{TEST_BOOT, TEST_MAIN};
+use crate::ot::{CoreOt, Ferret, KkotConfig};
 
 type Ch = Counting<MemoryChannel>;
+/// The session type of the tests: any core OT.
+type Sess = MpcSession<CoreOt>;
+
+/// The core OTs every protocol test runs over: IKNP, and Ferret with small (insecure,
+/// fast) parameter sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ot {
+    Iknp,
+    Ferret,
+}
+
+const OTS: [Ot; 2] = [Ot::Iknp, Ot::Ferret];
 
 fn cfg(m: u32, kn: KkotConfig) -> MpcConfig {
     MpcConfig {
@@ -19,28 +32,78 @@ fn cfg(m: u32, kn: KkotConfig) -> MpcConfig {
     }
 }
 
-/// Sets up a session per party (seeded) and runs `s` / `c` on a freshly counted channel.
-fn run<A: Send + 'static, B: Send + 'static>(
+/// The configuration a test uses over `ot`: as given over IKNP; over Ferret the leaves'
+/// 1-of-N OTs come from COTs (the cheap choice there).
+fn cfg_for(ot: Ot, m: u32, kn: KkotConfig) -> MpcConfig {
+    match ot {
+        Ot::Iknp => cfg(m, kn),
+        Ot::Ferret => cfg(m, KkotConfig::FromCots),
+    }
+}
+
+/// The cost-formula parameters matching `cfg_for(ot, m, kn)` for a fresh session.
+fn params_for(ot: Ot, m: u32, kn: KkotConfig) -> Params {
+    let c = cfg_for(ot, m, kn);
+    Params {
+        leaf_bits: m,
+        kk13: c.kn == KkotConfig::Kk13,
+        ext: match ot {
+            Ot::Iknp => Extension::Iknp,
+            Ot::Ferret => Extension::ferret_after_setup(&TEST_BOOT, &TEST_MAIN),
+        },
+    }
+}
+
+fn setup(
+    ch: &mut dyn crate::channel::Channel,
+    party: Party,
     cfg: MpcConfig,
-    s: impl FnOnce(&mut MpcSession, &mut Ch) -> A + Send + 'static,
-    c: impl FnOnce(&mut MpcSession, &mut Ch) -> B + Send + 'static,
+    ot: Ot,
+    seed: u64,
+) -> Sess {
+    let mut rng = ChaCha12Rng::seed_from_u64(seed);
+    let core = match ot {
+        Ot::Iknp => CoreOt::Iknp(Box::new(
+            crate::ot::Iknp::setup(ch, party, &mut rng).unwrap(),
+        )),
+        Ot::Ferret => CoreOt::Ferret(Box::new(
+            Ferret::setup_with_params(ch, party, TEST_BOOT, TEST_MAIN, &mut rng).unwrap(),
+        )),
+    };
+    MpcSession::setup_over(ch, party, cfg, core, &mut rng).unwrap()
+}
+
+/// Sets up a session per party (seeded) over `ot` and runs `s` / `c` on a freshly
+/// counted channel.
+fn run_on<A: Send + 'static, B: Send + 'static>(
+    ot: Ot,
+    cfg: MpcConfig,
+    s: impl FnOnce(&mut Sess, &mut Ch) -> A + Send + 'static,
+    c: impl FnOnce(&mut Sess, &mut Ch) -> B + Send + 'static,
 ) -> ((A, StepCost), (B, StepCost)) {
     let (a, b) = memory_pair();
     let h = std::thread::spawn(move || {
         let mut raw = b;
-        let mut rng = ChaCha12Rng::seed_from_u64(8);
-        let mut sess = MpcSession::setup(&mut raw, Party::Client, cfg, &mut rng).unwrap();
+        let mut sess = setup(&mut raw, Party::Client, cfg, ot, 8);
         let mut ch = Counting::new(raw);
         let r = c(&mut sess, &mut ch);
         (r, ch.report().total("op"))
     });
     let mut raw = a;
-    let mut rng = ChaCha12Rng::seed_from_u64(7);
-    let mut sess = MpcSession::setup(&mut raw, Party::Server, cfg, &mut rng).unwrap();
+    let mut sess = setup(&mut raw, Party::Server, cfg, ot, 7);
     let mut ch = Counting::new(raw);
     let r = s(&mut sess, &mut ch);
     let rs = (r, ch.report().total("op"));
     (rs, h.join().unwrap())
+}
+
+/// [`run_on`] over IKNP.
+fn run<A: Send + 'static, B: Send + 'static>(
+    cfg: MpcConfig,
+    s: impl FnOnce(&mut Sess, &mut Ch) -> A + Send + 'static,
+    c: impl FnOnce(&mut Sess, &mut Ch) -> B + Send + 'static,
+) -> ((A, StepCost), (B, StepCost)) {
+    run_on(Ot::Iknp, cfg, s, c)
 }
 
 /// Random and edge values (signed readings) for ring `r`.
@@ -98,12 +161,20 @@ fn check_cost(what: &str, s: &StepCost, c: &StepCost, want: Cost) {
     );
 }
 
-type Op = fn(&mut MpcSession, &mut Ch, Ring, &[u64], u32) -> Result<Vec<u64>, MpcError>;
+type Op = fn(&mut Sess, &mut Ch, Ring, &[u64], u32) -> Result<Vec<u64>, MpcError>;
 
 /// Runs `op` on shares of `x` and returns the reconstructed result and both costs.
-fn run_op(cfg: MpcConfig, r: Ring, x: &[u64], f: u32, op: Op) -> (Vec<u64>, StepCost, StepCost) {
+fn run_op(
+    ot: Ot,
+    cfg: MpcConfig,
+    r: Ring,
+    x: &[u64],
+    f: u32,
+    op: Op,
+) -> (Vec<u64>, StepCost, StepCost) {
     let (x0, x1) = share(r, x, 99);
-    let ((y0, cs), (y1, cc)) = run(
+    let ((y0, cs), (y1, cc)) = run_on(
+        ot,
         cfg,
         move |s, ch| op(s, ch, r, &x0, f).unwrap(),
         move |s, ch| op(s, ch, r, &x1, f).unwrap(),
@@ -115,26 +186,14 @@ fn run_op(cfg: MpcConfig, r: Ring, x: &[u64], f: u32, op: Op) -> (Vec<u64>, Step
     )
 }
 
-fn relu_op(
-    s: &mut MpcSession,
-    ch: &mut Ch,
-    r: Ring,
-    x: &[u64],
-    _: u32,
-) -> Result<Vec<u64>, MpcError> {
+fn relu_op(s: &mut Sess, ch: &mut Ch, r: Ring, x: &[u64], _: u32) -> Result<Vec<u64>, MpcError> {
     s.relu(ch, r, x)
 }
-fn trunc_op(
-    s: &mut MpcSession,
-    ch: &mut Ch,
-    r: Ring,
-    x: &[u64],
-    f: u32,
-) -> Result<Vec<u64>, MpcError> {
+fn trunc_op(s: &mut Sess, ch: &mut Ch, r: Ring, x: &[u64], f: u32) -> Result<Vec<u64>, MpcError> {
     s.trunc(ch, r, x, f)
 }
 fn relu_trunc_op(
-    s: &mut MpcSession,
+    s: &mut Sess,
     ch: &mut Ch,
     r: Ring,
     x: &[u64],
@@ -143,7 +202,7 @@ fn relu_trunc_op(
     s.relu_trunc(ch, r, x, f)
 }
 fn trunc_nonneg_op(
-    s: &mut MpcSession,
+    s: &mut Sess,
     ch: &mut Ch,
     r: Ring,
     x: &[u64],
@@ -155,26 +214,28 @@ fn ashr(r: Ring, x: u64, f: u32) -> u64 {
     r.from_signed(r.to_signed(x) >> f)
 }
 
-const KK: Params = Params {
-    leaf_bits: 4,
-    kk13: true,
-};
-
 #[test]
 fn relu_matches_plaintext_with_counted_cost() {
-    for bits in [16u32, 32, 37, 62, 64] {
-        let r = Ring::new(bits).unwrap();
-        let x = values(r, 300, bits as u64);
-        let (y, cs, cc) = run_op(cfg(4, KkotConfig::Kk13), r, &x, 0, relu_op);
-        for (i, (&xi, &yi)) in x.iter().zip(&y).enumerate() {
-            assert_eq!(yi, r.from_signed(r.to_signed(xi).max(0)), "l={bits} i={i}");
+    for ot in OTS {
+        for bits in [16u32, 32, 37, 62, 64] {
+            let r = Ring::new(bits).unwrap();
+            let x = values(r, 300, bits as u64);
+            let c = cfg_for(ot, 4, KkotConfig::Kk13);
+            let (y, cs, cc) = run_op(ot, c, r, &x, 0, relu_op);
+            for (i, (&xi, &yi)) in x.iter().zip(&y).enumerate() {
+                assert_eq!(
+                    yi,
+                    r.from_signed(r.to_signed(xi).max(0)),
+                    "{ot:?} l={bits} i={i}"
+                );
+            }
+            check_cost(
+                &format!("relu {ot:?} l={bits}"),
+                &cs,
+                &cc,
+                cost::relu(params_for(ot, 4, KkotConfig::Kk13), r, x.len()),
+            );
         }
-        check_cost(
-            &format!("relu l={bits}"),
-            &cs,
-            &cc,
-            cost::relu(KK, r, x.len()),
-        );
     }
 }
 
@@ -190,13 +251,14 @@ fn relu_over_cots_and_other_leaf_widths() {
         (6, KkotConfig::Kk13),
         (8, KkotConfig::Kk13),
     ] {
-        let (y, cs, cc) = run_op(cfg(m, kn), r, &x, 0, relu_op);
+        let (y, cs, cc) = run_op(Ot::Iknp, cfg(m, kn), r, &x, 0, relu_op);
         for (&xi, &yi) in x.iter().zip(&y) {
             assert_eq!(yi, r.from_signed(r.to_signed(xi).max(0)), "m={m} {kn:?}");
         }
         let p = Params {
             leaf_bits: m,
             kk13: kn == KkotConfig::Kk13,
+            ext: Extension::Iknp,
         };
         check_cost(
             &format!("relu m={m} {kn:?}"),
@@ -208,13 +270,42 @@ fn relu_over_cots_and_other_leaf_widths() {
 }
 
 #[test]
+fn relu_over_ferret_at_every_leaf_width_and_with_kk13() {
+    let r = Ring::new(37).unwrap();
+    let x = values(r, 150, 3);
+    for m in [1u32, 2, 3, 5, 6, 8] {
+        let (y, cs, cc) = run_op(Ot::Ferret, cfg(m, KkotConfig::FromCots), r, &x, 0, relu_op);
+        for (&xi, &yi) in x.iter().zip(&y) {
+            assert_eq!(yi, r.from_signed(r.to_signed(xi).max(0)), "m={m}");
+        }
+        let p = params_for(Ot::Ferret, m, KkotConfig::FromCots);
+        check_cost(
+            &format!("relu ferret m={m}"),
+            &cs,
+            &cc,
+            cost::relu(p, r, x.len()),
+        );
+    }
+    // KK13 runs over Ferret too (its bootstrap takes 2·256 ROTs from the core OT)
+    let (y, _, _) = run_op(Ot::Ferret, cfg(4, KkotConfig::Kk13), r, &x, 0, relu_op);
+    for (&xi, &yi) in x.iter().zip(&y) {
+        assert_eq!(
+            yi,
+            r.from_signed(r.to_signed(xi).max(0)),
+            "KK13 over Ferret"
+        );
+    }
+}
+
+#[test]
 fn drelu_matches_sign() {
-    for bits in [16u32, 37, 62] {
+    for (ot, bits) in OTS.iter().flat_map(|&o| [16u32, 37, 62].map(|b| (o, b))) {
         let r = Ring::new(bits).unwrap();
         let x = values(r, 200, 40 + bits as u64);
         let (x0, x1) = share(r, &x, 41);
-        let ((d0, cs), (d1, cc)) = run(
-            cfg(4, KkotConfig::Kk13),
+        let ((d0, cs), (d1, cc)) = run_on(
+            ot,
+            cfg_for(ot, 4, KkotConfig::Kk13),
             move |s, ch| s.drelu(ch, r, &x0).unwrap(),
             move |s, ch| s.drelu(ch, r, &x1).unwrap(),
         );
@@ -222,68 +313,84 @@ fn drelu_matches_sign() {
             assert_eq!(
                 d0[i] ^ d1[i],
                 u8::from(r.to_signed(x[i]) >= 0),
-                "l={bits} x={}",
+                "{ot:?} l={bits} x={}",
                 r.to_signed(x[i])
             );
         }
-        check_cost("drelu", &cs, &cc, cost::drelu(KK, r, x.len()));
+        let p = params_for(ot, 4, KkotConfig::Kk13);
+        check_cost("drelu", &cs, &cc, cost::drelu(p, r, x.len()));
     }
 }
 
 #[test]
 fn b2a_converts_shared_bits() {
-    for bits in [1u32, 16, 37, 64] {
+    for (ot, bits) in OTS.iter().flat_map(|&o| [1u32, 16, 37, 64].map(|b| (o, b))) {
         let r = Ring::new(bits).unwrap();
         let d: Vec<u8> = (0..130).map(|i| (i % 3 == 0) as u8).collect();
         let d0: Vec<u8> = (0..130).map(|i| (i % 5 < 2) as u8).collect();
         let d1: Vec<u8> = d.iter().zip(&d0).map(|(a, b)| a ^ b).collect();
-        let ((y0, cs), (y1, cc)) = run(
-            cfg(4, KkotConfig::Kk13),
+        let ((y0, cs), (y1, cc)) = run_on(
+            ot,
+            cfg_for(ot, 4, KkotConfig::Kk13),
             move |s, ch| s.b2a(ch, r, &d0).unwrap(),
             move |s, ch| s.b2a(ch, r, &d1).unwrap(),
         );
         for i in 0..d.len() {
             assert_eq!(r.add(y0[i], y1[i]), u64::from(d[i]), "l={bits}");
         }
-        check_cost("b2a", &cs, &cc, cost::b2a(r, d.len()));
+        let p = params_for(ot, 4, KkotConfig::Kk13);
+        check_cost("b2a", &cs, &cc, cost::b2a(p, r, d.len()));
     }
 }
 
 #[test]
 fn mux_selects_by_shared_bit() {
-    let r = Ring::new(32).unwrap();
-    let x = values(r, 100, 5);
-    let (x0, x1) = share(r, &x, 6);
-    let d: Vec<u8> = (0..100).map(|i| (i % 3 == 1) as u8).collect();
-    let d0: Vec<u8> = (0..100).map(|i| (i % 2) as u8).collect();
-    let d1: Vec<u8> = d.iter().zip(&d0).map(|(a, b)| a ^ b).collect();
-    let ((y0, cs), (y1, cc)) = run(
-        cfg(4, KkotConfig::Kk13),
-        move |s, ch| s.mux(ch, r, &d0, &x0).unwrap(),
-        move |s, ch| s.mux(ch, r, &d1, &x1).unwrap(),
-    );
-    for i in 0..100 {
-        assert_eq!(r.add(y0[i], y1[i]), if d[i] == 1 { x[i] } else { 0 });
+    for ot in OTS {
+        let r = Ring::new(32).unwrap();
+        let x = values(r, 100, 5);
+        let (x0, x1) = share(r, &x, 6);
+        let d: Vec<u8> = (0..100).map(|i| (i % 3 == 1) as u8).collect();
+        let d0: Vec<u8> = (0..100).map(|i| (i % 2) as u8).collect();
+        let d1: Vec<u8> = d.iter().zip(&d0).map(|(a, b)| a ^ b).collect();
+        let ((y0, cs), (y1, cc)) = run_on(
+            ot,
+            cfg_for(ot, 4, KkotConfig::Kk13),
+            move |s, ch| s.mux(ch, r, &d0, &x0).unwrap(),
+            move |s, ch| s.mux(ch, r, &d1, &x1).unwrap(),
+        );
+        for i in 0..100 {
+            assert_eq!(
+                r.add(y0[i], y1[i]),
+                if d[i] == 1 { x[i] } else { 0 },
+                "{ot:?}"
+            );
+        }
+        let p = params_for(ot, 4, KkotConfig::Kk13);
+        check_cost("mux", &cs, &cc, cost::mux(p, r, 100));
     }
-    check_cost("mux", &cs, &cc, cost::mux(r, 100));
 }
 
 #[test]
 fn trunc_is_exact_arithmetic_shift() {
-    for bits in [16u32, 32, 37, 62, 64] {
+    for (ot, bits) in OTS
+        .iter()
+        .flat_map(|&o| [16u32, 32, 37, 62, 64].map(|b| (o, b)))
+    {
         let r = Ring::new(bits).unwrap();
         let x = values(r, 200, 60 + bits as u64);
         for f in [1, 12, bits - 2, bits - 1] {
-            let (y, cs, cc) = run_op(cfg(4, KkotConfig::Kk13), r, &x, f, trunc_op);
+            let c = cfg_for(ot, 4, KkotConfig::Kk13);
+            let (y, cs, cc) = run_op(ot, c, r, &x, f, trunc_op);
             for (i, (&xi, &yi)) in x.iter().zip(&y).enumerate() {
                 assert_eq!(
                     yi,
                     ashr(r, xi, f),
-                    "l={bits} f={f} i={i} x={}",
+                    "{ot:?} l={bits} f={f} i={i} x={}",
                     r.to_signed(xi)
                 );
             }
-            check_cost("trunc", &cs, &cc, cost::trunc(KK, r, x.len(), f));
+            let p = params_for(ot, 4, KkotConfig::Kk13);
+            check_cost("trunc", &cs, &cc, cost::trunc(p, r, x.len(), f));
         }
     }
 }
@@ -292,73 +399,82 @@ fn trunc_is_exact_arithmetic_shift() {
 fn trunc_over_cots_is_exact() {
     let r = Ring::new(37).unwrap();
     let x = values(r, 150, 61);
-    let (y, cs, cc) = run_op(cfg(4, KkotConfig::FromCots), r, &x, 12, trunc_op);
-    for (&xi, &yi) in x.iter().zip(&y) {
-        assert_eq!(yi, ashr(r, xi, 12));
+    for ot in OTS {
+        let (y, cs, cc) = run_op(ot, cfg(4, KkotConfig::FromCots), r, &x, 12, trunc_op);
+        for (&xi, &yi) in x.iter().zip(&y) {
+            assert_eq!(yi, ashr(r, xi, 12), "{ot:?}");
+        }
+        let p = params_for(ot, 4, KkotConfig::FromCots);
+        check_cost("trunc cots", &cs, &cc, cost::trunc(p, r, x.len(), 12));
     }
-    check_cost(
-        "trunc cots",
-        &cs,
-        &cc,
-        cost::trunc(
-            Params {
-                leaf_bits: 4,
-                kk13: false,
-            },
-            r,
-            x.len(),
-            12,
-        ),
-    );
 }
 
 #[test]
 fn relu_trunc_is_exact() {
-    for bits in [16u32, 32, 37, 62] {
+    for (ot, bits) in OTS
+        .iter()
+        .flat_map(|&o| [16u32, 32, 37, 62].map(|b| (o, b)))
+    {
         let r = Ring::new(bits).unwrap();
         let x = values(r, 200, 70 + bits as u64);
         for f in [1, 12] {
-            let (y, cs, cc) = run_op(cfg(4, KkotConfig::Kk13), r, &x, f, relu_trunc_op);
+            let c = cfg_for(ot, 4, KkotConfig::Kk13);
+            let (y, cs, cc) = run_op(ot, c, r, &x, f, relu_trunc_op);
             for (&xi, &yi) in x.iter().zip(&y) {
                 assert_eq!(
                     yi,
                     r.from_signed((r.to_signed(xi) >> f).max(0)),
-                    "l={bits} f={f} x={}",
+                    "{ot:?} l={bits} f={f} x={}",
                     r.to_signed(xi)
                 );
             }
-            check_cost("relu_trunc", &cs, &cc, cost::relu_trunc(KK, r, x.len(), f));
+            let p = params_for(ot, 4, KkotConfig::Kk13);
+            check_cost("relu_trunc", &cs, &cc, cost::relu_trunc(p, r, x.len(), f));
         }
     }
     // f = 0 is ReLU
-    let r = Ring::new(32).unwrap();
-    let x = values(r, 50, 1);
-    let (y, _, _) = run_op(cfg(4, KkotConfig::Kk13), r, &x, 0, relu_trunc_op);
-    assert!(
-        x.iter()
-            .zip(&y)
-            .all(|(&a, &b)| b == r.from_signed(r.to_signed(a).max(0)))
-    );
+    for ot in OTS {
+        let r = Ring::new(32).unwrap();
+        let x = values(r, 50, 1);
+        let (y, _, _) = run_op(
+            ot,
+            cfg_for(ot, 4, KkotConfig::Kk13),
+            r,
+            &x,
+            0,
+            relu_trunc_op,
+        );
+        assert!(
+            x.iter()
+                .zip(&y)
+                .all(|(&a, &b)| b == r.from_signed(r.to_signed(a).max(0)))
+        );
+    }
 }
 
 #[test]
 fn trunc_nonneg_is_exact_for_non_negative_values() {
-    for bits in [16u32, 32, 37, 62] {
+    for (ot, bits) in OTS
+        .iter()
+        .flat_map(|&o| [16u32, 32, 37, 62].map(|b| (o, b)))
+    {
         let r = Ring::new(bits).unwrap();
         let x: Vec<u64> = values(r, 200, 80 + bits as u64)
             .into_iter()
             .map(|v| r.from_signed(r.to_signed(v).max(0)))
             .collect();
         for f in [1, 12] {
-            let (y, cs, cc) = run_op(cfg(4, KkotConfig::Kk13), r, &x, f, trunc_nonneg_op);
+            let c = cfg_for(ot, 4, KkotConfig::Kk13);
+            let (y, cs, cc) = run_op(ot, c, r, &x, f, trunc_nonneg_op);
             for (&xi, &yi) in x.iter().zip(&y) {
-                assert_eq!(yi, xi >> f, "l={bits} f={f}");
+                assert_eq!(yi, xi >> f, "{ot:?} l={bits} f={f}");
             }
+            let p = params_for(ot, 4, KkotConfig::Kk13);
             check_cost(
                 "trunc_nonneg",
                 &cs,
                 &cc,
-                cost::trunc_nonneg(KK, r, x.len(), f),
+                cost::trunc_nonneg(p, r, x.len(), f),
             );
         }
     }
@@ -376,7 +492,7 @@ fn first_argmax(r: Ring, row: &[u64]) -> usize {
 
 #[test]
 fn argmax_reveals_first_argmax_to_client_only() {
-    for bits in [16u32, 37] {
+    for (ot, bits) in OTS.iter().flat_map(|&o| [16u32, 37].map(|b| (o, b))) {
         let r = Ring::new(bits).unwrap();
         let lim = 1i64 << (bits - 2);
         for cols in [1usize, 2, 3, 10] {
@@ -410,8 +526,9 @@ fn argmax_reveals_first_argmax_to_client_only() {
             assert!(argmax_precondition(r, &flat));
             let x: Vec<u64> = flat.iter().map(|&v| r.from_signed(v)).collect();
             let (x0, x1) = share(r, &x, 3);
-            let ((s_out, cs), (c_out, cc)) = run(
-                cfg(4, KkotConfig::Kk13),
+            let ((s_out, cs), (c_out, cc)) = run_on(
+                ot,
+                cfg_for(ot, 4, KkotConfig::Kk13),
                 move |s, ch| s.argmax_reveal(ch, r, &x0, cols, Party::Client).unwrap(),
                 move |s, ch| s.argmax_reveal(ch, r, &x1, cols, Party::Client).unwrap(),
             );
@@ -421,7 +538,7 @@ fn argmax_reveals_first_argmax_to_client_only() {
                 assert_eq!(
                     labels[k],
                     first_argmax(r, row),
-                    "l={bits} cols={cols} row={:?}",
+                    "{ot:?} l={bits} cols={cols} row={:?}",
                     &flat[k * cols..(k + 1) * cols]
                 );
             }
@@ -429,7 +546,7 @@ fn argmax_reveals_first_argmax_to_client_only() {
                 "argmax",
                 &cs,
                 &cc,
-                cost::argmax_reveal(KK, r, rows.len(), cols),
+                cost::argmax_reveal(params_for(ot, 4, KkotConfig::Kk13), r, rows.len(), cols),
             );
         }
     }
@@ -538,7 +655,7 @@ fn flipped_bits_in_replies_are_undetectable_semi_honest_only_lengths_are_checked
     // was refused in another session.
     let r = Ring::new(16).unwrap();
     let x = values(r, 20, 9);
-    let (y, _, _) = run_op(cfg(4, KkotConfig::Kk13), r, &x, 0, relu_op);
+    let (y, _, _) = run_op(Ot::Iknp, cfg(4, KkotConfig::Kk13), r, &x, 0, relu_op);
     assert!(
         x.iter()
             .zip(&y)
@@ -736,49 +853,118 @@ fn one_of_n_reply_with_nonzero_padding_is_malformed() {
 
 #[test]
 fn one_session_serves_many_operations_with_default_buffering() {
-    let r = Ring::new(37).unwrap();
-    let sizes = [1usize, 5000, 3, 700];
-    let xs: Vec<Vec<u64>> = sizes
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| values(r, n, 200 + k as u64)[..n].to_vec())
-        .collect();
-    let shares: Vec<(Vec<u64>, Vec<u64>)> = xs
-        .iter()
-        .enumerate()
-        .map(|(k, x)| share(r, x, 300 + k as u64))
-        .collect();
-    let s_sh: Vec<Vec<u64>> = shares.iter().map(|p| p.0.clone()).collect();
-    let c_sh: Vec<Vec<u64>> = shares.iter().map(|p| p.1.clone()).collect();
-    let work = move |s: &mut MpcSession, ch: &mut Ch, mine: Vec<Vec<u64>>| {
-        let mut out = Vec::new();
-        for x in &mine {
-            out.push(s.relu(ch, r, x).unwrap());
-            out.push(s.relu_trunc(ch, r, x, 12).unwrap());
-            out.push(s.trunc(ch, r, x, 12).unwrap());
-        }
-        (out, s.ot().available())
-    };
-    let ((s_out, _), (c_out, _)) = run(
-        MpcConfig::default(),
-        move |s, ch| work(s, ch, s_sh),
-        move |s, ch| work(s, ch, c_sh),
-    );
-    assert_eq!(s_out.1, (c_out.1.1, c_out.1.0)); // buffers mirror each other
-    for (k, x) in xs.iter().enumerate() {
-        let o = |j: usize| -> Vec<u64> {
-            s_out.0[3 * k + j]
-                .iter()
-                .zip(&c_out.0[3 * k + j])
-                .map(|(&a, &b)| r.add(a, b))
-                .collect()
+    for ot in OTS {
+        let r = Ring::new(37).unwrap();
+        let sizes = [1usize, 5000, 3, 700];
+        let xs: Vec<Vec<u64>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| values(r, n, 200 + k as u64)[..n].to_vec())
+            .collect();
+        let shares: Vec<(Vec<u64>, Vec<u64>)> = xs
+            .iter()
+            .enumerate()
+            .map(|(k, x)| share(r, x, 300 + k as u64))
+            .collect();
+        let s_sh: Vec<Vec<u64>> = shares.iter().map(|p| p.0.clone()).collect();
+        let c_sh: Vec<Vec<u64>> = shares.iter().map(|p| p.1.clone()).collect();
+        let work = move |s: &mut Sess, ch: &mut Ch, mine: Vec<Vec<u64>>| {
+            let mut out = Vec::new();
+            for x in &mine {
+                out.push(s.relu(ch, r, x).unwrap());
+                out.push(s.relu_trunc(ch, r, x, 12).unwrap());
+                out.push(s.trunc(ch, r, x, 12).unwrap());
+            }
+            (out, s.ot().available())
         };
-        let (relu, rt, t) = (o(0), o(1), o(2));
-        for i in 0..x.len() {
-            let v = r.to_signed(x[i]);
-            assert_eq!(relu[i], r.from_signed(v.max(0)));
-            assert_eq!(rt[i], r.from_signed((v >> 12).max(0)));
-            assert_eq!(t[i], r.from_signed(v >> 12));
+        let cfg = match ot {
+            Ot::Iknp => MpcConfig::default(),
+            Ot::Ferret => MpcConfig::recommended(OtKind::Ferret),
+        };
+        let ((s_out, _), (c_out, _)) = run_on(
+            ot,
+            cfg,
+            move |s, ch| work(s, ch, s_sh),
+            move |s, ch| work(s, ch, c_sh),
+        );
+        assert_eq!(s_out.1, (c_out.1.1, c_out.1.0)); // buffers mirror each other
+        for (k, x) in xs.iter().enumerate() {
+            let o = |j: usize| -> Vec<u64> {
+                s_out.0[3 * k + j]
+                    .iter()
+                    .zip(&c_out.0[3 * k + j])
+                    .map(|(&a, &b)| r.add(a, b))
+                    .collect()
+            };
+            let (relu, rt, t) = (o(0), o(1), o(2));
+            for i in 0..x.len() {
+                let v = r.to_signed(x[i]);
+                assert_eq!(relu[i], r.from_signed(v.max(0)), "{ot:?}");
+                assert_eq!(rt[i], r.from_signed((v >> 12).max(0)), "{ot:?}");
+                assert_eq!(t[i], r.from_signed(v >> 12), "{ot:?}");
+            }
         }
+    }
+}
+
+#[test]
+fn short_ferret_extension_message_is_a_named_error_and_poisons() {
+    let r = Ring::new(32).unwrap();
+    let x = values(r, 200, 17);
+    let ((res, _), _) = run_on(
+        Ot::Ferret,
+        cfg(4, KkotConfig::FromCots),
+        move |s, ch| {
+            let e = s.relu(ch, r, &x);
+            let again = s.relu(ch, r, &[1]);
+            (e, again, s.is_poisoned())
+        },
+        |_s, ch| {
+            // a peer whose SPCOT message is cut short
+            let _ = ch.send(&[0u8; 10]);
+            let _ = ch.recv();
+        },
+    );
+    assert!(
+        matches!(
+            res.0,
+            Err(MpcError::Ot(crate::ot::OtError::Message {
+                what: "Ferret SPCOT messages",
+                ..
+            }))
+        ),
+        "{:?}",
+        res.0
+    );
+    assert!(matches!(res.1, Err(MpcError::Poisoned)));
+    assert!(res.2);
+}
+
+#[test]
+fn setup_with_selects_the_core_ot_and_the_recommended_config() {
+    assert_eq!(OtKind::default(), OtKind::Ferret);
+    assert_eq!(MpcConfig::recommended(OtKind::Iknp), MpcConfig::default());
+    assert_eq!(
+        MpcConfig::recommended(OtKind::Ferret).kn,
+        KkotConfig::FromCots
+    );
+    // IKNP through setup_with (the product entry point) runs the protocols as `setup` does
+    let r = Ring::new(16).unwrap();
+    let x = values(r, 40, 2);
+    let (x0, x1) = share(r, &x, 3);
+    let go = move |party: Party, mut ch: MemoryChannel, xs: Vec<u64>| {
+        let mut rng = ChaCha12Rng::seed_from_u64(party as u64);
+        let cfg = MpcConfig::recommended(OtKind::Iknp);
+        let mut s = MpcSession::setup_with(&mut ch, party, cfg, OtKind::Iknp, &mut rng).unwrap();
+        let name = s.ot().ot_name();
+        (s.relu(&mut ch, r, &xs).unwrap(), name)
+    };
+    let (a, b) = memory_pair();
+    let h = std::thread::spawn(move || go(Party::Client, b, x1));
+    let (y0, name) = go(Party::Server, a, x0);
+    let (y1, _) = h.join().unwrap();
+    assert_eq!(name, "iknp");
+    for i in 0..x.len() {
+        assert_eq!(r.add(y0[i], y1[i]), r.from_signed(r.to_signed(x[i]).max(0)));
     }
 }

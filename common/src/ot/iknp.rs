@@ -92,6 +92,17 @@ impl Iknp {
         rng: &mut R,
     ) -> Result<Self, OtError> {
         let delta: Block = rng.random();
+        Self::setup_with_delta(ch, party, delta, rng)
+    }
+
+    /// [`Iknp::setup`] with a given Δ (Ferret's bootstrap uses a Δ whose least significant
+    /// bit is 1, so that choice bits ride in the receivers' blocks).
+    pub(crate) fn setup_with_delta<R: Rng + CryptoRng + ?Sized>(
+        ch: &mut dyn Channel,
+        party: Party,
+        delta: Block,
+        rng: &mut R,
+    ) -> Result<Self, OtError> {
         let choices: Vec<bool> = (0..KAPPA).map(|j| (delta >> j) & 1 == 1).collect();
         // As COT receiver we are the base-OT sender (KAPPA pairs); as COT sender we are the
         // base-OT receiver with choices Δ (IKNP Fig. 1, step 1).

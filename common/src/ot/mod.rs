@@ -7,7 +7,9 @@
 //!   base.rs      Chou-Orlandi base OT (Ristretto255), both directions, once per session
 //!      │  128 random OTs per direction
 //!   iknp.rs      IKNP extension with the ALSZ optimisations  ──implements──▶  RandomCot
-//!      │                                                           (Ferret, issue 9, will too)
+//!   ferret/      Ferret silent OT (GGM trees, regular-noise MPCOT, LPN), bootstrapped from
+//!      │         IKNP once per session ──implements──▶ RandomCot; `CoreOt` picks either at
+//!      │         run time (`OtKind`, Ferret by default)
 //!   session.rs   OtSession<C: RandomCot>: buffers COTs per direction (large batches, one
 //!      │         flight per extension, none when the buffer suffices) and derives
 //!      │           - random OT (ROT), k-bit messages           (no extra traffic)
@@ -18,31 +20,36 @@
 //!                from 256 ROTs of the core trait: 256 + N·k bits, cheaper than m COTs
 //!                while a COT costs 128 bits (IKNP); with a silent OT the m-COT route wins.
 //!   hash.rs      fixed-key AES TCCR hash (Guo et al. 2020) and AES-CTR PRG
-//!   aesni.rs     the only `unsafe`: AES-128 with AES-NI on u128 blocks (fallback: `aes`)
+//!   aesni.rs     the only `unsafe`: AES-128 with AES-NI on u128 blocks (fallback: `aes`),
+//!                and a cache prefetch hint for Ferret's LPN step
 //!   transpose.rs 128 x 128 bit transpose (Eklundh), safe Rust
 //! ```
 //!
-//! Measured choice of the 1-of-N OT (bench relu, 2^16 ReLUs, l = 32): KK13 4,422 bits/ReLU
-//! at m = 4 and 3,284 at m = 7, against 6,373 and 6,003 for m COTs per OT (that route pays
-//! m·129 bits per leaf against 256 for KK13), and less CPU.
+//! Measured choice of the 1-of-N OT (bench relu, 2^16 ReLUs, l = 32): over IKNP, KK13
+//! 4,422 bits/ReLU at m = 4 and 3,284 at m = 7, against 6,373 and 6,003 for m COTs per OT
+//! (that route pays m·129 bits per leaf against 256 for KK13), and less CPU. Over Ferret
+//! (2^20 ReLUs, l = 32, m = 4): m COTs per OT 382 bits/ReLU against 2,382 for KK13, whose
+//! 256 bits a leaf now dominate (KK13 needs fewer COTs, so less CPU: 3.2 against 4.9 s).
 //!
 //! A *random correlated OT* (block form, global Δ) between a sender and a receiver: the
 //! sender holds Δ (fixed for the session and direction) and k_i; the receiver holds a random
 //! bit b_i and m_i = k_i ⊕ b_i·Δ. Blocks are `u128`.
 //!
-//! # Another core OT (Ferret, issue 9)
+//! # Choosing the core OT
 //!
-//! Implement [`RandomCot`] (setup of its own, then `extend` in both directions), then
+//! [`Ferret`] (issue 9) implements [`RandomCot`] as IKNP does; [`CoreOt`] holds either,
+//! chosen at run time by [`OtKind`] (Ferret by default). A backend writes
 //!
 //! ```text
-//!   let ot  = OtSession::new(ferret, party, session_id);            // buffers + derived OTs
-//!   let mpc = MpcSession::from_ot(ot, MpcConfig { kn: KkotConfig::FromCots, ..Default::default() }, &mut rng)?;
+//!   let kind = OtKind::default();                                          // Ferret
+//!   let mpc  = MpcSession::setup_with(ch, party, MpcConfig::recommended(kind), kind, &mut OsRng)?;
 //! ```
 //!
-//! Every protocol of `crate::mpc` then runs unchanged (a test does exactly this with a
-//! test-only dealer COT). `KkotConfig::FromCots` builds the leaves' 1-of-N OTs from m
-//! COTs each, the cheap choice once a COT costs a few bits; `OtSession::enable_kk13` stays
-//! available on any core OT.
+//! (or, by hand: `OtSession::new(core, party, core.session_id())` and
+//! `MpcSession::from_ot`). Every protocol of `crate::mpc` runs unchanged over either (the
+//! tests run them over both, and over a test-only dealer COT). `KkotConfig::FromCots`
+//! builds the leaves' 1-of-N OTs from m COTs each, the cheap choice once a COT costs under
+//! a bit; `OtSession::enable_kk13` stays available on any core OT.
 //!
 //! Everything runs over the blocking [`Channel`](crate::channel::Channel); the derived
 //! OTs are message-in/message-out functions so that the protocols of `crate::mpc` can put
@@ -51,6 +58,7 @@
 #[allow(unsafe_code)]
 mod aesni;
 mod base;
+pub mod ferret;
 mod hash;
 mod iknp;
 mod kkot;
@@ -59,6 +67,7 @@ mod session;
 mod tests;
 mod transpose;
 
+pub use ferret::{CoreOt, Ferret, FerretParams, OtKind};
 pub use hash::{Prg, Tccr};
 pub use iknp::Iknp;
 pub use kkot::KkotConfig;

@@ -7,8 +7,9 @@
 //!   COT_l       R ──▶ S : d = c ⊕ b (1 bit)       S: k' = k ⊕ d·Δ, r = H(i,k')
 //!   (chosen c)  S ──▶ R : t = r + δ - H(i,k'⊕Δ)   R: y = H(i,m) + c·t = r + c·δ
 //!   OT (1-of-2) R ──▶ S : d                       S ──▶ R : e_b = x_b ⊕ H(i, k' ⊕ b·Δ)
-//!   OT (1-of-N) R ──▶ S : m correction bits       S ──▶ R : e_j = x_j ⊕ ⊕_t H((i_t,j), K_{t,j_t})
-//!               (N = 2^m; Naor-Pinkas 1999, from m OTs; per-j tweaks, see `kn_*`)
+//!   OT (1-of-N) R ──▶ S : m correction bits       S ──▶ R : e_j = x_j ⊕ ⊕_t slice_j(G(i_t, K_{t,j_t}))
+//!               (N = 2^m; Naor-Pinkas 1999, from m OTs; G(i, K) = H((i,0), K) ‖ H((i,1), K) ‖ …
+//!               cut into N slices of `bits` bits, see `np_pads`)
 //! ```
 //!
 //! Tweaks: `H` is the session's [`Tccr`]; the tweak of COT number `i` (counted per
@@ -225,6 +226,39 @@ impl<'a> PackedReader<'a> {
         };
         ((acc >> off) as u64) & mask
     }
+}
+
+/// The mask of the bits of block `sb` (of a string cut into `big_n` slices of `w` bits)
+/// that belong to slices j with bit t of j set.
+#[inline]
+fn slice_select(sb: usize, t: usize, w: usize, big_n: usize) -> Block {
+    let mut sel: Block = 0;
+    let (lo, hi) = (sb * 128, sb * 128 + 128);
+    for j in (0..big_n).filter(|j| (j >> t) & 1 == 1) {
+        let (a, b) = (j * w, (j + 1) * w);
+        if b <= lo || a >= hi {
+            continue;
+        }
+        let (a, b) = (a.max(lo) - lo, b.min(hi) - lo);
+        let ones: Block = if b - a >= 128 {
+            Block::MAX
+        } else {
+            ((1 as Block) << (b - a)) - 1
+        };
+        sel |= ones << a;
+    }
+    sel
+}
+
+/// Bits `at..at + w` (w ≤ 64) of the little-endian bit string `blocks`.
+#[inline]
+fn read_slice(blocks: &[Block], at: usize, w: usize) -> Block {
+    let (b, o) = (at / 128, at % 128);
+    let mut v = blocks[b] >> o;
+    if o + w > 128 && b + 1 < blocks.len() {
+        v |= blocks[b + 1] << (128 - o);
+    }
+    v
 }
 
 #[inline]
@@ -776,43 +810,79 @@ impl<C: RandomCot> OtSession<C> {
                 return Err(e);
             }
         } else {
-            self.np_pads(msg, n, m, &mut sink)?;
+            self.np_pads(msg, n, m, bits, &mut sink)?;
         }
         Ok(out.finish())
     }
 
-    /// Naor-Pinkas 1-of-N from m OTs: `pad_j = ⊕_t H((i_t, j), K_{t, j_t})` for each OT.
+    /// Naor-Pinkas 1-of-N from m OTs (Naor and Pinkas, STOC 1999) with the pads cut from
+    /// one string per key: for OT i and its COTs t < m, `G_{t,b} = H((i_t, 1), K_t ⊕ b·Δ) ‖
+    /// H((i_t, 2), …) ‖ …` (`S = ceil(N·bits/128)` blocks) and
+    /// `pad_j = ⊕_t slice_j(G_{t, j_t})`, slice j being bits `j·bits..(j+1)·bits`.
+    ///
+    /// Why this is enough: the receiver with choice c knows `G_{t, c_t}`; the strings
+    /// `G_{t, 1−c_t}` are pseudo-random to it (TCCR with fresh tweaks, as for any ROT).
+    /// For j ≠ c some t has `j_t ≠ c_t`, so pad_j contains `slice_j(G_{t, 1−c_t})`, and slice
+    /// j of any string enters no other pad: the pads of all j ≠ c are independent and
+    /// uniform. The sender hashes `2·m·S` blocks per OT instead of `m·N` (for the
+    /// millionaire's 1-of-16 OTs of 2-bit messages: 8 instead of 64), the receiver m (or
+    /// 2m where a slice straddles two blocks). The wire format is unchanged.
     fn np_pads(
         &mut self,
         msg: &[u8],
         n: usize,
         m: u32,
+        bits: u32,
         sink: &mut dyn FnMut(usize, &[Block]),
     ) -> Result<(), OtError> {
         let big_n = 1usize << m;
         let mu = m as usize;
+        let w = bits as usize;
+        let nb = (big_n * w).div_ceil(128);
         let (idx, k) = self.derandomise(n * mu, msg, "1-of-N choice corrections")?;
         let dir = self.dir_send();
         let delta = self.delta;
+        // per OT: for each t and b, nb blocks G_{t,b}
+        let per = mu * 2 * nb;
+        let mut xs = vec![0 as Block; per];
+        let mut gs = vec![0 as Block; per];
+        let mut row = vec![0 as Block; nb];
         let mut pads = vec![0 as Block; big_n];
-        let mut xs = vec![0 as Block; big_n];
-        let mut hs = vec![0 as Block; big_n];
+        let slice_mask: Block = if w >= 128 { Block::MAX } else { (1 << w) - 1 };
+        let sels: Vec<Block> = (0..mu * nb)
+            .map(|q| slice_select(q % nb, q / nb, w, big_n))
+            .collect();
         for i in 0..n {
-            pads.iter_mut().for_each(|p| *p = 0);
             for t in 0..mu {
                 let kt = k[i * mu + t];
-                let it = idx + (i * mu + t) as u64;
-                for (j, x) in xs.iter_mut().enumerate() {
-                    *x = if (j >> t) & 1 == 1 { kt ^ delta } else { kt };
+                for b in 0..2 {
+                    for sb in 0..nb {
+                        xs[(t * 2 + b) * nb + sb] = if b == 1 { kt ^ delta } else { kt };
+                    }
                 }
-                self.hash
-                    .hash_many(&xs, |j| tweak(dir, it, 1 + j as u16), &mut hs);
-                for j in 0..big_n {
-                    pads[j] ^= hs[j];
+            }
+            let base = idx + (i * mu) as u64;
+            self.hash.hash_many(
+                &xs,
+                |q| tweak(dir, base + (q / (2 * nb)) as u64, 1 + (q % nb) as u16),
+                &mut gs,
+            );
+            // row = ⊕_t (G_{t,0} on the slices j with j_t = 0, G_{t,1} on the others)
+            row.iter_mut().for_each(|r| *r = 0);
+            for t in 0..mu {
+                for (sb, r) in row.iter_mut().enumerate() {
+                    let sel = sels[t * nb + sb];
+                    *r ^= (gs[(t * 2) * nb + sb] & !sel) | (gs[(t * 2 + 1) * nb + sb] & sel);
                 }
+            }
+            for (j, p) in pads.iter_mut().enumerate() {
+                *p = read_slice(&row, j * w, w) & slice_mask;
             }
             sink(i, &pads);
         }
+        xs.zeroize();
+        gs.zeroize();
+        row.zeroize();
         pads.zeroize();
         Ok(())
     }
@@ -856,7 +926,7 @@ impl<C: RandomCot> OtSession<C> {
                 return Err(e);
             }
         } else {
-            self.np_pads(msg, n, m, &mut sink)?;
+            self.np_pads(msg, n, m, bits, &mut sink)?;
         }
         Ok(out.finish())
     }
@@ -883,17 +953,40 @@ impl<C: RandomCot> OtSession<C> {
                 choices,
                 m: mm,
             } => {
+                // `np_pads`: slice c of ⊕_t G_{t, c_t}, from the one or two blocks holding it
                 let mu = mm as usize;
+                let w = bits as usize;
                 let dir = self.dir_recv();
                 let mut pads = Vec::with_capacity(n);
-                let mut h = vec![0 as Block; mu];
+                let mut xs = Vec::with_capacity(2 * mu);
+                let mut h = vec![0 as Block; 2 * mu];
                 for (i, &c) in choices.iter().enumerate() {
                     let ms = &cots.m[i * mu..(i + 1) * mu];
                     let base = cots.idx + (i * mu) as u64;
-                    self.hash
-                        .hash_many(ms, |t| tweak(dir, base + t as u64, 1 + c), &mut h);
-                    pads.push((c as usize, h.iter().fold(0, |a, b| a ^ b)));
+                    let (b0, b1) = ((c as usize * w) / 128, ((c as usize + 1) * w - 1) / 128);
+                    let nblk = b1 - b0 + 1;
+                    xs.clear();
+                    for &mt in ms {
+                        for _ in 0..nblk {
+                            xs.push(mt);
+                        }
+                    }
+                    let h = &mut h[..xs.len()];
+                    self.hash.hash_many(
+                        &xs,
+                        |q| tweak(dir, base + (q / nblk) as u64, 1 + (b0 + q % nblk) as u16),
+                        h,
+                    );
+                    let mut acc = [0 as Block; 2];
+                    for t in 0..mu {
+                        for s in 0..nblk {
+                            acc[s] ^= h[t * nblk + s];
+                        }
+                    }
+                    let p = read_slice(&acc[..nblk], c as usize * w - b0 * 128, w);
+                    pads.push((c as usize, p));
                 }
+                h.zeroize();
                 pads
             }
         };

@@ -218,6 +218,10 @@ fn one_of_n_from_cots_is_correct_with_counted_bytes() {
         one_of_n(KkotConfig::FromCots, m, 2);
     }
     one_of_n(KkotConfig::FromCots, 3, 37);
+    // pads cut from several hash blocks, slices straddling block boundaries
+    one_of_n(KkotConfig::FromCots, 5, 37);
+    one_of_n(KkotConfig::FromCots, 7, 3);
+    one_of_n(KkotConfig::FromCots, 8, 64);
 }
 
 #[test]
@@ -263,4 +267,33 @@ fn use_without_reserve_is_refused() {
         |_, _| (),
     );
     assert!(matches!(r, Some(OtError::BadRequest(_))));
+}
+
+#[test]
+fn one_of_n_from_cots_pads_have_no_linear_relation() {
+    // With all-zero tables the reply is the pads. A 1-of-4 OT from 2 ROTs with
+    // pad_j = H(K_{0,j_0}) ⊕ H(K_{1,j_1}) would give pad_00 ⊕ pad_01 ⊕ pad_10 ⊕ pad_11 = 0
+    // and leak the XOR of the unchosen messages; slices of one string per key do not.
+    let n = 64;
+    let ((_, _), (reply, _)) = run_pair(
+        KkotConfig::FromCots,
+        move |ot, ch| {
+            ot.reserve(ch, 2 * n, 0).unwrap();
+            let msg = ch.recv_exact(ot.kn_choose_len(n, 2)).unwrap();
+            let e = ot.kn_respond(&msg, n, 2, 32, |_, _| 0).unwrap();
+            ch.send_vec(e).unwrap();
+        },
+        move |ot, ch| {
+            ot.reserve(ch, 0, 2 * n).unwrap();
+            let (_st, msg) = ot.kn_choose(&vec![1; n], 2).unwrap();
+            ch.send_vec(msg).unwrap();
+            ch.recv().unwrap()
+        },
+    );
+    let pads = Ring::new(32).unwrap().unpack(&reply, 4 * n).unwrap();
+    for p in pads.chunks(4) {
+        assert_ne!(p[0] ^ p[1] ^ p[2] ^ p[3], 0);
+        let distinct: std::collections::HashSet<_> = p.iter().collect();
+        assert_eq!(distinct.len(), 4);
+    }
 }

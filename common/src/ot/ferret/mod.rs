@@ -1,0 +1,465 @@
+//! Ferret silent OT extension (Yang, Weng, Lan, Zhang, Wang, "Ferret: Fast Extension for
+//! coRRElated oT with small communication", CCS 2020, ePrint 2020/924), semi-honest,
+//! primal LPN with regular noise, behind [`RandomCot`].
+//!
+//! # Message flow (one direction; both run at once, each party is the sender of one)
+//!
+//! ```text
+//!   setup (once per session)
+//!     Chou-Orlandi base OTs, IKNP extension of BOOTSTRAP.reserve() = 74,036 COTs per
+//!     direction (both: one flight each way), IKNP's Δ drawn with LSB 1
+//!     one BOOTSTRAP iteration (below) ─▶ MAIN stock (540,928) + 329,472 spare COTs
+//!
+//!   iteration with parameters (t, h, k), stock = k + t·h COTs from the previous one
+//!     S: t GGM trees of 2^h leaves     ────── t·(2h+1) blocks (mpcot.rs) ──────▶  R: punctured
+//!        (MPCOT, regular noise)                                                     trees, e
+//!     both: LPN with the public code of the iteration (lpn.rs):
+//!        S: y = v ⊕ A·K_stock               R: z = w ⊕ A·M_stock   (x = e ⊕ A·u = LSB(z))
+//!     keep the last k + t·h outputs as the next stock, hand out n − k − t·h
+//!     (z = y ⊕ x·Δ: random COTs with the session's global Δ)
+//!
+//!   extend(n_send, n_recv): exactly the COTs asked for, from what is left of the last
+//!     iteration, then as many MAIN iterations as needed (the rest is kept for later)
+//!     (split: extend_send computes and sends ours; extend_recv receives and computes theirs:
+//!     one flight each way for both directions together)
+//! ```
+//!
+//! Bytes: the sender of a direction sends `MAIN.iteration_bytes()` = 552,960 per iteration
+//! of `MAIN.usable()` = 9,944,832 COTs, 0.445 bits per COT ([`FerretParams`]); the receiver
+//! sends nothing. Setup: 128 base OTs each way, 16·74,112 IKNP bytes and 285,600 bootstrap
+//! bytes per direction.
+//!
+//! Semi-honest only: a malicious sender could choose inconsistent trees (Ferret's
+//! consistency check is not implemented; the project's base protocols are semi-honest).
+//!
+//! # Choices
+//!
+//! - Choice bits ride in the least significant bit of the receiver's blocks, as in the
+//!   reference: Δ has LSB 1 (127 random bits) and every sender key has LSB 0, so
+//!   LSB(m) = b is carried through the GGM trees and the code for free. (Keeping the bits
+//!   in a separate byte table made the receiver's LPN step twice as slow as the sender's,
+//!   measured.) [`RandomCot::delta`] and the handed-out keys keep this form.
+//! - The code's seed, the level-OT hash key and the GGM keys are public and derived from
+//!   the IKNP session identifier (both parties agree on it): no seed message.
+//! - One thread per party: the bench runs both parties on the machine's two cores; the
+//!   LPN step splits into independent row ranges if a deployment wants two threads.
+//! - Memory per party and direction: one iteration's output (n blocks, 160 MiB for MAIN),
+//!   allocated once per session and reused by every iteration, and the stock (8.3 MiB).
+//!   Extensions hand out exactly what is asked (copied out of that buffer), so the
+//!   session's buffers hold no more than the protocols reserve. (Handing out whole
+//!   iterations instead cost a third of the CPU in page faults, measured.)
+
+mod ggm;
+mod lpn;
+mod mpcot;
+mod params;
+mod select;
+#[cfg(test)]
+pub(crate) mod tests;
+
+pub use params::{BOOTSTRAP, D, FerretParams, MAIN};
+pub use select::{CoreOt, OtKind};
+
+use rand::{CryptoRng, Rng};
+use zeroize::Zeroize;
+
+use super::iknp::Iknp;
+use super::{Block, CotBatch, OtError, Party, Prg, RandomCot, Tccr};
+use crate::channel::Channel;
+use ggm::Ggm;
+use lpn::LpnCode;
+
+/// Stock and output buffer of one direction: keys (LSB 0) on the sender's side, received
+/// blocks (choice bit in the LSB) on the receiver's.
+#[derive(Default)]
+struct Side {
+    /// the stock: k for the code, then t·h for the level OTs
+    stock: Vec<Block>,
+    /// the last iteration's usable outputs (reused by every iteration)
+    buf: Vec<Block>,
+    /// outputs of `buf` already handed out
+    pos: usize,
+    /// iterations run in this direction
+    iter: u64,
+    /// base COTs used for level OTs so far (tweak counter)
+    tw: u64,
+}
+
+impl Side {
+    fn left(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Moves outputs from the buffer to `out` until it holds `total` (or the buffer is
+    /// empty).
+    fn fill(&mut self, out: &mut Vec<Block>, total: usize) {
+        let k = total.saturating_sub(out.len()).min(self.left());
+        out.extend_from_slice(&self.buf[self.pos..self.pos + k]);
+        self.buf[self.pos..self.pos + k].zeroize();
+        self.pos += k;
+    }
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        self.stock.zeroize();
+        self.buf.zeroize();
+    }
+}
+
+/// Ferret random COT, both directions of one session (see the module documentation).
+pub struct Ferret {
+    party: Party,
+    /// our Δ (LSB 1)
+    delta: Block,
+    main: FerretParams,
+    session_id: [u8; 32],
+    /// fixed-key TCCR hash of the level OTs (public key, derived from the session)
+    hash: Tccr,
+    /// secret: the GGM seeds of our trees
+    prg: Prg,
+    ggm: Ggm,
+    /// the direction where we are the COT sender
+    send: Side,
+    /// the direction where we are the COT receiver
+    recv: Side,
+    /// our sender-side output between `extend_send` and `extend_recv`
+    pending: Option<Vec<Block>>,
+}
+
+impl std::fmt::Debug for Ferret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Ferret {{ party: {:?}, params: {:?}, iterations: ({}, {}), spare: {:?}, [redacted] }}",
+            self.party,
+            self.main,
+            self.send.iter,
+            self.recv.iter,
+            self.spare()
+        )
+    }
+}
+
+impl Drop for Ferret {
+    fn drop(&mut self) {
+        self.delta.zeroize();
+        if let Some(p) = self.pending.as_mut() {
+            p.zeroize();
+        }
+    }
+}
+
+fn derive_block(context: &str, parts: &[&[u8]]) -> Block {
+    let mut h = blake3::Hasher::new_derive_key(context);
+    for p in parts {
+        h.update(p);
+    }
+    let d = h.finalize();
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&d.as_bytes()[..16]);
+    Block::from_le_bytes(k)
+}
+
+/// Moves the last `keep_from..` blocks of `out` into `stock` (same length) and truncates.
+fn split_stock(out: &mut Vec<Block>, keep_from: usize, stock: &mut Vec<Block>) {
+    stock.clear();
+    stock.extend_from_slice(&out[keep_from..]);
+    out[keep_from..].zeroize();
+    out.truncate(keep_from);
+}
+
+impl Ferret {
+    /// Sets up Ferret in both directions with the product parameters ([`BOOTSTRAP`] once,
+    /// then [`MAIN`]): base OTs, IKNP for the bootstrap stock, one bootstrap iteration.
+    /// `rng` is the OS CSPRNG in product code. Bytes: see the module documentation.
+    pub fn setup<R: Rng + CryptoRng + ?Sized>(
+        ch: &mut dyn Channel,
+        party: Party,
+        rng: &mut R,
+    ) -> Result<Self, OtError> {
+        Self::setup_with_params(ch, party, BOOTSTRAP, MAIN, rng)
+    }
+
+    /// [`Ferret::setup`] with other parameter sets (both parties must pass the same). Only
+    /// the product sets are vetted for 128-bit security; tests use small insecure ones.
+    pub(crate) fn setup_with_params<R: Rng + CryptoRng + ?Sized>(
+        ch: &mut dyn Channel,
+        party: Party,
+        boot: FerretParams,
+        main: FerretParams,
+        rng: &mut R,
+    ) -> Result<Self, OtError> {
+        FerretParams::check_pair(&boot, &main)?;
+        // Δ with LSB 1: the choice bit of every COT is the LSB of the receiver's block.
+        let mut delta: Block = rng.random::<Block>() | 1;
+        let mut iknp = Iknp::setup_with_delta(ch, party, delta, rng)?;
+        delta.zeroize();
+        let m_b = boot.reserve();
+        let base = iknp.extend(ch, m_b, m_b)?;
+        if base.send.len() < m_b || base.recv.len() < m_b || base.recv_bits.len() < m_b {
+            return Err(OtError::BadRequest("IKNP returned too few COTs".into()));
+        }
+        // LSB form: keys k ∧ ¬1, received blocks (m ∧ ¬1) | b; still m = k ⊕ b·Δ
+        let mut keys: Vec<Block> = base.send[..m_b].iter().map(|&k| k & !1).collect();
+        let mut recv: Vec<Block> = base.recv[..m_b]
+            .iter()
+            .zip(&base.recv_bits)
+            .map(|(&m, &b)| (m & !1) | Block::from(b & 1))
+            .collect();
+        drop(base);
+        let session_id = iknp.session_id();
+        let mut s = Self {
+            party,
+            delta: iknp.delta(),
+            main,
+            session_id,
+            hash: Tccr::new(derive_block(
+                "fusion 2026 ot/ferret level-OT hash key",
+                &[&session_id],
+            )),
+            prg: Prg::from_rng(rng),
+            ggm: Ggm::new(main.h.max(boot.h)),
+            send: Side::default(),
+            recv: Side::default(),
+            pending: None,
+        };
+        drop(iknp);
+        // The bootstrap iteration in both directions: ours first (one flight each way).
+        let mut out = Vec::with_capacity(boot.n());
+        let msg = s.sender_iteration(&boot, &keys, &mut out);
+        ch.send_vec(msg)?;
+        let peer = ch
+            .recv_exact(boot.iteration_bytes())
+            .map_err(|e| OtError::msg("Ferret bootstrap messages", e))?;
+        let mut m = Vec::with_capacity(boot.n());
+        s.recv_iteration(&boot, &recv, &peer, &mut m)?;
+        keys.zeroize();
+        recv.zeroize();
+        let keep = boot.n() - main.reserve();
+        split_stock(&mut out, keep, &mut s.send.stock);
+        split_stock(&mut m, keep, &mut s.recv.stock);
+        // the buffers of later iterations: room for one MAIN iteration
+        out.reserve_exact(main.n().saturating_sub(out.len()));
+        m.reserve_exact(main.n().saturating_sub(m.len()));
+        s.send.buf = out;
+        s.recv.buf = m;
+        Ok(s)
+    }
+
+    /// The main parameter set.
+    pub fn params(&self) -> FerretParams {
+        self.main
+    }
+
+    /// COTs produced and not yet handed out (the next extension's first): (as sender, as
+    /// receiver).
+    pub fn spare(&self) -> (usize, usize) {
+        (self.send.left(), self.recv.left())
+    }
+
+    /// The public session identifier (from the IKNP base OTs; both parties agree on it).
+    pub fn session_id(&self) -> [u8; 32] {
+        self.session_id
+    }
+
+    fn dir_send(&self) -> u8 {
+        match self.party {
+            Party::Server => 0,
+            Party::Client => 1,
+        }
+    }
+
+    fn code(&self, p: &FerretParams, dir: u8, iter: u64) -> LpnCode {
+        let shape = [p.t as u64, u64::from(p.h), u64::from(p.log_k)];
+        let shape: Vec<u8> = shape.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let seed = derive_block(
+            "fusion 2026 ot/ferret lpn code seed",
+            &[&self.session_id, &[dir], &iter.to_le_bytes(), &shape],
+        );
+        LpnCode::new(seed, p.log_k)
+    }
+
+    /// One iteration as the sender: `stock` = k code keys then t·h level-OT keys; appends
+    /// y = v ⊕ A·K (n blocks) to `out` and returns the message. Each tree goes through
+    /// the code while it is in cache.
+    fn sender_iteration(
+        &mut self,
+        p: &FerretParams,
+        stock: &[Block],
+        out: &mut Vec<Block>,
+    ) -> Vec<u8> {
+        let dir = self.dir_send();
+        let (code_keys, ot_keys) = stock.split_at(p.k());
+        let code = self.code(p, dir, self.send.iter);
+        let h = p.h;
+        let msg = mpcot::send(
+            p,
+            &mut self.ggm,
+            &self.hash,
+            &mut self.prg,
+            self.delta,
+            ot_keys,
+            dir,
+            self.send.tw,
+            |j, tree| {
+                // Ferret Fig. 7 (primal LPN): y = v ⊕ A·K, rows of tree j
+                code.encode_at(tree, j << h, code_keys);
+                out.extend_from_slice(tree);
+            },
+        );
+        self.send.tw += ot_keys.len() as u64;
+        self.send.iter += 1;
+        msg
+    }
+
+    /// One iteration as the receiver: appends z = w ⊕ A·M (n blocks, choice bits
+    /// x = e ⊕ A·u in the LSBs) to `m`.
+    fn recv_iteration(
+        &mut self,
+        p: &FerretParams,
+        stock: &[Block],
+        msg: &[u8],
+        m: &mut Vec<Block>,
+    ) -> Result<(), OtError> {
+        let dir = 1 - self.dir_send();
+        let (code_m, ot_m) = stock.split_at(p.k());
+        let code = self.code(p, dir, self.recv.iter);
+        let h = p.h;
+        mpcot::recv(
+            p,
+            &mut self.ggm,
+            &self.hash,
+            ot_m,
+            dir,
+            self.recv.tw,
+            msg,
+            |j, tree| {
+                // Ferret Fig. 7 (primal LPN): z = w ⊕ A·M, rows of tree j
+                code.encode_at(tree, j << h, code_m);
+                m.extend_from_slice(tree);
+            },
+        )?;
+        self.recv.tw += ot_m.len() as u64;
+        self.recv.iter += 1;
+        Ok(())
+    }
+
+    /// MAIN iterations an extension of `need` COTs runs when `spare` are held back.
+    fn iterations(&self, need: usize, spare: usize) -> usize {
+        if need <= spare {
+            0
+        } else {
+            (need - spare).div_ceil(self.main.usable())
+        }
+    }
+}
+
+impl RandomCot for Ferret {
+    fn delta(&self) -> Block {
+        self.delta
+    }
+
+    fn extend(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+    ) -> Result<CotBatch, OtError> {
+        self.extend_send(ch, n_send, n_recv)?;
+        self.extend_recv(ch, n_send, n_recv)
+    }
+
+    fn split_extend(&self) -> bool {
+        true
+    }
+
+    fn extend_send(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        _n_recv: usize,
+    ) -> Result<(), OtError> {
+        if self.pending.is_some() {
+            return Err(OtError::BadRequest(
+                "Ferret: extend_send twice without extend_recv".into(),
+            ));
+        }
+        let main = self.main;
+        let mut out = Vec::with_capacity(n_send);
+        self.send.fill(&mut out, n_send);
+        let iters = self.iterations(n_send - out.len(), 0);
+        if iters > 0 {
+            let mut msg = Vec::with_capacity(iters * main.iteration_bytes());
+            for _ in 0..iters {
+                // the sender needs nothing from the peer: all iterations before the flight
+                let mut buf = std::mem::take(&mut self.send.buf);
+                buf.clear();
+                let mut stock = std::mem::take(&mut self.send.stock);
+                msg.extend_from_slice(&self.sender_iteration(&main, &stock, &mut buf));
+                // the last k + t·h outputs are the next stock
+                split_stock(&mut buf, main.usable(), &mut stock);
+                self.send.stock = stock;
+                self.send.buf = buf;
+                self.send.pos = 0;
+                self.send.fill(&mut out, n_send);
+            }
+            ch.send_vec(msg)?;
+        }
+        self.pending = Some(out);
+        Ok(())
+    }
+
+    fn extend_recv(
+        &mut self,
+        ch: &mut dyn Channel,
+        _n_send: usize,
+        n_recv: usize,
+    ) -> Result<CotBatch, OtError> {
+        let Some(send) = self.pending.take() else {
+            return Err(OtError::BadRequest(
+                "Ferret: extend_recv without extend_send".into(),
+            ));
+        };
+        let mut batch = CotBatch::default();
+        batch.send = send;
+        let main = self.main;
+        let mut m = Vec::with_capacity(n_recv);
+        self.recv.fill(&mut m, n_recv);
+        let iters = self.iterations(n_recv - m.len(), 0);
+        if iters > 0 {
+            let msg = ch
+                .recv_exact(iters * main.iteration_bytes())
+                .map_err(|e| OtError::msg("Ferret SPCOT messages", e))?;
+            for part in msg.chunks_exact(main.iteration_bytes()) {
+                let mut buf = std::mem::take(&mut self.recv.buf);
+                buf.clear();
+                let mut stock = std::mem::take(&mut self.recv.stock);
+                let r = self.recv_iteration(&main, &stock, part, &mut buf);
+                if r.is_ok() {
+                    split_stock(&mut buf, main.usable(), &mut stock);
+                }
+                self.recv.stock = stock;
+                self.recv.buf = buf;
+                self.recv.pos = 0;
+                r?;
+                self.recv.fill(&mut m, n_recv);
+            }
+        }
+        batch.recv_bits = m.iter().map(|&x| (x & 1) as u8).collect();
+        batch.recv = m;
+        Ok(batch)
+    }
+
+    fn extend_cost(&self, n_send: usize, n_recv: usize) -> (usize, usize) {
+        let b = self.main.iteration_bytes();
+        (
+            b * self.iterations(n_send, self.send.left()),
+            b * self.iterations(n_recv, self.recv.left()),
+        )
+    }
+
+    fn name(&self) -> &'static str {
+        "ferret"
+    }
+}
