@@ -9,14 +9,15 @@ RUN cargo build --release --locked --bins -p fusion-server -p fusion-client \
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --home-dir /opt/fusion --shell /usr/sbin/nologin fusion \
- && mkdir -p /opt/fusion /certs \
- && chown fusion:fusion /certs
+ && mkdir -p /opt/fusion /certs /reports \
+ && chown fusion:fusion /certs /reports
 COPY --from=builder /src/target/release/fusion-server /src/target/release/fusion-client /usr/local/bin/
 COPY --from=builder /src/models /opt/fusion/models
 COPY --from=builder /src/data /opt/fusion/data
 WORKDIR /opt/fusion
 USER fusion
-# the certs job writes here; a named volume mounted on /certs starts with this ownership
-VOLUME ["/certs"]
+# the certs job writes /certs, the client its cost reports to /reports; a named volume
+# mounted on either starts with this ownership
+VOLUME ["/certs", "/reports"]
 EXPOSE 50051
 CMD ["fusion-client", "--help"]

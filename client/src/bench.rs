@@ -11,6 +11,14 @@
 //!   session per batch size (set-up apart), checked against the fixed-point evaluator:
 //!   in memory (both roles of `fusion_common::backend` on two threads) or over TLS (the
 //!   real `cheetah` runner of an in-process server and [`crate::infer::run_with_info`]).
+//! - `--link lan|wan|wan100|RATE_MBIT/DELAY_MS` (implies `--transport tls`): the client
+//!   reaches the in-process server through the [`LinkEmulator`] (a TCP relay adding the
+//!   profile's one-way delay and rate per direction; the TLS bytes pass unchanged). Each
+//!   run is made twice, first straight over loopback TLS (the compute term), then through
+//!   the link; the report puts the measured time next to the model
+//!   `compute + rounds x one-way delay + bytes / rate` per phase, and the bytes the relay
+//!   carried next to the payload the counting channel saw.
+//! - `--report DIR`: `report.json`, `report.md` and PNG charts (see [`crate::charts`]).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -34,9 +42,32 @@ use fusion_server::runner::{Refusal, Registry, RunnerError, StartInfo};
 use fusion_server::state::{Policy, ServedModel, ServerState, SessionLimits};
 use serde::Serialize;
 
-use crate::infer::{InferError, InferOptions, Inputs, run_with_info};
+use crate::charts::{RunCost, write_report};
+use crate::infer::{InferError, InferOptions, InferOutput, Inputs, run_with_info};
+use crate::link::{LinkEmulator, LinkError, LinkProfile};
 use crate::local::{BUNDLED_MNIST, BUNDLED_MODEL, LocalServer, bundled};
-use crate::report::{CostJson, PhaseCost, StepJson};
+use crate::report::{CostJson, LinkJson, PhaseCost, StepJson, render_tables};
+
+/// Where the compute term of the link model comes from.
+pub const COMPUTE_FROM: &str =
+    "the same run over TLS on loopback without the link, made just before in this process";
+
+/// A `--link` value: the profile and its name as given.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinkArg {
+    /// the profile
+    pub profile: LinkProfile,
+    /// `lan`, `wan`, `wan100` or `RATE_MBIT/DELAY_MS` as given
+    pub label: String,
+}
+
+/// Parses a `--link` value.
+pub fn parse_link(s: &str) -> Result<LinkArg, LinkError> {
+    Ok(LinkArg {
+        profile: LinkProfile::parse(s)?,
+        label: s.to_owned(),
+    })
+}
 
 /// `fusion-client bench ...`
 #[derive(Debug, Args)]
@@ -76,9 +107,17 @@ pub struct InferBenchArgs {
     /// the directory of the MNIST gzip IDX files (default: the bundled data/mnist)
     #[arg(long, env = "FUSION_MNIST_DIR")]
     pub mnist_dir: Option<PathBuf>,
+    /// emulate a link between the parties (implies --transport tls): lan (3 Gbit/s,
+    /// 0.3 ms one way), wan (400 Mbit/s, 40 ms), wan100 (100 Mbit/s, 40 ms) or
+    /// RATE_MBIT/DELAY_MS
+    #[arg(long, env = "FUSION_LINK", value_parser = parse_link)]
+    pub link: Option<LinkArg>,
     /// print JSON (one object, or an array with several --rows)
     #[arg(long)]
     pub json: bool,
+    /// write report.json, report.md and the PNG charts into this directory
+    #[arg(long, env = "FUSION_REPORT_DIR")]
+    pub report: Option<PathBuf>,
 }
 
 /// `fusion-client bench relu ...`
@@ -103,9 +142,16 @@ pub struct ReluArgs {
     /// 1-of-N OT of the millionaire leaves; default: kk13 with IKNP, cots with Ferret
     #[arg(long, value_enum)]
     pub kn: Option<KnArg>,
+    /// emulate a link between the parties (implies --transport tls): lan, wan, wan100 or
+    /// RATE_MBIT/DELAY_MS
+    #[arg(long, env = "FUSION_LINK", value_parser = parse_link)]
+    pub link: Option<LinkArg>,
     /// print one JSON object
     #[arg(long)]
     pub json: bool,
+    /// write report.json, report.md and the PNG charts into this directory
+    #[arg(long, env = "FUSION_REPORT_DIR")]
+    pub report: Option<PathBuf>,
 }
 
 /// The core OT on the command line.
@@ -157,28 +203,55 @@ pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
                 config,
                 ot,
             };
-            let r = run_relu_bench(b, a.transport)?;
+            let r = match &a.link {
+                Some(l) => run_relu_bench_link(b, l)?,
+                None => run_relu_bench(b, a.transport)?,
+            };
+            let mut notes = String::new();
+            if let Some(dir) = &a.report {
+                let run = RunCost {
+                    label: format!("{} ReLUs ({} OT)", r.count, r.ot),
+                    rows: None,
+                    cost: r.cost.clone(),
+                    link: r.link.clone(),
+                };
+                notes = written(&write_report(dir, "bench relu", &r, &[run])?);
+            }
             if a.json {
                 serde_json::to_string(&r).map_err(|e| BenchError::Output(e.to_string()))
             } else {
+                let link = r.link.as_ref().map(LinkJson::render).unwrap_or_default();
                 Ok(format!(
-                    "{} ReLUs, l = {}: {:.0} bits/ReLU, {:.2} us/ReLU, {} rounds, {:.3} s; setup {} B, {} rounds, {:.3} s ({} OT, leaves {} m = {})",
-                    r.count,
-                    r.bits,
-                    r.bits_per_relu,
-                    r.us_per_relu,
-                    r.rounds,
-                    r.seconds,
-                    r.setup.bytes_total,
-                    r.setup.rounds,
-                    r.setup.seconds,
-                    r.ot,
-                    r.kn,
-                    r.leaf_bits
+                    "{}\n{link}\n{}{notes}",
+                    relu_line(&r),
+                    render_tables(&r.cost)
                 ))
             }
         }
     }
+}
+
+fn written(files: &[PathBuf]) -> String {
+    let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    format!("\nwrote {}\n", names.join(", "))
+}
+
+fn relu_line(r: &ReluReport) -> String {
+    format!(
+        "{} ReLUs, l = {}: {:.0} bits/ReLU, {:.2} us/ReLU, {} rounds, {:.3} s; setup {} B, {} rounds, {:.3} s ({} OT, leaves {} m = {})",
+        r.count,
+        r.bits,
+        r.bits_per_relu,
+        r.us_per_relu,
+        r.rounds,
+        r.seconds,
+        r.setup.bytes_total,
+        r.setup.rounds,
+        r.setup.seconds,
+        r.ot,
+        r.kn,
+        r.leaf_bits
+    )
 }
 
 /// Runs `bench infer` and returns the text to print.
@@ -195,14 +268,37 @@ fn run_infer_cmd(a: &InferBenchArgs) -> Result<String, BenchError> {
     };
     let images = mnist::read_images(&Split::Test.images_path(&dir))
         .map_err(|e| BenchError::Setup(e.to_string()))?;
-    let reports = run_infer_bench(&model_path, &images, &a.rows, a.output, a.transport)?;
-    if a.json {
-        let out = if reports.len() == 1 {
-            serde_json::to_string_pretty(&reports[0])
+    let reports = run_infer_bench(
+        &model_path,
+        &images,
+        &a.rows,
+        a.output,
+        a.transport,
+        a.link.as_ref(),
+    )?;
+    let json = |r: &[InferReport]| {
+        if r.len() == 1 {
+            serde_json::to_string_pretty(&r[0])
         } else {
-            serde_json::to_string_pretty(&reports)
+            serde_json::to_string_pretty(r)
+        }
+    };
+    let mut notes = String::new();
+    if let Some(dir) = &a.report {
+        let runs: Vec<RunCost> = reports.iter().map(InferReport::run_cost).collect();
+        let title = match &a.link {
+            Some(l) => format!("bench infer, link {}", l.label),
+            None => format!("bench infer, {}", reports[0].transport),
         };
-        return out.map_err(|e| BenchError::Output(e.to_string()));
+        let files = if reports.len() == 1 {
+            write_report(dir, &title, &reports[0], &runs)?
+        } else {
+            write_report(dir, &title, &reports, &runs)?
+        };
+        notes = written(&files);
+    }
+    if a.json {
+        return json(&reports).map_err(|e| BenchError::Output(e.to_string()));
     }
     let mut s = String::new();
     for r in &reports {
@@ -220,17 +316,14 @@ fn run_infer_cmd(a: &InferBenchArgs) -> Result<String, BenchError> {
             r.setup.seconds,
             r.verified
         ));
-        for st in &r.steps {
-            s.push_str(&format!(
-                "    {:<20} sent {:>12}  received {:>12}  rounds {:>3}  {:.4} s\n",
-                st.step,
-                fusion_common::cost::group(st.bytes_sent),
-                fusion_common::cost::group(st.bytes_received),
-                st.rounds,
-                st.seconds
-            ));
+        if let Some(l) = &r.link {
+            s.push_str(&l.render());
         }
+        s.push('\n');
+        s.push_str(&render_tables(&r.cost));
+        s.push('\n');
     }
+    s.push_str(&notes);
     Ok(s)
 }
 
@@ -263,6 +356,26 @@ pub struct InferReport {
     pub ms_per_row_online: f64,
     /// whether the labels (and logits) equal the fixed-point evaluator's (always checked)
     pub verified: bool,
+    /// per layer (the steps summed by the part of their name before `/`), client side
+    pub layers: Vec<StepCost>,
+    /// through the link emulator: the profile, wire bytes and measured time against the
+    /// model per phase (null without `--link`)
+    pub link: Option<LinkJson>,
+    /// the counting channel's report the figures come from
+    #[serde(skip)]
+    pub cost: CostReport,
+}
+
+impl InferReport {
+    /// The run as the report writer takes it.
+    pub fn run_cost(&self) -> RunCost {
+        RunCost {
+            label: format!("{} row{}", self.rows, if self.rows == 1 { "" } else { "s" }),
+            rows: Some(self.rows),
+            cost: self.cost.clone(),
+            link: self.link.clone(),
+        }
+    }
 }
 
 /// The first `rows` MNIST images of `images` (cycled), as pixels.
@@ -322,6 +435,9 @@ fn infer_report(
         ms_per_row_online: c.online.seconds * 1e3 / n,
         steps: c.steps,
         verified: true,
+        layers: c.layers,
+        link: None,
+        cost: cost.clone(),
     }
 }
 
@@ -379,6 +495,7 @@ pub fn run_infer_bench(
     rows: &[usize],
     output: OutputMode,
     transport: Transport,
+    link: Option<&LinkArg>,
 ) -> Result<Vec<InferReport>, BenchError> {
     if rows.is_empty() || rows.contains(&0) {
         return Err(BenchError::Setup(
@@ -388,6 +505,12 @@ pub fn run_infer_bench(
     let config = CheetahConfig::default();
     let model = Model::load(model_path).map_err(|e| BenchError::Setup(e.to_string()))?;
     let fm = model.fixed_model();
+    // a link implies the product transport
+    let transport = if link.is_some() {
+        Transport::Tls
+    } else {
+        transport
+    };
     match transport {
         Transport::Memory => rows
             .iter()
@@ -415,6 +538,21 @@ pub fn run_infer_bench(
                 .await
                 .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
             let info = client.model_info().await.map_err(InferError::from)?;
+            // Through the link: a second client whose connection goes through the relay
+            // (the TLS handshake and HTTP/2 set-up done here, before the counters are read).
+            let linked = match link {
+                Some(l) => {
+                    let emu = LinkEmulator::start(server.handle.local_addr(), l.profile)
+                        .map_err(|e| BenchError::Setup(e.to_string()))?;
+                    let c = server
+                        .client_at(emu.local_addr().port())
+                        .await
+                        .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
+                    c.model_info().await.map_err(InferError::from)?;
+                    Some((l, emu, c))
+                }
+                None => None,
+            };
             let mut reports = Vec::new();
             for &n in rows {
                 let x = fm.encode_images(&first_images(images, n));
@@ -424,13 +562,26 @@ pub fn run_infer_bench(
                     ..InferOptions::default()
                 };
                 let out = run_with_info(&client, &info, Inputs::Encoded(&x), &opts).await?;
-                let ring = fm.fixed_point().ring();
-                let logits: Option<Vec<u64>> = out
-                    .logits
-                    .as_ref()
-                    .map(|l| l.iter().flatten().map(|&v| ring.from_signed(v)).collect());
-                verify(fm, &x, &out.labels, logits.as_deref())?;
-                reports.push(infer_report(n, "tls", output, &out.cost, &config));
+                verify_output(fm, &x, &out)?;
+                let direct = infer_report(n, "tls", output, &out.cost, &config);
+                let Some((l, emu, c)) = &linked else {
+                    reports.push(direct);
+                    continue;
+                };
+                let before = emu.counters().snapshot();
+                let out = run_with_info(c, &info, Inputs::Encoded(&x), &opts).await?;
+                let after = emu.counters().snapshot();
+                verify_output(fm, &x, &out)?;
+                let mut r = infer_report(n, "tls+link", output, &out.cost, &config);
+                r.link = Some(LinkJson::new(
+                    &l.profile,
+                    &l.label,
+                    COMPUTE_FROM,
+                    (after.0 - before.0, after.1 - before.1),
+                    (&r.setup, &r.online),
+                    (&direct.setup, &direct.online),
+                ));
+                reports.push(r);
             }
             server
                 .shutdown()
@@ -439,6 +590,16 @@ pub fn run_infer_bench(
             Ok(reports)
         }),
     }
+}
+
+/// Checks a TLS run's labels (and logits) against the evaluator.
+fn verify_output(model: &FixedModel, x: &[u64], out: &InferOutput) -> Result<(), BenchError> {
+    let ring = model.fixed_point().ring();
+    let logits: Option<Vec<u64>> = out
+        .logits
+        .as_ref()
+        .map(|l| l.iter().flatten().map(|&v| ring.from_signed(v)).collect());
+    verify(model, x, &out.labels, logits.as_deref())
 }
 
 /// Which transport carries the two parties' messages.
@@ -531,6 +692,14 @@ pub struct ReluReport {
     /// peak resident memory of the whole process (both parties), bytes, from `VmHWM` in
     /// `/proc/self/status` (null where unavailable)
     pub peak_memory_bytes: Option<u64>,
+    /// the client's steps (`setup`, `relu`)
+    pub steps: Vec<StepJson>,
+    /// through the link emulator: the profile, wire bytes and measured time against the
+    /// model per phase (`online` is the ReLU batch; null without `--link`)
+    pub link: Option<LinkJson>,
+    /// the client's counting-channel report
+    #[serde(skip)]
+    pub cost: CostReport,
 }
 
 /// The process's peak resident set (`VmHWM`, Linux), bytes.
@@ -586,6 +755,9 @@ pub enum BenchError {
     /// the report could not be rendered
     #[error("output: {0}")]
     Output(String),
+    /// the report directory could not be written
+    #[error(transparent)]
+    Report(#[from] crate::charts::ReportError),
 }
 
 /// Runs the bench over the chosen transport.
@@ -595,11 +767,35 @@ pub fn run_relu_bench(b: ReluBench, transport: Transport) -> Result<ReluReport, 
             let (s, c) = memory_pair();
             run_relu_bench_over(b, s, c, "memory")
         }
-        Transport::Tls => run_relu_bench_tls(b),
+        Transport::Tls => run_relu_bench_tls(b, None).map(|(r, _)| r),
     }
 }
 
-type PartyOut = (Vec<u64>, StepCost, StepCost, Option<f64>);
+/// The bench over TLS twice: straight on loopback (the compute term), then through the
+/// link emulator; the second run's report with the link model.
+pub fn run_relu_bench_link(b: ReluBench, link: &LinkArg) -> Result<ReluReport, BenchError> {
+    let (direct, _) = run_relu_bench_tls(b, None)?;
+    let (mut r, wire) = run_relu_bench_tls(b, Some(link.profile))?;
+    let phase = |p: &Phase| PhaseCost {
+        bytes_sent: p.bytes_sent,
+        bytes_received: p.bytes_received,
+        rounds: p.rounds,
+        seconds: p.seconds,
+        ..PhaseCost::default()
+    };
+    r.transport = "tls+link".into();
+    r.link = Some(LinkJson::new(
+        &link.profile,
+        &link.label,
+        COMPUTE_FROM,
+        wire,
+        (&phase(&r.setup), &phase(&r.relu)),
+        (&phase(&direct.setup), &phase(&direct.relu)),
+    ));
+    Ok(r)
+}
+
+type PartyOut = (Vec<u64>, StepCost, StepCost, Option<f64>, CostReport);
 
 /// The server's job of a TLS bench: its shares, and where to put its result.
 type ServerJob = (
@@ -611,8 +807,13 @@ type ServerJob = (
 const BENCH_RELU: &str = "bench-relu";
 
 /// The ReLU bench over the product transport: the server role runs as the session
-/// runner of a real server in this process, the client role over gRPC and TLS.
-fn run_relu_bench_tls(b: ReluBench) -> Result<ReluReport, BenchError> {
+/// runner of a real server in this process, the client role over gRPC and TLS (through
+/// the link emulator when `link` is given: then also the bytes it relayed each way
+/// during the session).
+fn run_relu_bench_tls(
+    b: ReluBench,
+    link: Option<LinkProfile>,
+) -> Result<(ReluReport, (u64, u64)), BenchError> {
     let ring = Ring::new(b.bits)?;
     let mut rng = rand::rng();
     let x: Vec<u64> = (0..b.count).map(|_| ring.random(&mut rng)).collect();
@@ -646,24 +847,41 @@ fn run_relu_bench_tls(b: ReluBench) -> Result<ReluReport, BenchError> {
         let server = LocalServer::start(state, registry)
             .await
             .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
-        let client = server
-            .client()
-            .await
-            .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
+        let emu = link
+            .map(|p| LinkEmulator::start(server.handle.local_addr(), p))
+            .transpose()
+            .map_err(|e| BenchError::Setup(e.to_string()))?;
+        let client = match &emu {
+            Some(e) => server.client_at(e.local_addr().port()).await,
+            None => server.client().await,
+        }
+        .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
+        // the TLS handshake and HTTP/2 set-up before the counters are read
+        client.model_info().await.map_err(InferError::from)?;
+        let before = emu.as_ref().map(|e| e.counters().snapshot());
         let out = client
             .session(SessionStart::new(BENCH_RELU), move |ch, _| {
                 party(ch, Party::Client, b, ring, x1)
             })
             .await
             .map_err(|e| BenchError::Setup(format!("the TLS session failed: {e}")));
+        let wire = match (&emu, before) {
+            (Some(e), Some(b)) => {
+                let a = e.counters().snapshot();
+                (a.0 - b.0, a.1 - b.1)
+            }
+            _ => (0, 0),
+        };
         server
             .shutdown()
             .await
             .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
-        out
+        out.map(|o| (o, wire))
     })?;
+    let (client_out, wire) = client_out;
     let rs = rx.recv().map_err(|_| BenchError::Panicked)?;
-    relu_report(b, ring, &x, Ok(client_out.value), rs, "tls")
+    let r = relu_report(b, ring, &x, Ok(client_out.value), rs, "tls")?;
+    Ok((r, wire))
 }
 
 fn party(
@@ -683,11 +901,13 @@ fn party(
     let y = s.relu(&mut ch, ring, &x)?;
     let secs = t.elapsed().as_secs_f64();
     let cpu = cpu0.and_then(|a| thread_cpu().map(|b| b - a));
-    ch.set_step("end");
-    let r = ch.report();
+    let mut r = ch.report();
+    for s in r.steps.iter_mut().filter(|s| s.step == "relu") {
+        s.seconds = secs;
+    }
     let mut relu = r.total_with_prefix("relu");
     relu.seconds = secs;
-    Ok((y, r.total_with_prefix("setup"), relu, cpu))
+    Ok((y, r.total_with_prefix("setup"), relu, cpu, r))
 }
 
 /// Runs the bench over a connected pair of channels (server end, client end).
@@ -723,11 +943,11 @@ fn relu_report(
     rs: Result<PartyOut, MpcError>,
     transport: &str,
 ) -> Result<ReluReport, BenchError> {
-    let (y1, setup, relu, cpu_c) = rc.map_err(|source| BenchError::Protocol {
+    let (y1, setup, relu, cpu_c, cost) = rc.map_err(|source| BenchError::Protocol {
         party: Party::Client,
         source,
     })?;
-    let (y0, _, srelu, cpu_s) = rs.map_err(|source| BenchError::Protocol {
+    let (y0, _, srelu, cpu_s, _) = rs.map_err(|source| BenchError::Protocol {
         party: Party::Server,
         source,
     })?;
@@ -765,6 +985,9 @@ fn relu_report(
         cpu_seconds_server: cpu_s,
         cpu_seconds_client: cpu_c,
         peak_memory_bytes: peak_memory(),
+        steps: CostJson::from_report(&cost).steps,
+        link: None,
+        cost,
     })
 }
 
@@ -803,9 +1026,24 @@ mod tests {
         let model = bundled(BUNDLED_MODEL).unwrap();
         let dir = bundled(BUNDLED_MNIST).unwrap();
         let images = mnist::read_images(&Split::Test.images_path(&dir)).unwrap();
-        let m =
-            run_infer_bench(&model, &images, &[2], OutputMode::Logits, Transport::Memory).unwrap();
-        let t = run_infer_bench(&model, &images, &[2], OutputMode::Logits, Transport::Tls).unwrap();
+        let m = run_infer_bench(
+            &model,
+            &images,
+            &[2],
+            OutputMode::Logits,
+            Transport::Memory,
+            None,
+        )
+        .unwrap();
+        let t = run_infer_bench(
+            &model,
+            &images,
+            &[2],
+            OutputMode::Logits,
+            Transport::Tls,
+            None,
+        )
+        .unwrap();
         for r in m.iter().chain(&t) {
             assert!(r.verified && r.rows == 2);
             assert!(r.setup.bytes_total() > 0 && r.online.rounds > 0);
@@ -840,6 +1078,153 @@ mod tests {
         assert_eq!(v["steps"][0]["layer"], "setup");
     }
 
+    /// Through the link emulator: every payload byte the counting channel saw crossed the
+    /// relay's sockets (per direction), the rest is TLS/HTTP2/gRPC overhead reported
+    /// apart and bounded, and the payload equals the in-memory run's byte for byte.
+    #[test]
+    fn relu_bench_through_a_link_puts_wire_bytes_next_to_the_counted_payload() {
+        fusion_common::net::install_crypto_provider();
+        let b = ReluBench {
+            count: 3000,
+            bits: 32,
+            config: MpcConfig::default(),
+            ot: OtKind::Iknp,
+        };
+        let mem = run_relu_bench(b, Transport::Memory).unwrap();
+        let link = parse_link("2000/0.1").unwrap();
+        let r = run_relu_bench_link(b, &link).unwrap();
+        assert!(r.verified);
+        assert_eq!(r.transport, "tls+link");
+        let l = r.link.as_ref().unwrap();
+        assert_eq!((l.profile.as_str(), l.rate_mbit), ("2000/0.1", 2000.0));
+        assert!((l.one_way_delay_ms - 0.1).abs() < 1e-12);
+        // the protocol's bytes do not depend on the carrier
+        let payload = r.setup.bytes_total + r.relu.bytes_total;
+        assert_eq!(payload, mem.setup.bytes_total + mem.bytes_total);
+        assert_eq!(l.payload_bytes, payload);
+        // per direction, the relay carried at least the payload
+        let sent = r.setup.bytes_sent + r.relu.bytes_sent;
+        let received = r.setup.bytes_received + r.relu.bytes_received;
+        assert!(l.wire_bytes_up >= sent, "{} < {sent}", l.wire_bytes_up);
+        assert!(
+            l.wire_bytes_down >= received,
+            "{} < {received}",
+            l.wire_bytes_down
+        );
+        let wire = l.wire_bytes_up + l.wire_bytes_down;
+        assert_eq!(l.overhead_bytes, wire - payload);
+        // framing costs a few bytes per frame and record, not a multiple of the payload
+        assert!(
+            l.overhead_bytes > 0 && l.overhead_bytes < payload / 10 + 64 * 1024,
+            "overhead {} for payload {payload}",
+            l.overhead_bytes
+        );
+        // the model's terms add up, from the counted rounds and bytes
+        for (p, phase) in [(&l.setup, &r.setup), (&l.online, &r.relu)] {
+            assert_eq!((p.rounds, p.bytes), (phase.rounds, phase.bytes_total));
+            assert!((p.latency_seconds - p.rounds as f64 * 1e-4).abs() < 1e-12);
+            assert!((p.transfer_seconds - p.bytes as f64 * 8.0 / 2e9).abs() < 1e-12);
+            let sum = p.compute_seconds + p.latency_seconds + p.transfer_seconds;
+            assert!((p.model_seconds - sum).abs() < 1e-12);
+            assert_eq!(p.measured_seconds, phase.seconds);
+        }
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["link"]["compute_from"], COMPUTE_FROM);
+        assert_eq!(v["steps"][0]["step"], "setup");
+    }
+
+    /// `bench infer --json` over a sweep: an array of complete per-run objects, and
+    /// `--report` writes the JSON (the same array), the Markdown and the charts.
+    #[test]
+    fn infer_bench_sweep_json_is_complete_and_the_report_dir_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = BenchArgs {
+            what: BenchCmd::Infer(InferBenchArgs {
+                rows: vec![1, 3],
+                transport: Transport::Memory,
+                output: OutputMode::Labels,
+                model: None,
+                mnist_dir: None,
+                link: None,
+                json: true,
+                report: Some(dir.path().to_owned()),
+            }),
+        };
+        let out = run(&args).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let runs = v.as_array().unwrap();
+        assert_eq!(runs.len(), 2);
+        for (r, rows) in runs.iter().zip([1, 3]) {
+            assert_eq!(r["rows"], rows);
+            for k in [
+                "backend",
+                "ot",
+                "kn",
+                "leaf_bits",
+                "transport",
+                "output",
+                "setup",
+                "online",
+                "steps",
+                "layers",
+                "bytes_per_row_online",
+                "ms_per_row_online",
+                "verified",
+                "link",
+            ] {
+                assert!(r.get(k).is_some(), "{k} missing");
+            }
+            for phase in ["setup", "online"] {
+                for k in [
+                    "bytes_sent",
+                    "bytes_received",
+                    "messages_sent",
+                    "messages_received",
+                    "rounds",
+                    "seconds",
+                ] {
+                    assert!(r[phase][k].is_number(), "{phase}.{k}");
+                }
+            }
+            assert!(r["link"].is_null());
+            // the layers sum to the steps
+            let sum = |key: &str, k: &str| -> u64 {
+                r[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s[k].as_u64().unwrap())
+                    .sum()
+            };
+            assert_eq!(sum("steps", "bytes_sent"), sum("layers", "bytes_sent"));
+            assert_eq!(sum("steps", "rounds"), sum("layers", "rounds"));
+            let layers: Vec<&str> = r["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["step"].as_str().unwrap())
+                .collect();
+            assert_eq!(layers.first(), Some(&"setup"));
+            assert!(layers.contains(&"layer1") && layers.contains(&"output"));
+        }
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap())
+                .unwrap();
+        assert_eq!(written.as_array().map(Vec::len), Some(2));
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("## 3 rows") && md.contains("| **online** |"));
+        for f in ["layers-1-row.png", "layers-3-rows.png", "sweep.png"] {
+            assert!(dir.path().join(f).exists(), "{f}");
+        }
+    }
+
+    #[test]
+    fn link_flags_parse_and_refuse_nonsense() {
+        assert_eq!(parse_link("wan").unwrap().profile, LinkProfile::WAN);
+        assert_eq!(parse_link("100/40").unwrap().label, "100/40");
+        assert!(parse_link("fast").is_err());
+    }
+
     #[test]
     fn relu_bench_over_ferret_reports_the_ot_and_memory() {
         let args = BenchArgs {
@@ -850,7 +1235,9 @@ mod tests {
                 ot: OtArg::Ferret,
                 leaf_bits: None,
                 kn: None,
+                link: None,
                 json: true,
+                report: None,
             }),
         };
         let out = run(&args).unwrap();

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
-use fusion_common::cost::render_table;
 use fusion_common::fixed::eval_fixed;
 use fusion_common::nn::mnist::{self, Split};
 use fusion_common::nn::{Model, ModelDigest};
@@ -18,10 +17,11 @@ use fusion_server::runner::Registry;
 use fusion_server::state::{Policy, ServedModel, ServerState, SessionLimits};
 use serde::Serialize;
 
+use crate::charts::{RunCost, write_report};
 use crate::infer::{InferOptions, Inputs, run_with_info};
 use crate::info_cmd::render_info;
 use crate::local::{BUNDLED_MNIST, BUNDLED_MODEL, LocalServer, bundled};
-use crate::report::CostJson;
+use crate::report::{CostJson, render_tables};
 
 /// Flags of `demo`.
 #[derive(Debug, Args)]
@@ -38,6 +38,9 @@ pub struct DemoArgs {
     /// Print the results and the cost report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Write report.json, report.md and the PNG chart of the costs into this directory.
+    #[arg(long, env = "FUSION_REPORT_DIR")]
+    pub report: Option<PathBuf>,
 }
 
 /// What `demo --json` prints.
@@ -120,13 +123,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stats = server.handle.stats();
     server.shutdown().await?;
 
+    let j = DemoJson {
+        labels: out.labels.clone(),
+        evaluator_labels: evaluator.clone(),
+        true_labels: test.labels().to_vec(),
+        cost: CostJson::from_report(&out.cost),
+    };
+    let written = match &args.report {
+        Some(dir) => {
+            let run = RunCost {
+                label: format!("{n} rows"),
+                rows: Some(n),
+                cost: out.cost.clone(),
+                link: None,
+            };
+            write_report(dir, "demo", &j, &[run])?
+        }
+        None => vec![],
+    };
     if args.json {
-        let j = DemoJson {
-            labels: out.labels.clone(),
-            evaluator_labels: evaluator,
-            true_labels: test.labels().to_vec(),
-            cost: CostJson::from_report(&out.cost),
-        };
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
@@ -160,7 +175,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "\ncost of session {} (client side; setup once per session, online per batch)\n",
         out.session_id
     );
-    print!("{}", render_table(&out.cost));
+    print!("{}", render_tables(&out.cost));
+    for p in written {
+        println!("wrote {}", p.display());
+    }
     println!(
         "\nserver        {} session(s) accepted, {} finished cleanly, {} refused TLS handshakes",
         stats.sessions_accepted, stats.sessions_ok, stats.handshakes_failed

@@ -25,7 +25,6 @@ use fusion_common::backend::{
     ModelSpec, OutputMode, SecureInference,
 };
 use fusion_common::channel::{Channel, CostReport};
-use fusion_common::cost::render_table;
 use fusion_common::fixed::FixedPoint;
 use fusion_common::net::{ModelSummary, ServiceInfo, SessionStart};
 use fusion_common::nn::mnist::{self, Split};
@@ -35,7 +34,7 @@ use serde::Serialize;
 use crate::args::ConnectArgs;
 use crate::client::{Client, ClientError};
 use crate::local::{BUNDLED_MNIST, bundled};
-use crate::report::CostJson;
+use crate::report::{CostJson, render_tables};
 
 /// The rows to infer.
 #[derive(Debug, Clone, Copy)]
@@ -309,6 +308,9 @@ pub struct InferArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Write report.json, report.md and the PNG chart of the costs into this directory.
+    #[arg(long, env = "FUSION_REPORT_DIR")]
+    pub report: Option<PathBuf>,
 }
 
 /// What `infer --json` prints.
@@ -366,26 +368,41 @@ pub async fn run_cmd(args: InferArgs) -> anyhow::Result<()> {
         ..InferOptions::default()
     };
     let out = run_with_info(&client, &info, Inputs::Pixels(&pixels), &opts).await?;
+    let json = InferJson {
+        backend: out.backend.name().into(),
+        output: out.output,
+        rows: out.labels.len(),
+        batches: out.batches,
+        labels: out.labels.clone(),
+        logits: out.logits.as_ref().map(|l| {
+            l.iter()
+                .map(|r| r.iter().map(|&v| decode(v, out.scale_bits)).collect())
+                .collect()
+        }),
+        scale_bits: out.logits.as_ref().map(|_| out.scale_bits),
+        true_labels: truth.clone(),
+        cost: CostJson::from_report(&out.cost),
+    };
+    let written = match &args.report {
+        Some(dir) => {
+            let run = crate::charts::RunCost {
+                label: format!("session {}, {} rows", out.session_id, out.labels.len()),
+                rows: Some(out.labels.len()),
+                cost: out.cost.clone(),
+                link: None,
+            };
+            crate::charts::write_report(dir, "infer", &json, &[run])?
+        }
+        None => vec![],
+    };
     if args.json {
-        let j = InferJson {
-            backend: out.backend.name().into(),
-            output: out.output,
-            rows: out.labels.len(),
-            batches: out.batches,
-            labels: out.labels.clone(),
-            logits: out.logits.as_ref().map(|l| {
-                l.iter()
-                    .map(|r| r.iter().map(|&v| decode(v, out.scale_bits)).collect())
-                    .collect()
-            }),
-            scale_bits: out.logits.as_ref().map(|_| out.scale_bits),
-            true_labels: truth,
-            cost: CostJson::from_report(&out.cost),
-        };
-        println!("{}", serde_json::to_string_pretty(&j)?);
+        println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
     print!("{}", render_output(&out, truth.as_deref()));
+    for p in written {
+        println!("wrote {}", p.display());
+    }
     Ok(())
 }
 
@@ -432,6 +449,6 @@ pub fn render_output(out: &InferOutput, truth: Option<&[u8]>) -> String {
         let _ = writeln!(s, "\n{right} of {} labels equal the true labels", t.len());
     }
     let _ = writeln!(s, "\ncost (client side)\n");
-    s.push_str(&render_table(&out.cost));
+    s.push_str(&render_tables(&out.cost));
     s
 }

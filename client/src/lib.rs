@@ -6,6 +6,7 @@
 pub mod args;
 pub mod attack;
 pub mod bench;
+pub mod charts;
 pub mod client;
 pub mod demo;
 pub mod echo;

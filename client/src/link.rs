@@ -113,6 +113,16 @@ pub struct LinkCounters {
     pub downstream_bytes: AtomicU64,
 }
 
+impl LinkCounters {
+    /// (client -> server, server -> client) bytes so far.
+    pub fn snapshot(&self) -> (u64, u64) {
+        (
+            self.upstream_bytes.load(Ordering::Relaxed),
+            self.downstream_bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// A running relay. Dropping it stops accepting new connections; open ones end when either
 /// side closes.
 #[derive(Debug)]

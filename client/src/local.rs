@@ -68,6 +68,24 @@ impl LocalServer {
         .await?)
     }
 
+    /// Connects as the bundle's client to another port of 127.0.0.1 that leads to this
+    /// server (a relay such as [`crate::link::LinkEmulator`]), checking the server's
+    /// certificate against the name `localhost`.
+    pub async fn client_at(&self, port: u16) -> anyhow::Result<Client> {
+        let cert = self
+            .pki
+            .clients
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no client certificate was made"))?;
+        Ok(Client::connect(
+            &ServerAddress::new("127.0.0.1", port),
+            Some("localhost"),
+            &cert.identity(),
+            self.pki.ca_pem.as_bytes(),
+        )
+        .await?)
+    }
+
     /// Stops the server.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.handle.shutdown().await?;
