@@ -176,13 +176,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         out.session_id
     );
     print!("{}", render_tables(&out.cost));
-    for p in written {
-        println!("wrote {}", p.display());
-    }
     println!(
         "\nserver        {} session(s) accepted, {} finished cleanly, {} refused TLS handshakes",
         stats.sessions_accepted, stats.sessions_ok, stats.handshakes_failed
     );
+    for p in written {
+        println!("wrote {}", p.display());
+    }
     if !same {
         anyhow::bail!("the secure labels differ from the fixed-point evaluator's");
     }
