@@ -132,9 +132,10 @@ pub struct ReluArgs {
     /// transport between the two parties
     #[arg(long, value_enum, default_value_t = Transport::Memory)]
     pub transport: Transport,
-    /// core OT extension (Ferret by default, as in the backend)
-    #[arg(long, value_enum, default_value_t = OtArg::Ferret)]
-    pub ot: OtArg,
+    /// core OT extension (Ferret by default, as in the backend); a comma list
+    /// (iknp,ferret) runs one bench per kind and compares them
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ferret")]
+    pub ot: Vec<OtArg>,
     /// bits per millionaire leaf (m of the 1-of-2^m OTs); default: the core OT's
     /// recommended value (6 for IKNP, 4 for Ferret)
     #[arg(long)]
@@ -185,50 +186,77 @@ pub enum KnArg {
 pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
     match &args.what {
         BenchCmd::Infer(a) => run_infer_cmd(a),
-        BenchCmd::Relu(a) => {
-            let ot = OtKind::from(a.ot);
-            let rec = MpcConfig::recommended(ot);
-            let config = MpcConfig {
-                leaf_bits: a.leaf_bits.unwrap_or(rec.leaf_bits),
-                kn: match a.kn {
-                    None => rec.kn,
-                    Some(KnArg::Kk13) => KkotConfig::Kk13,
-                    Some(KnArg::Cots) => KkotConfig::FromCots,
-                },
-                ..rec
-            };
-            let b = ReluBench {
-                count: a.count,
-                bits: a.bits,
-                config,
-                ot,
-            };
-            let r = match &a.link {
-                Some(l) => run_relu_bench_link(b, l)?,
-                None => run_relu_bench(b, a.transport)?,
-            };
-            let mut notes = String::new();
-            if let Some(dir) = &a.report {
-                let run = RunCost {
-                    label: format!("{} ReLUs ({} OT)", r.count, r.ot),
-                    rows: None,
-                    cost: r.cost.clone(),
-                    link: r.link.clone(),
-                };
-                notes = written(&write_report(dir, "bench relu", &r, &[run])?);
-            }
-            if a.json {
-                serde_json::to_string(&r).map_err(|e| BenchError::Output(e.to_string()))
-            } else {
-                let link = r.link.as_ref().map(LinkJson::render).unwrap_or_default();
-                Ok(format!(
-                    "{}\n{link}\n{}{notes}",
-                    relu_line(&r),
-                    render_tables(&r.cost)
-                ))
-            }
-        }
+        BenchCmd::Relu(a) => run_relu_cmd(a),
     }
+}
+
+/// Runs `bench relu` (one bench per `--ot` value) and returns the text to print.
+fn run_relu_cmd(a: &ReluArgs) -> Result<String, BenchError> {
+    if a.ot.is_empty() {
+        return Err(BenchError::Setup("--ot needs at least one OT kind".into()));
+    }
+    let mut reports = Vec::new();
+    for &o in &a.ot {
+        let ot = OtKind::from(o);
+        let rec = MpcConfig::recommended(ot);
+        let config = MpcConfig {
+            leaf_bits: a.leaf_bits.unwrap_or(rec.leaf_bits),
+            kn: match a.kn {
+                None => rec.kn,
+                Some(KnArg::Kk13) => KkotConfig::Kk13,
+                Some(KnArg::Cots) => KkotConfig::FromCots,
+            },
+            ..rec
+        };
+        let b = ReluBench {
+            count: a.count,
+            bits: a.bits,
+            config,
+            ot,
+        };
+        reports.push(match &a.link {
+            Some(l) => run_relu_bench_link(b, l)?,
+            None => run_relu_bench(b, a.transport)?,
+        });
+    }
+    let mut notes = String::new();
+    if let Some(dir) = &a.report {
+        let runs: Vec<RunCost> = reports
+            .iter()
+            .map(|r| RunCost {
+                label: format!("{} OT", r.ot),
+                rows: None,
+                cost: r.cost.clone(),
+                link: r.link.clone(),
+            })
+            .collect();
+        let title = format!("bench relu, {} ReLUs, {}", a.count, reports[0].transport);
+        let files = if reports.len() == 1 {
+            write_report(dir, &title, &reports[0], &runs)?
+        } else {
+            write_report(dir, &title, &reports, &runs)?
+        };
+        notes = written(&files);
+    }
+    if a.json {
+        let out = if reports.len() == 1 {
+            serde_json::to_string(&reports[0])
+        } else {
+            serde_json::to_string(&reports)
+        };
+        return out.map_err(|e| BenchError::Output(e.to_string()));
+    }
+    let mut s = String::new();
+    for r in &reports {
+        let link = r.link.as_ref().map(LinkJson::render).unwrap_or_default();
+        s.push_str(&format!(
+            "{}\n{link}\n{}\n",
+            relu_line(r),
+            render_tables(&r.cost)
+        ));
+    }
+    s.push_str(&notes);
+    Ok(s)
 }
 
 fn written(files: &[PathBuf]) -> String {
@@ -1227,21 +1255,25 @@ mod tests {
 
     #[test]
     fn relu_bench_over_ferret_reports_the_ot_and_memory() {
+        let dir = tempfile::tempdir().unwrap();
         let args = BenchArgs {
             what: BenchCmd::Relu(ReluArgs {
                 count: 500,
                 bits: 37,
                 transport: Transport::Memory,
-                ot: OtArg::Ferret,
+                ot: vec![OtArg::Iknp, OtArg::Ferret],
                 leaf_bits: None,
                 kn: None,
                 link: None,
                 json: true,
-                report: None,
+                report: Some(dir.path().to_owned()),
             }),
         };
         let out = run(&args).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let runs: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(runs.as_array().map(Vec::len), Some(2));
+        assert_eq!(runs[0]["ot"], "iknp");
+        let v = &runs[1];
         assert_eq!(v["ot"], "ferret");
         assert_eq!(v["kn"], "cots");
         assert_eq!(v["verified"], true);
@@ -1250,5 +1282,15 @@ mod tests {
         // 500 ReLUs come out of the bootstrap's spare COTs: protocol bytes only
         assert!(v["bits_per_relu"].as_f64().unwrap() < 480.0);
         assert!(v["peak_memory_bytes"].as_u64().unwrap_or(1) > 0);
+        // the two OT kinds compared in the report directory
+        for f in [
+            "report.json",
+            "report.md",
+            "layers-iknp-OT.png",
+            "layers-ferret-OT.png",
+            "sweep.png",
+        ] {
+            assert!(dir.path().join(f).exists(), "{f}");
+        }
     }
 }
