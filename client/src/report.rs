@@ -163,7 +163,8 @@ pub struct PhaseModel {
     /// (measured - compute - transfer) / one-way delay: how many one-way delays the run
     /// actually waited for, to set against `rounds` (fewer when both parties send in the
     /// same flight: the client counts both directions, the wire carries them at once);
-    /// null for a link without delay
+    /// null for a link without delay, and where the latency term is smaller than the
+    /// compute term (then the compute term's noise swamps it)
     pub effective_flights: Option<f64>,
 }
 
@@ -184,9 +185,11 @@ impl PhaseModel {
                 measured.rounds,
                 measured.bytes_total(),
             ),
-            effective_flights: (link.delay.as_secs_f64() > 0.0).then(|| {
-                (measured.seconds - compute.seconds - transfer) / link.delay.as_secs_f64()
-            }),
+            // Only where waiting dominates: otherwise the run-to-run noise of the compute
+            // term swamps the delays (on a LAN this would print nonsense, even negatives).
+            effective_flights: (link.delay.as_secs_f64() > 0.0 && latency >= compute.seconds).then(
+                || (measured.seconds - compute.seconds - transfer) / link.delay.as_secs_f64(),
+            ),
         }
     }
 }
@@ -295,6 +298,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn link_model_terms_and_effective_flights() {
+        let wan = LinkProfile::WAN;
+        let phase = |rounds, bytes, seconds| PhaseCost {
+            bytes_sent: bytes,
+            rounds,
+            seconds,
+            ..PhaseCost::default()
+        };
+        // 10 flights at 40 ms = 0.4 s; 5 MB at 400 Mbit/s = 0.1 s
+        let p = PhaseModel::new(&wan, &phase(10, 5_000_000, 0.9), &phase(10, 5_000_000, 0.2));
+        assert!((p.latency_seconds - 0.4).abs() < 1e-12);
+        assert!((p.transfer_seconds - 0.1).abs() < 1e-12);
+        assert!((p.model_seconds - 0.7).abs() < 1e-12);
+        // waited (0.9 - 0.2 - 0.1) / 0.04 = 15 one-way delays
+        assert!((p.effective_flights.unwrap() - 15.0).abs() < 1e-9);
+        // compute larger than the latency term: no estimate
+        let q = PhaseModel::new(&wan, &phase(2, 0, 1.0), &phase(2, 0, 0.9));
+        assert_eq!(q.effective_flights, None);
+        let j = LinkJson::new(
+            &wan,
+            "wan",
+            "test",
+            (3_000_000, 2_100_000),
+            (&phase(10, 5_000_000, 0.9), &phase(1, 0, 0.0)),
+            (&phase(10, 5_000_000, 0.2), &phase(1, 0, 0.0)),
+        );
+        assert_eq!((j.payload_bytes, j.overhead_bytes), (5_000_000, 100_000));
+        assert!(j.render().contains("overhead 100,000 (2.00%)"));
+    }
+
+    #[test]
     fn phases_and_layers() {
         let st = |name: &str, b| StepCost {
             step: name.into(),
@@ -319,6 +353,16 @@ mod tests {
         assert_eq!(j.online.bytes_total(), 303);
         assert_eq!(j.steps[3].layer, "layer1");
         assert_eq!(j.steps[0].layer, "setup");
+        let layers: Vec<(&str, u64)> = j
+            .layers
+            .iter()
+            .map(|l| (l.step.as_str(), l.bytes_sent))
+            .collect();
+        assert_eq!(layers, [("setup", 15), ("batch", 1), ("layer1", 100)]);
+        assert_eq!(j.layers[0].rounds, 4);
+        let t = render_tables(&r);
+        assert!(t.contains("per protocol step") && t.contains("per layer"));
+        assert!(t.lines().any(|l| l.starts_with("layer1/linear")));
         assert_eq!(layer_of("echo"), "echo");
         let v = serde_json::to_value(&j).unwrap();
         assert_eq!(v["online"]["bytes_received"], 202);
