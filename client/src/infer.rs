@@ -383,18 +383,7 @@ pub async fn run_cmd(args: InferArgs) -> anyhow::Result<()> {
         true_labels: truth.clone(),
         cost: CostJson::from_report(&out.cost),
     };
-    let written = match &args.report {
-        Some(dir) => {
-            let run = crate::charts::RunCost {
-                label: format!("session {}, {} rows", out.session_id, out.labels.len()),
-                rows: Some(out.labels.len()),
-                cost: out.cost.clone(),
-                link: None,
-            };
-            crate::charts::write_report(dir, "infer", &json, &[run])?
-        }
-        None => vec![],
-    };
+    let written = write_cost_report(args.report.as_deref(), &json, &out.cost, out.session_id)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
@@ -404,6 +393,25 @@ pub async fn run_cmd(args: InferArgs) -> anyhow::Result<()> {
         println!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// `--report DIR`: writes `json` (what `--json` prints) as `report.json`, the cost
+/// tables as `report.md` and the per-layer chart `layers.png`; returns the files written
+/// (none without a directory).
+pub fn write_cost_report(
+    dir: Option<&std::path::Path>,
+    json: &impl Serialize,
+    cost: &CostReport,
+    session_id: u64,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let Some(dir) = dir else { return Ok(vec![]) };
+    let run = crate::charts::RunCost {
+        label: format!("session {session_id}"),
+        rows: None,
+        cost: cost.clone(),
+        link: None,
+    };
+    Ok(crate::charts::write_report(dir, "infer", json, &[run])?)
 }
 
 /// The text output: one line per row, then the cost table.
