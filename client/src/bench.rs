@@ -308,7 +308,7 @@ fn infer_report(
     InferReport {
         rows,
         backend: Cheetah::NAME.into(),
-        ot: "iknp".into(),
+        ot: config.ot.name().into(),
         kn: match config.mpc.kn {
             KkotConfig::Kk13 => "kk13".into(),
             _ => "cots".into(),
