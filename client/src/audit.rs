@@ -170,8 +170,15 @@ pub async fn audit(
         done += n;
     }
     let accepted = trials - detected;
-    let rate = |k: usize| if trials == 0 { 0.0 } else { k as f64 / trials as f64 };
-    let escape_k_rows = altered_rows.map(|k| tune::escape_rows(setting.t, setting.r, b, k).to_f64());
+    let rate = |k: usize| {
+        if trials == 0 {
+            0.0
+        } else {
+            k as f64 / trials as f64
+        }
+    };
+    let escape_k_rows =
+        altered_rows.map(|k| tune::escape_rows(setting.t, setting.r, b, k).to_f64());
     Ok(AuditReport {
         setting,
         trials,

@@ -54,7 +54,10 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Info(args) => runtime.block_on(info_cmd::run(args)),
         Command::Infer(args) => match runtime.block_on(infer::run_cmd(args)) {
-            Err(e) if e.downcast_ref::<FusionError>().is_some_and(FusionError::is_detection) => {
+            Err(e)
+                if e.downcast_ref::<FusionError>()
+                    .is_some_and(FusionError::is_detection) =>
+            {
                 eprintln!("error: {e}\nno results from this batch are returned");
                 std::process::exit(3)
             }

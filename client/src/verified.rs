@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use fusion_common::backend::{
-    BackendError, BatchOutput, BackendKind, Cheetah, InferenceClient, ModelSpec, OutputMode,
+    BackendError, BackendKind, BatchOutput, Cheetah, InferenceClient, ModelSpec, OutputMode,
     SecureInference,
 };
 use fusion_common::channel::{Channel, CostReport};
@@ -117,10 +117,7 @@ impl PublicRows {
             )));
         }
         let digest = <[u8; 32]>::try_from(m.model_digest.as_slice()).map_err(|_| {
-            FusionError::PoolMismatch(format!(
-                "a model digest of {} bytes",
-                m.model_digest.len()
-            ))
+            FusionError::PoolMismatch(format!("a model digest of {} bytes", m.model_digest.len()))
         })?;
         let nn_pool = pool
             .to_nn()
@@ -393,15 +390,9 @@ pub async fn run_sessions(
         .session(start, move |ch, accepted| {
             let mut rng = rand::rng();
             match kind {
-                BackendKind::Cheetah => batches::<Cheetah>(
-                    ch,
-                    &spec,
-                    &cheetah,
-                    &rows,
-                    per,
-                    accepted.output,
-                    &mut rng,
-                ),
+                BackendKind::Cheetah => {
+                    batches::<Cheetah>(ch, &spec, &cheetah, &rows, per, accepted.output, &mut rng)
+                }
                 other => Err(BackendError::BadBatch(format!(
                     "backend {other} is not available in this client"
                 ))),

@@ -160,10 +160,7 @@ impl FromStr for AdversarySpec {
         let (name, class) = match s.split_once('@') {
             Some((n, c)) => (
                 n,
-                Some(
-                    c.parse::<usize>()
-                        .map_err(|e| bad(format!("class: {e}")))?,
-                ),
+                Some(c.parse::<usize>().map_err(|e| bad(format!("class: {e}")))?),
             ),
             None => (s, None),
         };
@@ -194,7 +191,12 @@ impl FromStr for AdversarySpec {
 pub fn weakened(model: &Model, keep: usize) -> Result<Model, ModelError> {
     let arch = model.architecture().clone();
     let mut params: Vec<Vec<Tensor>> = (0..arch.layers().len())
-        .map(|i| model.layer_params(i).map(<[Tensor]>::to_vec).unwrap_or_default())
+        .map(|i| {
+            model
+                .layer_params(i)
+                .map(<[Tensor]>::to_vec)
+                .unwrap_or_default()
+        })
         .collect();
     if let Some(i) = arch
         .layers()
@@ -215,6 +217,9 @@ pub fn weakened(model: &Model, keep: usize) -> Result<Model, ModelError> {
     Model::new(arch, params, model.fixed_point())
 }
 
+/// The output shares of the last batch served, with their values per row (for `replay`).
+type Replayed = Arc<Mutex<Option<(usize, Vec<u64>)>>>;
+
 /// The server role of `cheetah`, deviating by a [`Strategy`].
 #[derive(Debug)]
 pub struct AdversaryRunner {
@@ -223,7 +228,7 @@ pub struct AdversaryRunner {
     /// what `wrong-model` computes with
     wrong: Option<Arc<Model>>,
     /// the output shares of the last batch served (for `replay`)
-    last: Arc<Mutex<Option<(usize, Vec<u64>)>>>,
+    last: Replayed,
 }
 
 impl AdversaryRunner {
@@ -292,7 +297,7 @@ struct Deviation {
     ring: Ring,
     frac_bits: u32,
     rng: StdRng,
-    last: Arc<Mutex<Option<(usize, Vec<u64>)>>>,
+    last: Replayed,
     relu_done: Option<u64>,
 }
 
@@ -462,7 +467,7 @@ mod tests {
 
     #[test]
     fn the_train_free_wrong_model_is_much_weaker_on_the_pool() {
-        let model = Model::load(&repo("models/mnist-784-32-10.safetensors")).unwrap();
+        let model = Model::load(repo("models/mnist-784-32-10.safetensors")).unwrap();
         let runner = AdversaryRunner::new(
             AdversarySpec {
                 strategy: Strategy::WrongModel,
@@ -485,7 +490,7 @@ mod tests {
         // far below the announced model: public rows catch it within a few draws
         assert!(agree * 2 < n, "agreement {agree} of {n}");
         // another architecture is refused
-        let other = Model::load(&repo("models/mnist-dnn.safetensors")).unwrap();
+        let other = Model::load(repo("models/mnist-dnn.safetensors")).unwrap();
         assert!(matches!(
             AdversaryRunner::new(
                 AdversarySpec {

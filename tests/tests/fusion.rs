@@ -25,8 +25,8 @@ use fusion_server::adversary::{AdversaryRunner, AdversarySpec, Strategy};
 use fusion_server::runner::Registry;
 use fusion_server::state::{Policy, ServedModel, ServerState, SessionLimits};
 use fusion_tests::TestServer;
-use rand::seq::IndexedRandom;
 use rand::SeedableRng;
+use rand::seq::IndexedRandom;
 
 fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
@@ -249,7 +249,7 @@ async fn escape_rate(strategy: &str, trials: usize, p: f64, seed: u64) -> (usize
         ci99.0,
         ci99.1
     );
-    s.handle.shutdown().await.unwrap();
+    s.handle.shutdown().await.expect("shutdown");
     (escaped, ci99)
 }
 
