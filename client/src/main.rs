@@ -3,8 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use fusion_client::attack;
-use fusion_client::verified::FusionError;
-use fusion_client::{audit, bench, demo, infer, info_cmd, tune_cmd};
+use fusion_client::{audit, bench, demo, infer, info_cmd, tune_cmd, verified};
 
 /// Fusion client: secure inference against a Fusion server over mutual TLS.
 #[derive(Debug, Parser)]

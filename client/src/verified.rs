@@ -466,3 +466,49 @@ fn batches<B: SecureInference>(
         .map(|rows| c.run_batch(ch, rows, per, output, rng))
         .collect()
 }
+
+/// The exit status of `fusion-client infer` when the server is caught cheating.
+pub const EXIT_DETECTED: i32 = 3;
+
+/// Whether a command's error is a detection of the server's misbehaviour (the binary
+/// then exits with [`EXIT_DETECTED`]).
+pub fn is_detected(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<FusionError>()
+        .is_some_and(FusionError::is_detection)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_tuned_or_given_and_fit_the_server() {
+        // the tuner's cheapest choice for B = 3 at 2^-40 (as `tune --batch 3` prints)
+        let s = Setting::choose(Params::default(), 3, 4096).unwrap();
+        assert_eq!((s.t, s.r, s.b, s.rows), (13, 14, 3, 55));
+        assert!(s.log2_escape <= -40.0);
+        // T = 1, R = 2, B = 3: max(C(3,1)/C(7,2), C(3,2)/C(7,4), C(3,3)/C(7,6)) = 1/7
+        let s = Setting::choose(Params::Fixed { t: 1, r: 2 }, 3, 4096).unwrap();
+        assert_eq!(s.rows, 7);
+        assert!((s.escape - 1.0 / 7.0).abs() < 1e-15);
+        assert!(matches!(
+            Setting::choose(Params::Fixed { t: 1, r: 2 }, 3, 6),
+            Err(FusionError::TooManyRows { rows: 7, max: 6 })
+        ));
+        assert!(matches!(
+            Setting::choose(Params::default(), 3, 20),
+            Err(FusionError::Tune(TuneError::Unreachable { .. }))
+        ));
+    }
+
+    #[test]
+    fn only_a_failed_check_is_a_detection() {
+        let d: anyhow::Error =
+            FusionError::Detected(CheckError::PublicMismatch { rows: 2, of: 13 }).into();
+        assert!(is_detected(&d));
+        assert!(d.to_string().contains("check (a) failed: 2 of 13"));
+        let other: anyhow::Error = FusionError::NoPool.into();
+        assert!(!is_detected(&other));
+        assert!(!is_detected(&anyhow::anyhow!("connection refused")));
+    }
+}
