@@ -275,3 +275,50 @@ async fn tiny_parameters_measured_escape_rates_match_the_exact_values() {
     let (k, _) = escape_rate("flip-one@0", 60, 0.0, 4).await;
     assert_eq!(k, 0, "flip-one escaped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_parameters_wrong_model_escapes_exactly_when_its_public_row_agrees() {
+    // A content-based deviation alters every copy of an input alike, so with T = 1 it
+    // escapes iff the drawn public row gets the published label: probability = the weak
+    // model's agreement with the published labels over the pool (check (c) cannot fire
+    // with T = 1 at confidence 0.999 for a claim below 0.999).
+    let test = test_set();
+    let model = served(false);
+    let weak = fusion_server::adversary::weakened(&model.model, 2).expect("weak model");
+    let pool = model.model.public_pool().expect("pool");
+    let px: Vec<u8> = pool
+        .indices
+        .iter()
+        .flat_map(|&i| test.image(i as usize).expect("image").to_vec())
+        .collect();
+    let fm = weak.fixed_model();
+    let got = eval_fixed(fm, &fm.encode_images(&px)).expect("eval").labels;
+    let agree = got
+        .iter()
+        .zip(&pool.labels)
+        .filter(|(a, b)| **a == **b as usize)
+        .count();
+    let p = agree as f64 / pool.len() as f64;
+    assert!(model.summary.claimed_accuracy < 0.999);
+
+    let s = start(Some("wrong-model"), false).await;
+    let n = 150;
+    let (own, _) = own_inputs(&test, n, 3, 5);
+    let out = session(&s, &test, &own, Params::Fixed { t: 1, r: 2 }).await;
+    let mut escaped = 0;
+    for b in out.batches {
+        match b {
+            Ok(_) => escaped += 1,
+            Err(FusionError::Detected(CheckError::PublicMismatch { rows: 1, of: 1 })) => {}
+            Err(e) => panic!("only check (a) can catch it here: {e}"),
+        }
+    }
+    let ci99 = clopper_pearson(escaped, n, 0.99);
+    eprintln!(
+        "wrong-model: {escaped} escapes in {n} (99% CI [{:.4}, {:.4}]), exact {p:.4}",
+        ci99.0, ci99.1
+    );
+    let wide = clopper_pearson(escaped, n, 1.0 - 1e-6);
+    assert!(wide.0 <= p && p <= wide.1, "{escaped}/{n} vs exact {p}");
+    s.handle.shutdown().await.expect("shutdown");
+}
