@@ -5,6 +5,7 @@
 
 pub mod args;
 pub mod attack;
+pub mod audit;
 pub mod bench;
 pub mod client;
 pub mod demo;
@@ -15,5 +16,6 @@ pub mod link;
 pub mod local;
 pub mod report;
 pub mod tune_cmd;
+pub mod verified;
 
 pub use client::{Client, ClientError, ClientOptions, SessionOutput};

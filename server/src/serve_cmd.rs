@@ -58,6 +58,28 @@ pub struct ServeArgs {
     /// Sessions running at once.
     #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32)]
     pub max_sessions: usize,
+    /// The accuracy announced to clients (Fusion's check (c)), in [0, 1] (default: the
+    /// held-out fixed-point accuracy recorded in the model file).
+    #[arg(long, env = "FUSION_CLAIMED_ACCURACY", value_parser = parse_accuracy)]
+    pub claimed_accuracy: Option<f64>,
+    /// EVALUATION ONLY: deviate from the protocol (wrong-model, flip-one, flip-rows:K,
+    /// constant, replay, deviate-relu; optional @CLASS).
+    #[cfg(feature = "adversary")]
+    #[arg(long)]
+    pub adversary: Option<crate::adversary::AdversarySpec>,
+    /// EVALUATION ONLY: the weaker model `wrong-model` computes with (same architecture;
+    /// default: the served model with most first-layer units switched off).
+    #[cfg(feature = "adversary")]
+    #[arg(long, requires = "adversary")]
+    pub adversary_model: Option<PathBuf>,
+}
+
+fn parse_accuracy(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{v} is not in [0, 1]"));
+    }
+    Ok(v)
 }
 
 impl ServeArgs {
@@ -89,8 +111,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let identity = Identity::from_files(&args.cert, &args.key)?;
     let client_ca = read(&args.client_ca, "client CA")?;
     let tls = server_config(&identity, &client_ca).context("building the TLS configuration")?;
-    let state = ServerState::from_model_path(args.model.as_deref(), args.policy(), args.limits())
-        .context("loading the model")?;
+    let mut state =
+        ServerState::from_model_path(args.model.as_deref(), args.policy(), args.limits())
+            .context("loading the model")?;
+    if let (Some(m), Some(a)) = (&mut state.model, args.claimed_accuracy) {
+        m.summary.claimed_accuracy = a;
+    }
     if let Some(m) = &state.model {
         info!(
             model = %m.summary.name,
@@ -99,13 +125,37 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             "model loaded"
         );
     }
-    let handle = spawn(args.listen, tls, state, Registry::with_builtins()).await?;
+    let registry = registry(&args, &state)?;
+    let handle = spawn(args.listen, tls, state, registry).await?;
     // one line on stdout for scripts (and the tests) that bind port 0
     println!("fusion-server listening on {}", handle.local_addr());
     shutdown_signal().await;
     info!("shutting down");
     handle.shutdown().await?;
     Ok(())
+}
+
+#[cfg(not(feature = "adversary"))]
+fn registry(_args: &ServeArgs, _state: &ServerState) -> anyhow::Result<Registry> {
+    Ok(Registry::with_builtins())
+}
+
+#[cfg(feature = "adversary")]
+fn registry(args: &ServeArgs, state: &ServerState) -> anyhow::Result<Registry> {
+    use crate::adversary::{AdversaryError, AdversaryRunner};
+    let Some(spec) = args.adversary else {
+        return Ok(Registry::with_builtins());
+    };
+    let announced = &state.model.as_ref().ok_or(AdversaryError::NoModel)?.model;
+    let wrong = args
+        .adversary_model
+        .as_deref()
+        .map(fusion_common::nn::Model::load)
+        .transpose()
+        .context("loading the adversary's model")?;
+    let runner = AdversaryRunner::new(spec, announced, wrong)?;
+    tracing::warn!(adversary = %spec, "THIS SERVER CHEATS (evaluation build)");
+    Ok(runner.registry())
 }
 
 fn hex_digest(d: &[u8]) -> String {
