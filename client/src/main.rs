@@ -53,12 +53,9 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Info(args) => runtime.block_on(info_cmd::run(args)),
         Command::Infer(args) => match runtime.block_on(infer::run_cmd(args)) {
-            Err(e)
-                if e.downcast_ref::<FusionError>()
-                    .is_some_and(FusionError::is_detection) =>
-            {
+            Err(e) if verified::is_detected(&e) => {
                 eprintln!("error: {e}\nno results from this batch are returned");
-                std::process::exit(3)
+                std::process::exit(verified::EXIT_DETECTED)
             }
             r => r,
         },
