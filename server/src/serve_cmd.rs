@@ -69,9 +69,10 @@ impl std::str::FromStr for RowBudget {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.trim() {
             "unlimited" | "none" => Ok(Self(None)),
-            n => n.parse().map(|v| Self(Some(v))).map_err(|_| {
-                format!("{s:?} is not a number of rows (or `unlimited`)")
-            }),
+            n => n
+                .parse()
+                .map(|v| Self(Some(v)))
+                .map_err(|_| format!("{s:?} is not a number of rows (or `unlimited`)")),
         }
     }
 }
@@ -182,8 +183,14 @@ mod tests {
         assert_eq!(p.output, OutputMode::Labels);
         assert_eq!(p.budget, Some(DEFAULT_BUDGET));
         assert_eq!(p.max_rows, 1024);
-        assert_eq!(parse(&["--budget", "unlimited"]).unwrap().policy().budget, None);
-        assert_eq!(parse(&["--budget", "500"]).unwrap().policy().budget, Some(500));
+        assert_eq!(
+            parse(&["--budget", "unlimited"]).unwrap().policy().budget,
+            None
+        );
+        assert_eq!(
+            parse(&["--budget", "500"]).unwrap().policy().budget,
+            Some(500)
+        );
         assert!(parse(&["--budget", "-3"]).is_err());
         assert!(parse(&["--budget", "lots"]).is_err());
     }

@@ -12,8 +12,8 @@
 //!   [`LocalFixedOracle::stats`] reports how often it happened.
 //! - [`LocalF32Oracle`]: the plain f32 evaluator.
 //!
-//! The real service (one call = one 2PC batch) implements the same trait; see the module
-//! doc of [`super`] for the mapping of its refusals onto [`OracleError`].
+//! The real service implements the same trait: [`super::service::ServiceOracle`] (one
+//! call = one or more real 2PC batches), with its refusals mapped onto [`OracleError`].
 //!
 //! Accounting: [`Oracle::queries`] counts rows of accepted batches, the way the server
 //! charges budgets (a batch is charged when accepted; a refused batch costs nothing).
@@ -262,7 +262,7 @@ impl Gate {
 }
 
 /// Every row has `len` values, each finite and in [0, 1].
-fn check_rows(xs: &[Vec<f32>], len: usize) -> Result<(), OracleError> {
+pub(crate) fn check_rows(xs: &[Vec<f32>], len: usize) -> Result<(), OracleError> {
     for (row, x) in xs.iter().enumerate() {
         if x.len() != len {
             return Err(OracleError::BadInput {

@@ -597,8 +597,14 @@ mod tests {
         let abort = ChannelError::Transport("the peer aborted the session: no".into());
         assert_eq!(peer_status(&abort), None);
         assert_eq!(peer_status(&ChannelError::Closed), None);
-        assert_eq!(peer_status(&ChannelError::Transport("ResourceExhausted".into())), None);
-        assert_eq!(peer_status(&ChannelError::Transport("Nonsense: x".into())), None);
+        assert_eq!(
+            peer_status(&ChannelError::Transport("ResourceExhausted".into())),
+            None
+        );
+        assert_eq!(
+            peer_status(&ChannelError::Transport("Nonsense: x".into())),
+            None
+        );
     }
 
     #[test]
