@@ -53,7 +53,8 @@ pub enum OracleError {
     /// The batch would exceed the row budget; nothing was charged.
     #[error("query budget exhausted: {used} of {budget} rows used")]
     BudgetExhausted {
-        /// rows charged so far
+        /// rows charged so far to this client (for a service: to its certificate, by
+        /// every session, not only this oracle's)
         used: u64,
         /// the budget in rows
         budget: u64,
@@ -139,10 +140,15 @@ fn query_batched<T>(
         if let Some(left) = oracle.remaining() {
             let left = usize::try_from(left).unwrap_or(usize::MAX);
             if left == 0 {
-                let (used, budget) = (oracle.queries(), oracle.budget().unwrap_or(0));
+                // the budget's own figures: a service's budget may also have been spent
+                // by other sessions of the same certificate
+                let budget = oracle.budget().unwrap_or(0);
                 return Partial {
                     results,
-                    error: Some(OracleError::BudgetExhausted { used, budget }),
+                    error: Some(OracleError::BudgetExhausted {
+                        used: budget,
+                        budget,
+                    }),
                 };
             }
             end = end.min(start + left);

@@ -464,6 +464,10 @@ mod tests {
         let xs = rows(30, 0);
         assert_eq!(o.labels(&xs[..30]).unwrap().len(), 30);
         assert_eq!((o.queries(), o.remaining()), (30, Some(10)));
+        // the budget is the certificate's: a second oracle sees what is left
+        let client = rt.block_on(server.client()).unwrap();
+        let o2 = ServiceOracle::new(rt.handle().clone(), client).unwrap();
+        assert_eq!((o2.queries(), o2.remaining()), (0, Some(10)));
         // 16 rows with 10 left: the session starts, its batch is refused inside it
         let before = o.stats().sessions;
         assert_eq!(
@@ -494,6 +498,19 @@ mod tests {
                 budget: 40
             })
         );
+        // the second oracle, stale (it believes 10 rows are left): the server refuses,
+        // with the certificate's figures, not this oracle's 0 rows
+        let mut o2 = o2;
+        let p = query_labels(&mut o2, &xs[..5]);
+        assert!(p.results.is_empty());
+        assert_eq!(
+            p.error,
+            Some(OracleError::BudgetExhausted {
+                used: 40,
+                budget: 40
+            })
+        );
+        assert_eq!((o2.queries(), o2.remaining()), (0, Some(0)));
         rt.block_on(server.shutdown()).unwrap();
 
         // The attack on a fresh server with the same budget: stops in round 0 with the
