@@ -181,6 +181,12 @@ impl Host {
             OracleKind::LocalFixed => Host::Fixed(LocalFixedOracle::new(model.clone(), policy)),
             OracleKind::LocalF32 => Host::F32(LocalF32Oracle::new(model.clone(), policy)),
             OracleKind::Service => {
+                if c.labels_only || c.budget.is_some() {
+                    anyhow::bail!(
+                        "--labels-only and --budget set a local or service-local policy: a \
+                         real server's policy is its own"
+                    );
+                }
                 let connect = connect_args(c)?;
                 let client = rt.block_on(connect.connect())?;
                 let oracle = ServiceOracle::new(rt.handle().clone(), client)?;

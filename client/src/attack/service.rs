@@ -17,7 +17,7 @@
 //! ties away from zero) in the model's ring, the same encoding as
 //! [`super::oracle::LocalFixedOracle`]; logits are decoded from signed ring elements as
 //! multiples of 2^-f. So the service and the local fixed-point oracle answer bit for bit
-//! alike (tested in `tests/tests/attack_service.rs`).
+//! alike (tested below, over an in-process server with real mutual TLS).
 //!
 //! Refusals become named [`OracleError`]s: the budget ([`OracleError::BudgetExhausted`],
 //! with the server's figures, re-read after the refusal), logits of a labels-only server
@@ -142,9 +142,10 @@ impl ServiceOracle {
     fn run(&mut self, xs: &[Vec<f32>], output: OutputMode) -> Result<Answer, OracleError> {
         check_rows(xs, self.input_len)?;
         let mut answer = Answer::default();
-        for chunk in xs.chunks(self.max_rows) {
+        for (c, chunk) in xs.chunks(self.max_rows).enumerate() {
             let mut enc = Vec::with_capacity(chunk.len() * self.input_len);
-            for (row, x) in chunk.iter().enumerate() {
+            for (i, x) in chunk.iter().enumerate() {
+                let row = c * self.max_rows + i;
                 for &v in x {
                     // round(v 2^f), ties away from zero (the binding encoding)
                     enc.push(self.fixed.encode(f64::from(v)).map_err(|e| {
