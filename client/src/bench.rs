@@ -403,6 +403,8 @@ pub fn run_infer_bench(
             let policy = Policy {
                 max_rows: max,
                 output,
+                // the bench measures cost, not policy
+                budget: None,
                 ..Policy::default()
             };
             let served = ServedModel::new("bench", model.clone());

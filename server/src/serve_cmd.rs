@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::runner::Registry;
 use crate::server::spawn;
-use crate::state::{Policy, ServerState, SessionLimits};
+use crate::state::{DEFAULT_BUDGET, Policy, ServerState, SessionLimits};
 
 /// Flags of `serve` (each also from the environment variable shown in `--help`).
 #[derive(Debug, Args)]
@@ -37,9 +37,9 @@ pub struct ServeArgs {
     /// Largest batch (rows) one session may declare.
     #[arg(long, env = "FUSION_MAX_ROWS", default_value_t = 1024)]
     pub max_rows: u64,
-    /// Rows each client certificate may query in total (default: unlimited).
-    #[arg(long, env = "FUSION_BUDGET")]
-    pub budget: Option<u64>,
+    /// Rows each client certificate may query in total, or `unlimited`.
+    #[arg(long, env = "FUSION_BUDGET", default_value_t = RowBudget(Some(DEFAULT_BUDGET)))]
+    pub budget: RowBudget,
     /// What leaves the protocol: `labels` (argmax inside 2PC) or `logits`.
     #[arg(long, env = "FUSION_OUTPUT", default_value = "labels")]
     pub output: OutputMode,
@@ -82,13 +82,39 @@ fn parse_accuracy(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+/// `--budget`: a number of rows, or `unlimited`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowBudget(pub Option<u64>);
+
+impl std::str::FromStr for RowBudget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "unlimited" | "none" => Ok(Self(None)),
+            n => n
+                .parse()
+                .map(|v| Self(Some(v)))
+                .map_err(|_| format!("{s:?} is not a number of rows (or `unlimited`)")),
+        }
+    }
+}
+
+impl std::fmt::Display for RowBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("unlimited"),
+            Some(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 impl ServeArgs {
     fn policy(&self) -> Policy {
         Policy {
             backends: self.backends.clone(),
             max_rows: self.max_rows,
             output: self.output,
-            budget: self.budget,
+            budget: self.budget.0,
         }
     }
 
@@ -181,5 +207,41 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let base = ["serve", "--cert", "c", "--key", "k", "--client-ca", "ca"];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.serve)
+    }
+
+    #[test]
+    fn the_default_policy_is_the_defended_one() {
+        let p = parse(&[]).unwrap().policy();
+        assert_eq!(p, Policy::default());
+        assert_eq!(p.output, OutputMode::Labels);
+        assert_eq!(p.budget, Some(DEFAULT_BUDGET));
+        assert_eq!(p.max_rows, 1024);
+        assert_eq!(
+            parse(&["--budget", "unlimited"]).unwrap().policy().budget,
+            None
+        );
+        assert_eq!(
+            parse(&["--budget", "500"]).unwrap().policy().budget,
+            Some(500)
+        );
+        assert!(parse(&["--budget", "-3"]).is_err());
+        assert!(parse(&["--budget", "lots"]).is_err());
     }
 }
