@@ -449,7 +449,7 @@ fn infer_report(
     InferReport {
         rows,
         backend: Cheetah::NAME.into(),
-        ot: "iknp".into(),
+        ot: config.ot.name().into(),
         kn: match config.mpc.kn {
             KkotConfig::Kk13 => "kk13".into(),
             _ => "cots".into(),
@@ -554,6 +554,8 @@ pub fn run_infer_bench(
             let policy = Policy {
                 max_rows: max,
                 output,
+                // the bench measures cost, not policy
+                budget: None,
                 ..Policy::default()
             };
             let served = ServedModel::new("bench", model.clone());

@@ -311,6 +311,45 @@ pub struct InferArgs {
     /// Write report.json, report.md and the PNG chart of the costs into this directory.
     #[arg(long, env = "FUSION_REPORT_DIR")]
     pub report: Option<PathBuf>,
+    /// Run the bare protocol, without Fusion's mix-and-check (results NOT verified).
+    #[arg(long)]
+    pub no_fusion: bool,
+    #[command(flatten)]
+    pub fusion: FusionArgs,
+}
+
+/// Fusion's flags (`infer`, `audit`).
+#[derive(Debug, Args)]
+pub struct FusionArgs {
+    /// Public rows T (with --r; default: tuned for --target).
+    #[arg(long = "t", requires = "r")]
+    pub t: Option<usize>,
+    /// Copies R of each own input (with --t).
+    #[arg(long = "r", requires = "t")]
+    pub r: Option<usize>,
+    /// Largest acceptable escape probability of a cheating server, for the tuner.
+    #[arg(long, default_value = "2^-40", value_parser = crate::tune_cmd::parse_probability)]
+    pub target: f64,
+    /// Confidence of check (c) (accuracy against the server's claim).
+    #[arg(long, default_value_t = crate::verified::DEFAULT_CONFIDENCE)]
+    pub confidence: f64,
+}
+
+impl FusionArgs {
+    /// The options these flags give.
+    pub fn options(&self, infer: InferOptions) -> crate::verified::FusionOptions {
+        use crate::verified::{FusionOptions, Params};
+        FusionOptions {
+            infer,
+            params: match (self.t, self.r) {
+                (Some(t), Some(r)) => Params::Fixed { t, r },
+                _ => Params::Tuned {
+                    target: self.target,
+                },
+            },
+            confidence: self.confidence,
+        }
+    }
 }
 
 /// What `infer --json` prints.
@@ -356,7 +395,18 @@ fn load_inputs(args: &InferArgs) -> anyhow::Result<(Vec<u8>, Option<Vec<u8>>)> {
     Ok((test.images().to_vec(), Some(test.labels().to_vec())))
 }
 
-/// Connects, runs, prints.
+/// The bundled (or `dir`'s) MNIST test set: the public dataset the pool indexes.
+pub fn public_dataset(dir: Option<&std::path::Path>) -> anyhow::Result<mnist::Dataset> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => bundled(BUNDLED_MNIST).context("no MNIST directory: pass --mnist-dir")?,
+    };
+    Ok(mnist::load(&dir, Split::Test)?)
+}
+
+/// Connects, runs (verified by Fusion unless `--no-fusion`), prints. A detected
+/// misbehaviour is returned as a [`crate::verified::FusionError::Detected`] (the binary
+/// exits with status 3).
 pub async fn run_cmd(args: InferArgs) -> anyhow::Result<()> {
     let (pixels, truth) = load_inputs(&args)?;
     let client = args.connect.connect().await?;
@@ -367,6 +417,10 @@ pub async fn run_cmd(args: InferArgs) -> anyhow::Result<()> {
         batch_rows: args.batch,
         ..InferOptions::default()
     };
+    if !args.no_fusion {
+        return run_fusion_cmd(&args, &client, &info, &pixels, truth.as_deref(), opts).await;
+    }
+    eprintln!("Fusion disabled (--no-fusion): the bare protocol; results are NOT verified");
     let out = run_with_info(&client, &info, Inputs::Pixels(&pixels), &opts).await?;
     let json = InferJson {
         backend: out.backend.name().into(),
@@ -412,6 +466,70 @@ pub fn write_cost_report(
         link: None,
     };
     Ok(crate::charts::write_report(dir, "infer", json, &[run])?)
+}
+
+async fn run_fusion_cmd(
+    args: &InferArgs,
+    client: &Client,
+    info: &ServiceInfo,
+    pixels: &[u8],
+    truth: Option<&[u8]>,
+    opts: InferOptions,
+) -> anyhow::Result<()> {
+    use crate::verified::{PublicRows, run_verified};
+    let test = public_dataset(args.mnist_dir.as_deref())?;
+    let public = PublicRows::fetch(client, info, &test).await?;
+    let fopts = args.fusion.options(opts);
+    let (out, session) = run_verified(client, info, &public, pixels, &fopts).await?;
+    let st = out.setting;
+    let j = serde_json::json!({
+            "fusion": st,
+            "backend": fopts.infer.backend.name(),
+            "output": session.output,
+            "labels": out.labels,
+            "public_correct": out.public_correct,
+            "p_value": out.p_value,
+            "true_labels": truth,
+            "cost": CostJson::from_report(&session.cost),
+    });
+    let written = write_cost_report(
+        args.report.as_deref(),
+        &j,
+        &session.cost,
+        session.session_id,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Fusion: T = {}, R = {}, B = {}: {} rows in one batch; a cheating server escapes with probability at most {:.3e} = 2^{:.2}",
+        st.t, st.r, st.b, st.rows, st.escape, st.log2_escape
+    );
+    let _ = writeln!(
+        s,
+        "checks passed: (a) {} public rows match the published labels, (b) copies agree, (c) {} of {} public rows correct (p = {:.3})",
+        st.t, out.public_correct, st.t, out.p_value
+    );
+    let inner = InferOutput {
+        labels: out.labels.clone(),
+        logits: out.logits.clone(),
+        scale_bits: info.model.as_ref().map_or(0, |m| m.scale_bits),
+        output: session.output,
+        backend: fopts.infer.backend,
+        batches: 1,
+        session_id: session.session_id,
+        cost: session.cost,
+    };
+    s.push_str(&render_output(&inner, truth));
+    print!("{s}");
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 /// The text output: one line per row, then the cost table.

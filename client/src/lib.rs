@@ -5,6 +5,7 @@
 
 pub mod args;
 pub mod attack;
+pub mod audit;
 pub mod bench;
 pub mod charts;
 pub mod client;
@@ -16,5 +17,6 @@ pub mod link;
 pub mod local;
 pub mod report;
 pub mod tune_cmd;
+pub mod verified;
 
 pub use client::{Client, ClientError, ClientOptions, SessionOutput};

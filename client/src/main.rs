@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use fusion_client::attack;
-use fusion_client::{bench, demo, infer, info_cmd, tune_cmd};
+use fusion_client::{audit, bench, demo, infer, info_cmd, tune_cmd, verified};
 
 /// Fusion client: secure inference against a Fusion server over mutual TLS.
 #[derive(Debug, Parser)]
@@ -17,9 +17,13 @@ struct Cli {
 enum Command {
     /// Show the server's model, policy and your budget.
     Info(info_cmd::InfoArgs),
-    /// Secure inference of MNIST test images or an IDX image file: one label (or the
-    /// logits) per image and the cost table.
+    /// Secure inference of MNIST test images or an IDX image file, verified by Fusion's
+    /// mix-and-check (exit status 3 when the server is caught cheating): one label (or
+    /// the logits) per image and the cost table.
     Infer(infer::InferArgs),
+    /// N independent Fusion batches against a server: detected / accepted counts with
+    /// 99% intervals and the exact escape bound.
+    Audit(audit::AuditArgs),
     /// Everything on this machine: ephemeral certificates, an in-process server on
     /// 127.0.0.1 over real mutual TLS, the model info and a secure inference of a few
     /// MNIST test images.
@@ -48,7 +52,14 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match Cli::parse().command {
         Command::Info(args) => runtime.block_on(info_cmd::run(args)),
-        Command::Infer(args) => runtime.block_on(infer::run_cmd(args)),
+        Command::Infer(args) => match runtime.block_on(infer::run_cmd(args)) {
+            Err(e) if verified::is_detected(&e) => {
+                eprintln!("error: {e}\nno results from this batch are returned");
+                std::process::exit(verified::EXIT_DETECTED)
+            }
+            r => r,
+        },
+        Command::Audit(args) => runtime.block_on(audit::run_cmd(args)),
         Command::Demo(args) => runtime.block_on(demo::run(args)),
         Command::Bench(args) => {
             println!("{}", bench::run(&args)?);

@@ -96,7 +96,7 @@ pub fn runner_error(backend: &str, e: BackendError) -> RunnerError {
 }
 
 /// Checks a start of a family that needs the served model.
-fn check_model_start(start: &SessionStart, state: &ServerState) -> Result<(), Refusal> {
+pub(crate) fn check_model_start(start: &SessionStart, state: &ServerState) -> Result<(), Refusal> {
     let Some(m) = &state.model else {
         return Err(Refusal::policy("this server has no model loaded"));
     };

@@ -7,9 +7,12 @@
 //! - [`service`]: the tonic service (`GetModelInfo`, `GetPublicPool`, `Session`);
 //! - [`server`]: [`server::spawn`] binds and serves, returning a [`server::ServerHandle`];
 //! - [`serve_cmd`], [`certs_cmd`]: the `serve` and `certs` subcommands;
-//! - [`model_cmd`]: `train` and `eval` (the model engineer's).
+//! - [`model_cmd`]: `train` and `eval` (the model engineer's);
+//! - `adversary` (cargo feature `adversary`, evaluation only): cheating servers.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "adversary")]
+pub mod adversary;
 pub mod backends;
 pub mod certs_cmd;
 mod listener;

@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::runner::Registry;
 use crate::server::spawn;
-use crate::state::{Policy, ServerState, SessionLimits};
+use crate::state::{DEFAULT_BUDGET, Policy, ServerState, SessionLimits};
 
 /// Flags of `serve` (each also from the environment variable shown in `--help`).
 #[derive(Debug, Args)]
@@ -37,9 +37,9 @@ pub struct ServeArgs {
     /// Largest batch (rows) one session may declare.
     #[arg(long, env = "FUSION_MAX_ROWS", default_value_t = 1024)]
     pub max_rows: u64,
-    /// Rows each client certificate may query in total (default: unlimited).
-    #[arg(long, env = "FUSION_BUDGET")]
-    pub budget: Option<u64>,
+    /// Rows each client certificate may query in total, or `unlimited`.
+    #[arg(long, env = "FUSION_BUDGET", default_value_t = RowBudget(Some(DEFAULT_BUDGET)))]
+    pub budget: RowBudget,
     /// What leaves the protocol: `labels` (argmax inside 2PC) or `logits`.
     #[arg(long, env = "FUSION_OUTPUT", default_value = "labels")]
     pub output: OutputMode,
@@ -58,6 +58,54 @@ pub struct ServeArgs {
     /// Sessions running at once.
     #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32)]
     pub max_sessions: usize,
+    /// The accuracy announced to clients (Fusion's check (c)), in [0, 1] (default: the
+    /// held-out fixed-point accuracy recorded in the model file).
+    #[arg(long, env = "FUSION_CLAIMED_ACCURACY", value_parser = parse_accuracy)]
+    pub claimed_accuracy: Option<f64>,
+    /// EVALUATION ONLY: deviate from the protocol (wrong-model, flip-one, flip-rows:K,
+    /// constant, replay, deviate-relu; optional @CLASS).
+    #[cfg(feature = "adversary")]
+    #[arg(long)]
+    pub adversary: Option<crate::adversary::AdversarySpec>,
+    /// EVALUATION ONLY: the weaker model `wrong-model` computes with (same architecture;
+    /// default: the served model with most first-layer units switched off).
+    #[cfg(feature = "adversary")]
+    #[arg(long, requires = "adversary")]
+    pub adversary_model: Option<PathBuf>,
+}
+
+fn parse_accuracy(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{v} is not in [0, 1]"));
+    }
+    Ok(v)
+}
+
+/// `--budget`: a number of rows, or `unlimited`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowBudget(pub Option<u64>);
+
+impl std::str::FromStr for RowBudget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "unlimited" | "none" => Ok(Self(None)),
+            n => n
+                .parse()
+                .map(|v| Self(Some(v)))
+                .map_err(|_| format!("{s:?} is not a number of rows (or `unlimited`)")),
+        }
+    }
+}
+
+impl std::fmt::Display for RowBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("unlimited"),
+            Some(n) => write!(f, "{n}"),
+        }
+    }
 }
 
 impl ServeArgs {
@@ -66,7 +114,7 @@ impl ServeArgs {
             backends: self.backends.clone(),
             max_rows: self.max_rows,
             output: self.output,
-            budget: self.budget,
+            budget: self.budget.0,
         }
     }
 
@@ -89,8 +137,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let identity = Identity::from_files(&args.cert, &args.key)?;
     let client_ca = read(&args.client_ca, "client CA")?;
     let tls = server_config(&identity, &client_ca).context("building the TLS configuration")?;
-    let state = ServerState::from_model_path(args.model.as_deref(), args.policy(), args.limits())
-        .context("loading the model")?;
+    let mut state =
+        ServerState::from_model_path(args.model.as_deref(), args.policy(), args.limits())
+            .context("loading the model")?;
+    if let (Some(m), Some(a)) = (&mut state.model, args.claimed_accuracy) {
+        m.summary.claimed_accuracy = a;
+    }
     if let Some(m) = &state.model {
         info!(
             model = %m.summary.name,
@@ -99,13 +151,37 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             "model loaded"
         );
     }
-    let handle = spawn(args.listen, tls, state, Registry::with_builtins()).await?;
+    let registry = registry(&args, &state)?;
+    let handle = spawn(args.listen, tls, state, registry).await?;
     // one line on stdout for scripts (and the tests) that bind port 0
     println!("fusion-server listening on {}", handle.local_addr());
     shutdown_signal().await;
     info!("shutting down");
     handle.shutdown().await?;
     Ok(())
+}
+
+#[cfg(not(feature = "adversary"))]
+fn registry(_args: &ServeArgs, _state: &ServerState) -> anyhow::Result<Registry> {
+    Ok(Registry::with_builtins())
+}
+
+#[cfg(feature = "adversary")]
+fn registry(args: &ServeArgs, state: &ServerState) -> anyhow::Result<Registry> {
+    use crate::adversary::{AdversaryError, AdversaryRunner};
+    let Some(spec) = args.adversary else {
+        return Ok(Registry::with_builtins());
+    };
+    let announced = &state.model.as_ref().ok_or(AdversaryError::NoModel)?.model;
+    let wrong = args
+        .adversary_model
+        .as_deref()
+        .map(fusion_common::nn::Model::load)
+        .transpose()
+        .context("loading the adversary's model")?;
+    let runner = AdversaryRunner::new(spec, announced, wrong)?;
+    tracing::warn!(adversary = %spec, "THIS SERVER CHEATS (evaluation build)");
+    Ok(runner.registry())
 }
 
 fn hex_digest(d: &[u8]) -> String {
@@ -131,5 +207,41 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let base = ["serve", "--cert", "c", "--key", "k", "--client-ca", "ca"];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.serve)
+    }
+
+    #[test]
+    fn the_default_policy_is_the_defended_one() {
+        let p = parse(&[]).unwrap().policy();
+        assert_eq!(p, Policy::default());
+        assert_eq!(p.output, OutputMode::Labels);
+        assert_eq!(p.budget, Some(DEFAULT_BUDGET));
+        assert_eq!(p.max_rows, 1024);
+        assert_eq!(
+            parse(&["--budget", "unlimited"]).unwrap().policy().budget,
+            None
+        );
+        assert_eq!(
+            parse(&["--budget", "500"]).unwrap().policy().budget,
+            Some(500)
+        );
+        assert!(parse(&["--budget", "-3"]).is_err());
+        assert!(parse(&["--budget", "lots"]).is_err());
     }
 }

@@ -170,6 +170,9 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
     assert_eq!(v["true_labels"], serde_json::json!([7, 2]));
     assert_eq!(v["output"], "labels");
     assert!(v.get("logits").is_none(), "labels only");
+    // verified by Fusion (the default): the parameters and their exact bound
+    assert_eq!(v["fusion"]["B"], 2);
+    assert!(v["fusion"]["log2_escape"].as_f64().unwrap() <= -40.0);
     assert!(v["cost"]["setup"]["bytes_sent"].as_u64().unwrap() > 0);
     assert!(v["cost"]["online"]["rounds"].as_u64().unwrap() > 0);
     assert_eq!(v["cost"]["steps"][4]["step"], "layer1/linear");

@@ -4,15 +4,21 @@ use super::carlini::{CarliniConfig, carlini};
 use super::data::{Arithmetic, AttackData};
 use super::oracle::{
     DEFAULT_MAX_BATCH, LocalF32Oracle, LocalFixedOracle, Oracle, OracleError, OutputMode, Policy,
-    WrapStats,
 };
 use super::papernot::{PapernotConfig, SubstituteReport, baseline, papernot};
 use super::report::{CurvePoint, RunRecord, markdown, write};
+use super::service::ServiceOracle;
+use crate::args::ConnectArgs;
+use crate::local::LocalServer;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
+use fusion_common::net::connect::ServerAddress;
 use fusion_common::nn::Model;
+use fusion_server::runner::Registry;
+use fusion_server::state::{Policy as ServerPolicy, ServedModel, ServerState, SessionLimits};
 use std::path::PathBuf;
 use std::time::Instant;
+use tokio::runtime::Runtime;
 
 /// Arguments of `fusion-client attack`.
 #[derive(Debug, Args)]
@@ -38,6 +44,13 @@ pub enum OracleKind {
     LocalFixed,
     /// the plain f32 evaluator (validation)
     LocalF32,
+    /// the real secure service at --server (its policy and budget apply; needs --ca,
+    /// --cert, --key)
+    Service,
+    /// the real secure service, served by this process on 127.0.0.1 over mutual TLS
+    /// with ephemeral certificates, under the policy the flags describe (a fresh budget
+    /// per run)
+    ServiceLocal,
 }
 
 /// Options shared by both attacks.
@@ -49,6 +62,21 @@ pub struct CommonArgs {
     /// the victim model (the local oracle's model, and the reference for measurements)
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// with --oracle service: the server, as https://HOST:PORT
+    #[arg(long, env = "FUSION_SERVER")]
+    pub server: Option<ServerAddress>,
+    /// with --oracle service: the CA certificate that issued the server's (PEM)
+    #[arg(long, env = "FUSION_CA")]
+    pub ca: Option<PathBuf>,
+    /// with --oracle service: this client's certificate (PEM)
+    #[arg(long, env = "FUSION_CERT")]
+    pub cert: Option<PathBuf>,
+    /// with --oracle service: this client's private key (PEM)
+    #[arg(long, env = "FUSION_KEY")]
+    pub key: Option<PathBuf>,
+    /// with --oracle service: the name to check the server certificate against
+    #[arg(long = "server-name", env = "FUSION_SERVER_NAME")]
+    pub server_name: Option<String>,
     /// the MNIST directory
     #[arg(long, default_value = "data/mnist")]
     pub data: PathBuf,
@@ -106,6 +134,9 @@ pub struct PapernotArgs {
     /// skip the baseline
     #[arg(long)]
     pub no_baseline: bool,
+    /// skip the substitute training (run the baseline only)
+    #[arg(long, conflicts_with = "no_baseline")]
+    pub no_papernot: bool,
 }
 
 /// `attack carlini`.
@@ -127,37 +158,143 @@ pub struct CarliniArgs {
     pub save: Option<PathBuf>,
 }
 
-/// A local oracle of either arithmetic.
-enum Local {
+/// The oracle of one run, and what it needs kept alive.
+enum Host {
     Fixed(LocalFixedOracle),
     F32(LocalF32Oracle),
+    /// the service oracle, and the in-process server it talks to (service-local)
+    Service(Box<ServiceOracle>, Option<LocalServer>),
 }
 
-impl Local {
-    fn new(kind: OracleKind, model: &Model, policy: Policy) -> Self {
-        match kind {
-            OracleKind::LocalFixed => Local::Fixed(LocalFixedOracle::new(model.clone(), policy)),
-            OracleKind::LocalF32 => Local::F32(LocalF32Oracle::new(model.clone(), policy)),
-        }
+impl Host {
+    /// The oracle `kind` on `model` under `policy` (the service's own policy for
+    /// `service`). `rt` runs the service's connections.
+    fn new(
+        kind: OracleKind,
+        model: &Model,
+        model_path: &std::path::Path,
+        policy: Policy,
+        c: &CommonArgs,
+        rt: &Runtime,
+    ) -> anyhow::Result<Self> {
+        Ok(match kind {
+            OracleKind::LocalFixed => Host::Fixed(LocalFixedOracle::new(model.clone(), policy)),
+            OracleKind::LocalF32 => Host::F32(LocalF32Oracle::new(model.clone(), policy)),
+            OracleKind::Service => {
+                if c.labels_only || c.budget.is_some() {
+                    anyhow::bail!(
+                        "--labels-only and --budget set a local or service-local policy: a \
+                         real server's policy is its own"
+                    );
+                }
+                let connect = connect_args(c)?;
+                let client = rt.block_on(connect.connect())?;
+                let oracle = ServiceOracle::new(rt.handle().clone(), client)?;
+                Host::Service(Box::new(oracle), None)
+            }
+            OracleKind::ServiceLocal => {
+                let name = model_path
+                    .file_stem()
+                    .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+                let served = ServedModel::new(&name, model.clone());
+                let state = ServerState::new(
+                    Some(served),
+                    server_policy(policy),
+                    SessionLimits::default(),
+                );
+                let server = rt.block_on(LocalServer::start(state, Registry::with_builtins()))?;
+                let client = rt.block_on(server.client())?;
+                let oracle = ServiceOracle::new(rt.handle().clone(), client)?;
+                Host::Service(Box::new(oracle), Some(server))
+            }
+        })
     }
     fn oracle(&mut self) -> &mut dyn Oracle {
         match self {
-            Local::Fixed(o) => o,
-            Local::F32(o) => o,
+            Host::Fixed(o) => o,
+            Host::F32(o) => o,
+            Host::Service(o, _) => o.as_mut(),
         }
     }
-    fn wrap(&self) -> Option<WrapStats> {
+    /// The policy in force (the server's, for a service).
+    fn policy(&mut self) -> Policy {
+        let o = self.oracle();
+        Policy {
+            output: o.mode(),
+            budget: o.budget(),
+            max_batch: o.max_batch(),
+        }
+    }
+    /// A description for the report.
+    fn describe(&mut self) -> String {
+        let local = matches!(self, Host::Service(_, Some(_)));
+        let d = self.oracle().describe();
+        if local {
+            format!("{d} (in-process server)")
+        } else {
+            d
+        }
+    }
+    /// Details of the oracle for the report: ring wrap-around, service throughput.
+    fn details(&self, details: &mut serde_json::Value) -> anyhow::Result<()> {
         match self {
-            Local::Fixed(o) => Some(o.stats()),
-            Local::F32(_) => None,
+            Host::Fixed(o) => details["wrap"] = serde_json::to_value(o.stats())?,
+            Host::F32(_) => {}
+            Host::Service(o, _) => {
+                let s = o.stats();
+                details["service"] = serde_json::to_value(s)?;
+                details["service"]["rows_per_second"] = serde_json::to_value(s.rows_per_second())?;
+            }
         }
+        Ok(())
     }
+    /// Stops an in-process server.
+    fn close(self, rt: &Runtime) -> anyhow::Result<()> {
+        if let Host::Service(_, Some(server)) = self {
+            rt.block_on(server.shutdown())?;
+        }
+        Ok(())
+    }
+}
+
+/// The server's policy simulating the attack's `policy`.
+fn server_policy(policy: Policy) -> ServerPolicy {
+    ServerPolicy {
+        output: match policy.output {
+            OutputMode::Labels => fusion_common::net::OutputMode::Labels,
+            OutputMode::Logits => fusion_common::net::OutputMode::Logits,
+        },
+        budget: policy.budget,
+        max_rows: policy.max_batch as u64,
+        ..ServerPolicy::default()
+    }
+}
+
+/// `--server`, `--ca`, `--cert`, `--key` for `--oracle service`.
+fn connect_args(c: &CommonArgs) -> anyhow::Result<ConnectArgs> {
+    let need = |o: &Option<PathBuf>, flag: &str| {
+        o.clone()
+            .with_context(|| format!("--oracle service needs {flag} (or its FUSION_ variable)"))
+    };
+    Ok(ConnectArgs {
+        server: c
+            .server
+            .clone()
+            .context("--oracle service needs --server (or FUSION_SERVER)")?,
+        ca: need(&c.ca, "--ca")?,
+        cert: need(&c.cert, "--cert")?,
+        key: need(&c.key, "--key")?,
+        server_name: c.server_name.clone(),
+    })
 }
 
 fn arithmetic(kind: OracleKind) -> Arithmetic {
     match kind {
-        OracleKind::LocalFixed => Arithmetic::Fixed,
         OracleKind::LocalF32 => Arithmetic::F32,
+        // the service computes exactly the fixed-point evaluation
+        OracleKind::LocalFixed | OracleKind::Service | OracleKind::ServiceLocal => {
+            Arithmetic::Fixed
+        }
     }
 }
 
@@ -167,7 +304,7 @@ fn policies(c: &CommonArgs) -> Vec<Policy> {
     undefended.max_batch = c.max_batch;
     let mut defended = Policy::defended(c.defended_budget);
     defended.max_batch = c.max_batch;
-    if c.compare {
+    if c.compare && c.oracle != OracleKind::Service {
         return vec![undefended, defended];
     }
     vec![Policy {
@@ -215,12 +352,10 @@ fn substitute_record(
     oracle: &str,
     model: &std::path::Path,
     seconds: f64,
-    wrap: Option<WrapStats>,
+    host: &Host,
 ) -> anyhow::Result<RunRecord> {
     let mut details = serde_json::to_value(r)?;
-    if let Some(w) = wrap {
-        details["wrap"] = serde_json::to_value(w)?;
-    }
+    host.details(&mut details)?;
     Ok(RunRecord {
         attack: r.method.clone(),
         policy: policy.label(),
@@ -262,38 +397,38 @@ fn run_papernot(a: &PapernotArgs) -> anyhow::Result<Vec<RunRecord>> {
     } else {
         a.baseline.clone()
     };
+    let rt = runtime(c)?;
     let mut out = Vec::new();
     for policy in policies(c) {
-        let mut local = Local::new(c.oracle, &model, policy);
-        let desc = local.oracle().describe();
-        if !c.json {
-            eprintln!("papernot against {desc}");
+        if !a.no_papernot {
+            let mut host = Host::new(c.oracle, &model, &path, policy, c, &rt)?;
+            let (policy, desc) = (host.policy(), host.describe());
+            if !c.json {
+                eprintln!("papernot against {desc}");
+            }
+            let t = Instant::now();
+            let r = papernot(host.oracle(), &data, &cfg, !c.json)?;
+            let seconds = t.elapsed().as_secs_f64();
+            out.push(substitute_record(
+                &r, &policy, &desc, &path, seconds, &host,
+            )?);
+            host.close(&rt)?;
         }
-        let t = Instant::now();
-        let r = papernot(local.oracle(), &data, &cfg, !c.json)?;
-        out.push(substitute_record(
-            &r,
-            &policy,
-            &desc,
-            &path,
-            t.elapsed().as_secs_f64(),
-            local.wrap(),
-        )?);
         if with_baseline {
-            let mut local = Local::new(c.oracle, &model, policy);
+            // a fresh oracle (a fresh budget, except on a real server: the same
+            // certificate's budget)
+            let mut host = Host::new(c.oracle, &model, &path, policy, c, &rt)?;
+            let (policy, desc) = (host.policy(), host.describe());
             if !c.json {
                 eprintln!("baseline (label N real images) against {desc}");
             }
             let t = Instant::now();
-            let r = baseline(local.oracle(), &data, &cfg, &sizes, !c.json)?;
+            let r = baseline(host.oracle(), &data, &cfg, &sizes, !c.json)?;
+            let seconds = t.elapsed().as_secs_f64();
             out.push(substitute_record(
-                &r,
-                &policy,
-                &desc,
-                &path,
-                t.elapsed().as_secs_f64(),
-                local.wrap(),
+                &r, &policy, &desc, &path, seconds, &host,
             )?);
+            host.close(&rt)?;
         }
     }
     Ok(out)
@@ -311,10 +446,11 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
         max_queries: a.max_queries,
         ..CarliniConfig::default()
     };
+    let rt = runtime(c)?;
     let mut out = Vec::new();
     for policy in policies(c) {
-        let mut local = Local::new(c.oracle, &model, policy);
-        let desc = local.oracle().describe();
+        let mut local = Host::new(c.oracle, &model, &path, policy, c, &rt)?;
+        let (policy, desc) = (local.policy(), local.describe());
         if !c.json {
             eprintln!("carlini against {desc}");
         }
@@ -337,9 +473,7 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
                         .with_context(|| format!("saving {}", p.display()))?;
                 }
                 let mut details = serde_json::to_value(&ex.report)?;
-                if let Some(w) = local.wrap() {
-                    details["wrap"] = serde_json::to_value(w)?;
-                }
+                local.details(&mut details)?;
                 let curve = ex
                     .report
                     .metrics
@@ -389,6 +523,22 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
             Err(e) => return Err(e.into()),
         };
         out.push(record);
+        local.close(&rt)?;
     }
     Ok(out)
+}
+
+/// The runtime of the service oracles' connections (and of an in-process server); the
+/// attacks run on this thread and block on it.
+fn runtime(c: &CommonArgs) -> anyhow::Result<Runtime> {
+    if c.oracle == OracleKind::Service && c.compare {
+        anyhow::bail!(
+            "--compare runs both policies on oracles of this process: use --oracle \
+             service-local (a real server's policy is its own)"
+        );
+    }
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }

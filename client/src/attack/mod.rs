@@ -9,24 +9,12 @@
 //! - [`report`]: `report.json`, a Markdown table and a PNG plot of agreement against
 //!   queries, merged over the runs in a report directory.
 //!
-//! ## Plugging in the secure service
-//!
-//! A `ServiceOracle` implements [`oracle::Oracle`] with one real 2PC batch per call:
-//! - `mode()`: the policy announced by `GetModelInfo` (`labels` or `logits`);
-//!   `input_len()`/`classes()` from the announced architecture; `max_batch()` = the
-//!   server's `max_rows` (minus the Fusion check rows T + (R - 1) B if the batch is mixed:
-//!   the oracle's rows are the client's own samples); `budget()` from the announced
-//!   budget.
-//! - inputs: each value v in [0, 1] encoded as `FixedPoint::encode(v)` (round(v 2^f), ties
-//!   away from zero) in the model's ring; logits decoded as signed ring elements times 2^-f;
-//!   labels are the first argmax computed inside 2PC.
-//! - errors: `logits()` under a labels policy returns [`oracle::OracleError::LabelsOnly`]
-//!   before sending anything; a refusal `RESOURCE_EXHAUSTED` (budget) becomes
-//!   [`oracle::OracleError::BudgetExhausted`] `{ used, budget }` with the server's figures;
-//!   a batch over `max_rows` or a value outside [0, 1] is `BadInput` (checked locally);
-//!   every other failure (transport, TLS, protocol abort, Fusion check failure) is
-//!   `Service(message)`.
-//! - `queries()`: rows of accepted batches (the server charges a batch when it accepts it).
+//! - [`service`]: [`service::ServiceOracle`], the [`oracle::Oracle`] answered by the real
+//!   secure service (real 2PC batches over gRPC and mutual TLS, split at the server's
+//!   `max_rows`); the server's refusals become named errors
+//!   ([`oracle::OracleError::BudgetExhausted`] for `RESOURCE_EXHAUSTED`,
+//!   [`oracle::OracleError::LabelsOnly`] for logits of a labels-only server), so the
+//!   attacks stop cleanly with their partial results.
 //!
 //! The experimenter measures with a local reference copy of the victim ([`reference`]):
 //! those evaluations are never queries.
@@ -40,5 +28,6 @@ pub mod papernot;
 mod progress;
 pub mod reference;
 pub mod report;
+pub mod service;
 
 pub use cli::{AttackArgs, run};

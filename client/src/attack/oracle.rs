@@ -12,8 +12,8 @@
 //!   [`LocalFixedOracle::stats`] reports how often it happened.
 //! - [`LocalF32Oracle`]: the plain f32 evaluator.
 //!
-//! The real service (one call = one 2PC batch) implements the same trait; see the module
-//! doc of [`super`] for the mapping of its refusals onto [`OracleError`].
+//! The real service implements the same trait: [`super::service::ServiceOracle`] (one
+//! call = one or more real 2PC batches), with its refusals mapped onto [`OracleError`].
 //!
 //! Accounting: [`Oracle::queries`] counts rows of accepted batches, the way the server
 //! charges budgets (a batch is charged when accepted; a refused batch costs nothing).
@@ -53,7 +53,8 @@ pub enum OracleError {
     /// The batch would exceed the row budget; nothing was charged.
     #[error("query budget exhausted: {used} of {budget} rows used")]
     BudgetExhausted {
-        /// rows charged so far
+        /// rows charged so far to this client (for a service: to its certificate, by
+        /// every session, not only this oracle's)
         used: u64,
         /// the budget in rows
         budget: u64,
@@ -139,10 +140,15 @@ fn query_batched<T>(
         if let Some(left) = oracle.remaining() {
             let left = usize::try_from(left).unwrap_or(usize::MAX);
             if left == 0 {
-                let (used, budget) = (oracle.queries(), oracle.budget().unwrap_or(0));
+                // the budget's own figures: a service's budget may also have been spent
+                // by other sessions of the same certificate
+                let budget = oracle.budget().unwrap_or(0);
                 return Partial {
                     results,
-                    error: Some(OracleError::BudgetExhausted { used, budget }),
+                    error: Some(OracleError::BudgetExhausted {
+                        used: budget,
+                        budget,
+                    }),
                 };
             }
             end = end.min(start + left);
@@ -262,7 +268,7 @@ impl Gate {
 }
 
 /// Every row has `len` values, each finite and in [0, 1].
-fn check_rows(xs: &[Vec<f32>], len: usize) -> Result<(), OracleError> {
+pub(crate) fn check_rows(xs: &[Vec<f32>], len: usize) -> Result<(), OracleError> {
     for (row, x) in xs.iter().enumerate() {
         if x.len() != len {
             return Err(OracleError::BadInput {

@@ -26,7 +26,7 @@ use crate::channel::{Channel, ChannelError, StepCost};
 use crate::fixed::{FixedLayer, FixedModel, first_argmax};
 use crate::he::{self, HeParams, LinearShape, Packing};
 use crate::mpc::{MpcConfig, MpcSession, Party, cost};
-use crate::ot::KkotConfig;
+use crate::ot::{CoreOt, KkotConfig, OtKind};
 use crate::ring::Ring;
 
 /// The `cheetah` family.
@@ -35,8 +35,13 @@ pub struct Cheetah;
 
 /// Tunables both parties of a `cheetah` session must share (the client announces its
 /// own in the hello; the server refuses a difference by name).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// The default runs the non-linear layers over Ferret silent OT with the configuration
+/// measured best for it ([`MpcConfig::recommended`]); IKNP stays selectable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheetahConfig {
+    /// the core OT under the 2PC layers
+    pub ot: OtKind,
     /// the 2PC session's configuration (leaf width, 1-of-N OT, extension batch)
     pub mpc: MpcConfig,
     /// a public bound on the signed bits of the weights (a smaller HE modulus), or
@@ -44,15 +49,34 @@ pub struct CheetahConfig {
     pub weight_bits: Option<u32>,
 }
 
+impl Default for CheetahConfig {
+    fn default() -> Self {
+        Self::with_ot(OtKind::default())
+    }
+}
+
 impl CheetahConfig {
+    /// The recommended configuration over the core OT `ot`.
+    pub fn with_ot(ot: OtKind) -> Self {
+        Self {
+            ot,
+            mpc: MpcConfig::recommended(ot),
+            weight_bits: None,
+        }
+    }
+
     fn weight_bits(&self, plan: &Plan) -> u32 {
         self.weight_bits.unwrap_or_else(|| plan.fixed.ring_bits())
     }
 
-    fn describe(mpc: &MpcConfig, weight_bits: u32) -> String {
+    fn describe(ot: OtKind, mpc: &MpcConfig, weight_bits: u32) -> String {
         format!(
-            "leaf bits {}, 1-of-N {:?}, min batch {}, weight bits {}",
-            mpc.leaf_bits, mpc.kn, mpc.min_batch, weight_bits
+            "core OT {}, leaf bits {}, 1-of-N {:?}, min batch {}, weight bits {}",
+            ot.name(),
+            mpc.leaf_bits,
+            mpc.kn,
+            mpc.min_batch,
+            weight_bits
         )
     }
 }
@@ -109,7 +133,7 @@ pub struct CheetahClient {
     pub(super) plan: Plan,
     config: CheetahConfig,
     he: he::ClientSession,
-    mpc: MpcSession,
+    mpc: MpcSession<CoreOt>,
     batches: u64,
     poisoned: bool,
 }
@@ -146,13 +170,14 @@ impl CheetahClient {
                 digest: spec.digest,
                 mpc: config.mpc,
                 weight_bits,
+                ot: config.ot,
             }
             .encode(),
         )?;
         ch.set_step("setup/he-keys");
         let he = he::client_setup(ch, params, rng)?;
         ch.set_step("setup/base-ot");
-        let mpc = MpcSession::setup(ch, Party::Client, config.mpc, rng)?;
+        let mpc = MpcSession::setup_with(ch, Party::Client, config.mpc, config.ot, rng)?;
         Ok(Self {
             plan,
             config: *config,
@@ -189,7 +214,7 @@ impl CheetahClient {
         let p = cost::Params {
             leaf_bits: self.config.mpc.leaf_bits,
             kk13: self.config.mpc.kn == KkotConfig::Kk13,
-            ext: cost::Extension::Iknp,
+            ext: self.mpc.cost_extension(),
         };
         let mut seq = cost::Sequence::new(
             p,
@@ -392,7 +417,7 @@ impl NonLinear {
 /// Shares of `op` on the shares `x` (rows of `width`), in 2PC calls of at most
 /// `plan.mpc_values` values (CrypTFlow2 truncation and ReLU, [`crate::mpc`]).
 fn nonlinear(
-    mpc: &mut MpcSession,
+    mpc: &mut MpcSession<CoreOt>,
     ch: &mut dyn Channel,
     plan: &Plan,
     x: &[u64],
@@ -419,7 +444,7 @@ fn nonlinear(
 /// (`Some(labels)` at the client, `None` at the server), in calls of at most
 /// `plan.mpc_values` values.
 fn argmax_reveal(
-    mpc: &mut MpcSession,
+    mpc: &mut MpcSession<CoreOt>,
     ch: &mut dyn Channel,
     plan: &Plan,
     x: &[u64],
@@ -552,7 +577,7 @@ pub struct CheetahServer {
     pub(super) plan: Plan,
     spec: ModelSpec,
     he: he::ServerSession,
-    mpc: MpcSession,
+    mpc: MpcSession<CoreOt>,
     batches: u64,
     poisoned: bool,
 }
@@ -590,16 +615,17 @@ impl CheetahServer {
             });
         }
         let ours = params.weight_bits();
-        if hello.mpc != config.mpc || u32::from(hello.weight_bits) != ours {
+        if hello.mpc != config.mpc || u32::from(hello.weight_bits) != ours || hello.ot != config.ot
+        {
             return Err(BackendError::ConfigMismatch {
-                ours: CheetahConfig::describe(&config.mpc, ours),
-                peer: CheetahConfig::describe(&hello.mpc, u32::from(hello.weight_bits)),
+                ours: CheetahConfig::describe(config.ot, &config.mpc, ours),
+                peer: CheetahConfig::describe(hello.ot, &hello.mpc, u32::from(hello.weight_bits)),
             });
         }
         ch.set_step("setup/he-keys");
         let he = he::server_setup(ch, params)?;
         ch.set_step("setup/base-ot");
-        let mpc = MpcSession::setup(ch, Party::Server, config.mpc, rng)?;
+        let mpc = MpcSession::setup_with(ch, Party::Server, config.mpc, config.ot, rng)?;
         Ok(Self {
             plan,
             spec,

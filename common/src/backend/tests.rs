@@ -14,7 +14,7 @@ use super::*;
 use crate::channel::{CostReport, Counting, StepCost, memory_pair};
 use crate::fixed::{FixedModel, eval_fixed};
 use crate::he::HeError;
-use crate::mpc::MpcConfig;
+use crate::mpc::{MpcConfig, OtKind};
 use crate::nn::mnist::{self, Split};
 use crate::nn::{Architecture, LayerSpec, Model, Tensor};
 
@@ -397,11 +397,21 @@ fn batch_bytes_and_flights_equal_the_he_and_mpc_formulas() {
         .collect();
     for cfg in [
         CheetahConfig::default(),
+        CheetahConfig::with_ot(OtKind::Iknp),
         CheetahConfig {
+            ot: OtKind::Iknp,
             mpc: MpcConfig {
                 min_batch: 1,
                 leaf_bits: 4,
                 kn: crate::ot::KkotConfig::FromCots,
+            },
+            weight_bits: None,
+        },
+        CheetahConfig {
+            ot: OtKind::Ferret,
+            mpc: MpcConfig {
+                min_batch: 1,
+                ..MpcConfig::recommended(OtKind::Ferret)
             },
             weight_bits: None,
         },
@@ -714,12 +724,22 @@ fn setup_refuses_another_model_configuration_or_version() {
     let other = CheetahConfig {
         mpc: MpcConfig {
             leaf_bits: 5,
-            ..MpcConfig::default()
+            ..CheetahConfig::default().mpc
         },
-        weight_bits: None,
+        ..CheetahConfig::default()
     };
     let (e, _) = server_error(policy(), other, None, vec![], plain);
     assert!(matches!(e, BackendError::ConfigMismatch { .. }), "{e}");
+    // the same 2PC configuration over another core OT
+    let iknp = CheetahConfig {
+        ot: OtKind::Iknp,
+        ..CheetahConfig::default()
+    };
+    let (e, _) = server_error(policy(), iknp, None, vec![], plain);
+    assert!(
+        matches!(&e, BackendError::ConfigMismatch { peer, .. } if peer.contains("core OT iknp")),
+        "{e}"
+    );
     let bound = CheetahConfig {
         weight_bits: Some(20),
         ..CheetahConfig::default()
@@ -730,7 +750,7 @@ fn setup_refuses_another_model_configuration_or_version() {
         Box::new(Tamper::new(c, "setup/hello", 0, |m: &mut Vec<u8>| m[2] = 9))
     });
     assert!(
-        matches!(e, BackendError::Version { ours: 1, peer: 9 }),
+        matches!(e, BackendError::Version { ours: 2, peer: 9 }),
         "{e}"
     );
 }

@@ -2,19 +2,20 @@
 //! fixed length, checked field by field while decoding).
 //!
 //! ```text
-//! hello  (42 bytes): 0x48 | version u16 | model digest [32] | leaf bits u8 |
-//!                    1-of-N OT u8 (0 KK13, 1 from COTs) | min batch u32 | weight bits u8
+//! hello  (43 bytes): 0x48 | version u16 | model digest [32] | leaf bits u8 |
+//!                    1-of-N OT u8 (0 KK13, 1 from COTs) | min batch u32 | weight bits u8 |
+//!                    core OT u8 (0 IKNP, 1 Ferret)
 //! header (10 bytes): 0x42 | rows u32 | cols u32 | output u8 (1 labels, 2 logits)
 //! ```
 
 use super::{BackendError, OutputMode};
 use crate::mpc::MpcConfig;
-use crate::ot::KkotConfig;
+use crate::ot::{KkotConfig, OtKind};
 
 /// The backend protocol version this code speaks.
-pub const BACKEND_VERSION: u16 = 1;
+pub const BACKEND_VERSION: u16 = 2;
 /// Bytes of the hello.
-pub const HELLO_LEN: usize = 42;
+pub const HELLO_LEN: usize = 43;
 /// Bytes of a batch header.
 pub const HEADER_LEN: usize = 10;
 
@@ -28,6 +29,7 @@ pub(crate) struct Hello {
     pub(crate) digest: [u8; 32],
     pub(crate) mpc: MpcConfig,
     pub(crate) weight_bits: u8,
+    pub(crate) ot: OtKind,
 }
 
 fn malformed(what: &'static str, reason: impl Into<String>) -> BackendError {
@@ -76,6 +78,10 @@ impl Hello {
         });
         m.extend_from_slice(&(self.mpc.min_batch.min(u32::MAX as usize) as u32).to_be_bytes());
         m.push(self.weight_bits);
+        m.push(match self.ot {
+            OtKind::Iknp => 0,
+            OtKind::Ferret => 1,
+        });
         m
     }
 
@@ -98,6 +104,11 @@ impl Hello {
             1 => KkotConfig::FromCots,
             other => return Err(malformed(WHAT, format!("unknown 1-of-N OT {other}"))),
         };
+        let ot = match msg[42] {
+            0 => OtKind::Iknp,
+            1 => OtKind::Ferret,
+            other => return Err(malformed(WHAT, format!("unknown core OT {other}"))),
+        };
         Ok(Self {
             version,
             digest,
@@ -107,6 +118,7 @@ impl Hello {
                 min_batch: be_u32(&msg[37..41]) as usize,
             },
             weight_bits: msg[41],
+            ot,
         })
     }
 }
@@ -165,6 +177,7 @@ mod tests {
             digest: [7; 32],
             mpc: MpcConfig::default(),
             weight_bits: 33,
+            ot: OtKind::Ferret,
         };
         let m = h.encode();
         assert_eq!(m.len(), HELLO_LEN);
@@ -181,8 +194,14 @@ mod tests {
             Hello::decode(&k),
             Err(BackendError::Malformed { .. })
         ));
+        let mut o = m.clone();
+        o[42] = 2;
         assert!(matches!(
-            Hello::decode(&m[..41]),
+            Hello::decode(&o),
+            Err(BackendError::Malformed { .. })
+        ));
+        assert!(matches!(
+            Hello::decode(&m[..42]),
             Err(BackendError::Malformed { .. })
         ));
         assert!(matches!(

@@ -181,6 +181,30 @@ impl MpcSession<CoreOt> {
         Self::setup_over(ch, party, cfg, core, rng)
     }
 
+    /// The core OT's state as the cost formulas model it ([`cost::Extension`]), for the
+    /// client's view of the next operations ([`cost::Sequence`]): IKNP, or Ferret with
+    /// the COTs it holds in each direction and its iteration size and bytes.
+    pub fn cost_extension(&self) -> cost::Extension {
+        match self.ot.core() {
+            CoreOt::Iknp(_) => cost::Extension::Iknp,
+            CoreOt::Ferret(f) => {
+                let (as_sender, as_receiver) = f.spare();
+                let main = f.params();
+                // (server as sender, client as sender), whichever party this is
+                let (s2c, c2s) = match self.party {
+                    Party::Client => (as_receiver, as_sender),
+                    Party::Server => (as_sender, as_receiver),
+                };
+                cost::Extension::Ferret {
+                    usable: main.usable(),
+                    iteration_bytes: main.iteration_bytes(),
+                    spare_s2c: s2c,
+                    spare_c2s: c2s,
+                }
+            }
+        }
+    }
+
     /// The rest of [`Self::setup_with`] over a set-up core OT.
     pub(crate) fn setup_over<R: Rng + CryptoRng + ?Sized>(
         ch: &mut dyn Channel,

@@ -340,6 +340,24 @@ pub fn status_error(status: &Status) -> ChannelError {
     ChannelError::Transport(format!("{:?}: {}", status.code(), clip(status.message())))
 }
 
+/// The peer's status inside a transport error: the inverse of [`status_error`].
+///
+/// A refusal that ends a session after it started (a batch over the budget, logits asked
+/// of a labels-only server) reaches the protocol as [`ChannelError::Transport`] with the
+/// text `"<Code>: <message>"`; this gives back the code and the message, `None` for every
+/// other error (an abort frame, a closed stream, a local failure).
+pub fn peer_status(err: &ChannelError) -> Option<(Code, &str)> {
+    let ChannelError::Transport(text) = err else {
+        return None;
+    };
+    let (name, message) = text.split_once(": ")?;
+    // the 17 codes of the gRPC status space, 0..=16
+    let code = (0..=16)
+        .map(Code::from_i32)
+        .find(|c| format!("{c:?}") == name)?;
+    Some((code, message))
+}
+
 /// The gRPC code a session ends with when its channel fails with `err`.
 pub fn status_code(err: &ChannelError) -> Code {
     match err {
@@ -560,6 +578,33 @@ mod tests {
             };
             assert!(ok, "{want}: {r:?}");
         }
+    }
+
+    #[test]
+    fn peer_status_reads_back_the_code_and_message() {
+        for code in [
+            Code::ResourceExhausted,
+            Code::FailedPrecondition,
+            Code::InvalidArgument,
+            Code::Aborted,
+            Code::Ok,
+            Code::Unauthenticated,
+        ] {
+            let e = status_error(&Status::new(code, "batch refused: x: y"));
+            assert_eq!(peer_status(&e), Some((code, "batch refused: x: y")), "{e}");
+        }
+        // not a status: an abort frame, other errors, a malformed text
+        let abort = ChannelError::Transport("the peer aborted the session: no".into());
+        assert_eq!(peer_status(&abort), None);
+        assert_eq!(peer_status(&ChannelError::Closed), None);
+        assert_eq!(
+            peer_status(&ChannelError::Transport("ResourceExhausted".into())),
+            None
+        );
+        assert_eq!(
+            peer_status(&ChannelError::Transport("Nonsense: x".into())),
+            None
+        );
     }
 
     #[test]

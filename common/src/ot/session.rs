@@ -358,6 +358,11 @@ impl<C: RandomCot> OtSession<C> {
         self.min_batch
     }
 
+    /// The core OT (for its state, e.g. Ferret's spare COTs).
+    pub fn core(&self) -> &C {
+        &self.cot
+    }
+
     /// The core OT's name (`"iknp"`, ...).
     pub fn ot_name(&self) -> &'static str {
         self.cot.name()

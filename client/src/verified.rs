@@ -1,0 +1,514 @@
+//! Verified secure inference (Fusion's mix-and-check around the secure protocol): the
+//! library behind `fusion-client infer` and `fusion-client audit`.
+//!
+//! ```text
+//! client                                              server
+//! GetModelInfo: digests, claimed accuracy, max rows <--
+//! GetPublicPool: (index, label) pairs + digest      <--   verified against the model digest
+//! tune (T, R) for B (exact bound) or take --t/--r
+//! mix: T public rows + R copies of B own rows, secret uniform order (fusion::mix)
+//! one secure batch of T + R*B rows (the real protocol) <-->
+//! un-shuffle, checks (a) (b) (c) (fusion::check) -> own results, or a named detection
+//! ```
+//!
+//! [`run_verified`] runs one Fusion batch; [`run_sessions`] runs several independent
+//! Fusion batches (each its own secret plan and public draw) in one protocol session,
+//! which is what `audit` uses to keep trials cheap.
+
+use std::sync::Arc;
+
+use fusion_common::backend::{
+    BackendError, BackendKind, BatchOutput, Cheetah, InferenceClient, ModelSpec, OutputMode,
+    SecureInference,
+};
+use fusion_common::channel::{Channel, CostReport};
+use fusion_common::fusion::check::{CheckError, Expectations, Verified, check};
+use fusion_common::fusion::mix::{MixError, MixPlan};
+use fusion_common::fusion::tune::{self, TuneError};
+use fusion_common::net::{ServiceInfo, SessionStart};
+use fusion_common::nn::mnist::{self, Dataset};
+use fusion_common::nn::{ModelDigest, PoolError};
+use serde::Serialize;
+
+use crate::client::Client;
+use crate::infer::{InferError, InferOptions, model_spec};
+
+/// The default target for the escape probability, 2^-40 (DESIGN: 40-bit statistical).
+pub const DEFAULT_TARGET: f64 = 9.094_947_017_729_282e-13;
+/// The default confidence of check (c).
+pub const DEFAULT_CONFIDENCE: f64 = 0.999;
+/// The largest R the tuner considers.
+pub const MAX_R: usize = 64;
+
+/// Errors of a verified inference. [`FusionError::Detected`] is the server's
+/// misbehaviour; the others are set-up or transport failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FusionError {
+    /// The secure inference itself failed (connecting, refusal, protocol error).
+    #[error(transparent)]
+    Infer(#[from] InferError),
+    /// The server publishes no public pool.
+    #[error("the server publishes no public pool: Fusion cannot check it (use --no-fusion)")]
+    NoPool,
+    /// The pool does not verify against the announced model.
+    #[error("the public pool does not verify: {0}")]
+    Pool(#[from] PoolError),
+    /// The pool differs from what `GetModelInfo` announced, or names samples the client
+    /// does not have.
+    #[error("the public pool: {0}")]
+    PoolMismatch(String),
+    /// No (T, R) meets the target within the server's batch limit.
+    #[error(transparent)]
+    Tune(#[from] TuneError),
+    /// The batch cannot be built.
+    #[error(transparent)]
+    Mix(#[from] MixError),
+    /// T + R*B exceeds the server's largest batch.
+    #[error("a Fusion batch of {rows} rows exceeds the server's largest batch of {max}")]
+    TooManyRows {
+        /// T + R*B
+        rows: usize,
+        /// the server's limit
+        max: u64,
+    },
+    /// The server misbehaved: a check failed; nothing of the batch is returned.
+    #[error("server misbehaviour detected: {0}")]
+    Detected(#[from] CheckError),
+}
+
+impl FusionError {
+    /// Whether this is a detection of the server's misbehaviour.
+    pub fn is_detection(&self) -> bool {
+        matches!(self, FusionError::Detected(_))
+    }
+}
+
+/// The public rows a client can use: the verified pool, the pool images and their true
+/// labels.
+#[derive(Debug, Clone)]
+pub struct PublicRows {
+    /// the server's published label per pool entry
+    labels: Vec<u8>,
+    /// the true label per pool entry
+    truth: Vec<u8>,
+    /// the pool images, `mnist::PIXELS` bytes each
+    pixels: Vec<u8>,
+}
+
+impl PublicRows {
+    /// Checks the pool `GetPublicPool` returned against the model info (digest bound to
+    /// the model digest, size as announced) and takes the images and true labels from
+    /// `test` (the public dataset the pool indexes).
+    pub fn new(
+        info: &ServiceInfo,
+        pool: &fusion_common::net::info::PublicPool,
+        test: &Dataset,
+    ) -> Result<Self, FusionError> {
+        let m = info.model.as_ref().ok_or(InferError::NoModel)?;
+        if pool.entries.is_empty() || m.pool_size == 0 {
+            return Err(FusionError::NoPool);
+        }
+        if pool.entries.len() as u64 != m.pool_size || pool.digest != m.pool_digest {
+            return Err(FusionError::PoolMismatch(format!(
+                "{} entries with another digest than the {} announced",
+                pool.entries.len(),
+                m.pool_size
+            )));
+        }
+        let digest = <[u8; 32]>::try_from(m.model_digest.as_slice()).map_err(|_| {
+            FusionError::PoolMismatch(format!("a model digest of {} bytes", m.model_digest.len()))
+        })?;
+        let nn_pool = pool
+            .to_nn()
+            .map_err(|e| FusionError::PoolMismatch(e.to_string()))?;
+        nn_pool.verify(&ModelDigest(digest))?;
+        let classes = m.architecture.output_shape.iter().product::<u64>().max(1);
+        let mut labels = Vec::with_capacity(pool.entries.len());
+        let mut truth = Vec::with_capacity(pool.entries.len());
+        let mut pixels = Vec::with_capacity(pool.entries.len() * mnist::PIXELS);
+        for e in &pool.entries {
+            if u64::from(e.label) >= classes || e.label > u32::from(u8::MAX) {
+                return Err(FusionError::PoolMismatch(format!(
+                    "label {} of entry {} is not one of {classes} classes",
+                    e.label, e.index
+                )));
+            }
+            let i = e.index as usize;
+            let img = test.image(i).ok_or_else(|| {
+                FusionError::PoolMismatch(format!(
+                    "index {i} outside the {} public samples",
+                    test.len()
+                ))
+            })?;
+            labels.push(e.label as u8);
+            truth.push(test.labels()[i]);
+            pixels.extend_from_slice(img);
+        }
+        Ok(Self {
+            labels,
+            truth,
+            pixels,
+        })
+    }
+
+    /// `GetPublicPool`, then [`PublicRows::new`].
+    pub async fn fetch(
+        client: &Client,
+        info: &ServiceInfo,
+        test: &Dataset,
+    ) -> Result<Self, FusionError> {
+        let pool = client.public_pool().await.map_err(InferError::from)?;
+        Self::new(info, &pool, test)
+    }
+
+    /// Entries in the pool.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the pool is empty (never, once built).
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    fn image(&self, p: usize) -> &[u8] {
+        &self.pixels[p * mnist::PIXELS..(p + 1) * mnist::PIXELS]
+    }
+}
+
+/// How (T, R) are chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Params {
+    /// the cheapest (T, R) whose exact worst-case escape probability is at most `target`
+    Tuned {
+        /// escape probability target, in (0, 1]
+        target: f64,
+    },
+    /// given
+    Fixed {
+        /// public rows
+        t: usize,
+        /// copies
+        r: usize,
+    },
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params::Tuned {
+            target: DEFAULT_TARGET,
+        }
+    }
+}
+
+/// How to run a verified inference.
+#[derive(Debug, Clone)]
+pub struct FusionOptions {
+    /// the secure inference's options (backend, output mode; `batch_rows` is ignored: a
+    /// Fusion batch is one protocol batch)
+    pub infer: InferOptions,
+    /// (T, R)
+    pub params: Params,
+    /// confidence of check (c)
+    pub confidence: f64,
+}
+
+impl Default for FusionOptions {
+    fn default() -> Self {
+        Self {
+            infer: InferOptions::default(),
+            params: Params::default(),
+            confidence: DEFAULT_CONFIDENCE,
+        }
+    }
+}
+
+/// The parameters a batch ran with and their exact bound.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Setting {
+    /// public rows
+    #[serde(rename = "T")]
+    pub t: usize,
+    /// copies
+    #[serde(rename = "R")]
+    pub r: usize,
+    /// own inputs
+    #[serde(rename = "B")]
+    pub b: usize,
+    /// T + R*B
+    pub rows: usize,
+    /// the exact worst-case escape probability, max over m of C(B,m)/C(T+RB,Rm)
+    pub escape: f64,
+    /// its log2
+    pub log2_escape: f64,
+}
+
+impl Setting {
+    /// The (T, R) for B own inputs under `params` and the server's `max_rows`.
+    pub fn choose(params: Params, b: usize, max_rows: u64) -> Result<Self, FusionError> {
+        let limit = usize::try_from(max_rows).unwrap_or(usize::MAX);
+        let c = match params {
+            Params::Tuned { target } => tune::alternatives(b, target, limit, MAX_R)?
+                .into_iter()
+                .next()
+                .ok_or(TuneError::Unreachable {
+                    max_rows: limit,
+                    target_log2: target.log2(),
+                })?,
+            Params::Fixed { t, r } => tune::evaluate(t, r, b)?,
+        };
+        if c.rows as u64 > max_rows {
+            return Err(FusionError::TooManyRows {
+                rows: c.rows,
+                max: max_rows,
+            });
+        }
+        Ok(Self {
+            t: c.t,
+            r: c.r,
+            b,
+            rows: c.rows,
+            escape: c.escape,
+            log2_escape: c.log2_escape,
+        })
+    }
+}
+
+/// A verified result.
+#[derive(Debug, Clone)]
+pub struct FusionOutput {
+    /// one label per own input, in input order
+    pub labels: Vec<usize>,
+    /// in logits mode, the logits per own input (signed, scale 2^f)
+    pub logits: Option<Vec<Vec<i64>>>,
+    /// the parameters and bound
+    pub setting: Setting,
+    /// public rows whose label was the true label
+    pub public_correct: usize,
+    /// p-value of check (c)
+    pub p_value: f64,
+}
+
+/// What a session of Fusion batches gives: one outcome per batch, and the session's costs.
+#[derive(Debug)]
+pub struct SessionOutcomes {
+    /// per batch: the verified results or why the batch was rejected
+    pub batches: Vec<Result<FusionOutput, FusionError>>,
+    /// the server's session number
+    pub session_id: u64,
+    /// the output mode the server applied
+    pub output: OutputMode,
+    /// the client's costs
+    pub cost: CostReport,
+}
+
+/// One verified batch: fetches nothing; `info` and `public` are already in hand.
+pub async fn run_verified(
+    client: &Client,
+    info: &ServiceInfo,
+    public: &PublicRows,
+    own_pixels: &[u8],
+    opts: &FusionOptions,
+) -> Result<(FusionOutput, SessionOutcomes), FusionError> {
+    let mut s = run_sessions(client, info, public, &[own_pixels], opts).await?;
+    let out = s
+        .batches
+        .pop()
+        .ok_or(FusionError::Infer(InferError::Empty))??;
+    Ok((out, s))
+}
+
+/// Several independent Fusion batches (each `own[i]` holds the same number B of images)
+/// in one protocol session: each batch has its own public draw and secret order. The
+/// session's error (transport, refusal) is returned as such; each batch's checks are in
+/// its outcome.
+pub async fn run_sessions(
+    client: &Client,
+    info: &ServiceInfo,
+    public: &PublicRows,
+    own: &[&[u8]],
+    opts: &FusionOptions,
+) -> Result<SessionOutcomes, FusionError> {
+    let m = info.model.as_ref().ok_or(InferError::NoModel)?;
+    let kind = opts.infer.backend;
+    if !info.backends.iter().any(|b| b == kind.name()) {
+        return Err(InferError::NotOffered {
+            backend: kind.name().into(),
+            offered: info.backends.join(", "),
+        }
+        .into());
+    }
+    let spec = model_spec(m)?;
+    let cols = spec.input_len;
+    if cols != mnist::PIXELS {
+        return Err(InferError::BadModel(format!(
+            "Fusion's public rows are MNIST images of {} pixels, the model takes {cols}",
+            mnist::PIXELS
+        ))
+        .into());
+    }
+    let first = own.first().ok_or(InferError::Empty)?;
+    if first.is_empty() || !first.len().is_multiple_of(cols) {
+        return Err(InferError::Shape {
+            len: first.len(),
+            cols,
+        }
+        .into());
+    }
+    let b = first.len() / cols;
+    if let Some(o) = own.iter().find(|o| o.len() != first.len()) {
+        return Err(InferError::Shape { len: o.len(), cols }.into());
+    }
+    let setting = Setting::choose(opts.params, b, info.max_rows)?;
+
+    // Mix every batch (OS randomness; the plans never leave this process).
+    let mut plans = Vec::with_capacity(own.len());
+    let mut rows: Vec<u64> = Vec::with_capacity(own.len() * setting.rows * cols);
+    {
+        let mut rng = rand::rng();
+        for pixels in own {
+            let plan = MixPlan::new(b, setting.t, setting.r, public.len(), &mut rng)?;
+            let own_rows: Vec<&[u8]> = pixels.chunks(cols).collect();
+            let batch = plan.assemble(&own_rows, |p| public.image(p))?;
+            for img in batch {
+                rows.extend(spec.fixed.encode_pixels(img));
+            }
+            plans.push(plan);
+        }
+    }
+
+    let per = setting.rows;
+    let mut start = SessionStart::new(kind.name()).with_batch(per as u64, cols as u64);
+    if let Some(o) = opts.infer.output {
+        start = start.with_output(o);
+    }
+    let cheetah = opts.infer.cheetah;
+    let ring = spec.fixed.ring();
+    let spec = Arc::new(spec);
+    let out = client
+        .session(start, move |ch, accepted| {
+            let mut rng = rand::rng();
+            match kind {
+                BackendKind::Cheetah => {
+                    batches::<Cheetah>(ch, &spec, &cheetah, &rows, per, accepted.output, &mut rng)
+                }
+                other => Err(BackendError::BadBatch(format!(
+                    "backend {other} is not available in this client"
+                ))),
+            }
+        })
+        .await
+        .map_err(InferError::from)?;
+
+    let exp = Expectations {
+        pool_labels: &public.labels,
+        pool_truth: &public.truth,
+        claimed_accuracy: m.claimed_accuracy,
+        confidence: opts.confidence,
+    };
+    let outcomes = plans
+        .iter()
+        .zip(out.value)
+        .map(|(plan, batch)| {
+            let verified = match &batch.logits {
+                Some(l) => {
+                    let logits: Vec<Vec<i64>> = l
+                        .chunks(batch.classes.max(1))
+                        .map(|r| r.iter().map(|&v| ring.to_signed(v)).collect())
+                        .collect();
+                    let v = check(plan, &logits, &exp)?;
+                    let labels = v
+                        .outputs
+                        .iter()
+                        .map(fusion_common::fusion::check::RowOutput::label)
+                        .collect();
+                    (labels, Some(v.outputs), v.public_correct, v.p_value)
+                }
+                None => {
+                    let Verified {
+                        outputs,
+                        public_correct,
+                        p_value,
+                    } = check(plan, &batch.labels, &exp)?;
+                    (outputs, None, public_correct, p_value)
+                }
+            };
+            Ok(FusionOutput {
+                labels: verified.0,
+                logits: verified.1,
+                setting,
+                public_correct: verified.2,
+                p_value: verified.3,
+            })
+        })
+        .collect();
+    Ok(SessionOutcomes {
+        batches: outcomes,
+        session_id: out.accepted.session_id,
+        output: out.accepted.output,
+        cost: out.cost,
+    })
+}
+
+/// The client's side: set-up once, then one protocol batch of `per` rows per chunk.
+fn batches<B: SecureInference>(
+    ch: &mut dyn Channel,
+    spec: &ModelSpec,
+    config: &B::Config,
+    x: &[u64],
+    per: usize,
+    output: OutputMode,
+    rng: &mut rand::rngs::ThreadRng,
+) -> Result<Vec<BatchOutput>, BackendError> {
+    let mut c = B::client_setup(ch, spec, config, rng)?;
+    x.chunks(per * spec.input_len)
+        .map(|rows| c.run_batch(ch, rows, per, output, rng))
+        .collect()
+}
+
+/// The exit status of `fusion-client infer` when the server is caught cheating.
+pub const EXIT_DETECTED: i32 = 3;
+
+/// Whether a command's error is a detection of the server's misbehaviour (the binary
+/// then exits with [`EXIT_DETECTED`]).
+pub fn is_detected(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<FusionError>()
+        .is_some_and(FusionError::is_detection)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_tuned_or_given_and_fit_the_server() {
+        // the tuner's cheapest choice for B = 3 at 2^-40 (as `tune --batch 3` prints)
+        let s = Setting::choose(Params::default(), 3, 4096).unwrap();
+        assert_eq!((s.t, s.r, s.b, s.rows), (13, 14, 3, 55));
+        assert!(s.log2_escape <= -40.0);
+        // T = 1, R = 2, B = 3: max(C(3,1)/C(7,2), C(3,2)/C(7,4), C(3,3)/C(7,6)) = 1/7
+        let s = Setting::choose(Params::Fixed { t: 1, r: 2 }, 3, 4096).unwrap();
+        assert_eq!(s.rows, 7);
+        assert!((s.escape - 1.0 / 7.0).abs() < 1e-15);
+        assert!(matches!(
+            Setting::choose(Params::Fixed { t: 1, r: 2 }, 3, 6),
+            Err(FusionError::TooManyRows { rows: 7, max: 6 })
+        ));
+        assert!(matches!(
+            Setting::choose(Params::default(), 3, 20),
+            Err(FusionError::Tune(TuneError::Unreachable { .. }))
+        ));
+    }
+
+    #[test]
+    fn only_a_failed_check_is_a_detection() {
+        let d: anyhow::Error =
+            FusionError::Detected(CheckError::PublicMismatch { rows: 2, of: 13 }).into();
+        assert!(is_detected(&d));
+        assert!(d.to_string().contains("check (a) failed: 2 of 13"));
+        let other: anyhow::Error = FusionError::NoPool.into();
+        assert!(!is_detected(&other));
+        assert!(!is_detected(&anyhow::anyhow!("connection refused")));
+    }
+}
