@@ -163,3 +163,49 @@ async fn an_honest_server_is_never_recorded_and_a_corrupt_store_is_a_named_error
     );
     s.handle.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_server_aborts_after_accepting_it_is_recorded() {
+    use fusion_server::runner::RunnerError;
+    let test = test_set();
+    let dir = tempfile::tempdir().unwrap();
+    // a "cheetah" that accepts the session, then aborts it (the selective-failure signal)
+    let mut registry = Registry::empty();
+    registry
+        .register(
+            "cheetah",
+            |_: &mut dyn fusion_common::channel::Channel,
+             _: &fusion_server::runner::StartInfo,
+             _: &ServerState| {
+                Err(RunnerError::protocol(
+                    "cheetah",
+                    std::io::Error::other("aborted on purpose"),
+                ))
+            },
+        )
+        .unwrap();
+    let state = ServerState::new(Some(served()), Policy::default(), SessionLimits::default());
+    let s = TestServer::start_with_state(state, registry).await;
+    let e = batch(&s, &test, &trust(dir.path(), false))
+        .await
+        .unwrap_err();
+    assert!(!is_detected(&e), "an abort is not a check failure: {e}");
+    assert_eq!(s.handle.stats().sessions_accepted, 1);
+    let store = TrustStore::open(Some(dir.path())).unwrap();
+    let entry = store
+        .entries()
+        .values()
+        .next()
+        .expect("the server is recorded");
+    assert!(
+        entry.reason.contains("after the session started"),
+        "{}",
+        entry.reason
+    );
+    let e = batch(&s, &test, &trust(dir.path(), false))
+        .await
+        .unwrap_err();
+    assert!(is_distrusted(&e), "{e}");
+    assert_eq!(s.handle.stats().sessions_accepted, 1);
+    s.handle.shutdown().await.unwrap();
+}
