@@ -338,5 +338,14 @@ mod tests {
             m2.measure_pool_accuracy(&test),
             Err(crate::state::AccuracyError::LabelMismatch { .. })
         ));
+        // the bundled model's pool is its own labels too: measured without error
+        let mut big = ServedModel::load(&repo("models/mnist-dnn.safetensors")).unwrap();
+        claim_accuracy(&mut big, None, &repo("data/mnist")).unwrap();
+        eprintln!(
+            "bundled model: measured on the pool {}, recorded held-out {:?}",
+            big.summary.claimed_accuracy,
+            big.model.claimed_accuracy()
+        );
+        assert!(big.summary.claimed_accuracy > 0.9);
     }
 }
