@@ -9,6 +9,10 @@
 //! own random own inputs (MNIST test images 1000.., outside the public pool), its own
 //! public draw and its own secret order; batches run `--per-session` at a time in one
 //! protocol session (one HE/OT set-up per session).
+//!
+//! The audit bypasses the trust store ([`crate::trust`]): it talks to cheating servers
+//! on purpose, with public test images only, so it neither refuses a distrusted server
+//! nor records the servers it catches.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

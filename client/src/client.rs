@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fusion_common::channel::{Channel, ChannelError, CostReport, Counting};
-use fusion_common::net::connect::{ServerAddress, connect};
+use fusion_common::net::connect::{PeerCertificate, ServerAddress, connect_observed};
 use fusion_common::net::pb::{self, frame::Kind, fusion_client::FusionClient};
 use fusion_common::net::stream::{
     ChannelConfig, GrpcChannel, OUTBOUND_QUEUE, inbound_capacity, spawn_pump,
@@ -150,6 +150,7 @@ pub struct Client {
     grpc: FusionClient<TonicChannel>,
     addr: ServerAddress,
     options: ClientOptions,
+    peer: PeerCertificate,
 }
 
 impl Client {
@@ -174,7 +175,8 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Self, ClientError> {
         let name = server_name(name.unwrap_or(addr.host()))?;
-        let channel = connect(addr, name, config)
+        let peer = PeerCertificate::default();
+        let channel = connect_observed(addr, name, config, peer.clone())
             .await
             .map_err(|e| ClientError::Connect {
                 addr: addr.to_string(),
@@ -188,7 +190,13 @@ impl Client {
             grpc,
             addr: addr.clone(),
             options,
+            peer,
         })
+    }
+
+    /// The server's leaf certificate (DER) as presented in the latest TLS handshake.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        self.peer.lock().ok().and_then(|p| p.clone())
     }
 
     /// The server's address.

@@ -35,6 +35,7 @@ use crate::args::ConnectArgs;
 use crate::client::{Client, ClientError};
 use crate::local::{BUNDLED_MNIST, bundled};
 use crate::report::{CostJson, render_tables};
+use crate::verified::FusionError;
 
 /// The rows to infer.
 #[derive(Debug, Clone, Copy)]
@@ -316,6 +317,8 @@ pub struct InferArgs {
     pub no_fusion: bool,
     #[command(flatten)]
     pub fusion: FusionArgs,
+    #[command(flatten)]
+    pub trust: crate::trust::TrustArgs,
 }
 
 /// Fusion's flags (`infer`, `audit`).
@@ -421,7 +424,13 @@ pub async fn run_cmd(args: InferArgs) -> anyhow::Result<()> {
         return run_fusion_cmd(&args, &client, &info, &pixels, truth.as_deref(), opts).await;
     }
     eprintln!("Fusion disabled (--no-fusion): the bare protocol; results are NOT verified");
-    let out = run_with_info(&client, &info, Inputs::Pixels(&pixels), &opts).await?;
+    // the trust store guards the bare protocol too (an abort can leak there as well)
+    let (mut store, fp) = args.trust.admit(&client)?;
+    let out = run_with_info(&client, &info, Inputs::Pixels(&pixels), &opts)
+        .await
+        .map_err(|e| {
+            crate::trust::record_failure(&mut store, &fp, &client, FusionError::Infer(e))
+        })?;
     let json = InferJson {
         backend: out.backend.name().into(),
         output: out.output,
@@ -476,11 +485,13 @@ async fn run_fusion_cmd(
     truth: Option<&[u8]>,
     opts: InferOptions,
 ) -> anyhow::Result<()> {
-    use crate::verified::{PublicRows, run_verified};
+    use crate::verified::PublicRows;
     let test = public_dataset(args.mnist_dir.as_deref())?;
     let public = PublicRows::fetch(client, info, &test).await?;
     let fopts = args.fusion.options(opts);
-    let (out, session) = run_verified(client, info, &public, pixels, &fopts).await?;
+    let (out, session) =
+        crate::trust::run_verified_trusted(&args.trust, client, info, &public, pixels, &fopts)
+            .await?;
     let st = out.setting;
     let j = serde_json::json!({
             "fusion": st,

@@ -16,6 +16,7 @@ pub mod info_cmd;
 pub mod link;
 pub mod local;
 pub mod report;
+pub mod trust;
 pub mod tune_cmd;
 pub mod verified;
 

@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use fusion_client::attack;
-use fusion_client::{audit, bench, demo, infer, info_cmd, tune_cmd, verified};
+use fusion_client::{audit, bench, demo, infer, info_cmd, trust, tune_cmd, verified};
 
 /// Fusion client: secure inference against a Fusion server over mutual TLS.
 #[derive(Debug, Parser)]
@@ -36,6 +36,9 @@ enum Command {
     /// Model-extraction attacks (Papernot substitute training; Carlini-Jagielski-Mironov
     /// cryptanalytic extraction) against an oracle, with reports.
     Attack(attack::AttackArgs),
+    /// The trust store: servers this client caught cheating (exit status 4 when `infer`
+    /// refuses one): `list`, `reset SERVER`.
+    Trust(trust::TrustCmd),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +60,10 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("error: {e}\nno results from this batch are returned");
                 std::process::exit(verified::EXIT_DETECTED)
             }
+            Err(e) if trust::is_distrusted(&e) => {
+                eprintln!("error: {e}");
+                std::process::exit(trust::EXIT_DISTRUSTED)
+            }
             r => r,
         },
         Command::Audit(args) => runtime.block_on(audit::run_cmd(args)),
@@ -67,5 +74,6 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Tune(args) => tune_cmd::run(&args),
         Command::Attack(args) => attack::run(args),
+        Command::Trust(cmd) => trust::run(&cmd),
     }
 }

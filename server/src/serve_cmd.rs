@@ -58,10 +58,16 @@ pub struct ServeArgs {
     /// Sessions running at once.
     #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32)]
     pub max_sessions: usize,
-    /// The accuracy announced to clients (Fusion's check (c)), in [0, 1] (default: the
-    /// held-out fixed-point accuracy recorded in the model file).
+    /// The accuracy announced to clients (Fusion's check (c)), in [0, 1]. Default:
+    /// measured at start-up, the fixed-point accuracy on the public pool against the
+    /// true MNIST labels (from --mnist-dir); without the MNIST test set, the held-out
+    /// fixed-point accuracy recorded in the model file (with a warning).
     #[arg(long, env = "FUSION_CLAIMED_ACCURACY", value_parser = parse_accuracy)]
     pub claimed_accuracy: Option<f64>,
+    /// The MNIST gzip IDX files (the test set the public pool indexes), for measuring the
+    /// claimed accuracy at start-up.
+    #[arg(long, env = "FUSION_MNIST_DIR", default_value = "data/mnist")]
+    pub mnist_dir: PathBuf,
     /// EVALUATION ONLY: deviate from the protocol (wrong-model, flip-one, flip-rows:K,
     /// constant, replay, deviate-relu; optional @CLASS).
     #[cfg(feature = "adversary")]
@@ -140,8 +146,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut state =
         ServerState::from_model_path(args.model.as_deref(), args.policy(), args.limits())
             .context("loading the model")?;
-    if let (Some(m), Some(a)) = (&mut state.model, args.claimed_accuracy) {
-        m.summary.claimed_accuracy = a;
+    if let Some(m) = &mut state.model {
+        claim_accuracy(m, args.claimed_accuracy, &args.mnist_dir)?;
     }
     if let Some(m) = &state.model {
         info!(
@@ -158,6 +164,52 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     info!("shutting down");
     handle.shutdown().await?;
+    Ok(())
+}
+
+/// Sets the accuracy the server announces (see `--claimed-accuracy`) and logs it.
+fn claim_accuracy(
+    m: &mut crate::state::ServedModel,
+    given: Option<f64>,
+    mnist_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use fusion_common::nn::mnist::{self, Split};
+    let recorded = m.summary.claimed_accuracy;
+    if let Some(a) = given {
+        // the sample count stays the file's (a given figure is not measured here)
+        let samples = m.summary.accuracy_samples;
+        m.announce_accuracy(a, samples);
+        info!(
+            claimed_accuracy = a,
+            recorded_heldout = recorded,
+            "claimed accuracy from --claimed-accuracy (not measured)"
+        );
+        return Ok(());
+    }
+    if m.model.public_pool().is_none() {
+        return Ok(());
+    }
+    match mnist::load(mnist_dir, Split::Test) {
+        Ok(test) => {
+            let a = m
+                .measure_pool_accuracy(&test)
+                .context("measuring the claimed accuracy on the public pool")?;
+            m.announce_accuracy(a.accuracy(), a.images as u64);
+            info!(
+                claimed_accuracy = a.accuracy(),
+                correct = a.correct,
+                pool = a.images,
+                recorded_heldout = recorded,
+                "claimed accuracy measured on the public pool (fixed point, true MNIST labels)"
+            );
+        }
+        Err(e) => tracing::warn!(
+            claimed_accuracy = recorded,
+            mnist_dir = %mnist_dir.display(),
+            error = %e,
+            "no MNIST test set: announcing the held-out accuracy recorded in the model file, NOT measured on the pool (pass --mnist-dir or --claimed-accuracy)"
+        ),
+    }
     Ok(())
 }
 
@@ -243,5 +295,57 @@ mod tests {
         );
         assert!(parse(&["--budget", "-3"]).is_err());
         assert!(parse(&["--budget", "lots"]).is_err());
+    }
+
+    fn repo(p: &str) -> PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(p)
+    }
+
+    #[test]
+    fn the_claim_is_measured_on_the_pool_unless_given() {
+        use crate::state::ServedModel;
+        use fusion_common::nn::mnist::{self, Split};
+        let path = repo("models/mnist-784-32-10.safetensors");
+        let mut m = ServedModel::load(&path).unwrap();
+        let pool = m.model.public_pool().unwrap().clone();
+        claim_accuracy(&mut m, None, &repo("data/mnist")).unwrap();
+        // recomputed here: the pool's published labels are the model's, so its
+        // accuracy is the share of entries whose label is the true one
+        let test = mnist::load(repo("data/mnist"), Split::Test).unwrap();
+        let right = pool
+            .entries()
+            .filter(|&(i, l)| test.label(i as usize) == Some(l as u8))
+            .count();
+        assert_eq!(m.summary.accuracy_samples, pool.len() as u64);
+        assert_eq!(m.summary.claimed_accuracy, right as f64 / pool.len() as f64);
+        assert!(m.summary.claimed_accuracy > 0.5 && m.summary.claimed_accuracy < 1.0);
+        // --claimed-accuracy overrides
+        claim_accuracy(&mut m, Some(0.5), &repo("data/mnist")).unwrap();
+        assert_eq!(m.summary.claimed_accuracy, 0.5);
+        // without MNIST: the file's recorded figure
+        let mut m = ServedModel::load(&path).unwrap();
+        let recorded = m.summary.claimed_accuracy;
+        claim_accuracy(&mut m, None, &repo("no-such-dir")).unwrap();
+        assert_eq!(m.summary.claimed_accuracy, recorded);
+        // a pool whose published labels are not the model's is refused
+        let wrong: Vec<u32> = pool.labels.iter().map(|l| (l + 1) % 10).collect();
+        let bad = fusion_common::nn::PublicPool::new(m.model.digest(), pool.indices.clone(), wrong)
+            .unwrap();
+        let m2 = ServedModel::new("bad", m.model.clone().with_public_pool(bad).unwrap());
+        assert!(matches!(
+            m2.measure_pool_accuracy(&test),
+            Err(crate::state::AccuracyError::LabelMismatch { .. })
+        ));
+        // the bundled model's pool is its own labels too: measured without error
+        let mut big = ServedModel::load(&repo("models/mnist-dnn.safetensors")).unwrap();
+        claim_accuracy(&mut big, None, &repo("data/mnist")).unwrap();
+        eprintln!(
+            "bundled model: measured on the pool {}, recorded held-out {:?}",
+            big.summary.claimed_accuracy,
+            big.model.claimed_accuracy()
+        );
+        assert!(big.summary.claimed_accuracy > 0.9);
     }
 }

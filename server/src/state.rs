@@ -6,8 +6,10 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use fusion_common::fixed::{FixedError, eval_fixed};
 use fusion_common::net::info::{Budget, ModelSummary, OutputMode, PublicPool};
 use fusion_common::net::{FrameLimits, info::MNIST_POOL_DATASET};
+use fusion_common::nn::mnist::{self, Dataset};
 use fusion_common::nn::{Model, ModelError};
 
 /// The model this server serves: the model itself (weights stay here) with its public
@@ -46,6 +48,111 @@ impl ServedModel {
             .unwrap_or_else(|| "model".into());
         Ok(Self::new(&name, model))
     }
+
+    /// Measures the model's accuracy on its public pool: the fixed-point evaluator on the
+    /// pool's images of `test` (the MNIST test set the pool indexes) against their TRUE
+    /// labels. This is the accuracy an honest server shows on Fusion's public rows (drawn
+    /// uniformly from the pool), so it is what check (c) should be tested against. The
+    /// evaluated labels must equal the pool's published labels (else an honest server
+    /// would fail check (a)).
+    pub fn measure_pool_accuracy(&self, test: &Dataset) -> Result<PoolAccuracy, AccuracyError> {
+        let pool = self.model.public_pool().ok_or(AccuracyError::NoPool)?;
+        let mut pixels = Vec::with_capacity(pool.len() * mnist::PIXELS);
+        let mut truth = Vec::with_capacity(pool.len());
+        for (index, _) in pool.entries() {
+            let i = index as usize;
+            let (img, label) = test
+                .image(i)
+                .zip(test.label(i))
+                .ok_or(AccuracyError::Index {
+                    index,
+                    images: test.len(),
+                })?;
+            pixels.extend_from_slice(img);
+            truth.push(label);
+        }
+        let fm = self.model.fixed_model();
+        let eval = eval_fixed(fm, &fm.encode_images(&pixels))?;
+        if let Some(((index, published), &evaluated)) = pool
+            .entries()
+            .zip(&eval.labels)
+            .find(|((_, p), e)| *p as usize != **e)
+        {
+            return Err(AccuracyError::LabelMismatch {
+                index,
+                published,
+                evaluated,
+            });
+        }
+        let correct = eval
+            .labels
+            .iter()
+            .zip(&truth)
+            .filter(|(e, t)| **e == usize::from(**t))
+            .count();
+        Ok(PoolAccuracy {
+            correct,
+            images: truth.len(),
+        })
+    }
+
+    /// Sets the accuracy announced to clients (check (c)) and the rows it was measured on.
+    pub fn announce_accuracy(&mut self, accuracy: f64, samples: u64) {
+        self.summary.claimed_accuracy = accuracy;
+        self.summary.accuracy_samples = samples;
+    }
+}
+
+/// The model's accuracy on its public pool, against the true labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolAccuracy {
+    /// pool images the model labels correctly
+    pub correct: usize,
+    /// pool images
+    pub images: usize,
+}
+
+impl PoolAccuracy {
+    /// correct / images (0 for an empty pool)
+    pub fn accuracy(&self) -> f64 {
+        if self.images == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.images as f64
+        }
+    }
+}
+
+/// Why the pool accuracy cannot be measured.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AccuracyError {
+    /// The model file carries no public pool.
+    #[error("the model has no public pool")]
+    NoPool,
+    /// A pool index outside the test set given.
+    #[error("pool index {index} is outside the {images} test images")]
+    Index {
+        /// the pool entry's index
+        index: u32,
+        /// images in the test set
+        images: usize,
+    },
+    /// The fixed-point evaluator refused.
+    #[error(transparent)]
+    Eval(#[from] FixedError),
+    /// The pool's published label is not the model's.
+    #[error(
+        "pool image {index}: published label {published}, the model's fixed-point label {evaluated}"
+    )]
+    LabelMismatch {
+        /// the pool entry's index
+        index: u32,
+        /// the pool's label
+        published: u32,
+        /// the evaluator's label
+        evaluated: usize,
+    },
 }
 
 /// The server's policy (the `serve` flags).

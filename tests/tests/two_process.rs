@@ -91,6 +91,8 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
     let mut server = Reaper(
         Command::new(&server_bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--budget", "500"])
+            .arg("--mnist-dir")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist"))
             .arg("--model")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/mnist-dnn.safetensors"))
             .arg("--cert")
@@ -147,6 +149,10 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
         serde_json::json!([10])
     );
     assert!(v["model"]["pool_size"].as_u64().unwrap() > 0);
+    // the claim was measured at start-up on the 1000 pool images (true MNIST labels)
+    assert_eq!(v["model"]["accuracy_samples"], 1000);
+    let claimed = v["model"]["claimed_accuracy"].as_f64().unwrap();
+    assert!(claimed > 0.9 && claimed < 1.0, "{claimed}");
 
     // a secure inference of two MNIST test images through the client binary
     let infer = Command::new(&client_bin)
@@ -157,6 +163,7 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
         .env("FUSION_CA", d("ca.pem"))
         .env("FUSION_CERT", d("client.pem"))
         .env("FUSION_KEY", d("client.key"))
+        .env("FUSION_TRUST_STORE", d("trust"))
         .output()
         .unwrap();
     assert!(
@@ -177,6 +184,63 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
     assert!(v["cost"]["online"]["rounds"].as_u64().unwrap() > 0);
     assert_eq!(v["cost"]["steps"][4]["step"], "layer1/linear");
     assert_eq!(v["cost"]["steps"][4]["layer"], "layer1");
+
+    // an honest run records nothing
+    assert!(!d("trust").join(fusion_client::trust::FILE_NAME).exists());
+
+    // a server in the trust store is refused before any session: exit status 4
+    let der = {
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::fs::read(d("server.pem")).unwrap();
+        rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap()
+    };
+    let url = format!("https://localhost:{port}");
+    let mut store = fusion_client::trust::TrustStore::open(Some(&d("trust"))).unwrap();
+    store
+        .record(
+            &fusion_client::trust::fingerprint(der.as_ref()),
+            &url,
+            "a test entry",
+        )
+        .unwrap();
+    let run_infer = |extra: &[&str]| {
+        Command::new(&client_bin)
+            .args(["infer", "--mnist-test", "0..1", "--server", &url])
+            .args(extra)
+            .arg("--mnist-dir")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist"))
+            .env("FUSION_CA", d("ca.pem"))
+            .env("FUSION_CERT", d("client.pem"))
+            .env("FUSION_KEY", d("client.key"))
+            .env("FUSION_TRUST_STORE", d("trust"))
+            .output()
+            .unwrap()
+    };
+    let refused = run_infer(&[]);
+    assert_eq!(refused.status.code(), Some(4), "{refused:?}");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("refusing") && err.contains("a test entry"),
+        "{err}"
+    );
+    // `trust list` shows it, `trust reset` clears it, the next run is admitted
+    let list = Command::new(&client_bin)
+        .args(["trust", "list"])
+        .env("FUSION_TRUST_STORE", d("trust"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&url));
+    let reset = Command::new(&client_bin)
+        .args(["trust", "reset", &url])
+        .env("FUSION_TRUST_STORE", d("trust"))
+        .output()
+        .unwrap();
+    assert!(reset.status.success(), "{reset:?}");
+    // a corrupt store is a named error, not an empty store
+    std::fs::write(d("trust").join(fusion_client::trust::FILE_NAME), b"[").unwrap();
+    let corrupt = run_infer(&[]);
+    assert_eq!(corrupt.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&corrupt.stderr).contains("corrupt"));
 
     // a certificate that is not a client certificate (the server's own) is refused
     let refused = Command::new(&client_bin)

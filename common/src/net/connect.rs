@@ -125,6 +125,21 @@ pub async fn connect(
     server_name: ServerName<'static>,
     config: Arc<ClientConfig>,
 ) -> Result<Channel, tonic::transport::Error> {
+    connect_observed(addr, server_name, config, PeerCertificate::default()).await
+}
+
+/// The server's leaf certificate (DER) as presented in the latest TLS handshake of a
+/// connection made by [`connect_observed`] (`None` before the first handshake).
+pub type PeerCertificate = Arc<std::sync::Mutex<Option<Vec<u8>>>>;
+
+/// [`connect`], also recording in `peer` the server's leaf certificate of every
+/// handshake (the client's trust store is keyed on it).
+pub async fn connect_observed(
+    addr: &ServerAddress,
+    server_name: ServerName<'static>,
+    config: Arc<ClientConfig>,
+    peer: PeerCertificate,
+) -> Result<Channel, tonic::transport::Error> {
     let authority = addr.authority();
     // tonic refuses an https endpoint without its own TLS settings: the endpoint it
     // connects names the authority over "http", the TLS is done by the connector below,
@@ -141,6 +156,7 @@ pub async fn connect(
         let config = config.clone();
         let server_name = server_name.clone();
         let target = target.clone();
+        let peer = peer.clone();
         async move {
             let tcp = TcpStream::connect(&target).await?;
             tcp.set_nodelay(true)?;
@@ -150,6 +166,15 @@ pub async fn connect(
                     io::ErrorKind::InvalidData,
                     "the server did not agree to HTTP/2 (ALPN h2)",
                 ));
+            }
+            let leaf = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.as_ref().to_vec());
+            if let Ok(mut slot) = peer.lock() {
+                *slot = leaf;
             }
             let mut first = vec![0u8; 4096];
             let n = tokio::time::timeout(CONNECT_TIMEOUT, tls.read(&mut first))
