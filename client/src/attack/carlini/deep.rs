@@ -271,15 +271,6 @@ pub(crate) fn first_layer(
         }
     }
     bar.finish_and_clear();
-    if std::env::var_os("FUSION_DEEP_DEBUG").is_some() {
-        let mut sz: Vec<(usize, usize, bool)> = clusters
-            .iter()
-            .filter(|c| c.xs.len() >= 2)
-            .map(|c| (c.xs.len(), c.tries, c.accepted))
-            .collect();
-        sz.sort_unstable_by(|a, b| b.cmp(a));
-        eprintln!("clusters >= 2: {sz:?}");
-    }
     let mut rows: Vec<Row> = clusters
         .iter()
         .filter(|c| c.accepted)
@@ -313,9 +304,10 @@ pub(crate) fn first_layer(
         signed: false,
         metrics: None,
         note: format!(
-            "recovered {} of {width} first-layer rows (unit normals up to sign); the network has \
-             {hidden_layers} hidden layers: signs and deeper layers are not extracted, the attack \
-             stops after layer 1",
+            "recovered {} of {width} first-layer rows (unit normals up to sign; {probes_rejected} \
+             of {probed} probed critical points rejected as not one clean switch, e.g. under \
+             output rounding); the network has {hidden_layers} hidden layers: signs and deeper \
+             layers are not extracted, the attack stops after layer 1",
             rows.len()
         ),
     };
@@ -417,12 +409,17 @@ fn round(
             line,
             t: k.t,
             eps,
+            step: STEP * (eps / MAX_EPS).min(1.0),
             ds: k.ds.clone(),
             id: (round_no, k.line),
         });
     }
     let mut probes = Vec::new();
     for chunk in jobs.chunks(PROBE_CHUNK) {
+        // The query cap holds within a round too.
+        if oracle.queries() >= cfg.max_queries {
+            break;
+        }
         for p in probe(oracle, chunk)? {
             stats.probed += 1;
             match p {
@@ -537,6 +534,7 @@ fn verify(
                 line: &seg,
                 t: k.t,
                 eps,
+                step: STEP * (eps / (10.0 * MAX_EPS)).min(1.0),
                 ds: k.ds.clone(),
                 id: (usize::MAX, 0),
             });
@@ -555,6 +553,8 @@ struct Job<'a> {
     line: &'a Line,
     t: f64,
     eps: f64,
+    /// input step of the second differences
+    step: f64,
     ds: Vec<f64>,
     id: (usize, usize),
 }
@@ -564,12 +564,16 @@ struct Job<'a> {
 fn probe(oracle: &mut dyn Oracle, jobs: &[Job<'_>]) -> Result<Vec<Option<Probe>>, OracleError> {
     let mut pts: Vec<Vec<f32>> = Vec::new();
     let mut steps = Vec::with_capacity(jobs.len());
-    for Job { line, t, eps, .. } in jobs {
+    for Job {
+        line, t, eps, step, ..
+    } in jobs
+    {
         let xs = line.at(*t);
-        // One-sided steps pointing into the cube.
+        // One-sided steps pointing into the cube, in proportion to the offset e (the
+        // neuron's input at x+- is proportional to e: a step must not cross its boundary).
         let dj: Vec<f64> = xs
             .iter()
-            .map(|&v| if v > 0.5 { -STEP } else { STEP })
+            .map(|&v| if v > 0.5 { -*step } else { *step })
             .collect();
         for side in [t - eps, t + eps] {
             let x = line.at(side);
