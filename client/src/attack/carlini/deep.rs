@@ -687,6 +687,10 @@ pub fn measure(rows: &[Row], victim: &Model, arithmetic: Arithmetic) -> Option<F
     }
     m.spurious = used.iter().filter(|u| !**u).count();
     m.row_rel_error_max = errs.iter().copied().fold(0.0, f64::max);
-    m.row_rel_error_mean = errs.iter().sum::<f64>() / errs.len().max(1) as f64;
+    m.row_rel_error_mean = if errs.is_empty() {
+        0.0
+    } else {
+        errs.iter().sum::<f64>() / errs.len() as f64
+    };
     Some(m)
 }
