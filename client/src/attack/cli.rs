@@ -468,6 +468,22 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
         let queries = local.oracle().queries();
         let record = match result {
             Ok(ex) => {
+                if let (Some(fl), false) = (&ex.report.first_layer, c.json) {
+                    eprintln!("carlini: {}", fl.note);
+                    if let Some(m) = &fl.metrics {
+                        eprintln!(
+                            "carlini: layer 1 vs the victim: {} of {} rows matched, {} within \
+                             1e-2, {} within 1e-3, row error max {:.3e} mean {:.3e}, {} spurious",
+                            m.matched,
+                            m.victim_neurons,
+                            m.within_1e2,
+                            m.within_1e3,
+                            m.row_rel_error_max,
+                            m.row_rel_error_mean,
+                            m.spurious
+                        );
+                    }
+                }
                 if let (Some(p), Some(m)) = (&a.save, &ex.model) {
                     m.save(p)
                         .with_context(|| format!("saving {}", p.display()))?;

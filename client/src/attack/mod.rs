@@ -5,7 +5,8 @@
 //! - [`papernot`]: substitute training with Jacobian-based augmentation on labels
 //!   (Papernot et al., AsiaCCS 2017), and the baseline "label N real images".
 //! - [`carlini`]: cryptanalytic extraction from logits (Carlini, Jagielski, Mironov,
-//!   CRYPTO 2020) of a network with one hidden layer; refuses a labels-only oracle at once.
+//!   CRYPTO 2020): a network with one hidden layer whole, the first layer (up to sign) of a
+//!   deeper one; refuses a labels-only oracle at once.
 //! - [`report`]: `report.json`, a Markdown table and a PNG plot of agreement against
 //!   queries, merged over the runs in a report directory.
 //!

@@ -13,13 +13,16 @@
 //! signs: one least-squares fit on relu(z), z, 1                  fit.rs (§4.3)
 //! last layer: least squares on relu(z), 1                          fit.rs (§4.4)
 //! ```
-//! Scope: networks with one hidden layer (d-h-c). For deeper networks the grouping by
-//! slope-change direction does not hold for the first layer (the change depends on the
-//! later layers' activation pattern); the attack refuses them (`CarliniError::Depth`).
+//! Scope: networks with one hidden layer (d-h-c) are extracted whole. For deeper networks
+//! the grouping by slope-change direction does not hold for the first layer (the change
+//! depends on the later layers' activation pattern): there [`deep`] recovers the first
+//! layer from second differences at critical points (rows up to sign) and the attack
+//! stops after layer 1 with a clear note in the report (no model is built).
 //! Rounding: every threshold is a multiple of `noise` (one output quantum 2^-f by
 //! default), slopes come from whole clean cells of the line, and precision comes from
 //! many points per hyperplane rather than from small finite-difference steps.
 
+pub mod deep;
 mod fit;
 mod search;
 #[cfg(test)]
@@ -90,7 +93,7 @@ pub enum CarliniError {
     )]
     LabelsOnly,
     /// The architecture is not one the attack handles.
-    #[error("extraction handles one hidden layer (d-h-c); the model is {0}")]
+    #[error("extraction needs an MLP with at least one hidden layer; the model is {0}")]
     Depth(String),
     /// The oracle failed for another reason than the budget.
     #[error(transparent)]
@@ -175,6 +178,10 @@ pub struct CarliniReport {
     pub stopped: Option<OracleError>,
     /// measured figures, if a reference was given and a model was extracted
     pub metrics: Option<Metrics>,
+    /// for a network with two or more hidden layers: the first-layer extraction (the
+    /// attack stops there)
+    #[serde(default)]
+    pub first_layer: Option<deep::FirstLayerReport>,
 }
 
 /// The extraction's result: the report and the stolen model (if one was built).
@@ -184,10 +191,13 @@ pub struct Extraction {
     pub report: CarliniReport,
     /// the extracted f32 model
     pub model: Option<Model>,
+    /// for a network with two or more hidden layers: the recovered first-layer rows (unit
+    /// normals and offsets, up to sign)
+    pub first_layer: Vec<deep::Row>,
 }
 
-/// The hidden width of a d-h-c MLP architecture.
-fn one_hidden(arch: &Architecture) -> Result<usize, CarliniError> {
+/// The widths of the hidden layers of an MLP architecture (at least one).
+fn hidden_widths(arch: &Architecture) -> Result<Vec<usize>, CarliniError> {
     let dense: Vec<(usize, usize)> = arch
         .layers()
         .iter()
@@ -196,8 +206,8 @@ fn one_hidden(arch: &Architecture) -> Result<usize, CarliniError> {
             _ => None,
         })
         .collect();
-    match dense.as_slice() {
-        [(_, h), _] => Ok(*h),
+    match dense.split_last() {
+        Some((_, hidden)) if !hidden.is_empty() => Ok(hidden.iter().map(|&(_, h)| h).collect()),
         _ => Err(CarliniError::Depth(arch.to_string())),
     }
 }
@@ -217,7 +227,8 @@ pub fn carlini(
     if oracle.mode() == OutputMode::Labels {
         return Err(CarliniError::LabelsOnly);
     }
-    let hidden = one_hidden(arch)?;
+    let widths = hidden_widths(arch)?;
+    let hidden = widths.first().copied().unwrap_or(0);
     let d = oracle.input_len();
     let start = Instant::now();
     let per_neuron = if cfg.points_per_neuron == 0 {
@@ -248,6 +259,17 @@ pub fn carlini(
             .collect(),
         _ => Vec::new(),
     };
+    if widths.len() >= 2 {
+        return deep_first_layer(
+            oracle,
+            &widths,
+            cfg,
+            &mut rng,
+            &images,
+            victim,
+            show_progress,
+        );
+    }
 
     // Phase 1: critical points until every neuron has enough.
     let bar = progress::bar(
@@ -362,6 +384,7 @@ pub fn carlini(
         linear_units: 0,
         stopped,
         metrics: None,
+        first_layer: None,
     };
     let model = if planes.is_empty() || xs.is_empty() {
         None
@@ -403,7 +426,67 @@ pub fn carlini(
                 .map_err(|e| CarliniError::Build(e.to_string()))?,
         );
     }
-    Ok(Extraction { report, model })
+    Ok(Extraction {
+        report,
+        model,
+        first_layer: Vec::new(),
+    })
+}
+
+/// A network with two or more hidden layers: the first layer only (see [`deep`]).
+fn deep_first_layer(
+    oracle: &mut dyn Oracle,
+    widths: &[usize],
+    cfg: &CarliniConfig,
+    rng: &mut ChaCha8Rng,
+    images: &[Vec<f64>],
+    victim: Option<(&Model, Arithmetic)>,
+    show_progress: bool,
+) -> Result<Extraction, CarliniError> {
+    let start = Instant::now();
+    let width = widths.first().copied().unwrap_or(0);
+    let fl = match deep::first_layer(oracle, width, widths.len(), cfg, rng, images, show_progress) {
+        Ok(fl) => fl,
+        Err(OracleError::LabelsOnly) => return Err(CarliniError::LabelsOnly),
+        Err(e) => return Err(CarliniError::Oracle(e)),
+    };
+    let stopped = match fl.stopped {
+        None => None,
+        Some(e @ OracleError::BudgetExhausted { .. }) => Some(e),
+        Some(OracleError::LabelsOnly) => return Err(CarliniError::LabelsOnly),
+        Some(e) => return Err(CarliniError::Oracle(e)),
+    };
+    let mut first = fl.report;
+    if let Some((v, ar)) = victim {
+        first.metrics = deep::measure(&fl.rows, v, ar);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let report = CarliniReport {
+        config: cfg.clone(),
+        queries: oracle.queries(),
+        seconds,
+        phases: vec![Phase {
+            name: "first layer (critical points, second differences, far-away check)".into(),
+            queries: oracle.queries(),
+            seconds,
+        }],
+        lines: fl.lines,
+        critical_points: fl.critical_points,
+        hidden: width,
+        neurons_found: fl.rows.len(),
+        min_points_per_neuron: fl.rows.iter().map(|r| r.points).min().unwrap_or(0),
+        plane_rms_max: 0.0,
+        sign_confidence_min: 0.0,
+        linear_units: 0,
+        stopped,
+        metrics: None,
+        first_layer: Some(first),
+    };
+    Ok(Extraction {
+        report,
+        model: None,
+        first_layer: fl.rows,
+    })
 }
 
 /// The most critical points one hyperplane fit uses.

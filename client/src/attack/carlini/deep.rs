@@ -1,0 +1,696 @@
+//! First-layer extraction of a network with two or more hidden layers (Carlini,
+//! Jagielski, Mironov, CRYPTO 2020, §4.2 and §5, "critical points of the first layer").
+//!
+//! ```text
+//! repeat (rounds of `lines_per_round` random lines):
+//!     critical points along each line                              search.rs (§4.1)
+//!     at each critical point x* (slope change ds along the line u):
+//!         x- = x(t* - e), x+ = x(t* + e)  (e below the gap to the neighbouring kinks)
+//!         for every input j: D_j = (g(x+ + d_j e_j) - g(x+) - g(x- + d_j e_j) + g(x-)) / d_j
+//!         row_j = D_j . ds / |ds|^2        (second differences: the normal, up to scale)
+//!         kept if every D_j is parallel to ds (one neuron switched, nothing else)
+//!     cluster the normals: same direction (|cos| > 0.99) and x* on the cluster's plane
+//!     a cluster with two points is a candidate; it is verified far away: a fresh random
+//!         line through the cube is cut with the candidate plane, a short segment around
+//!         the cut is searched, and the critical point there must carry the same normal
+//!         on the same plane                                       (first layer: accepted)
+//! until the first layer's width is accepted, or the query cap, budget or a stall
+//! ```
+//! Why the test works: a first-layer neuron switches on a global hyperplane w.x + b = 0,
+//! so its normal recurs anywhere on that plane. A deeper neuron's boundary is a bent
+//! surface whose local normal changes whenever a first-layer neuron switches; its local
+//! plane, cut far away, carries no kink with that normal.
+//!
+//! Signs are not recovered here (the one-hidden-layer sign fit relies on a linear output
+//! layer after the first layer, which deeper networks do not have): the rows are unit
+//! normals up to sign, and deeper layers are not extracted.
+
+use super::super::data::Arithmetic;
+use super::super::oracle::{Oracle, OracleError, query_logits};
+use super::super::progress;
+use super::super::reference;
+use super::CarliniConfig;
+use super::search::{self, Kink, Line, SearchParams};
+use fusion_common::nn::Model;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Input step of the second differences (input units).
+const STEP: f64 = 0.01;
+/// Largest offset from the critical point along the line (in t).
+const MAX_EPS: f64 = 0.01;
+/// Critical points probed per oracle call (each costs 2d + 2 rows).
+const PROBE_CHUNK: usize = 8;
+/// Clustering: smallest |cos| between normals of one neuron.
+const MIN_COS: f64 = 0.99;
+/// Clustering: largest distance (input units) of a point to a cluster's plane.
+const PLANE_TOL: f64 = 0.05;
+/// Largest share of the second differences not explained by one switching neuron.
+const MAX_RESIDUAL: f64 = 0.02;
+/// Far-away verification attempts per candidate.
+const VERIFY_TRIES: usize = 6;
+/// Members (on distinct lines) that accept a cluster without the far-away check, if they
+/// also span the cube (see [`SPREAD`]).
+const MANY: usize = 8;
+/// Smallest largest distance (input units) between members of a cluster accepted by
+/// [`MANY`].
+const SPREAD: f64 = 3.0;
+/// Rounds without a new accepted row after which collection stops.
+const STALL_ROUNDS: usize = 25;
+
+/// A recovered first-layer row: unit normal and offset, up to sign.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// unit normal
+    pub w: Vec<f64>,
+    /// offset (w . x + b = 0 on the boundary)
+    pub b: f64,
+    /// critical points supporting it
+    pub points: usize,
+}
+
+/// Figures of the recovered first layer against the victim (reference copy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirstLayerMetrics {
+    /// first-layer neurons of the victim
+    pub victim_neurons: usize,
+    /// victim neurons matched by a recovered row (|cos| > 0.99)
+    pub matched: usize,
+    /// matched with relative row error under 1e-2
+    pub within_1e2: usize,
+    /// matched with relative row error under 1e-3
+    pub within_1e3: usize,
+    /// max over matched of min_lambda |lambda w_hat - w| / |w| (lambda absorbs scale and sign)
+    pub row_rel_error_max: f64,
+    /// mean of the same
+    pub row_rel_error_mean: f64,
+    /// max over matched of |lambda b_hat - b| / |w|
+    pub bias_error_max: f64,
+    /// recovered rows matching no victim neuron (false first-layer claims)
+    pub spurious: usize,
+}
+
+/// What the first-layer extraction of a deep network achieved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirstLayerReport {
+    /// hidden layers of the (public) architecture
+    pub hidden_layers: usize,
+    /// width of the first hidden layer
+    pub width: usize,
+    /// rows recovered (accepted as first layer)
+    pub recovered: usize,
+    /// critical points probed by second differences
+    pub probed: usize,
+    /// probes rejected (more than one neuron switched, or noise)
+    pub probes_rejected: usize,
+    /// clusters of normals formed
+    pub clusters: usize,
+    /// candidate clusters that failed the far-away check (deeper neurons)
+    pub candidates_rejected: usize,
+    /// rows charged to the far-away checks
+    pub verify_queries: u64,
+    /// rows accepted by the far-away check
+    pub accepted_far_away: usize,
+    /// rows accepted by recurrence: the same normal at many critical points far apart on
+    /// one plane
+    pub accepted_recurrence: usize,
+    /// critical points skipped as lying on an already accepted plane
+    pub skipped_known: usize,
+    /// signs recovered (false: rows are up to sign)
+    pub signed: bool,
+    /// figures against the victim, if a reference was given
+    pub metrics: Option<FirstLayerMetrics>,
+    /// the message of the stop after layer 1
+    pub note: String,
+}
+
+/// A probed critical point: its position, unit normal and offset.
+#[derive(Debug, Clone)]
+struct Probe {
+    /// (round, line) it was found on
+    line: (usize, usize),
+    x: Vec<f64>,
+    n: Vec<f64>,
+}
+
+/// A cluster of probes with one normal.
+#[derive(Debug, Clone)]
+struct Cluster {
+    /// sign-aligned sum of member normals
+    sum: Vec<f64>,
+    /// member positions
+    xs: Vec<Vec<f64>>,
+    /// verified as first layer
+    accepted: bool,
+    /// verification attempts spent
+    tries: usize,
+    /// accepted by the far-away check (else by recurrence)
+    far_away: bool,
+    /// lines of the members (round, line)
+    lines: Vec<(usize, usize)>,
+}
+
+impl Cluster {
+    fn normal(&self) -> Vec<f64> {
+        unit(&self.sum)
+    }
+    /// The offset: mean of -n . x over members.
+    fn offset(&self, n: &[f64]) -> f64 {
+        -self.xs.iter().map(|x| dot(n, x)).sum::<f64>() / self.xs.len().max(1) as f64
+    }
+    /// Whether many members, on distinct lines and far apart, share the plane.
+    fn recurs(&self) -> bool {
+        let mut l = self.lines.clone();
+        l.sort_unstable();
+        l.dedup();
+        if l.len() < MANY {
+            return false;
+        }
+        let spread = self
+            .xs
+            .iter()
+            .flat_map(|a| self.xs.iter().map(move |b| (a, b)))
+            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>())
+            .fold(0.0, f64::max)
+            .sqrt();
+        spread >= SPREAD
+    }
+    fn add(&mut self, p: Probe) {
+        self.lines.push(p.line);
+        let s = if dot(&self.sum, &p.n) < 0.0 {
+            -1.0
+        } else {
+            1.0
+        };
+        self.sum.iter_mut().zip(&p.n).for_each(|(a, b)| *a += s * b);
+        self.xs.push(p.x);
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn unit(v: &[f64]) -> Vec<f64> {
+    let n = dot(v, v).sqrt().max(1e-300);
+    v.iter().map(|x| x / n).collect()
+}
+
+/// The outcome: rows, report figures and why collection stopped (budget), if it did.
+pub(crate) struct FirstLayer {
+    pub(crate) rows: Vec<Row>,
+    pub(crate) report: FirstLayerReport,
+    pub(crate) stopped: Option<OracleError>,
+    pub(crate) lines: usize,
+    pub(crate) critical_points: usize,
+}
+
+/// Recovers the first layer (width `width`) of a network with `hidden_layers` >= 2.
+pub(crate) fn first_layer(
+    oracle: &mut dyn Oracle,
+    width: usize,
+    hidden_layers: usize,
+    cfg: &CarliniConfig,
+    rng: &mut ChaCha8Rng,
+    images: &[Vec<f64>],
+    show_progress: bool,
+) -> Result<FirstLayer, OracleError> {
+    let d = oracle.input_len();
+    let params = SearchParams {
+        grid: cfg.grid,
+        max_depth: cfg.max_depth,
+        noise: cfg.noise,
+    };
+    let mut clusters: Vec<Cluster> = Vec::new();
+    let (mut probed, mut probes_rejected, mut candidates_rejected) = (0, 0, 0);
+    let (mut lines_total, mut crit_total) = (0usize, 0usize);
+    let mut verify_queries = 0u64;
+    let mut stopped = None;
+    let mut since_accept = 0;
+    let (mut rounds, mut skipped) = (0usize, 0usize);
+    let bar = progress::bar(show_progress, width as u64, "first-layer rows");
+    let accepted = |c: &[Cluster]| c.iter().filter(|c| c.accepted).count();
+    loop {
+        let result = round(
+            oracle,
+            d,
+            cfg,
+            params,
+            rng,
+            images,
+            &mut clusters,
+            &mut verify_queries,
+            rounds,
+        );
+        rounds += 1;
+        match result {
+            Ok(s) => {
+                lines_total += s.lines;
+                crit_total += s.critical_points;
+                probed += s.probed;
+                probes_rejected += s.rejected;
+                candidates_rejected += s.candidates_rejected;
+                skipped += s.skipped;
+                since_accept = if s.accepted > 0 { 0 } else { since_accept + 1 };
+            }
+            Err(e) => {
+                stopped = Some(e);
+                break;
+            }
+        }
+        let done = accepted(&clusters);
+        bar.set_position(done as u64);
+        bar.set_message(format!(
+            "{probed} critical points probed, {} clusters, {} rows",
+            clusters.len(),
+            oracle.queries()
+        ));
+        if done >= width || oracle.queries() >= cfg.max_queries || since_accept >= STALL_ROUNDS {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let mut rows: Vec<Row> = clusters
+        .iter()
+        .filter(|c| c.accepted)
+        .map(|c| {
+            let w = c.normal();
+            let b = c.offset(&w);
+            Row {
+                w,
+                b,
+                points: c.xs.len(),
+            }
+        })
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.points));
+    rows.truncate(width);
+    let report = FirstLayerReport {
+        hidden_layers,
+        width,
+        recovered: rows.len(),
+        probed,
+        probes_rejected,
+        clusters: clusters.len(),
+        candidates_rejected,
+        verify_queries,
+        accepted_far_away: clusters.iter().filter(|c| c.accepted && c.far_away).count(),
+        accepted_recurrence: clusters
+            .iter()
+            .filter(|c| c.accepted && !c.far_away)
+            .count(),
+        skipped_known: skipped,
+        signed: false,
+        metrics: None,
+        note: format!(
+            "recovered {} of {width} first-layer rows (unit normals up to sign; {probes_rejected} \
+             of {probed} probed critical points rejected as not one clean switch, e.g. under \
+             output rounding); the network has {hidden_layers} hidden layers: signs and deeper \
+             layers are not extracted, the attack stops after layer 1",
+            rows.len()
+        ),
+    };
+    Ok(FirstLayer {
+        rows,
+        report,
+        stopped,
+        lines: lines_total,
+        critical_points: crit_total,
+    })
+}
+
+/// Counts of one round.
+struct RoundStats {
+    lines: usize,
+    critical_points: usize,
+    probed: usize,
+    rejected: usize,
+    accepted: usize,
+    candidates_rejected: usize,
+    skipped: usize,
+}
+
+/// One round: scan lines, probe their critical points, cluster, verify candidates.
+#[allow(clippy::too_many_arguments)]
+fn round(
+    oracle: &mut dyn Oracle,
+    d: usize,
+    cfg: &CarliniConfig,
+    params: SearchParams,
+    rng: &mut ChaCha8Rng,
+    images: &[Vec<f64>],
+    clusters: &mut Vec<Cluster>,
+    verify_queries: &mut u64,
+    round_no: usize,
+) -> Result<RoundStats, OracleError> {
+    let batch: Vec<Line> = (0..cfg.lines_per_round.max(1))
+        .filter_map(|_| {
+            if images.is_empty() || rng.random_range(0..4) == 0 {
+                Some(Line::random(rng, d))
+            } else {
+                Line::near_images(rng, images)
+            }
+        })
+        .collect();
+    let scan = search::scan(oracle, &batch, 0, params)?;
+    let floor = 64.0 * scan.noise;
+    let kinks: Vec<Kink> = scan.kinks;
+    let mut stats = RoundStats {
+        lines: batch.len(),
+        critical_points: kinks.len(),
+        probed: 0,
+        rejected: 0,
+        accepted: 0,
+        candidates_rejected: 0,
+        skipped: 0,
+    };
+    // Probe every kink with a clear slope change and room on both sides.
+    let known: Vec<(Vec<f64>, f64)> = clusters
+        .iter()
+        .filter(|c| c.accepted)
+        .map(|c| {
+            let n = c.normal();
+            let b = c.offset(&n);
+            (n, b)
+        })
+        .collect();
+    let mut jobs = Vec::new();
+    for (i, k) in kinks.iter().enumerate() {
+        if dot(&k.ds, &k.ds).sqrt() <= floor {
+            continue;
+        }
+        let prev = i
+            .checked_sub(1)
+            .and_then(|p| kinks.get(p))
+            .filter(|p| p.line == k.line)
+            .map_or(k.t, |p| k.t - p.t);
+        let next = kinks
+            .get(i + 1)
+            .filter(|n| n.line == k.line)
+            .map_or(1.0 - k.t, |n| n.t - k.t);
+        let eps = MAX_EPS.min(0.4 * prev.min(next)).min(k.t).min(1.0 - k.t);
+        if eps <= 1e-5 {
+            continue;
+        }
+        let Some(line) = batch.get(k.line) else {
+            continue;
+        };
+        // A point on an accepted plane needs no probe.
+        let x = line.at(k.t);
+        if known
+            .iter()
+            .any(|(n, b)| (dot(n, &x) + b).abs() < 0.2 * PLANE_TOL)
+        {
+            stats.skipped += 1;
+            continue;
+        }
+        jobs.push(Job {
+            line,
+            t: k.t,
+            eps,
+            step: STEP * (eps / MAX_EPS).min(1.0),
+            ds: k.ds.clone(),
+            id: (round_no, k.line),
+        });
+    }
+    let mut probes = Vec::new();
+    for chunk in jobs.chunks(PROBE_CHUNK) {
+        // The query cap holds within a round too.
+        if oracle.queries() >= cfg.max_queries {
+            break;
+        }
+        for p in probe(oracle, chunk)? {
+            stats.probed += 1;
+            match p {
+                Some(p) => probes.push(p),
+                None => stats.rejected += 1,
+            }
+        }
+    }
+    for p in probes {
+        place(clusters, p);
+    }
+    // Accept by recurrence, else verify candidates far away.
+    for c in clusters.iter_mut() {
+        if !c.accepted && c.recurs() {
+            c.accepted = true;
+            stats.accepted += 1;
+        }
+    }
+    for c in clusters.iter_mut() {
+        if c.accepted || c.xs.len() < 2 || c.tries >= VERIFY_TRIES {
+            continue;
+        }
+        let before = oracle.queries();
+        let found = verify(oracle, d, params, rng, c)?;
+        *verify_queries += oracle.queries() - before;
+        c.tries += 1;
+        match found {
+            Some(p) => {
+                c.add(p);
+                c.accepted = true;
+                c.far_away = true;
+                stats.accepted += 1;
+            }
+            None if c.tries >= VERIFY_TRIES => stats.candidates_rejected += 1,
+            None => {}
+        }
+    }
+    Ok(stats)
+}
+
+/// Whether probe `p` belongs to cluster `c`: same normal, on its plane.
+fn matches(c: &Cluster, p: &Probe) -> bool {
+    let n = c.normal();
+    dot(&n, &p.n).abs() > MIN_COS && (dot(&n, &p.x) + c.offset(&n)).abs() < PLANE_TOL
+}
+
+/// Adds a probe to the cluster it matches, or starts one.
+fn place(clusters: &mut Vec<Cluster>, p: Probe) {
+    match clusters.iter_mut().find(|c| matches(c, &p)) {
+        Some(c) => c.add(p),
+        None => clusters.push(Cluster {
+            sum: p.n.clone(),
+            xs: vec![p.x],
+            accepted: false,
+            tries: 0,
+            far_away: false,
+            lines: vec![p.line],
+        }),
+    }
+}
+
+/// The far-away check of a candidate: a fresh random line cut with its plane; the
+/// critical points of a short segment around the cut are probed, and one must carry the
+/// candidate's normal on its plane. Returns that probe.
+fn verify(
+    oracle: &mut dyn Oracle,
+    d: usize,
+    params: SearchParams,
+    rng: &mut ChaCha8Rng,
+    c: &Cluster,
+) -> Result<Option<Probe>, OracleError> {
+    let n = c.normal();
+    let b = c.offset(&n);
+    // A random line crossing the plane well inside (up to 20 draws).
+    let mut seg = None;
+    for _ in 0..20 {
+        let l = Line::random(rng, d);
+        let su = dot(&n, &l.u);
+        if su.abs() < 1e-9 {
+            continue;
+        }
+        let t = -(dot(&n, &l.x0) + b) / su;
+        if (0.1..=0.9).contains(&t) {
+            // The segment [t - 0.05, t + 0.05] of the line, as a line of its own.
+            let x0 = l.at(t - 0.05);
+            let u = l.u.iter().map(|v| 0.1 * v).collect();
+            seg = Some(Line { x0, u });
+            break;
+        }
+    }
+    let Some(seg) = seg else { return Ok(None) };
+    let scan = search::scan(oracle, std::slice::from_ref(&seg), 0, params)?;
+    // Every kink near the predicted cut (t = 0.5 on the segment; the plane's error moves
+    // it a little), probed; offsets in t of the segment are ten times those of a line.
+    let kinks = &scan.kinks;
+    let mut jobs = Vec::new();
+    for (i, k) in kinks.iter().enumerate() {
+        if (k.t - 0.5).abs() > 0.3 {
+            continue;
+        }
+        let prev = i
+            .checked_sub(1)
+            .and_then(|p| kinks.get(p))
+            .map_or(k.t, |p| k.t - p.t);
+        let next = kinks.get(i + 1).map_or(1.0 - k.t, |q| q.t - k.t);
+        let eps = (10.0 * MAX_EPS)
+            .min(0.4 * prev.min(next))
+            .min(k.t)
+            .min(1.0 - k.t);
+        if eps > 1e-4 {
+            jobs.push(Job {
+                line: &seg,
+                t: k.t,
+                eps,
+                step: STEP * (eps / (10.0 * MAX_EPS)).min(1.0),
+                ds: k.ds.clone(),
+                id: (usize::MAX, 0),
+            });
+        }
+    }
+    if jobs.is_empty() {
+        return Ok(None);
+    }
+    let got = probe(oracle, &jobs)?;
+    Ok(got.into_iter().flatten().find(|p| matches(c, p)))
+}
+
+/// A critical point to probe: its line, position, offset e and slope change; `id` names
+/// the line (round, index).
+struct Job<'a> {
+    line: &'a Line,
+    t: f64,
+    eps: f64,
+    /// input step of the second differences
+    step: f64,
+    ds: Vec<f64>,
+    id: (usize, usize),
+}
+
+/// Second differences at critical points: per job (line, t*, e, ds), 2d + 2 rows; the
+/// unit normal, or `None` where the differences are not those of one switching neuron.
+fn probe(oracle: &mut dyn Oracle, jobs: &[Job<'_>]) -> Result<Vec<Option<Probe>>, OracleError> {
+    let mut pts: Vec<Vec<f32>> = Vec::new();
+    let mut steps = Vec::with_capacity(jobs.len());
+    for Job {
+        line, t, eps, step, ..
+    } in jobs
+    {
+        let xs = line.at(*t);
+        // One-sided steps pointing into the cube, in proportion to the offset e (the
+        // neuron's input at x+- is proportional to e: a step must not cross its boundary).
+        let dj: Vec<f64> = xs
+            .iter()
+            .map(|&v| if v > 0.5 { -*step } else { *step })
+            .collect();
+        for side in [t - eps, t + eps] {
+            let x = line.at(side);
+            let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            pts.push(xf.clone());
+            for (j, s) in dj.iter().enumerate() {
+                let mut y = xf.clone();
+                if let Some(v) = y.get_mut(j) {
+                    *v = (f64::from(*v) + s).clamp(0.0, 1.0) as f32;
+                }
+                pts.push(y);
+            }
+        }
+        steps.push((xs, dj));
+    }
+    let gs = query_logits(oracle, &pts).complete()?;
+    let mut out = Vec::with_capacity(jobs.len());
+    let per = pts.len() / jobs.len().max(1);
+    for ((job, (xs, dj)), g) in jobs.iter().zip(steps).zip(gs.chunks(per.max(1))) {
+        let d = xs.len();
+        if g.len() != 2 * (d + 1) {
+            out.push(None);
+            continue;
+        }
+        let ds = &job.ds;
+        let dd = dot(ds, ds);
+        let (minus, plus) = g.split_at(d + 1);
+        let (Some(g0m), Some(g0p)) = (minus.first(), plus.first()) else {
+            out.push(None);
+            continue;
+        };
+        let mut row = Vec::with_capacity(d);
+        let (mut resid, mut total) = (0.0, 0.0);
+        for j in 0..d {
+            let (Some(gm), Some(gp), Some(s)) = (minus.get(j + 1), plus.get(j + 1), dj.get(j))
+            else {
+                break;
+            };
+            let diff: Vec<f64> = (0..ds.len())
+                .map(|c| ((gp[c] - g0p[c]) - (gm[c] - g0m[c])) / s)
+                .collect();
+            let r = dot(&diff, ds) / dd;
+            for (c, v) in diff.iter().enumerate() {
+                resid += (v - r * ds[c]).powi(2);
+                total += v * v;
+            }
+            row.push(r);
+        }
+        if row.len() != d || total <= 0.0 || resid > MAX_RESIDUAL * total {
+            out.push(None);
+            continue;
+        }
+        out.push(Some(Probe {
+            line: job.id,
+            x: xs,
+            n: unit(&row),
+        }));
+    }
+    Ok(out)
+}
+
+/// Figures of recovered rows against the victim's first layer (reference copy, never
+/// queried): each victim row is matched to the unused recovered row of largest |cos|.
+pub fn measure(rows: &[Row], victim: &Model, arithmetic: Arithmetic) -> Option<FirstLayerMetrics> {
+    let layers = reference::dense_layers(victim, arithmetic);
+    let (w1, b1) = layers.first()?;
+    let mut m = FirstLayerMetrics {
+        victim_neurons: w1.nrows(),
+        matched: 0,
+        within_1e2: 0,
+        within_1e3: 0,
+        row_rel_error_max: 0.0,
+        row_rel_error_mean: 0.0,
+        bias_error_max: 0.0,
+        spurious: 0,
+    };
+    let mut used = vec![false; rows.len()];
+    let mut errs = Vec::new();
+    for i in 0..w1.nrows() {
+        let wi: Vec<f64> = w1.row(i).to_vec();
+        let ni = dot(&wi, &wi).sqrt();
+        if ni <= 0.0 {
+            continue;
+        }
+        let best = rows
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| !used[*k])
+            .map(|(k, r)| (k, dot(&wi, &r.w) / ni))
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()));
+        let Some((k, c)) = best else { continue };
+        if c.abs() < MIN_COS {
+            continue;
+        }
+        used[k] = true;
+        m.matched += 1;
+        // lambda = w . w_hat (w_hat unit) minimises |lambda w_hat - w|.
+        let r = &rows[k];
+        let lambda = dot(&wi, &r.w);
+        let err = wi
+            .iter()
+            .zip(&r.w)
+            .map(|(a, b)| (lambda * b - a).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            / ni;
+        errs.push(err);
+        m.within_1e2 += usize::from(err < 1e-2);
+        m.within_1e3 += usize::from(err < 1e-3);
+        m.bias_error_max = m.bias_error_max.max((lambda * r.b - b1[i]).abs() / ni);
+    }
+    m.spurious = used.iter().filter(|u| !**u).count();
+    m.row_rel_error_max = errs.iter().copied().fold(0.0, f64::max);
+    m.row_rel_error_mean = if errs.is_empty() {
+        0.0
+    } else {
+        errs.iter().sum::<f64>() / errs.len() as f64
+    };
+    Some(m)
+}
