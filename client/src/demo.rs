@@ -2,9 +2,10 @@
 //!
 //! Ephemeral certificates, the server in-process on 127.0.0.1 port 0 with the bundled
 //! model, then as a client: the model info, the public pool checked against its digest,
-//! and a secure inference (backend `cheetah`, labels only) of a few MNIST test images,
-//! printed next to their true labels and the fixed-point evaluator's labels (which the
-//! demo can compute because it holds the model too), with the cost table.
+//! and a verified secure inference (Fusion's mix-and-check around backend `cheetah`,
+//! labels only, as `fusion-client infer` runs it) of a few MNIST test images, printed
+//! next to their true labels and the fixed-point evaluator's labels (which the demo can
+//! compute because it holds the model too), with the cost table.
 
 use std::path::PathBuf;
 
@@ -18,10 +19,10 @@ use fusion_server::state::{Policy, ServedModel, ServerState, SessionLimits};
 use serde::Serialize;
 
 use crate::charts::{RunCost, write_report};
-use crate::infer::{InferOptions, Inputs, run_with_info};
 use crate::info_cmd::render_info;
 use crate::local::{BUNDLED_MNIST, BUNDLED_MODEL, LocalServer, bundled};
 use crate::report::{CostJson, render_tables};
+use crate::verified::{FusionOptions, PublicRows, Setting, run_verified};
 
 /// Flags of `demo`.
 #[derive(Debug, Args)]
@@ -32,7 +33,7 @@ pub struct DemoArgs {
     /// The directory of the MNIST gzip IDX files (default: the bundled data/mnist).
     #[arg(long, env = "FUSION_MNIST_DIR")]
     pub mnist_dir: Option<PathBuf>,
-    /// MNIST test images to infer (the first ones of the test set).
+    /// MNIST test images to infer (the first ones of the test set; at most 64).
     #[arg(long, default_value_t = 8)]
     pub images: usize,
     /// Print the results and the cost report as JSON instead of text.
@@ -46,6 +47,8 @@ pub struct DemoArgs {
 /// What `demo --json` prints.
 #[derive(Debug, Serialize)]
 struct DemoJson {
+    fusion: Setting,
+    public_correct: usize,
     labels: Vec<usize>,
     evaluator_labels: Vec<usize>,
     true_labels: Vec<u8>,
@@ -69,8 +72,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         None => bundled(BUNDLED_MNIST)
             .with_context(|| format!("no MNIST files at {BUNDLED_MNIST}: pass --mnist-dir"))?,
     };
-    let n = args.images.clamp(1, 10_000);
-    let test = mnist::load(&dir, Split::Test)?.slice(0..n)?;
+    let n = args.images.clamp(1, 64);
+    let full_test = mnist::load(&dir, Split::Test)?;
+    let test = full_test.slice(0..n)?;
 
     // 1. the server, in-process, over TLS, with ephemeral certificates
     let model = Model::load(&model_path).context("loading the model")?;
@@ -107,24 +111,30 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ));
     }
 
-    // 3. a secure inference of the first test images (labels only)
+    // 3. a verified secure inference of the first test images (labels only): Fusion
+    //    mixes public pool rows and copies into one secret batch and checks them
     say(format!(
-        "secure inference of MNIST test images 0..{n} (backend cheetah, labels only)..."
+        "verified secure inference of MNIST test images 0..{n} (Fusion around backend cheetah, labels only)..."
     ));
-    let out = run_with_info(
+    let public = PublicRows::fetch(&client, &info, &full_test).await?;
+    let (fout, out) = run_verified(
         &client,
         &info,
-        Inputs::Pixels(test.images()),
-        &InferOptions::default(),
+        &public,
+        test.images(),
+        &FusionOptions::default(),
     )
     .await?;
+    let st = fout.setting;
     let fm = model.fixed_model();
     let evaluator = eval_fixed(fm, &fm.encode_images(test.images()))?.labels;
     let stats = server.handle.stats();
     server.shutdown().await?;
 
     let j = DemoJson {
-        labels: out.labels.clone(),
+        fusion: st,
+        public_correct: fout.public_correct,
+        labels: fout.labels.clone(),
         evaluator_labels: evaluator.clone(),
         true_labels: test.labels().to_vec(),
         cost: CostJson::from_report(&out.cost),
@@ -132,8 +142,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let written = match &args.report {
         Some(dir) => {
             let run = RunCost {
-                label: format!("{n} rows"),
-                rows: Some(n),
+                label: format!("{} rows", st.rows),
+                rows: Some(st.rows),
                 cost: out.cost.clone(),
                 link: None,
             };
@@ -145,8 +155,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
+    println!(
+        "Fusion        T = {} public rows, R = {} copies of each of B = {} images: {} rows in one batch;\n\
+         \x20             a cheating server escapes with probability at most {:.3e} = 2^{:.2}\n\
+         checks passed (a) {} public labels match the published ones, (b) copies agree,\n\
+         \x20             (c) {} of {} public rows correct (p = {:.3})",
+        st.t,
+        st.r,
+        st.b,
+        st.rows,
+        st.escape,
+        st.log2_escape,
+        st.t,
+        fout.public_correct,
+        st.t,
+        fout.p_value
+    );
     println!("\nimage  secure label  evaluator label  true label");
-    for (i, ((s, e), t)) in out
+    for (i, ((s, e), t)) in fout
         .labels
         .iter()
         .zip(&evaluator)
@@ -160,8 +186,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         };
         println!("{i:>5}  {s:>12}  {e:>15}  {t:>10}{mark}");
     }
-    let same = out.labels == evaluator;
-    let right = out
+    let same = fout.labels == evaluator;
+    let right = fout
         .labels
         .iter()
         .zip(test.labels())
