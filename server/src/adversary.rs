@@ -39,10 +39,9 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use fusion_common::backend::{
-    Cheetah, CheetahConfig, HookOp, HookPoint, InferenceServer, SecureInference, ServerHook,
+    Cheetah, CheetahConfig, HookOp, HookPoint, SecureInference, ServerHook,
 };
 use fusion_common::channel::Channel;
-use fusion_common::fixed::FixedModel;
 use fusion_common::net::session::SessionStart;
 use fusion_common::nn::{LayerSpec, Model, ModelError, Tensor};
 use fusion_common::ring::Ring;
@@ -50,7 +49,7 @@ use rand::rngs::StdRng;
 use rand::seq::index;
 use rand::{Rng, SeedableRng};
 
-use crate::backends::{SessionPolicy, check_model_start, runner_error};
+use crate::backends::{announced_model, check_model_start, serve_cheetah};
 use crate::runner::{ECHO, Refusal, Registry, RunnerError, SessionRunner, StartInfo, echo};
 use crate::state::ServerState;
 
@@ -384,22 +383,9 @@ impl SessionRunner for AdversaryRunner {
         start: &StartInfo,
         state: &ServerState,
     ) -> Result<(), RunnerError> {
-        let name = Cheetah::NAME;
-        let announced: &FixedModel = state
-            .model
-            .as_ref()
-            .ok_or_else(|| RunnerError::Refused(Refusal::policy("this server has no model")))?
-            .model
-            .fixed_model();
-        // the set-up is for the announced model (the client checks its digest)
-        let mut rng = rand::rng();
-        let mut server = Cheetah::server_setup(ch, announced, &self.config, &mut rng)
-            .map_err(|e| runner_error(name, e))?;
-        let computed: &FixedModel = match &self.wrong {
-            Some(m) => m.fixed_model(),
-            None => announced,
-        };
-        let fixed = announced.fixed_point();
+        // the set-up is for the announced model (the client checks its digest); the
+        // batches are computed with the wrong model, if any
+        let fixed = announced_model(state)?.fixed_point();
         let mut hook = Deviation {
             spec: self.spec,
             ring: fixed.ring(),
@@ -408,10 +394,8 @@ impl SessionRunner for AdversaryRunner {
             last: Arc::clone(&self.last),
             relu_done: None,
         };
-        let mut policy = SessionPolicy::new(state, start);
-        let batches = server
-            .serve(ch, computed, &mut policy, &mut hook, &mut rng)
-            .map_err(|e| runner_error(name, e))?;
+        let computed = self.wrong.as_ref().map(|m| m.fixed_model());
+        let batches = serve_cheetah(ch, start, state, &self.config, computed, &mut hook)?;
         tracing::warn!(
             session = start.session_id,
             adversary = %self.spec,
@@ -425,7 +409,7 @@ impl SessionRunner for AdversaryRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fusion_common::fixed::FixedLayer;
+    use fusion_common::fixed::{FixedLayer, FixedModel};
 
     fn first_dense_outputs(m: &FixedModel) -> Option<usize> {
         m.layers().iter().find_map(|l| match l {

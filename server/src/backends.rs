@@ -11,8 +11,9 @@
 
 use fusion_common::backend::{
     BackendError, BatchPolicy, BatchRefusal, Cheetah, CheetahConfig, Honest, InferenceServer,
-    OutputMode, SecureInference,
+    OutputMode, SecureInference, ServerHook,
 };
+use fusion_common::fixed::FixedModel;
 use fusion_common::net::session::SessionStart;
 use tonic::Code;
 
@@ -110,6 +111,46 @@ pub(crate) fn check_model_start(start: &SessionStart, state: &ServerState) -> Re
     Ok(())
 }
 
+/// The fixed-point form of the model this server announces, or the refusal of a family
+/// that needs one.
+pub(crate) fn announced_model(state: &ServerState) -> Result<&FixedModel, RunnerError> {
+    Ok(state
+        .model
+        .as_ref()
+        .ok_or_else(|| RunnerError::Refused(Refusal::policy("this server has no model")))?
+        .model
+        .fixed_model())
+}
+
+/// A `cheetah` session: set-up for the announced model (the client checks its digest),
+/// then batches under the session's policy until the client closes, each computed with
+/// `computed` (the announced model unless `None` is overridden, as a cheating server of
+/// the `adversary` feature does) and passed through `hook`. Returns the batches served.
+pub(crate) fn serve_cheetah(
+    ch: &mut dyn Channel,
+    start: &StartInfo,
+    state: &ServerState,
+    config: &CheetahConfig,
+    computed: Option<&FixedModel>,
+    hook: &mut dyn ServerHook,
+) -> Result<u64, RunnerError> {
+    let name = Cheetah::NAME;
+    let announced = announced_model(state)?;
+    let mut rng = rand::rng();
+    let mut server = Cheetah::server_setup(ch, announced, config, &mut rng)
+        .map_err(|e| runner_error(name, e))?;
+    let mut policy = SessionPolicy::new(state, start);
+    server
+        .serve(
+            ch,
+            computed.unwrap_or(announced),
+            &mut policy,
+            hook,
+            &mut rng,
+        )
+        .map_err(|e| runner_error(name, e))
+}
+
 /// The server role of `cheetah`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CheetahRunner {
@@ -136,20 +177,7 @@ impl SessionRunner for CheetahRunner {
         start: &StartInfo,
         state: &ServerState,
     ) -> Result<(), RunnerError> {
-        let name = Cheetah::NAME;
-        let model = state
-            .model
-            .as_ref()
-            .ok_or_else(|| RunnerError::Refused(Refusal::policy("this server has no model")))?
-            .model
-            .fixed_model();
-        let mut rng = rand::rng();
-        let mut server = Cheetah::server_setup(ch, model, &self.config, &mut rng)
-            .map_err(|e| runner_error(name, e))?;
-        let mut policy = SessionPolicy::new(state, start);
-        let batches = server
-            .serve(ch, model, &mut policy, &mut Honest, &mut rng)
-            .map_err(|e| runner_error(name, e))?;
+        let batches = serve_cheetah(ch, start, state, &self.config, None, &mut Honest)?;
         tracing::info!(
             session = start.session_id,
             client = %start.client,
