@@ -8,6 +8,7 @@ pub mod attack;
 pub mod audit;
 pub mod bench;
 pub mod charts;
+pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod echo;

@@ -15,6 +15,7 @@
 pub mod adversary;
 pub mod backends;
 pub mod certs_cmd;
+pub mod cli;
 mod listener;
 pub mod model_cmd;
 pub mod runner;

@@ -3,56 +3,22 @@
 //! prints its address, `fusion-client info --json` asks it over mutual TLS and
 //! `fusion-client infer --json` runs a secure inference (flags from the environment).
 //!
-//! The binaries belong to other packages, so `env!("CARGO_BIN_EXE_...")` is not
-//! available here: the test asks cargo to build them (same profile as the test) and
-//! takes their paths from cargo's JSON messages.
+//! The binaries' `main`s are one call each into `fusion_server::cli::main` and
+//! `fusion_client::cli::main`; this package carries the same two one-line `main`s as
+//! its own binaries (`fusion-server-e2e`, `fusion-client-e2e`), so cargo builds them in
+//! the test build itself (a `cargo build` of the other packages from inside the test
+//! would build the whole workspace a second time, with other features).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// Builds `fusion-server` and `fusion-client` and returns their paths.
+/// The paths of the two binaries, built by cargo with this test.
 fn build_binaries() -> (PathBuf, PathBuf) {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    // target/<profile>/deps/two_process-<hash>: build in the same profile
-    let exe = std::env::current_exe().expect("test executable path");
-    let release = exe
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::file_name)
-        .is_some_and(|p| p == "release");
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-        "build",
-        "--bins",
-        "-p",
-        "fusion-server",
-        "-p",
-        "fusion-client",
-        "--message-format=json-render-diagnostics",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    let out = cmd.stderr(Stdio::inherit()).output().expect("cargo runs");
-    assert!(out.status.success(), "cargo build failed");
-    let (mut server, mut client) = (None, None);
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let name = msg["target"]["name"].as_str();
-        let path = msg["executable"].as_str().map(PathBuf::from);
-        match (name, path) {
-            (Some("fusion-server"), Some(p)) => server = Some(p),
-            (Some("fusion-client"), Some(p)) => client = Some(p),
-            _ => {}
-        }
-    }
     (
-        server.expect("cargo reported the server binary"),
-        client.expect("cargo reported the client binary"),
+        PathBuf::from(env!("CARGO_BIN_EXE_fusion-server-e2e")),
+        PathBuf::from(env!("CARGO_BIN_EXE_fusion-client-e2e")),
     )
 }
 

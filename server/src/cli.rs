@@ -1,0 +1,53 @@
+//! The `fusion-server` command line (the binary is one call to [`main`]).
+
+use crate::model_cmd::{EvalArgs, TrainArgs, run_eval, run_train};
+use crate::{certs_cmd, serve_cmd};
+use clap::{Parser, Subcommand};
+
+/// Fusion model owner: serves a DNN for two-party secure inference over mutual TLS.
+#[derive(Debug, Parser)]
+#[command(name = "fusion-server", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the model (gRPC over TLS 1.3; client certificates required).
+    Serve(serve_cmd::ServeArgs),
+    /// Make a CA, a server certificate and client certificates.
+    Certs(certs_cmd::CertsArgs),
+    /// Train the MNIST model and write its model file.
+    Train(TrainArgs),
+    /// Evaluate a model file on the MNIST test set in f32 and in fixed point.
+    Eval(EvalArgs),
+}
+
+/// The whole `fusion-server` program: parses the command line, sets up logging and the
+/// TLS provider, runs the command. The binary's `main` is this one call.
+pub fn main() -> anyhow::Result<()> {
+    let command = Cli::parse().command;
+    // the service logs every session and refusal; the offline tools only warnings
+    let default_level = match command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    fusion_common::net::install_crypto_provider();
+    match command {
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(serve_cmd::run(args)),
+        Command::Certs(args) => certs_cmd::run(args),
+        Command::Train(args) => run_train(&args),
+        Command::Eval(args) => run_eval(&args),
+    }
+}
