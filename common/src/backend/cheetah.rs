@@ -3,6 +3,33 @@
 //! OT engine ([`crate::mpc`], CrypTFlow2 millionaire over IKNP + KK13). Message flow: the
 //! module doc of [`crate::backend`].
 //!
+//! # Linear layers online or preprocessed
+//!
+//! [`LinearMode::Online`] (the default, Cheetah's way): every linear layer of a batch runs
+//! the HE protocol on the client's share of that layer's input.
+//!
+//! [`LinearMode::Preprocessed`] (Delphi's split, Mishra et al., USENIX Security 2020, §4:
+//! "offline" phase, then "online"): right after the batch header, before any value that
+//! depends on the inputs is used, the client draws a uniform mask r_k (rows x n_i) for
+//! every linear layer k and the same HE protocol computes shares of W_k r_k (client
+//! u_k = W_k r_k - R_k, server R_k; no bias, no server share), all layers' queries in one
+//! flight and all answers in the next (steps `offline/linear`). Online, the client sends
+//! d = x_c - r_k in the clear (uniform: r_k is a one-time pad the server never sees,
+//! packed l bits each) and keeps u_k as its share; the server computes
+//! W_k (x_s + d) + b_k + R_k locally. The sum is W_k (x_c + x_s) + b_k, exactly as
+//! online. The server's view gains only d (uniform); the client's view is the same HE
+//! answers as online, on its own random masks. Online, a linear layer is then
+//! `l·rows·n_i` bits one way and no HE.
+//!
+//! ```text
+//! client                                               server
+//! batch header                                    -->  admit (policy, budget)
+//! offline: Enc(r_k) queries, every layer          -->
+//!                                                 <--  answers: u_k = W_k r_k - R_k
+//! layer k: d = x_c - r_k (packed)                 -->  y_s = W_k (x_s + d) + b_k + R_k
+//! non-linear layers by the OT engine, as online   <->
+//! ```
+//!
 //! Each linear layer of a batch is one flight each way whatever the batch size: when a
 //! batch has more rows than one HE call may return values for (2^18, the flooding
 //! budget), the client sends the queries of all its row chunks in one flight and the
@@ -33,6 +60,46 @@ use crate::ring::Ring;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cheetah;
 
+/// How a session computes its linear layers (module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinearMode {
+    /// HE on the client's share of each layer's input, during the batch (Cheetah)
+    #[default]
+    Online,
+    /// HE on random masks before the inputs are used, a masked reshare online (Delphi)
+    Preprocessed,
+}
+
+impl LinearMode {
+    /// `online` or `preprocessed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinearMode::Online => "online",
+            LinearMode::Preprocessed => "preprocessed",
+        }
+    }
+}
+
+impl std::str::FromStr for LinearMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "online" => Ok(LinearMode::Online),
+            "preprocessed" => Ok(LinearMode::Preprocessed),
+            other => Err(format!(
+                "unknown linear-layer mode {other:?} (online or preprocessed)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for LinearMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Tunables both parties of a `cheetah` session must share (the client announces its
 /// own in the hello; the server refuses a difference by name).
 ///
@@ -47,6 +114,9 @@ pub struct CheetahConfig {
     /// a public bound on the signed bits of the weights (a smaller HE modulus), or
     /// `None`: any ring element, which reveals nothing about the weights
     pub weight_bits: Option<u32>,
+    /// linear layers online (Cheetah) or preprocessed (Delphi); the client's choice: the
+    /// server runs the mode the hello names (both give it the same guarantees)
+    pub linear: LinearMode,
 }
 
 impl Default for CheetahConfig {
@@ -62,6 +132,7 @@ impl CheetahConfig {
             ot,
             mpc: MpcConfig::recommended(ot),
             weight_bits: None,
+            linear: LinearMode::Online,
         }
     }
 
@@ -171,6 +242,7 @@ impl CheetahClient {
                 mpc: config.mpc,
                 weight_bits,
                 ot: config.ot,
+                linear: config.linear,
             }
             .encode(),
         )?;
@@ -244,6 +316,27 @@ impl CheetahClient {
             Ok(())
         })?;
         let params = self.he.params();
+        let linear_cost = |ni: usize, no: usize| {
+            calls(plan, rows, ni, no)
+                .iter()
+                .map(|(_, s)| he::layer_cost(params, s))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let preprocessed = self.config.linear == LinearMode::Preprocessed;
+        if preprocessed {
+            let costs = linear_shapes(plan)
+                .into_iter()
+                .map(|(ni, no)| linear_cost(ni, no))
+                .collect::<Result<Vec<_>, _>>()?;
+            step("offline/linear".into(), &mut seq, &mut |s| {
+                costs.iter().flatten().for_each(|c| s.send(c.query_bytes));
+                costs
+                    .iter()
+                    .flatten()
+                    .for_each(|c| s.recv(c.response_bytes));
+                Ok(())
+            })?;
+        }
         for stage in &plan.stages {
             match *stage {
                 Stage::Linear {
@@ -253,15 +346,19 @@ impl CheetahClient {
                     post,
                     ..
                 } => {
-                    let costs = calls(plan, rows, inputs, outputs)
-                        .iter()
-                        .map(|(_, s)| he::layer_cost(params, s))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    step(format!("layer{group}/linear"), &mut seq, &mut |s| {
-                        costs.iter().for_each(|c| s.send(c.query_bytes));
-                        costs.iter().for_each(|c| s.recv(c.response_bytes));
-                        Ok(())
-                    })?;
+                    if preprocessed {
+                        step(format!("layer{group}/linear"), &mut seq, &mut |s| {
+                            s.send(ring.packed_len(rows * inputs));
+                            Ok(())
+                        })?;
+                    } else {
+                        let costs = linear_cost(inputs, outputs)?;
+                        step(format!("layer{group}/linear"), &mut seq, &mut |s| {
+                            costs.iter().for_each(|c| s.send(c.query_bytes));
+                            costs.iter().for_each(|c| s.recv(c.response_bytes));
+                            Ok(())
+                        })?;
+                    }
                     let parts: Vec<usize> = plan.mpc_parts(rows * outputs, outputs).collect();
                     match post {
                         Post::ReluTrunc => {
@@ -326,6 +423,11 @@ impl CheetahClient {
 
         ch.set_step("batch/header");
         ch.send_vec(header.encode())?;
+        let mut pre = match self.config.linear {
+            LinearMode::Online => Vec::new(),
+            LinearMode::Preprocessed => client_offline(ch, &self.he, plan, rows, rng)?,
+        }
+        .into_iter();
         let mut x = Zeroizing::new(inputs.to_vec());
         for stage in &plan.stages {
             match *stage {
@@ -337,7 +439,23 @@ impl CheetahClient {
                     ..
                 } => {
                     ch.set_step(&format!("layer{group}/linear"));
-                    let y = client_linear(ch, &self.he, plan, &x, rows, ni, no, rng)?;
+                    let y = match self.config.linear {
+                        LinearMode::Online => {
+                            client_linear(ch, &self.he, plan, &x, rows, ni, no, rng)?
+                        }
+                        LinearMode::Preprocessed => {
+                            let (r, u) = pre.next().ok_or(BackendError::ArchitectureChanged)?;
+                            // Delphi §4, online: d = x_c - r, in the clear (r is a pad)
+                            let d = Zeroizing::new(
+                                x.iter()
+                                    .zip(r.iter())
+                                    .map(|(&a, &b)| ring.sub(a, b))
+                                    .collect::<Vec<u64>>(),
+                            );
+                            ch.send_vec(ring.pack(&d))?;
+                            u
+                        }
+                    };
                     let op = match post {
                         Post::ReluTrunc => NonLinear::ReluTrunc,
                         Post::Trunc => NonLinear::Trunc,
@@ -492,15 +610,42 @@ fn client_linear<R: Rng + CryptoRng + ?Sized>(
     outputs: usize,
     rng: &mut R,
 ) -> Result<Zeroizing<Vec<u64>>, BackendError> {
-    let calls = calls(plan, rows, inputs, outputs);
-    for (r, s) in &calls {
+    client_queries(ch, he, plan, x, rows, inputs, outputs, rng)?;
+    ch.flush()?;
+    client_answers(ch, he, plan, rows, inputs, outputs)
+}
+
+/// The queries of a linear layer (all row chunks), sent without a flush.
+#[allow(clippy::too_many_arguments)]
+fn client_queries<R: Rng + CryptoRng + ?Sized>(
+    ch: &mut dyn Channel,
+    he: &he::ClientSession,
+    plan: &Plan,
+    x: &[u64],
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+    rng: &mut R,
+) -> Result<(), BackendError> {
+    for (r, s) in &calls(plan, rows, inputs, outputs) {
         for msg in he.encrypt_layer(&x[r.start * inputs..r.end * inputs], *s, rng)? {
             ch.send_vec(msg)?;
         }
     }
-    ch.flush()?;
+    Ok(())
+}
+
+/// The answers to a linear layer's queries: the client's share, rows x outputs.
+fn client_answers(
+    ch: &mut dyn Channel,
+    he: &he::ClientSession,
+    plan: &Plan,
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+) -> Result<Zeroizing<Vec<u64>>, BackendError> {
     let mut y = Zeroizing::new(Vec::with_capacity(rows * outputs));
-    for (_, s) in &calls {
+    for (_, s) in &calls(plan, rows, inputs, outputs) {
         let header = ch.recv()?;
         let count = Packing::choose(he.params(), s)?.output_cts(s);
         let cts = Zeroizing::new(
@@ -511,6 +656,49 @@ fn client_linear<R: Rng + CryptoRng + ?Sized>(
         y.extend(he.decrypt_layer(*s, &header, &cts)?);
     }
     Ok(y)
+}
+
+/// A preprocessed linear layer at the client: the mask r and the share u = W r - R.
+type Mask = (Zeroizing<Vec<u64>>, Zeroizing<Vec<u64>>);
+
+/// The linear layers' linear shapes `(inputs, outputs)`, in order.
+fn linear_shapes(plan: &Plan) -> Vec<(usize, usize)> {
+    plan.stages
+        .iter()
+        .filter_map(|st| match *st {
+            Stage::Linear {
+                inputs, outputs, ..
+            } => Some((inputs, outputs)),
+            Stage::Relu { .. } => None,
+        })
+        .collect()
+}
+
+/// The client's offline phase (Delphi §4): a uniform mask per linear layer and, by the
+/// HE protocol, its share of W r; every layer's queries in one flight, the answers in
+/// the next.
+fn client_offline<R: Rng + CryptoRng + ?Sized>(
+    ch: &mut dyn Channel,
+    he: &he::ClientSession,
+    plan: &Plan,
+    rows: usize,
+    rng: &mut R,
+) -> Result<Vec<Mask>, BackendError> {
+    let ring = plan.fixed.ring();
+    ch.set_step("offline/linear");
+    let shapes = linear_shapes(plan);
+    let mut masks = Vec::with_capacity(shapes.len());
+    for &(ni, no) in &shapes {
+        let r = Zeroizing::new((0..rows * ni).map(|_| ring.random(rng)).collect::<Vec<_>>());
+        client_queries(ch, he, plan, &r, rows, ni, no, rng)?;
+        masks.push(r);
+    }
+    ch.flush()?;
+    shapes
+        .iter()
+        .zip(masks)
+        .map(|(&(ni, no), r)| Ok((r, client_answers(ch, he, plan, rows, ni, no)?)))
+        .collect()
 }
 
 /// The server's side of a linear layer over all row chunks: receives every query, then
@@ -528,6 +716,26 @@ fn server_linear<R: Rng + CryptoRng + ?Sized>(
     outputs: usize,
     rng: &mut R,
 ) -> Result<Zeroizing<Vec<u64>>, BackendError> {
+    let queries = server_queries(ch, he, plan, rows, inputs, outputs)?;
+    let y = server_answers(
+        ch, he, plan, &queries, weights, bias, xs, rows, inputs, outputs, rng,
+    )?;
+    ch.flush()?;
+    Ok(y)
+}
+
+/// A linear layer's queries, per row chunk: the header and the ciphertexts.
+type Queries = Vec<(Vec<u8>, Vec<Vec<u8>>)>;
+
+/// Receives a linear layer's queries (all row chunks), each checked against its shape.
+fn server_queries(
+    ch: &mut dyn Channel,
+    he: &he::ServerSession,
+    plan: &Plan,
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+) -> Result<Queries, BackendError> {
     let calls = calls(plan, rows, inputs, outputs);
     let mut queries = Vec::with_capacity(calls.len());
     for (_, s) in &calls {
@@ -538,8 +746,28 @@ fn server_linear<R: Rng + CryptoRng + ?Sized>(
             .collect::<Result<Vec<_>, _>>()?;
         queries.push((header, cts));
     }
+    Ok(queries)
+}
+
+/// Evaluates and sends the answers to a layer's queries (without a flush); returns the
+/// server's share R.
+#[allow(clippy::too_many_arguments)]
+fn server_answers<R: Rng + CryptoRng + ?Sized>(
+    ch: &mut dyn Channel,
+    he: &he::ServerSession,
+    plan: &Plan,
+    queries: &Queries,
+    weights: &[u64],
+    bias: &[u64],
+    xs: Option<&[u64]>,
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+    rng: &mut R,
+) -> Result<Zeroizing<Vec<u64>>, BackendError> {
+    let calls = calls(plan, rows, inputs, outputs);
     let mut y = Zeroizing::new(Vec::with_capacity(rows * outputs));
-    for ((r, s), (header, cts)) in calls.iter().zip(&queries) {
+    for ((r, s), (header, cts)) in calls.iter().zip(queries) {
         let xs = xs.map(|v| &v[r.start * inputs..r.end * inputs]);
         let (msgs, share) = he.evaluate_layer(weights, bias, xs, *s, header, cts, rng)?;
         y.extend_from_slice(&share);
@@ -548,7 +776,97 @@ fn server_linear<R: Rng + CryptoRng + ?Sized>(
             ch.send_vec(m)?;
         }
     }
+    Ok(y)
+}
+
+/// The server's offline phase (Delphi §4): receives every layer's queries (the client's
+/// masks, encrypted), answers them with W and no bias; returns R per linear layer.
+fn server_offline<R: Rng + CryptoRng + ?Sized>(
+    ch: &mut dyn Channel,
+    he: &he::ServerSession,
+    plan: &Plan,
+    model: &FixedModel,
+    rows: usize,
+    rng: &mut R,
+) -> Result<Vec<Zeroizing<Vec<u64>>>, BackendError> {
+    ch.set_step("offline/linear");
+    let mut layers = Vec::new();
+    for st in &plan.stages {
+        if let Stage::Linear {
+            index,
+            inputs,
+            outputs,
+            ..
+        } = *st
+        {
+            let Some(FixedLayer::Dense(d)) = model.layers().get(index) else {
+                return Err(BackendError::ArchitectureChanged);
+            };
+            let q = server_queries(ch, he, plan, rows, inputs, outputs)?;
+            layers.push((d, q, inputs, outputs));
+        }
+    }
+    let mut shares = Vec::with_capacity(layers.len());
+    for (d, q, inputs, outputs) in &layers {
+        let zero = vec![0u64; *outputs];
+        shares.push(server_answers(
+            ch,
+            he,
+            plan,
+            q,
+            d.weight(),
+            &zero,
+            None,
+            rows,
+            *inputs,
+            *outputs,
+            rng,
+        )?);
+    }
     ch.flush()?;
+    Ok(shares)
+}
+
+/// The server's online linear layer of the preprocessed mode (Delphi §4): receives
+/// d = x_c - r, returns W (x_s + d) + b + R, rows x outputs, in the ring.
+#[allow(clippy::too_many_arguments)]
+fn server_linear_preprocessed(
+    ch: &mut dyn Channel,
+    ring: Ring,
+    d: &crate::fixed::FixedDense,
+    xs: Option<&[u64]>,
+    r: &[u64],
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+) -> Result<Zeroizing<Vec<u64>>, BackendError> {
+    let msg = ch.recv()?;
+    let mut v =
+        Zeroizing::new(
+            ring.unpack(&msg, rows * inputs)
+                .map_err(|e| BackendError::Malformed {
+                    what: "masked layer input",
+                    reason: e.to_string(),
+                })?,
+        );
+    if let Some(xs) = xs {
+        for (a, &b) in v.iter_mut().zip(xs) {
+            *a = ring.add(*a, b);
+        }
+    }
+    let (w, b) = (d.weight(), d.bias());
+    let mut y = Zeroizing::new(Vec::with_capacity(rows * outputs));
+    for (row, rr) in v.chunks_exact(inputs).zip(r.chunks_exact(outputs)) {
+        for (o, (&bo, &ro)) in b.iter().zip(rr).enumerate() {
+            let acc = w[o * inputs..(o + 1) * inputs]
+                .iter()
+                .zip(row)
+                .fold(bo.wrapping_add(ro), |acc, (&wi, &xi)| {
+                    acc.wrapping_add(wi.wrapping_mul(xi))
+                });
+            y.push(acc & ring.mask());
+        }
+    }
     Ok(y)
 }
 
@@ -576,6 +894,8 @@ impl InferenceClient for CheetahClient {
 pub struct CheetahServer {
     pub(super) plan: Plan,
     spec: ModelSpec,
+    /// the linear-layer mode the client's hello named
+    linear: LinearMode,
     he: he::ServerSession,
     mpc: MpcSession<CoreOt>,
     batches: u64,
@@ -585,6 +905,7 @@ pub struct CheetahServer {
 impl fmt::Debug for CheetahServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CheetahServer")
+            .field("linear", &self.linear)
             .field("he", &self.he)
             .field("mpc", &self.mpc)
             .field("batches", &self.batches)
@@ -629,6 +950,7 @@ impl CheetahServer {
         Ok(Self {
             plan,
             spec,
+            linear: hello.linear,
             he,
             mpc,
             batches: 0,
@@ -697,6 +1019,11 @@ impl CheetahServer {
             rows,
             cols,
         };
+        let mut pre = match self.linear {
+            LinearMode::Online => Vec::new(),
+            LinearMode::Preprocessed => server_offline(ch, &self.he, plan, model, rows, rng)?,
+        }
+        .into_iter();
         // The server's share of the current values; absent (zero) before the first layer.
         let mut xs: Option<Zeroizing<Vec<u64>>> = None;
         for stage in &plan.stages {
@@ -712,18 +1039,27 @@ impl CheetahServer {
                         return Err(BackendError::ArchitectureChanged);
                     };
                     ch.set_step(&format!("layer{group}/linear"));
-                    let mut y = server_linear(
-                        ch,
-                        &self.he,
-                        plan,
-                        d.weight(),
-                        d.bias(),
-                        xs.as_deref().map(|v| v.as_slice()),
-                        rows,
-                        inputs,
-                        outputs,
-                        rng,
-                    )?;
+                    let xs_now = xs.as_deref().map(|v| v.as_slice());
+                    let mut y = match self.linear {
+                        LinearMode::Online => server_linear(
+                            ch,
+                            &self.he,
+                            plan,
+                            d.weight(),
+                            d.bias(),
+                            xs_now,
+                            rows,
+                            inputs,
+                            outputs,
+                            rng,
+                        )?,
+                        LinearMode::Preprocessed => {
+                            let r = pre.next().ok_or(BackendError::ArchitectureChanged)?;
+                            server_linear_preprocessed(
+                                ch, ring, d, xs_now, &r, rows, inputs, outputs,
+                            )?
+                        }
+                    };
                     hook.shares(at(group, HookOp::Linear, outputs), &mut y);
                     let (op, hop) = match post {
                         Post::ReluTrunc => (NonLinear::ReluTrunc, HookOp::ReluTrunc),

@@ -74,7 +74,7 @@ use crate::he::HeError;
 use crate::mpc::MpcError;
 pub use crate::net::info::OutputMode;
 
-pub use cheetah::{Cheetah, CheetahClient, CheetahConfig, CheetahServer};
+pub use cheetah::{Cheetah, CheetahClient, CheetahConfig, CheetahServer, LinearMode};
 pub use plan::MAX_MPC_VALUES;
 pub use wire::{BACKEND_VERSION, BatchHeader, HEADER_LEN, HELLO_LEN};
 

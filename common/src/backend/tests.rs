@@ -223,6 +223,22 @@ fn mnist_200_images_labels_and_logits_equal_the_fixed_point_evaluator() {
         ]
     );
     assert_eq!(outs[2].1.last().unwrap().step, "output/reveal");
+    // the same 200 rows with preprocessed linear layers (Delphi's split): the same bits
+    let pre = CheetahConfig {
+        linear: LinearMode::Preprocessed,
+        ..cfg
+    };
+    let o = session(
+        fm,
+        &spec,
+        pre,
+        cfg,
+        unlimited(OutputMode::Logits),
+        vec![(x.clone(), 200, OutputMode::Logits)],
+        plain,
+    );
+    assert_eq!(o.server.unwrap(), 1);
+    check_against_eval(fm, &x, &o.client.unwrap()[0].0);
 }
 
 /// Costs of a batch: bytes of every step exactly, and flights exactly where the batch
@@ -339,6 +355,32 @@ fn every_layer_pattern_and_the_ring_edges_equal_the_evaluator() {
     let plan = plan::Plan::new(&spec).unwrap();
     assert_eq!(plan.stages.len(), 4, "{:?}", plan.stages);
     let cfg = CheetahConfig::default();
+    // both linear-layer modes; the server takes the mode from the client's hello
+    let pre = CheetahConfig {
+        linear: LinearMode::Preprocessed,
+        ..cfg
+    };
+    let o = session(
+        fm,
+        &spec,
+        pre,
+        cfg,
+        unlimited(OutputMode::Logits),
+        vec![
+            (x.clone(), n, OutputMode::Logits),
+            (x.clone(), n, OutputMode::Labels),
+        ],
+        plain,
+    );
+    assert_eq!(o.server.unwrap(), 2);
+    let outs = o.client.unwrap();
+    check_against_eval(fm, &x, &outs[0].0);
+    check_against_eval(fm, &x, &outs[1].0);
+    let names: Vec<&str> = outs[0].1.iter().map(|s| s.step.as_str()).collect();
+    assert_eq!(
+        names[..3],
+        ["batch/header", "offline/linear", "layer0/relu"]
+    );
     let o = session(
         fm,
         &spec,
@@ -406,6 +448,7 @@ fn batch_bytes_and_flights_equal_the_he_and_mpc_formulas() {
                 kn: crate::ot::KkotConfig::FromCots,
             },
             weight_bits: None,
+            linear: LinearMode::Online,
         },
         CheetahConfig {
             ot: OtKind::Ferret,
@@ -414,6 +457,15 @@ fn batch_bytes_and_flights_equal_the_he_and_mpc_formulas() {
                 ..MpcConfig::recommended(OtKind::Ferret)
             },
             weight_bits: None,
+            linear: LinearMode::Online,
+        },
+        CheetahConfig {
+            linear: LinearMode::Preprocessed,
+            ..CheetahConfig::default()
+        },
+        CheetahConfig {
+            linear: LinearMode::Preprocessed,
+            ..CheetahConfig::with_ot(OtKind::Iknp)
         },
     ] {
         let batches = vec![
@@ -439,12 +491,32 @@ fn batch_bytes_and_flights_equal_the_he_and_mpc_formulas() {
         // of a logits batch is one flight of l bits per value
         let he = crate::he::HeParams::new(33, 33).unwrap();
         let lc = crate::he::layer_cost(&he, &crate::he::LinearShape::new(3, 6, 5)).unwrap();
-        let l1 = &outs[0].1[2];
-        assert_eq!(l1.step, "layer1/linear");
-        assert_eq!(
-            (l1.bytes_sent, l1.bytes_received),
-            (lc.query_bytes as u64, lc.response_bytes as u64)
-        );
+        let named = |n: &str| outs[0].1.iter().find(|s| s.step == n).unwrap().clone();
+        let l1 = named("layer1/linear");
+        match cfg.linear {
+            LinearMode::Online => assert_eq!(
+                (l1.bytes_sent, l1.bytes_received),
+                (lc.query_bytes as u64, lc.response_bytes as u64)
+            ),
+            LinearMode::Preprocessed => {
+                // online: the masked input only, l bits per value, one way
+                assert_eq!(
+                    (l1.bytes_sent, l1.bytes_received),
+                    ((3 * 6 * 33usize).div_ceil(8) as u64, 0)
+                );
+                // offline: both layers' HE, one flight each way
+                let lc2 =
+                    crate::he::layer_cost(&he, &crate::he::LinearShape::new(3, 5, 4)).unwrap();
+                let off = named("offline/linear");
+                assert_eq!(
+                    (off.bytes_sent, off.bytes_received),
+                    (
+                        (lc.query_bytes + lc2.query_bytes) as u64,
+                        (lc.response_bytes + lc2.response_bytes) as u64
+                    )
+                );
+            }
+        }
         let rev = outs[1].1.last().unwrap();
         assert_eq!(rev.step, "output/reveal");
         assert_eq!(
@@ -665,6 +737,29 @@ fn wrong_row_count_short_message_and_other_parameters_are_refused_by_name() {
         matches!(e, BackendError::He(HeError::MalformedLength { .. })),
         "{e}"
     );
+    // preprocessed linear layers: a masked input one byte short, then one too long
+    let pre = CheetahConfig {
+        linear: LinearMode::Preprocessed,
+        ..cfg
+    };
+    for edit in [
+        (|m: &mut Vec<u8>| m.truncate(m.len() - 1)) as fn(&mut Vec<u8>),
+        |m: &mut Vec<u8>| m.push(0),
+    ] {
+        let (e, _) = server_error(policy(), pre, None, batch(), move |c| {
+            Box::new(Tamper::new(c, "layer1/linear", 0, edit))
+        });
+        assert!(
+            matches!(
+                e,
+                BackendError::Malformed {
+                    what: "masked layer input",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
     // a query for other parameters (the parameter id in the query header)
     let (e, _) = server_error(policy(), cfg, None, batch(), |c| {
         Box::new(Tamper::new(c, "layer1/linear", 0, |m: &mut Vec<u8>| {
@@ -750,7 +845,7 @@ fn setup_refuses_another_model_configuration_or_version() {
         Box::new(Tamper::new(c, "setup/hello", 0, |m: &mut Vec<u8>| m[2] = 9))
     });
     assert!(
-        matches!(e, BackendError::Version { ours: 2, peer: 9 }),
+        matches!(e, BackendError::Version { ours: 3, peer: 9 }),
         "{e}"
     );
 }

@@ -2,20 +2,24 @@
 //! fixed length, checked field by field while decoding).
 //!
 //! ```text
-//! hello  (43 bytes): 0x48 | version u16 | model digest [32] | leaf bits u8 |
+//! hello  (44 bytes): 0x48 | version u16 | model digest [32] | leaf bits u8 |
 //!                    1-of-N OT u8 (0 KK13, 1 from COTs) | min batch u32 | weight bits u8 |
-//!                    core OT u8 (0 IKNP, 1 Ferret)
+//!                    core OT u8 (0 IKNP, 1 Ferret) | linear layers u8 (0 online,
+//!                    1 preprocessed)
 //! header (10 bytes): 0x42 | rows u32 | cols u32 | output u8 (1 labels, 2 logits)
 //! ```
 
+use super::cheetah::LinearMode;
 use super::{BackendError, OutputMode};
 use crate::mpc::MpcConfig;
 use crate::ot::{KkotConfig, OtKind};
 
-/// The backend protocol version this code speaks.
-pub const BACKEND_VERSION: u16 = 2;
+/// The backend protocol version this code speaks (3: Ferret's LPN code takes its 21-bit
+/// index lanes three from each 64-bit half of an AES block; the hello names the
+/// linear-layer mode).
+pub const BACKEND_VERSION: u16 = 3;
 /// Bytes of the hello.
-pub const HELLO_LEN: usize = 43;
+pub const HELLO_LEN: usize = 44;
 /// Bytes of a batch header.
 pub const HEADER_LEN: usize = 10;
 
@@ -30,6 +34,7 @@ pub(crate) struct Hello {
     pub(crate) mpc: MpcConfig,
     pub(crate) weight_bits: u8,
     pub(crate) ot: OtKind,
+    pub(crate) linear: LinearMode,
 }
 
 fn malformed(what: &'static str, reason: impl Into<String>) -> BackendError {
@@ -82,6 +87,10 @@ impl Hello {
             OtKind::Iknp => 0,
             OtKind::Ferret => 1,
         });
+        m.push(match self.linear {
+            LinearMode::Online => 0,
+            LinearMode::Preprocessed => 1,
+        });
         m
     }
 
@@ -109,6 +118,16 @@ impl Hello {
             1 => OtKind::Ferret,
             other => return Err(malformed(WHAT, format!("unknown core OT {other}"))),
         };
+        let linear = match msg[43] {
+            0 => LinearMode::Online,
+            1 => LinearMode::Preprocessed,
+            other => {
+                return Err(malformed(
+                    WHAT,
+                    format!("unknown linear-layer mode {other}"),
+                ));
+            }
+        };
         Ok(Self {
             version,
             digest,
@@ -119,6 +138,7 @@ impl Hello {
             },
             weight_bits: msg[41],
             ot,
+            linear,
         })
     }
 }
@@ -178,6 +198,7 @@ mod tests {
             mpc: MpcConfig::default(),
             weight_bits: 33,
             ot: OtKind::Ferret,
+            linear: LinearMode::Preprocessed,
         };
         let m = h.encode();
         assert_eq!(m.len(), HELLO_LEN);
@@ -200,8 +221,14 @@ mod tests {
             Hello::decode(&o),
             Err(BackendError::Malformed { .. })
         ));
+        let mut lm = m.clone();
+        lm[43] = 2;
         assert!(matches!(
-            Hello::decode(&m[..42]),
+            Hello::decode(&lm),
+            Err(BackendError::Malformed { .. })
+        ));
+        assert!(matches!(
+            Hello::decode(&m[..43]),
             Err(BackendError::Malformed { .. })
         ));
         assert!(matches!(
