@@ -28,7 +28,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use fusion_common::backend::{
     BackendError, BatchOutput, Cheetah, CheetahConfig, Honest, InferenceClient, InferenceServer,
-    LocalPolicy, ModelSpec, OutputMode, SecureInference,
+    LinearMode, LocalPolicy, ModelSpec, OutputMode, SecureInference,
 };
 use fusion_common::channel::{Channel, CostReport, Counting, StepCost, memory_pair};
 use fusion_common::fixed::{FixedModel, eval_fixed};
@@ -101,6 +101,10 @@ pub struct InferBenchArgs {
     /// what leaves the protocol: `labels` or `logits`
     #[arg(long, default_value = "labels")]
     pub output: OutputMode,
+    /// linear layers `online` (Cheetah: HE during the batch) or `preprocessed` (Delphi:
+    /// HE on random masks in the batch's offline phase, reported apart)
+    #[arg(long, env = "FUSION_LINEAR", default_value = "online")]
+    pub linear: LinearMode,
     /// the model file (default: the bundled model)
     #[arg(long, env = "FUSION_MODEL")]
     pub model: Option<PathBuf>,
@@ -303,6 +307,7 @@ fn run_infer_cmd(a: &InferBenchArgs) -> Result<String, BenchError> {
         a.output,
         a.transport,
         a.link.as_ref(),
+        a.linear,
     )?;
     let json = |r: &[InferReport]| {
         if r.len() == 1 {
@@ -344,6 +349,15 @@ fn run_infer_cmd(a: &InferBenchArgs) -> Result<String, BenchError> {
             r.setup.seconds,
             r.verified
         ));
+        if r.offline.bytes_total() > 0 {
+            s.push_str(&format!(
+                "  linear layers preprocessed: offline {:.1} KB/row, {:.2} ms/row, {} rounds, {:.3} s (reported apart)\n",
+                r.offline.bytes_total() as f64 / 1e3 / r.rows.max(1) as f64,
+                r.offline.seconds * 1e3 / r.rows.max(1) as f64,
+                r.offline.rounds,
+                r.offline.seconds,
+            ));
+        }
         if let Some(l) = &r.link {
             s.push_str(&l.render());
         }
@@ -372,9 +386,14 @@ pub struct InferReport {
     pub transport: String,
     /// what left the protocol
     pub output: OutputMode,
+    /// linear layers `online` or `preprocessed`
+    pub linear: String,
     /// the session set-up (hello, HE keys, base OTs), client side
     pub setup: PhaseCost,
-    /// the batch, client side
+    /// the batch's preprocessing (`offline/*` steps: HE on the masks with
+    /// `--linear preprocessed`; zero otherwise), client side
+    pub offline: PhaseCost,
+    /// the rest of the batch, client side
     pub online: PhaseCost,
     /// per step, client side
     pub steps: Vec<StepJson>,
@@ -457,7 +476,9 @@ fn infer_report(
         leaf_bits: config.mpc.leaf_bits,
         transport: transport.into(),
         output,
+        linear: config.linear.name().into(),
         setup: c.setup,
+        offline: c.offline,
         online: c.online,
         bytes_per_row_online: c.online.bytes_total() as f64 / n,
         ms_per_row_online: c.online.seconds * 1e3 / n,
@@ -524,13 +545,17 @@ pub fn run_infer_bench(
     output: OutputMode,
     transport: Transport,
     link: Option<&LinkArg>,
+    linear: LinearMode,
 ) -> Result<Vec<InferReport>, BenchError> {
     if rows.is_empty() || rows.contains(&0) {
         return Err(BenchError::Setup(
             "--rows needs positive batch sizes".into(),
         ));
     }
-    let config = CheetahConfig::default();
+    let config = CheetahConfig {
+        linear,
+        ..CheetahConfig::default()
+    };
     let model = Model::load(model_path).map_err(|e| BenchError::Setup(e.to_string()))?;
     let fm = model.fixed_model();
     // a link implies the product transport
@@ -589,6 +614,7 @@ pub fn run_infer_bench(
                 let opts = InferOptions {
                     output: Some(output),
                     batch_rows: Some(n),
+                    cheetah: config,
                     ..InferOptions::default()
                 };
                 let out = run_with_info(&client, &info, Inputs::Encoded(&x), &opts).await?;
@@ -1063,6 +1089,7 @@ mod tests {
             OutputMode::Logits,
             Transport::Memory,
             None,
+            LinearMode::Online,
         )
         .unwrap();
         let t = run_infer_bench(
@@ -1072,6 +1099,7 @@ mod tests {
             OutputMode::Logits,
             Transport::Tls,
             None,
+            LinearMode::Preprocessed,
         )
         .unwrap();
         for r in m.iter().chain(&t) {
@@ -1173,6 +1201,7 @@ mod tests {
                 rows: vec![1, 3],
                 transport: Transport::Memory,
                 output: OutputMode::Labels,
+                linear: LinearMode::Preprocessed,
                 model: None,
                 mnist_dir: None,
                 link: None,
@@ -1193,7 +1222,9 @@ mod tests {
                 "leaf_bits",
                 "transport",
                 "output",
+                "linear",
                 "setup",
+                "offline",
                 "online",
                 "steps",
                 "layers",
@@ -1204,7 +1235,12 @@ mod tests {
             ] {
                 assert!(r.get(k).is_some(), "{k} missing");
             }
-            for phase in ["setup", "online"] {
+            assert_eq!(r["linear"], "preprocessed");
+            // the HE ran offline: the online phase is the masked inputs and the 2PC layers
+            let bytes = |p: &str| r[p]["bytes_sent"].as_u64().unwrap();
+            assert!(bytes("offline") > 100_000, "{}", r["offline"]);
+            assert!(bytes("online") < bytes("offline"));
+            for phase in ["setup", "offline", "online"] {
                 for k in [
                     "bytes_sent",
                     "bytes_received",

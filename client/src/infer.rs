@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use clap::Args;
 use fusion_common::backend::{
     BackendError, BackendKind, BatchOutput, Cheetah, CheetahConfig, InferenceClient, LayerKind,
-    ModelSpec, OutputMode, SecureInference,
+    LinearMode, ModelSpec, OutputMode, SecureInference,
 };
 use fusion_common::channel::{Channel, CostReport};
 use fusion_common::fixed::FixedPoint;
@@ -306,6 +306,10 @@ pub struct InferArgs {
     /// The largest batch to send (default: the server's largest).
     #[arg(long, env = "FUSION_BATCH")]
     pub batch: Option<usize>,
+    /// Linear layers `online` (Cheetah: HE during the batch) or `preprocessed` (Delphi:
+    /// HE on random masks in each batch's offline phase, then a masked reshare).
+    #[arg(long, env = "FUSION_LINEAR", default_value = "online")]
+    pub linear: LinearMode,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -418,7 +422,10 @@ pub async fn run_cmd(args: InferArgs) -> anyhow::Result<()> {
         backend: args.backend,
         output: args.output,
         batch_rows: args.batch,
-        ..InferOptions::default()
+        cheetah: CheetahConfig {
+            linear: args.linear,
+            ..CheetahConfig::default()
+        },
     };
     if !args.no_fusion {
         return run_fusion_cmd(&args, &client, &info, &pixels, truth.as_deref(), opts).await;

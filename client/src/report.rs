@@ -6,7 +6,7 @@
 //! `compute + flights x one-way delay + bytes / rate`.
 
 use fusion_common::channel::{CostReport, StepCost};
-use fusion_common::cost::{SETUP_PREFIX, render_table};
+use fusion_common::cost::{OFFLINE_PREFIX, SETUP_PREFIX, render_table};
 use serde::Serialize;
 
 use crate::link::LinkProfile;
@@ -70,6 +70,8 @@ pub struct StepJson {
 pub struct CostJson {
     /// the `setup*` steps
     pub setup: PhaseCost,
+    /// the `offline*` steps (a batch's preprocessing; zero without)
+    pub offline: PhaseCost,
     /// every other step
     pub online: PhaseCost,
     /// the steps in the order they first appeared
@@ -87,10 +89,13 @@ impl CostJson {
     /// From a counting channel's report.
     pub fn from_report(r: &CostReport) -> Self {
         let mut setup = PhaseCost::default();
+        let mut offline = PhaseCost::default();
         let mut online = PhaseCost::default();
         for s in &r.steps {
             if s.step.starts_with(SETUP_PREFIX) {
                 setup.add(s);
+            } else if s.step.starts_with(OFFLINE_PREFIX) {
+                offline.add(s);
             } else {
                 online.add(s);
             }
@@ -111,6 +116,7 @@ impl CostJson {
             .collect();
         Self {
             setup,
+            offline,
             online,
             steps,
             layers: by_layer(r).steps,

@@ -1,7 +1,8 @@
 //! Rendering a [`CostReport`] for people (an aligned table) and for programs (JSON).
 //!
-//! Steps whose names start with `setup` are summed into a `setup` row and the others
-//! into an `online` row; a `total` row closes the table.
+//! Steps whose names start with `setup` are summed into a `setup` row, those starting
+//! with `offline` (a batch's input-independent preprocessing) into an `offline` row, and
+//! the others into an `online` row; a `total` row closes the table.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,6 +10,8 @@ use crate::channel::{CostReport, StepCost};
 
 /// The prefix of the steps counted as set-up (input-independent work).
 pub const SETUP_PREFIX: &str = "setup";
+/// The prefix of a batch's preprocessing steps (input-independent, per batch).
+pub const OFFLINE_PREFIX: &str = "offline";
 
 /// A report with its set-up, online and total sums, as printed by `--json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,6 +20,9 @@ pub struct CostSummary {
     pub steps: Vec<StepCost>,
     /// the sum over `setup*` steps, when there are any
     pub setup: Option<StepCost>,
+    /// the sum over `offline*` steps, when there are any
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline: Option<StepCost>,
     /// the sum over the other steps, when there are `setup*` steps
     pub online: Option<StepCost>,
     /// the sum over all steps
@@ -29,25 +35,30 @@ pub fn summarize(report: &CostReport) -> CostSummary {
         .steps
         .iter()
         .any(|s| s.step.starts_with(SETUP_PREFIX));
-    let (setup, online) = if has_setup {
-        let mut online = StepCost {
-            step: "online".into(),
-            ..StepCost::default()
+    let (setup, online) =
+        if has_setup {
+            let mut online = StepCost {
+                step: "online".into(),
+                ..StepCost::default()
+            };
+            for s in report.steps.iter().filter(|s| {
+                !s.step.starts_with(SETUP_PREFIX) && !s.step.starts_with(OFFLINE_PREFIX)
+            }) {
+                online.absorb(s);
+            }
+            (Some(report.total_with_prefix(SETUP_PREFIX)), Some(online))
+        } else {
+            (None, None)
         };
-        for s in report
-            .steps
-            .iter()
-            .filter(|s| !s.step.starts_with(SETUP_PREFIX))
-        {
-            online.absorb(s);
-        }
-        (Some(report.total_with_prefix(SETUP_PREFIX)), Some(online))
-    } else {
-        (None, None)
-    };
+    let offline = report
+        .steps
+        .iter()
+        .any(|s| s.step.starts_with(OFFLINE_PREFIX))
+        .then(|| report.total_with_prefix(OFFLINE_PREFIX));
     CostSummary {
         steps: report.steps.clone(),
         setup,
+        offline,
         online,
         total: report.total("total"),
     }
@@ -115,6 +126,9 @@ pub fn render_table(report: &CostReport) -> String {
     let mut sums: Vec<[String; 6]> = vec![];
     if let (Some(setup), Some(online)) = (&summary.setup, &summary.online) {
         sums.push(row(setup));
+        if let Some(offline) = &summary.offline {
+            sums.push(row(offline));
+        }
         sums.push(row(online));
     }
     sums.push(row(&summary.total));

@@ -52,7 +52,7 @@ use super::{
 use crate::channel::{Channel, ChannelError, StepCost};
 use crate::fixed::{FixedLayer, FixedModel, first_argmax};
 use crate::he::{self, HeParams, LinearShape, Packing};
-use crate::mpc::{MpcConfig, MpcSession, Party, cost};
+use crate::mpc::{MpcConfig, MpcError, MpcSession, Party, cost};
 use crate::ot::{CoreOt, KkotConfig, OtKind};
 use crate::ring::Ring;
 
@@ -336,6 +336,11 @@ impl CheetahClient {
                     .for_each(|c| s.recv(c.response_bytes));
                 Ok(())
             })?;
+            let (send, recv) = batch_cots(plan, &self.config.mpc, rows, output);
+            step("offline/ot".into(), &mut seq, &mut |s| {
+                s.reserve(send, recv);
+                Ok(())
+            })?;
         }
         for stage in &plan.stages {
             match *stage {
@@ -396,6 +401,8 @@ impl CheetahClient {
                 Ok(())
             })?,
         }
+        // a reservation the buffers already cover sends nothing: no step is recorded
+        steps.retain(|s| s.step != "offline/ot" || s.bytes_sent + s.bytes_received > 0);
         Ok(steps)
     }
 
@@ -425,7 +432,17 @@ impl CheetahClient {
         ch.send_vec(header.encode())?;
         let mut pre = match self.config.linear {
             LinearMode::Online => Vec::new(),
-            LinearMode::Preprocessed => client_offline(ch, &self.he, plan, rows, rng)?,
+            LinearMode::Preprocessed => {
+                let masks = client_offline(ch, &self.he, plan, rows, rng)?;
+                // the non-linear layers' COTs, before the inputs are used
+                ch.set_step("offline/ot");
+                let (send, recv) = batch_cots(plan, &self.config.mpc, rows, output);
+                self.mpc
+                    .ot()
+                    .reserve(ch, send, recv)
+                    .map_err(MpcError::from)?;
+                masks
+            }
         }
         .into_iter();
         let mut x = Zeroizing::new(inputs.to_vec());
@@ -672,6 +689,49 @@ fn linear_shapes(plan: &Plan) -> Vec<(usize, usize)> {
             Stage::Relu { .. } => None,
         })
         .collect()
+}
+
+/// Most COTs per direction the offline phase stocks (2^23: 128 MiB of blocks per
+/// direction and party); a larger batch extends the rest online.
+const OFFLINE_COTS_MAX: usize = 1 << 23;
+
+/// The COTs the non-linear layers of a batch take, as the client's session counts them
+/// (as sender, as receiver), capped at [`OFFLINE_COTS_MAX`]: what the offline phase
+/// stocks so that no extension runs online.
+fn batch_cots(plan: &Plan, mpc: &MpcConfig, rows: usize, output: OutputMode) -> (usize, usize) {
+    let ring = plan.fixed.ring();
+    let f = plan.fixed.frac_bits();
+    let p = cost::Params {
+        leaf_bits: mpc.leaf_bits,
+        kk13: mpc.kn == KkotConfig::Kk13,
+        ext: cost::Extension::Iknp,
+    };
+    let mut seq = cost::Sequence::new(p, 0, (0, 0), None);
+    for stage in &plan.stages {
+        match *stage {
+            Stage::Linear { outputs, post, .. } => {
+                for n in plan.mpc_parts(rows * outputs, outputs) {
+                    match post {
+                        Post::ReluTrunc => seq.relu_trunc(ring, n, f),
+                        Post::Trunc => seq.trunc(ring, n, f),
+                    }
+                }
+            }
+            Stage::Relu { width, .. } => {
+                for n in plan.mpc_parts(rows * width, width) {
+                    seq.relu(ring, n);
+                }
+            }
+        }
+    }
+    let classes = plan.output_len;
+    if output == OutputMode::Labels {
+        for n in plan.mpc_parts(rows * classes, classes) {
+            seq.argmax_reveal(ring, n / classes, classes);
+        }
+    }
+    let (send, recv) = seq.taken();
+    (send.min(OFFLINE_COTS_MAX), recv.min(OFFLINE_COTS_MAX))
 }
 
 /// The client's offline phase (Delphi §4): a uniform mask per linear layer and, by the
@@ -1021,7 +1081,17 @@ impl CheetahServer {
         };
         let mut pre = match self.linear {
             LinearMode::Online => Vec::new(),
-            LinearMode::Preprocessed => server_offline(ch, &self.he, plan, model, rows, rng)?,
+            LinearMode::Preprocessed => {
+                let shares = server_offline(ch, &self.he, plan, model, rows, rng)?;
+                ch.set_step("offline/ot");
+                let mpc = self.mpc.config();
+                let (recv, send) = batch_cots(plan, &mpc, rows, h.output);
+                self.mpc
+                    .ot()
+                    .reserve(ch, send, recv)
+                    .map_err(MpcError::from)?;
+                shares
+            }
         }
         .into_iter();
         // The server's share of the current values; absent (zero) before the first layer.

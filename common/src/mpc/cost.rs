@@ -111,6 +111,8 @@ struct Trace {
     /// the session's smallest extension (0 and 1 are the same: exact extensions)
     min_batch: usize,
     ext: Extension,
+    /// COTs taken by the operations so far (server-sender, client-sender)
+    taken: (usize, usize),
 }
 
 impl Trace {
@@ -176,6 +178,7 @@ impl Trace {
             }
         };
         self.avail = (self.avail.0 + gs - s2c, self.avail.1 + gc - c2s);
+        self.taken = (self.taken.0 + s2c, self.taken.1 + c2s);
         (sent, received)
     }
 
@@ -440,6 +443,22 @@ impl Sequence {
     /// The COTs the client's session holds now (as sender, as receiver).
     pub fn available(&self) -> (usize, usize) {
         (self.t.avail.1, self.t.avail.0)
+    }
+
+    /// The COTs the operations so far took, as the client's session counts them (as
+    /// sender, as receiver).
+    pub fn taken(&self) -> (usize, usize) {
+        (self.t.taken.1, self.t.taken.0)
+    }
+
+    /// [`OtSession::reserve`](crate::ot::OtSession::reserve) of `send` / `recv` COTs at
+    /// the client (mirrored at the server): extends what the buffers lack, one flight
+    /// each way, and leaves the COTs buffered.
+    pub fn reserve(&mut self, send: usize, recv: usize) {
+        let taken = self.t.taken;
+        self.t.ext(recv, send);
+        self.t.avail = (self.t.avail.0 + recv, self.t.avail.1 + send);
+        self.t.taken = taken;
     }
 
     /// A message of `bytes` the client sends outside the 2PC layer.
