@@ -1099,16 +1099,31 @@ mod tests {
             OutputMode::Logits,
             Transport::Tls,
             None,
+            LinearMode::Online,
+        )
+        .unwrap();
+        // preprocessed linear layers through the real service (the server takes the mode
+        // from the hello): verified, the HE offline
+        let p = run_infer_bench(
+            &model,
+            &images,
+            &[2],
+            OutputMode::Logits,
+            Transport::Tls,
+            None,
             LinearMode::Preprocessed,
         )
         .unwrap();
-        for r in m.iter().chain(&t) {
+        assert!(p[0].verified && p[0].linear == "preprocessed");
+        assert!(p[0].offline.bytes_total() > 100_000);
+        assert!(p[0].online.bytes_total() < t[0].online.bytes_total() / 10);
+        for r in m.iter().chain(&t).chain(&p) {
             assert!(r.verified && r.rows == 2);
             assert!(r.setup.bytes_total() > 0 && r.online.rounds > 0);
             let sum: u64 = r
                 .steps
                 .iter()
-                .filter(|s| !s.step.starts_with("setup"))
+                .filter(|s| !s.step.starts_with("setup") && !s.step.starts_with("offline"))
                 .map(|s| s.bytes_sent + s.bytes_received)
                 .sum();
             assert_eq!(sum, r.online.bytes_total());

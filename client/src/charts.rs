@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use fusion_common::channel::{CostReport, StepCost};
-use fusion_common::cost::{SETUP_PREFIX, group, summarize};
+use fusion_common::cost::{OFFLINE_PREFIX, SETUP_PREFIX, group, summarize};
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
 
@@ -136,6 +136,9 @@ pub fn markdown_table(r: &CostReport) -> String {
     }
     if let (Some(a), Some(b)) = (&sum.setup, &sum.online) {
         row(&mut s, a, true);
+        if let Some(o) = &sum.offline {
+            row(&mut s, o, true);
+        }
         row(&mut s, b, true);
     }
     row(&mut s, &sum.total, true);
@@ -147,7 +150,9 @@ pub fn render_markdown(title: &str, runs: &[RunCost]) -> String {
     let mut s = format!(
         "# {title}\n\nClient-side costs from the counting channel: payload bytes each way, \
          messages, rounds (flights: direction changes) and wall time per protocol step; \
-         steps named `{SETUP_PREFIX}*` are the session set-up, the others the online phase.\n"
+         steps named `{SETUP_PREFIX}*` are the session set-up, `{OFFLINE_PREFIX}*` a batch's \
+         input-independent preprocessing (preprocessed linear layers), the others the online \
+         phase.\n"
     );
     if runs.iter().any(|r| r.link.is_some()) {
         s.push_str(

@@ -207,6 +207,15 @@ pub struct CheetahClient {
     mpc: MpcSession<CoreOt>,
     batches: u64,
     poisoned: bool,
+    /// the next batch's offline material ([`CheetahClient::prepare_batch`])
+    prepared: Option<Prepared>,
+}
+
+/// A batch whose offline phase ran ahead of its inputs.
+struct Prepared {
+    rows: usize,
+    output: OutputMode,
+    masks: Vec<Mask>,
 }
 
 impl fmt::Debug for CheetahClient {
@@ -217,6 +226,10 @@ impl fmt::Debug for CheetahClient {
             .field("mpc", &self.mpc)
             .field("batches", &self.batches)
             .field("poisoned", &self.poisoned)
+            .field(
+                "prepared",
+                &self.prepared.as_ref().map(|p| (p.rows, p.output)),
+            )
             .finish()
     }
 }
@@ -257,6 +270,7 @@ impl CheetahClient {
             mpc,
             batches: 0,
             poisoned: false,
+            prepared: None,
         })
     }
 
@@ -406,16 +420,55 @@ impl CheetahClient {
         Ok(steps)
     }
 
-    fn batch_inner<R: Rng + CryptoRng + ?Sized>(
+    /// Runs the offline phase of the next batch before its inputs exist (Delphi's
+    /// preprocessing; [`LinearMode::Preprocessed`] only): sends the batch header, the HE
+    /// on the masks and the COT extension now; the next [`InferenceClient::run_batch`],
+    /// which must name the same `rows` and `output`, then runs only the online phase.
+    /// The server waits for it within its session idle timeout.
+    pub fn prepare_batch<R: Rng + CryptoRng + ?Sized>(
         &mut self,
         ch: &mut dyn Channel,
-        inputs: &[u64],
         rows: usize,
         output: OutputMode,
         rng: &mut R,
-    ) -> Result<BatchOutput, BackendError> {
+    ) -> Result<(), BackendError> {
+        if self.poisoned {
+            return Err(BackendError::Poisoned);
+        }
+        if self.config.linear != LinearMode::Preprocessed {
+            return Err(BackendError::BadBatch(
+                "only a session with preprocessed linear layers prepares batches".into(),
+            ));
+        }
+        if self.prepared.is_some() {
+            return Err(BackendError::BadBatch("a batch is already prepared".into()));
+        }
+        match self.start_batch(ch, rows, output, rng) {
+            Ok(masks) => {
+                self.prepared = Some(Prepared {
+                    rows,
+                    output,
+                    masks,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// The batch header and, in preprocessed mode, the offline phase: the masks and the
+    /// client's shares of W r per linear layer, then the non-linear layers' COTs.
+    fn start_batch<R: Rng + CryptoRng + ?Sized>(
+        &mut self,
+        ch: &mut dyn Channel,
+        rows: usize,
+        output: OutputMode,
+        rng: &mut R,
+    ) -> Result<Vec<Mask>, BackendError> {
         let plan = &self.plan;
-        let ring = plan.fixed.ring();
         if rows == 0 {
             return Err(BackendError::BadBatch("a batch of zero rows".into()));
         }
@@ -426,11 +479,9 @@ impl CheetahClient {
                 .map_err(|_| BackendError::BadBatch("input rows too long".into()))?,
             output,
         };
-        check_inputs(ring, inputs, rows * plan.input_len)?;
-
         ch.set_step("batch/header");
         ch.send_vec(header.encode())?;
-        let mut pre = match self.config.linear {
+        Ok(match self.config.linear {
             LinearMode::Online => Vec::new(),
             LinearMode::Preprocessed => {
                 let masks = client_offline(ch, &self.he, plan, rows, rng)?;
@@ -443,8 +494,31 @@ impl CheetahClient {
                     .map_err(MpcError::from)?;
                 masks
             }
-        }
-        .into_iter();
+        })
+    }
+
+    fn batch_inner<R: Rng + CryptoRng + ?Sized>(
+        &mut self,
+        ch: &mut dyn Channel,
+        inputs: &[u64],
+        rows: usize,
+        output: OutputMode,
+        rng: &mut R,
+    ) -> Result<BatchOutput, BackendError> {
+        check_inputs(self.plan.fixed.ring(), inputs, rows * self.plan.input_len)?;
+        let masks = match self.prepared.take() {
+            Some(p) if p.rows == rows && p.output == output => p.masks,
+            Some(p) => {
+                return Err(BackendError::BadBatch(format!(
+                    "the prepared batch has {} rows ({}), this one {rows} ({output})",
+                    p.rows, p.output
+                )));
+            }
+            None => self.start_batch(ch, rows, output, rng)?,
+        };
+        let plan = &self.plan;
+        let ring = plan.fixed.ring();
+        let mut pre = masks.into_iter();
         let mut x = Zeroizing::new(inputs.to_vec());
         for stage in &plan.stages {
             match *stage {

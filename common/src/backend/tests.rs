@@ -1005,3 +1005,91 @@ fn secrets_stay_out_of_debug_output() {
     let s = format!("{out:?}");
     assert!(!s.contains("123456789") && s.contains("[redacted]"), "{s}");
 }
+
+#[test]
+fn a_prepared_batch_runs_only_its_online_phase_and_equals_the_evaluator() {
+    let model = patterns_model();
+    let fm = model.fixed_model();
+    let spec = ModelSpec::of(fm);
+    let x: Vec<u64> = rows_of(fm, 3);
+    let pre = CheetahConfig {
+        linear: LinearMode::Preprocessed,
+        ..CheetahConfig::with_ot(OtKind::Iknp)
+    };
+    let (a, b) = memory_pair();
+    std::thread::scope(|sc| {
+        let server = sc.spawn(move || {
+            let mut ch = b;
+            let mut rng = ChaCha12Rng::seed_from_u64(1);
+            let mut p = unlimited(OutputMode::Logits);
+            let cfg = CheetahConfig::with_ot(OtKind::Iknp);
+            let mut s = Cheetah::server_setup(&mut ch, fm, &cfg, &mut rng).unwrap();
+            s.serve(&mut ch, fm, &mut p, &mut Honest, &mut rng)
+        });
+        let mut ch = Counting::new(a);
+        let mut rng = ChaCha12Rng::seed_from_u64(2);
+        let mut c = Cheetah::client_setup(&mut ch, &spec, &pre, &mut rng).unwrap();
+        // offline first, inputs later: the batch runs only online steps
+        c.prepare_batch(&mut ch, 3, OutputMode::Logits, &mut rng)
+            .unwrap();
+        let e = c
+            .prepare_batch(&mut ch, 3, OutputMode::Logits, &mut rng)
+            .unwrap_err();
+        assert!(matches!(e, BackendError::BadBatch(_)), "{e}");
+        let before = ch.report();
+        let out = c
+            .run_batch(&mut ch, &x, 3, OutputMode::Logits, &mut rng)
+            .unwrap();
+        check_against_eval(fm, &x, &out);
+        let after = ch.report();
+        let new_steps: Vec<String> = after
+            .steps
+            .iter()
+            .filter(|s| {
+                let old = before.steps.iter().find(|o| o.step == s.step);
+                old.is_none_or(|o| o.bytes_total() != s.bytes_total())
+            })
+            .map(|s| s.step.clone())
+            .collect();
+        assert!(
+            new_steps
+                .iter()
+                .all(|s| s.starts_with("layer") || s.starts_with("output")),
+            "{new_steps:?}"
+        );
+        assert!(new_steps.contains(&"layer1/linear".to_string()));
+        // a run that does not match the prepared batch is refused by name
+        c.prepare_batch(&mut ch, 3, OutputMode::Logits, &mut rng)
+            .unwrap();
+        let e = c
+            .run_batch(&mut ch, &x[..2 * 6], 2, OutputMode::Logits, &mut rng)
+            .unwrap_err();
+        assert!(
+            matches!(&e, BackendError::BadBatch(m) if m.contains("prepared batch has 3 rows")),
+            "{e}"
+        );
+        drop(ch);
+        // the server saw a batch, then a header and offline phase that never continued
+        assert!(server.join().unwrap().is_err());
+    });
+    // online sessions have nothing to prepare
+    let (a, b) = memory_pair();
+    std::thread::scope(|sc| {
+        sc.spawn(move || {
+            let mut ch = b;
+            let mut rng = ChaCha12Rng::seed_from_u64(1);
+            let cfg = CheetahConfig::default();
+            let mut p = unlimited(OutputMode::Logits);
+            let mut s = Cheetah::server_setup(&mut ch, fm, &cfg, &mut rng).unwrap();
+            let _ = s.serve(&mut ch, fm, &mut p, &mut Honest, &mut rng);
+        });
+        let mut ch = a;
+        let mut rng = ChaCha12Rng::seed_from_u64(2);
+        let cfg = CheetahConfig::default();
+        let mut c = Cheetah::client_setup(&mut ch, &spec, &cfg, &mut rng).unwrap();
+        let e = c
+            .prepare_batch(&mut ch, 3, OutputMode::Logits, &mut rng)
+            .unwrap_err();
+        assert!(matches!(e, BackendError::BadBatch(_)), "{e}");
+    });
+}
