@@ -101,9 +101,10 @@ pub struct InferBenchArgs {
     /// what leaves the protocol: `labels` or `logits`
     #[arg(long, default_value = "labels")]
     pub output: OutputMode,
-    /// linear layers `online` (Cheetah: HE during the batch) or `preprocessed` (Delphi:
-    /// HE on random masks in the batch's offline phase, reported apart)
-    #[arg(long, env = "FUSION_LINEAR", default_value = "online")]
+    /// linear layers `preprocessed` (Delphi: HE on random masks and the OT extension in
+    /// the batch's offline phase, reported apart) or `online` (Cheetah: HE during the
+    /// batch)
+    #[arg(long, env = "FUSION_LINEAR", default_value = "preprocessed")]
     pub linear: LinearMode,
     /// the model file (default: the bundled model)
     #[arg(long, env = "FUSION_MODEL")]

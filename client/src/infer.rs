@@ -46,8 +46,9 @@ pub enum Inputs<'a> {
     Encoded(&'a [u64]),
 }
 
-/// How to run.
-#[derive(Debug, Clone, Default)]
+/// How to run. The default runs `cheetah` with preprocessed linear layers (the HE and
+/// the OT extension in each batch's offline phase, [`LinearMode::Preprocessed`]).
+#[derive(Debug, Clone)]
 pub struct InferOptions {
     /// the protocol family
     pub backend: BackendKind,
@@ -55,8 +56,23 @@ pub struct InferOptions {
     pub output: Option<OutputMode>,
     /// the largest batch to send (`None`: the server's largest)
     pub batch_rows: Option<usize>,
-    /// the `cheetah` session's configuration (must equal the server's)
+    /// the `cheetah` session's configuration (must equal the server's but for the
+    /// linear-layer mode, which the client chooses)
     pub cheetah: CheetahConfig,
+}
+
+impl Default for InferOptions {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::default(),
+            output: None,
+            batch_rows: None,
+            cheetah: CheetahConfig {
+                linear: LinearMode::Preprocessed,
+                ..CheetahConfig::default()
+            },
+        }
+    }
 }
 
 /// What a secure inference returns.
@@ -306,9 +322,10 @@ pub struct InferArgs {
     /// The largest batch to send (default: the server's largest).
     #[arg(long, env = "FUSION_BATCH")]
     pub batch: Option<usize>,
-    /// Linear layers `online` (Cheetah: HE during the batch) or `preprocessed` (Delphi:
-    /// HE on random masks in each batch's offline phase, then a masked reshare).
-    #[arg(long, env = "FUSION_LINEAR", default_value = "online")]
+    /// Linear layers `preprocessed` (Delphi: HE on random masks and the OT extension in
+    /// each batch's offline phase, then a masked reshare) or `online` (Cheetah: HE on the
+    /// input share during the batch).
+    #[arg(long, env = "FUSION_LINEAR", default_value = "preprocessed")]
     pub linear: LinearMode,
     /// Print JSON instead of text.
     #[arg(long)]

@@ -63,6 +63,8 @@ async fn secure_inference_over_tls_equals_the_evaluator_in_both_output_modes() {
         &InferOptions {
             output: Some(OutputMode::Labels),
             batch_rows: Some(5),
+            // Cheetah's way: HE during the batch
+            cheetah: CheetahConfig::default(),
             ..InferOptions::default()
         },
     )
@@ -103,6 +105,15 @@ async fn secure_inference_over_tls_equals_the_evaluator_in_both_output_modes() {
     assert_eq!(
         logits.cost.steps.last().map(|s| s.step.as_str()),
         Some("output/reveal")
+    );
+    // the default preprocesses the linear layers: the HE runs offline, online a linear
+    // layer is the masked input (l = 33 bits per value, one way)
+    let step = |n: &str| logits.cost.steps.iter().find(|s| s.step == n).cloned();
+    assert!(step("offline/linear").unwrap().bytes_sent > 100_000);
+    let l1 = step("layer1/linear").unwrap();
+    assert_eq!(
+        (l1.bytes_sent, l1.bytes_received),
+        ((8 * 784 * 33usize).div_ceil(8) as u64, 0)
     );
     assert_eq!(s.handle.stats().sessions_ok, 2);
 }
@@ -375,13 +386,14 @@ async fn a_batch_of_256_rows_over_tls_completes_and_is_exact() {
     let (s, model) = server(policy).await;
     let fm = model.model.fixed_model();
     let pixels = images(256);
-    let out = run(
-        &s.client().await,
-        Inputs::Pixels(&pixels),
-        &InferOptions::default(),
-    )
-    .await
-    .unwrap();
+    // linear layers online, so that the Ferret iteration runs in that flight
+    let opts = InferOptions {
+        cheetah: CheetahConfig::default(),
+        ..InferOptions::default()
+    };
+    let out = run(&s.client().await, Inputs::Pixels(&pixels), &opts)
+        .await
+        .unwrap();
     assert_eq!(out.batches, 1);
     assert_eq!(
         out.labels,

@@ -148,8 +148,12 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
     assert!(v["fusion"]["log2_escape"].as_f64().unwrap() <= -40.0);
     assert!(v["cost"]["setup"]["bytes_sent"].as_u64().unwrap() > 0);
     assert!(v["cost"]["online"]["rounds"].as_u64().unwrap() > 0);
-    assert_eq!(v["cost"]["steps"][4]["step"], "layer1/linear");
-    assert_eq!(v["cost"]["steps"][4]["layer"], "layer1");
+    // the default preprocesses the linear layers (offline HE, then the masked input)
+    assert_eq!(v["cost"]["steps"][4]["step"], "offline/linear");
+    assert_eq!(v["cost"]["steps"][4]["layer"], "offline");
+    let steps = v["cost"]["steps"].as_array().unwrap();
+    assert!(steps.iter().any(|s| s["step"] == "layer1/linear"));
+    assert!(v["cost"]["offline"]["bytes_sent"].as_u64().unwrap() > 100_000);
 
     // an honest run records nothing
     assert!(!d("trust").join(fusion_client::trust::FILE_NAME).exists());
