@@ -31,7 +31,7 @@ use fusion_common::nn::{ModelDigest, PoolError};
 use serde::Serialize;
 
 use crate::client::Client;
-use crate::infer::{InferError, InferOptions, model_spec};
+use crate::infer::{InferError, InferOptions, Spent, model_spec, zeroize_spent};
 
 /// The default target for the escape probability, 2^-40 (DESIGN: 40-bit statistical).
 pub const DEFAULT_TARGET: f64 = 9.094_947_017_729_282e-13;
@@ -400,6 +400,8 @@ pub async fn run_sessions(
         })
         .await
         .map_err(InferError::from)?;
+    let (values, spent) = out.value;
+    zeroize_spent(spent).await;
 
     let exp = Expectations {
         pool_labels: &public.labels,
@@ -409,7 +411,7 @@ pub async fn run_sessions(
     };
     let outcomes = plans
         .iter()
-        .zip(out.value)
+        .zip(values)
         .map(|(plan, batch)| {
             let verified = match &batch.logits {
                 Some(l) => {
@@ -460,11 +462,16 @@ fn batches<B: SecureInference>(
     per: usize,
     output: OutputMode,
     rng: &mut rand::rngs::ThreadRng,
-) -> Result<Vec<BatchOutput>, BackendError> {
+) -> Result<(Vec<BatchOutput>, Spent), BackendError>
+where
+    B::Client: Send + 'static,
+{
     let mut c = B::client_setup(ch, spec, config, rng)?;
-    x.chunks(per * spec.input_len)
+    let outs = x
+        .chunks(per * spec.input_len)
         .map(|rows| c.run_batch(ch, rows, per, output, rng))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((outs, Box::new(c)))
 }
 
 /// The exit status of `fusion-client infer` when the server is caught cheating.
