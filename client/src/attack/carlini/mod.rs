@@ -343,6 +343,7 @@ pub fn carlini(
         seconds: t2.elapsed().as_secs_f64(),
     });
 
+    let phase1_lines = col.lines.len();
     // Phase 2b: neurons not found switch only in far corners of the cube (on the images
     // and random lines they are almost always on, i.e. linear). The logits' linear part
     // left by the planes found spans their rows: lines aimed at the corners where a
@@ -423,6 +424,12 @@ pub fn carlini(
     // Phase 3: signs and the last layer, from the samples already taken.
     let t3 = Instant::now();
     let classes = oracle.classes();
+    if planes.len() < hidden {
+        // Neurons still missing stand in as always-active units, fitted where they are
+        // on: the samples of the lines aimed at corners (where they are off) are left out.
+        let keep = phase1_lines;
+        col.samples.retain(|s| s.0 < keep);
+    }
     let (xs, ys) = fit_samples(&col, classes);
     let mut report = CarliniReport {
         config: cfg.clone(),

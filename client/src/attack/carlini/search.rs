@@ -196,6 +196,9 @@ pub(crate) struct Scan {
     pub(crate) samples: Vec<(usize, f64, Vec<f64>)>,
     /// the noise scale used (the configured one or the one measured, if larger)
     pub(crate) noise: f64,
+    /// the noise measured (half the median deviation of grid samples from their chords;
+    /// about 0 for exact outputs, a few 2^-f for fixed point)
+    pub(crate) measured: f64,
 }
 
 /// Finds the critical points along `lines` (indices `first..first + lines.len()`).
@@ -227,6 +230,7 @@ pub(crate) fn scan(
         ..p
     };
     out.noise = p.noise;
+    out.measured = 0.5 * median;
     let mut jobs = Vec::new();
     for (k, chunk) in gs.chunks(n).enumerate() {
         let samples: Vec<Sample> = ts
