@@ -150,8 +150,9 @@ pub struct CarliniArgs {
     /// stop collecting after this many rows
     #[arg(long, default_value_t = 5_000_000)]
     pub max_queries: u64,
-    /// extra rows for lines aimed at the corners where neurons not yet found switch (one
-    /// hidden layer)
+    /// rows of the second phase: lines aimed at the corners where neurons not yet found
+    /// switch (one hidden layer), or the refit of first-layer rows (deeper networks,
+    /// rounded outputs)
     #[arg(long, default_value_t = 1_500_000)]
     pub targeted_queries: u64,
     /// samples per line at the first search level

@@ -15,7 +15,14 @@
 //!         the cut is searched, and the critical point there must carry the same normal
 //!         on the same plane                                       (first layer: accepted)
 //! until the first layer's width is accepted, or the query cap, budget or a stall
+//! under rounded outputs (fixed point), each accepted row is refitted (`targeted_queries`):
+//!     short segments across its plane near points already on it (offsets growing in 3
+//!     stages), the kink nearest the plane on each, total least squares (trimmed) after
+//!     each stage; kept if within |cos| 0.97 of the coarse row
 //! ```
+//! Under rounded outputs the second-difference step is 3 times larger and every probe
+//! point and step lies on the 2^-12 input grid; the clean-switch check allows the
+//! rounding's expected share, and clustering is looser (|cos| > 0.93).
 //! Why the test works: a first-layer neuron switches on a global hyperplane w.x + b = 0,
 //! so its normal recurs anywhere on that plane. A deeper neuron's boundary is a bent
 //! surface whose local normal changes whenever a first-layer neuron switches; its local

@@ -10,6 +10,10 @@
 //! until `hidden` groups hold `points_per_neuron` points each (or the query cap / budget)
 //! first layer: each group's hyperplane by total least squares, points re-assigned to the
 //!     plane they lie on, outliers dropped, duplicates merged       fit.rs (§4.2, precision)
+//! if neurons are missing (they switch only in far corners of the cube): lines aimed at
+//!     the corners where a combination of the logits' remaining linear part is smallest,
+//!     and lines near points of groups short of points, until every group is full (or
+//!     `targeted_queries`); hyperplanes refitted from all points
 //! signs: one least-squares fit on relu(z), z, 1                  fit.rs (§4.3)
 //! last layer: least squares on relu(z), 1                          fit.rs (§4.4)
 //! ```
@@ -64,8 +68,9 @@ pub struct CarliniConfig {
     pub min_cos: f64,
     /// draw lines near the attacker's own images (when given) rather than uniformly
     pub use_images: bool,
-    /// rows for lines aimed at the corners where neurons not yet found switch (one
-    /// hidden layer; 0: none)
+    /// rows of the second phase (0: none): lines aimed at the corners where neurons not
+    /// yet found switch (one hidden layer), or the refit of the first-layer rows from many
+    /// critical points (deeper networks, rounded outputs)
     #[serde(default)]
     pub targeted_queries: u64,
 }
@@ -659,15 +664,16 @@ fn max_groups(hidden: usize) -> usize {
 /// plenty for fits of 2h + 1 unknowns; inputs and logits.
 fn fit_samples(col: &Collected, classes: usize) -> (Vec<Vec<f64>>, Array2<f64>) {
     let stride = col.samples.len().div_ceil(20_000).max(1);
-    let picked: Vec<&(usize, f64, Vec<f64>)> = col.samples.iter().step_by(stride).collect();
-    let xs: Vec<Vec<f64>> = picked
+    let picked: Vec<(Vec<f64>, &Vec<f64>)> = col
+        .samples
         .iter()
-        .filter_map(|(l, t, _)| col.lines.get(*l).map(|line| line.at(*t)))
+        .step_by(stride)
+        .filter_map(|(l, t, g)| col.lines.get(*l).map(|line| (line.at(*t), g)))
         .collect();
     let ys = Array2::from_shape_fn((picked.len(), classes), |(r, c)| {
-        picked[r].2.get(c).copied().unwrap_or(0.0)
+        picked[r].1.get(c).copied().unwrap_or(0.0)
     });
-    (xs, ys)
+    (picked.into_iter().map(|(x, _)| x).collect(), ys)
 }
 
 /// The most critical points one hyperplane fit uses.
