@@ -150,6 +150,11 @@ pub struct CarliniArgs {
     /// stop collecting after this many rows
     #[arg(long, default_value_t = 5_000_000)]
     pub max_queries: u64,
+    /// rows of the second phase: lines aimed at the corners where neurons not yet found
+    /// switch (one hidden layer), or the refit of first-layer rows (deeper networks,
+    /// rounded outputs)
+    #[arg(long, default_value_t = 1_500_000)]
+    pub targeted_queries: u64,
     /// samples per line at the first search level
     #[arg(long, default_value_t = 64)]
     pub grid: usize,
@@ -444,6 +449,7 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
         grid: a.grid,
         points_per_neuron: a.points_per_neuron,
         max_queries: a.max_queries,
+        targeted_queries: a.targeted_queries,
         ..CarliniConfig::default()
     };
     let rt = runtime(c)?;

@@ -15,7 +15,14 @@
 //!         the cut is searched, and the critical point there must carry the same normal
 //!         on the same plane                                       (first layer: accepted)
 //! until the first layer's width is accepted, or the query cap, budget or a stall
+//! under rounded outputs (fixed point), each accepted row is refitted (`targeted_queries`):
+//!     short segments across its plane near points already on it (offsets growing in 3
+//!     stages), the kink nearest the plane on each, total least squares (trimmed) after
+//!     each stage; kept if within |cos| 0.97 of the coarse row
 //! ```
+//! Under rounded outputs the second-difference step is 3 times larger and every probe
+//! point and step lies on the 2^-12 input grid; the clean-switch check allows the
+//! rounding's expected share, and clustering is looser (|cos| > 0.93).
 //! Why the test works: a first-layer neuron switches on a global hyperplane w.x + b = 0,
 //! so its normal recurs anywhere on that plane. A deeper neuron's boundary is a bent
 //! surface whose local normal changes whenever a first-layer neuron switches; its local
@@ -36,8 +43,21 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// Input step of the second differences (input units).
+/// Input step of the second differences (input units), at the largest offset.
 const STEP: f64 = 0.01;
+/// Under rounded outputs (noise above [`NOISY`]) the step is this many times larger:
+/// second differences at 0.01 drown in the 2^-12 rounding (median |cos| with the true row
+/// 0.91 on the bundled model), at 0.03 they reach 0.987.
+const NOISY_STEP_FACTOR: f64 = 3.0;
+/// Output noise scale above which the oracle is treated as rounded (fixed point).
+const NOISY: f64 = 1e-5;
+/// Clustering under rounded outputs: smallest |cos| between normals of one neuron, and the
+/// largest distance of a point to the cluster's plane (the coarse normals are averaged
+/// over the members).
+const NOISY_MIN_COS: f64 = 0.93;
+/// The grid of the service's input encoding (2^-12): probe points and steps on it are
+/// encoded exactly, so the steps carry no rounding.
+const INPUT_GRID: f64 = 1.0 / 4096.0;
 /// Largest offset from the critical point along the line (in t).
 const MAX_EPS: f64 = 0.01;
 /// Critical points probed per oracle call (each costs 2d + 2 rows).
@@ -68,6 +88,8 @@ pub struct Row {
     pub b: f64,
     /// critical points supporting it
     pub points: usize,
+    /// whether the row was refitted from many critical points on its plane
+    pub refined: bool,
 }
 
 /// Figures of the recovered first layer against the victim (reference copy).
@@ -117,6 +139,12 @@ pub struct FirstLayerReport {
     pub accepted_recurrence: usize,
     /// critical points skipped as lying on an already accepted plane
     pub skipped_known: usize,
+    /// rows refitted from many critical points on their planes
+    #[serde(default)]
+    pub refined: usize,
+    /// rows charged to the refinement
+    #[serde(default)]
+    pub refine_queries: u64,
     /// signs recovered (false: rows are up to sign)
     pub signed: bool,
     /// figures against the victim, if a reference was given
@@ -228,6 +256,7 @@ pub(crate) fn first_layer(
     let mut verify_queries = 0u64;
     let mut stopped = None;
     let mut since_accept = 0;
+    let mut noisy = false;
     let (mut rounds, mut skipped) = (0usize, 0usize);
     let bar = progress::bar(show_progress, width as u64, "first-layer rows");
     let accepted = |c: &[Cluster]| c.iter().filter(|c| c.accepted).count();
@@ -246,6 +275,7 @@ pub(crate) fn first_layer(
         rounds += 1;
         match result {
             Ok(s) => {
+                noisy |= s.measured > NOISY;
                 lines_total += s.lines;
                 crit_total += s.critical_points;
                 probed += s.probed;
@@ -271,9 +301,11 @@ pub(crate) fn first_layer(
         }
     }
     bar.finish_and_clear();
-    let mut rows: Vec<Row> = clusters
+    let mut accepted_clusters: Vec<&Cluster> = clusters.iter().filter(|c| c.accepted).collect();
+    accepted_clusters.sort_by_key(|c| std::cmp::Reverse(c.xs.len()));
+    accepted_clusters.truncate(width);
+    let mut rows: Vec<Row> = accepted_clusters
         .iter()
-        .filter(|c| c.accepted)
         .map(|c| {
             let w = c.normal();
             let b = c.offset(&w);
@@ -281,11 +313,37 @@ pub(crate) fn first_layer(
                 w,
                 b,
                 points: c.xs.len(),
+                refined: false,
             }
         })
         .collect();
-    rows.sort_by_key(|r| std::cmp::Reverse(r.points));
-    rows.truncate(width);
+    // Refinement: many critical points on each accepted plane, one total-least-squares
+    // fit (precision from points, not from the coarse second differences).
+    let (mut refine_queries, mut refined) = (0u64, 0usize);
+    // Only under rounded outputs: exact second differences are already precise (a few
+    // 1e-4), more than a fit through about d points near a few anchors.
+    if noisy && stopped.is_none() && cfg.targeted_queries > 0 && !rows.is_empty() {
+        let per_row = cfg.targeted_queries / rows.len() as u64;
+        let bar = progress::bar(
+            show_progress,
+            rows.len() as u64,
+            "refining first-layer rows",
+        );
+        let before = oracle.queries();
+        for (row, c) in rows.iter_mut().zip(&accepted_clusters) {
+            match refine_row(oracle, row, &c.xs, rng, per_row) {
+                Ok(true) => refined += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    stopped = Some(e);
+                    break;
+                }
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        refine_queries = oracle.queries() - before;
+    }
     let report = FirstLayerReport {
         hidden_layers,
         width,
@@ -301,6 +359,8 @@ pub(crate) fn first_layer(
             .filter(|c| c.accepted && !c.far_away)
             .count(),
         skipped_known: skipped,
+        refined,
+        refine_queries,
         signed: false,
         metrics: None,
         note: format!(
@@ -322,6 +382,8 @@ pub(crate) fn first_layer(
 
 /// Counts of one round.
 struct RoundStats {
+    /// the output noise measured by the round's scan
+    measured: f64,
     lines: usize,
     critical_points: usize,
     probed: usize,
@@ -357,6 +419,7 @@ fn round(
     let floor = 64.0 * scan.noise;
     let kinks: Vec<Kink> = scan.kinks;
     let mut stats = RoundStats {
+        measured: scan.measured,
         lines: batch.len(),
         critical_points: kinks.len(),
         probed: 0,
@@ -409,9 +472,10 @@ fn round(
             line,
             t: k.t,
             eps,
-            step: STEP * (eps / MAX_EPS).min(1.0),
+            step: step_factor(scan.measured) * STEP * (eps / MAX_EPS).min(1.0),
             ds: k.ds.clone(),
             id: (round_no, k.line),
+            noise: scan.measured,
         });
     }
     let mut probes = Vec::new();
@@ -429,7 +493,7 @@ fn round(
         }
     }
     for p in probes {
-        place(clusters, p);
+        place(clusters, p, scan.measured);
     }
     // Accept by recurrence, else verify candidates far away.
     for c in clusters.iter_mut() {
@@ -460,15 +524,30 @@ fn round(
     Ok(stats)
 }
 
-/// Whether probe `p` belongs to cluster `c`: same normal, on its plane.
-fn matches(c: &Cluster, p: &Probe) -> bool {
+/// Whether probe `p` belongs to cluster `c`: same normal, on its plane (looser under
+/// rounded outputs, where the probes' normals are coarse).
+fn matches(c: &Cluster, p: &Probe, noise: f64) -> bool {
     let n = c.normal();
-    dot(&n, &p.n).abs() > MIN_COS && (dot(&n, &p.x) + c.offset(&n)).abs() < PLANE_TOL
+    let min_cos = if noise > NOISY {
+        NOISY_MIN_COS
+    } else {
+        MIN_COS
+    };
+    dot(&n, &p.n).abs() > min_cos && (dot(&n, &p.x) + c.offset(&n)).abs() < PLANE_TOL
+}
+
+/// How much larger the second-difference step is under output noise `noise`.
+fn step_factor(noise: f64) -> f64 {
+    if noise > NOISY {
+        NOISY_STEP_FACTOR
+    } else {
+        1.0
+    }
 }
 
 /// Adds a probe to the cluster it matches, or starts one.
-fn place(clusters: &mut Vec<Cluster>, p: Probe) {
-    match clusters.iter_mut().find(|c| matches(c, &p)) {
+fn place(clusters: &mut Vec<Cluster>, p: Probe, noise: f64) {
+    match clusters.iter_mut().find(|c| matches(c, &p, noise)) {
         Some(c) => c.add(p),
         None => clusters.push(Cluster {
             sum: p.n.clone(),
@@ -534,9 +613,10 @@ fn verify(
                 line: &seg,
                 t: k.t,
                 eps,
-                step: STEP * (eps / (10.0 * MAX_EPS)).min(1.0),
+                step: step_factor(scan.measured) * STEP * (eps / (10.0 * MAX_EPS)).min(1.0),
                 ds: k.ds.clone(),
                 id: (usize::MAX, 0),
+                noise: scan.measured,
             });
         }
     }
@@ -544,7 +624,10 @@ fn verify(
         return Ok(None);
     }
     let got = probe(oracle, &jobs)?;
-    Ok(got.into_iter().flatten().find(|p| matches(c, p)))
+    Ok(got
+        .into_iter()
+        .flatten()
+        .find(|p| matches(c, p, scan.measured)))
 }
 
 /// A critical point to probe: its line, position, offset e and slope change; `id` names
@@ -557,18 +640,55 @@ struct Job<'a> {
     step: f64,
     ds: Vec<f64>,
     id: (usize, usize),
+    /// the output noise scale (0 for exact outputs)
+    noise: f64,
 }
 
 /// Second differences at critical points: per job (line, t*, e, ds), 2d + 2 rows; the
 /// unit normal, or `None` where the differences are not those of one switching neuron.
 fn probe(oracle: &mut dyn Oracle, jobs: &[Job<'_>]) -> Result<Vec<Option<Probe>>, OracleError> {
+    let raw = probe_raw(oracle, jobs)?;
+    Ok(jobs
+        .iter()
+        .zip(raw)
+        .map(|(job, (row, ok))| {
+            (ok && row.len() == job.line.x0.len()).then(|| Probe {
+                line: job.id,
+                x: job.line.at(job.t),
+                n: unit(&row),
+            })
+        })
+        .collect())
+}
+
+/// The rows of second differences (not normalised) at critical points, and whether each
+/// is one clean switch.
+fn probe_raw(
+    oracle: &mut dyn Oracle,
+    jobs: &[Job<'_>],
+) -> Result<Vec<(Vec<f64>, bool)>, OracleError> {
     let mut pts: Vec<Vec<f32>> = Vec::new();
     let mut steps = Vec::with_capacity(jobs.len());
     for Job {
-        line, t, eps, step, ..
+        line,
+        t,
+        eps,
+        step,
+        noise,
+        ..
     } in jobs
     {
         let xs = line.at(*t);
+        // Under rounded outputs, points and steps on the input grid (encoded exactly).
+        let noisy = *noise > NOISY;
+        let snap = |v: f64| {
+            if noisy {
+                (v / INPUT_GRID).round() * INPUT_GRID
+            } else {
+                v
+            }
+        };
+        let step = &snap(*step).max(if noisy { INPUT_GRID } else { 0.0 });
         // One-sided steps pointing into the cube, in proportion to the offset e (the
         // neuron's input at x+- is proportional to e: a step must not cross its boundary).
         let dj: Vec<f64> = xs
@@ -577,7 +697,7 @@ fn probe(oracle: &mut dyn Oracle, jobs: &[Job<'_>]) -> Result<Vec<Option<Probe>>
             .collect();
         for side in [t - eps, t + eps] {
             let x = line.at(side);
-            let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            let xf: Vec<f32> = x.iter().map(|&v| snap(v) as f32).collect();
             pts.push(xf.clone());
             for (j, s) in dj.iter().enumerate() {
                 let mut y = xf.clone();
@@ -595,14 +715,14 @@ fn probe(oracle: &mut dyn Oracle, jobs: &[Job<'_>]) -> Result<Vec<Option<Probe>>
     for ((job, (xs, dj)), g) in jobs.iter().zip(steps).zip(gs.chunks(per.max(1))) {
         let d = xs.len();
         if g.len() != 2 * (d + 1) {
-            out.push(None);
+            out.push((Vec::new(), false));
             continue;
         }
         let ds = &job.ds;
         let dd = dot(ds, ds);
         let (minus, plus) = g.split_at(d + 1);
         let (Some(g0m), Some(g0p)) = (minus.first(), plus.first()) else {
-            out.push(None);
+            out.push((Vec::new(), false));
             continue;
         };
         let mut row = Vec::with_capacity(d);
@@ -622,17 +742,183 @@ fn probe(oracle: &mut dyn Oracle, jobs: &[Job<'_>]) -> Result<Vec<Option<Probe>>
             }
             row.push(r);
         }
-        if row.len() != d || total <= 0.0 || resid > MAX_RESIDUAL * total {
-            out.push(None);
-            continue;
-        }
-        out.push(Some(Probe {
-            line: job.id,
-            x: xs,
-            n: unit(&row),
-        }));
+        // The rounding's share of the differences (4 rounded values each, per output):
+        // allowed on top of the clean-switch residual, and the signal must exceed it.
+        let step = dj.first().map_or(1.0, |s| s.abs()).max(1e-12);
+        let rounding = (d * ds.len()) as f64 * (0.5 * job.noise / step).powi(2);
+        let ok = row.len() == d
+            && total > 2.0 * rounding
+            && resid <= MAX_RESIDUAL * total + 1.5 * rounding;
+        out.push((row, ok));
     }
     Ok(out)
+}
+
+/// Refinement stages: (Gaussian offset of the segments' centres from points already on
+/// the plane, per input; half length of the segments across the plane; points in all at
+/// the end of the stage, per input). The baseline grows only once the plane is fitted
+/// from the points of the stage before (a coarse normal, wrong by a few per cent, would
+/// put a far segment beside the neuron's kink).
+const REFINE_STAGES: [(f64, f64, f64); 3] = [(0.03, 0.1, 1.2), (0.07, 0.15, 1.7), (0.15, 0.2, 2.2)];
+/// Segments scanned per refinement batch.
+const REFINE_BATCH: usize = 32;
+
+/// Refines an accepted row from many critical points on its plane: short segments
+/// across the current plane estimate, centred near points already on it; on each the
+/// kink nearest the estimate (within half the segment) is a new point; after each stage
+/// the plane is refitted by total least squares (outliers dropped) from all the points.
+/// Spends at most `max_rows` rows; `Ok(true)` if the row was replaced.
+fn refine_row(
+    oracle: &mut dyn Oracle,
+    row: &mut Row,
+    anchors: &[Vec<f64>],
+    rng: &mut ChaCha8Rng,
+    max_rows: u64,
+) -> Result<bool, OracleError> {
+    let d = row.w.len();
+    let start = oracle.queries();
+    let params = SearchParams {
+        grid: 16,
+        max_depth: 6,
+        noise: 2f64.powi(-12),
+    };
+    let (mut w, mut b) = (row.w.clone(), row.b);
+    let mut pts: Vec<Vec<f64>> = anchors.to_vec();
+    let mut fitted = false;
+    let gauss = |rng: &mut ChaCha8Rng| {
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    };
+    for (spread, half, per_input) in REFINE_STAGES {
+        let target = (per_input * d as f64) as usize;
+        let centres = pts.clone();
+        while pts.len() < target {
+            if oracle.queries() - start >= max_rows {
+                return Ok(commit(row, &pts, fitted, &w, b));
+            }
+            let mut segs = Vec::with_capacity(REFINE_BATCH);
+            for _ in 0..REFINE_BATCH {
+                let Some(a) = centres.get(rng.random_range(0..centres.len())) else {
+                    break;
+                };
+                let q: Vec<f64> = a
+                    .iter()
+                    .map(|&v| (v + spread * gauss(rng)).clamp(0.0, 1.0))
+                    .collect();
+                let z = dot(&w, &q) + b;
+                let q: Vec<f64> = q
+                    .iter()
+                    .zip(&w)
+                    .map(|(v, n)| (v - z * n).clamp(0.0, 1.0))
+                    .collect();
+                // Across the plane (normal plus a random tilt of half its length), 2 half
+                // long in the normal direction: short, so rarely clamped at the faces.
+                let g: Vec<f64> = (0..d).map(|_| gauss(rng)).collect();
+                let gn = dot(&g, &g).sqrt().max(1e-12);
+                let r: Vec<f64> = w.iter().zip(&g).map(|(n, g)| n + 0.5 * g / gn).collect();
+                let nr = dot(&w, &r);
+                if nr.abs() < 0.1 {
+                    continue;
+                }
+                let u: Vec<f64> = r.iter().map(|v| v * 2.0 * half / nr).collect();
+                // The whole segment inside the cube: a coordinate clamped at a face
+                // would kink the outputs right at the centre, i.e. on the estimate.
+                let x0: Vec<f64> = q
+                    .iter()
+                    .zip(&u)
+                    .map(|(a, b)| {
+                        let m = 0.5 * b.abs() + 1e-6;
+                        a.clamp(m, (1.0 - m).max(m)) - 0.5 * b
+                    })
+                    .collect();
+                segs.push(Line { x0, u });
+            }
+            let scan = search::scan(oracle, &segs, 0, params)?;
+            let floor = 64.0 * scan.noise;
+            let mut best: Vec<Option<(f64, Vec<f64>)>> = vec![None; segs.len()];
+            for k in &scan.kinks {
+                if dot(&k.ds, &k.ds).sqrt() <= floor {
+                    continue;
+                }
+                let Some(seg) = segs.get(k.line) else {
+                    continue;
+                };
+                let x = seg.at(k.t);
+                let z = (dot(&w, &x) + b).abs();
+                if z < 0.5 * half && best[k.line].as_ref().is_none_or(|(bz, _)| z < *bz) {
+                    best[k.line] = Some((z, x));
+                }
+            }
+            pts.extend(best.into_iter().flatten().map(|(_, x)| x));
+        }
+        if let Some((nw, nb, _)) = fit_points(&pts, &w) {
+            w = nw;
+            b = nb;
+            fitted = true;
+        }
+    }
+    Ok(commit(row, &pts, fitted, &w, b))
+}
+
+/// Smallest |cos| between a refitted normal and the coarse one for the refit to replace
+/// it (a refinement that picked other neurons' kinks drifts away: the coarse row stays).
+const REFINE_MIN_COS: f64 = 0.97;
+
+/// Replaces `row` by the fitted plane if there is one close to it.
+fn commit(row: &mut Row, pts: &[Vec<f64>], fitted: bool, w: &[f64], b: f64) -> bool {
+    let replace = fitted && dot(&row.w, w).abs() >= REFINE_MIN_COS;
+    if replace {
+        row.w = w.to_vec();
+        row.b = b;
+        row.points = pts.len();
+        row.refined = true;
+    }
+    replace
+}
+
+/// The plane through `pts` (unit normal oriented as `prior`, offset, rms distance) by
+/// total least squares, refitted three times without the points beyond 3 median
+/// distances (kinks of other neurons picked by mistake); `None` with at most d + 1
+/// points.
+fn fit_points(pts: &[Vec<f64>], prior: &[f64]) -> Option<(Vec<f64>, f64, f64)> {
+    let d = prior.len();
+    if pts.len() <= d + 1 {
+        return None;
+    }
+    let mut kept: Vec<&[f64]> = pts.iter().map(Vec::as_slice).collect();
+    let start = ndarray::Array1::from(prior.to_vec());
+    let (mut w, mut b, mut rms) = super::fit::fit_plane(&kept, Some(&start))?;
+    for _ in 0..3 {
+        let dist: Vec<f64> = kept
+            .iter()
+            .map(|p| (w.dot(&ndarray::ArrayView1::from(*p)) + b).abs())
+            .collect();
+        let mut sorted = dist.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted
+            .get(sorted.len() / 2)
+            .copied()
+            .unwrap_or(0.0)
+            .max(1e-12);
+        let next: Vec<&[f64]> = kept
+            .iter()
+            .zip(&dist)
+            .filter(|&(_, &z)| z <= 3.0 * median)
+            .map(|(p, _)| *p)
+            .collect();
+        if next.len() <= d + 1 || next.len() == kept.len() {
+            break;
+        }
+        kept = next;
+        (w, b, rms) = super::fit::fit_plane(&kept, Some(&w))?;
+    }
+    let sign = if w.iter().zip(prior).map(|(a, b)| a * b).sum::<f64>() < 0.0 {
+        -1.0
+    } else {
+        1.0
+    };
+    Some((w.iter().map(|x| sign * x).collect(), sign * b, rms))
 }
 
 /// Figures of recovered rows against the victim's first layer (reference copy, never

@@ -62,8 +62,9 @@ fn cos(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Greedy grouping of signatures: a signature joins the first group whose mean direction
-/// is within `min_cos` (absolute cosine), else starts a new group. Returns per group the
-/// member indices and the mean direction.
+/// is within `min_cos` (absolute cosine), else starts a new group (at most `max_groups`:
+/// when full, groups of at most two points are dropped). Returns per group the member
+/// indices and the mean direction.
 pub(crate) fn group(
     sigs: &[(usize, Vec<f64>)],
     min_cos: f64,
@@ -82,6 +83,11 @@ pub(crate) fn group_into(
     max_groups: usize,
 ) {
     for (i, s) in sigs {
+        if groups.len() >= max_groups {
+            // Make room for neurons first seen late: drop the groups of one or two
+            // points (noise, or points of neurons that will come back).
+            groups.retain(|g| g.0.len() > 2);
+        }
         let full = groups.len() >= max_groups;
         let best = groups
             .iter_mut()

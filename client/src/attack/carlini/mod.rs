@@ -10,6 +10,10 @@
 //! until `hidden` groups hold `points_per_neuron` points each (or the query cap / budget)
 //! first layer: each group's hyperplane by total least squares, points re-assigned to the
 //!     plane they lie on, outliers dropped, duplicates merged       fit.rs (§4.2, precision)
+//! if neurons are missing (they switch only in far corners of the cube): lines aimed at
+//!     the corners where a combination of the logits' remaining linear part is smallest,
+//!     and lines near points of groups short of points, until every group is full (or
+//!     `targeted_queries`); hyperplanes refitted from all points
 //! signs: one least-squares fit on relu(z), z, 1                  fit.rs (§4.3)
 //! last layer: least squares on relu(z), 1                          fit.rs (§4.4)
 //! ```
@@ -64,6 +68,11 @@ pub struct CarliniConfig {
     pub min_cos: f64,
     /// draw lines near the attacker's own images (when given) rather than uniformly
     pub use_images: bool,
+    /// rows of the second phase (0: none): lines aimed at the corners where neurons not
+    /// yet found switch (one hidden layer), or the refit of the first-layer rows from many
+    /// critical points (deeper networks, rounded outputs)
+    #[serde(default)]
+    pub targeted_queries: u64,
 }
 
 impl Default for CarliniConfig {
@@ -78,6 +87,7 @@ impl Default for CarliniConfig {
             max_queries: 5_000_000,
             min_cos: 0.995,
             use_images: true,
+            targeted_queries: 1_500_000,
         }
     }
 }
@@ -145,6 +155,23 @@ pub struct Metrics {
     pub out_bias_error_max: f64,
     /// matched neurons whose sign came out wrong
     pub wrong_signs: usize,
+    /// the victim neurons no extracted row matched, and where they switch
+    #[serde(default)]
+    pub unmatched: Vec<UnmatchedNeuron>,
+}
+
+/// A victim neuron the extraction did not find: its index and activity on the domain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnmatchedNeuron {
+    /// index in the victim's first layer
+    pub index: usize,
+    /// min and max of (w . x + b) / |w| over the cube [0,1]^d (exact interval): the
+    /// neuron switches inside the cube iff min < 0 < max
+    pub cube_range: (f64, f64),
+    /// share of the 10^4 random inputs on which it is active
+    pub active_random: f64,
+    /// share of the held-out MNIST images on which it is active
+    pub active_mnist: Option<f64>,
 }
 
 /// The outcome of the extraction.
@@ -174,6 +201,9 @@ pub struct CarliniReport {
     pub sign_confidence_min: f64,
     /// always-active units added for the linear part of neurons never seen switching
     pub linear_units: usize,
+    /// lines aimed at the corners where the neurons not found switch (phase 2b)
+    #[serde(default)]
+    pub targeted_lines: usize,
     /// why collection stopped early (budget), if it did
     pub stopped: Option<OracleError>,
     /// measured figures, if a reference was given and a model was extracted
@@ -242,15 +272,7 @@ pub fn carlini(
         noise: cfg.noise,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut lines: Vec<Line> = Vec::new();
-    let mut kinks: Vec<Kink> = Vec::new();
-    let mut samples: Vec<(usize, f64, Vec<f64>)> = Vec::new();
-    let mut stopped = None;
     let mut phases = Vec::new();
-    let mut noise = cfg.noise;
-    let mut groups: Vec<(Vec<usize>, Vec<f64>)> = Vec::new();
-    let mut grouped = 0;
-    let mut last_full = (0usize, 0usize);
     // The attacker's own real images, if it has some and may use them, guide the lines.
     let images: Vec<Vec<f64>> = match (cfg.use_images, data) {
         (true, Some(data)) if d == PIXELS => (0..data.attacker.len())
@@ -272,77 +294,36 @@ pub fn carlini(
     }
 
     // Phase 1: critical points until every neuron has enough.
+    let mut col = Collected {
+        noise: cfg.noise,
+        ..Collected::default()
+    };
     let bar = progress::bar(
         show_progress,
         (hidden * per_neuron) as u64,
         "critical points",
     );
-    loop {
-        // Near the end of a budget, smaller rounds: a round cut short by the budget is
-        // lost, so spend the last rows a few lines at a time.
-        let per_line = 2 * cfg.grid.max(4) as u64;
-        let count = oracle.remaining().map_or(cfg.lines_per_round, |r| {
-            (r / per_line).clamp(1, cfg.lines_per_round as u64) as usize
-        });
-        let batch: Vec<Line> = (0..count)
-            .filter_map(|_| {
-                // Three lines in four near the attacker's images (if any), the rest
-                // uniform: some neurons switch only away from the images.
-                if images.is_empty() || rng.random_range(0..4) == 0 {
-                    Some(Line::random(&mut rng, d))
-                } else {
-                    Line::near_images(&mut rng, &images)
-                }
-            })
-            .collect();
-        let first = lines.len();
-        match search::scan(oracle, &batch, first, params) {
-            Ok(scan) => {
-                noise = noise.max(scan.noise);
-                lines.extend(batch);
-                kinks.extend(scan.kinks);
-                samples.extend(scan.samples);
+    let mut stopped = collect(
+        oracle,
+        &mut col,
+        cfg,
+        params,
+        hidden,
+        per_neuron,
+        cfg.max_queries,
+        &bar,
+        true,
+        |rng, _| {
+            // Three lines in four near the attacker's images (if any), the rest
+            // uniform: some neurons switch only away from the images.
+            if images.is_empty() || rng.random_range(0..4) == 0 {
+                Some(Line::random(rng, d))
+            } else {
+                Line::near_images(rng, &images)
             }
-            Err(e @ OracleError::BudgetExhausted { .. }) => {
-                stopped = Some(e);
-                break;
-            }
-            Err(OracleError::LabelsOnly) => return Err(CarliniError::LabelsOnly),
-            Err(e) => return Err(CarliniError::Oracle(e)),
-        }
-        // Incremental grouping of the new critical points (the final fit regroups all).
-        let sigs = signatures(&kinks[grouped..], grouped, noise);
-        grouped = kinks.len();
-        fit::group_into(&mut groups, &sigs, cfg.min_cos, 8 * hidden + 32);
-        let mut sizes: Vec<usize> = groups.iter().map(|g| g.0.len()).collect();
-        sizes.sort_unstable_by(|a, b| b.cmp(a));
-        let covered: usize = sizes.iter().take(hidden).map(|&s| s.min(per_neuron)).sum();
-        bar.set_position(covered as u64);
-        bar.set_message(format!(
-            "{} lines, {} critical points, {} rows",
-            lines.len(),
-            kinks.len(),
-            oracle.queries()
-        ));
-        // Grouping by direction is strict; re-assignment to the fitted planes later adds
-        // the rest of each neuron's points (typically as many again).
-        let enough = sizes
-            .get(hidden.saturating_sub(1))
-            .is_some_and(|&s| 5 * s >= 3 * per_neuron && 4 * s >= 5 * d);
-        // Some neurons may never (or almost never) switch inside the cube: stop when no
-        // further group has filled up for a while (half the lines so far, at least 2000).
-        let full = sizes
-            .iter()
-            .filter(|&&s| 5 * s >= 3 * per_neuron && 4 * s >= 5 * d)
-            .count();
-        if full > last_full.0 {
-            last_full = (full, lines.len());
-        }
-        let stalled = full > 0 && lines.len() - last_full.1 >= (lines.len() / 2).max(2000);
-        if enough || stalled || oracle.queries() >= cfg.max_queries {
-            break;
-        }
-    }
+        },
+        &mut rng,
+    )?;
     bar.finish_and_clear();
     phases.push(Phase {
         name: "critical points".into(),
@@ -352,36 +333,123 @@ pub fn carlini(
 
     // Phase 2: hyperplanes.
     let t2 = Instant::now();
-    let planes = fit_planes(&lines, &kinks, cfg, d, hidden, noise, show_progress);
+    let mut planes = fit_planes(
+        &col.lines,
+        &col.kinks,
+        cfg,
+        d,
+        hidden,
+        col.noise,
+        show_progress,
+    );
     phases.push(Phase {
         name: "first layer (hyperplanes)".into(),
         queries: 0,
         seconds: t2.elapsed().as_secs_f64(),
     });
 
+    let phase1_lines = col.lines.len();
+    // Phase 2b: neurons not found switch only in far corners of the cube (on the images
+    // and random lines they are almost always on, i.e. linear). The logits' linear part
+    // left by the planes found spans their rows: lines aimed at the corners where a
+    // combination of those rows is smallest make them switch.
+    let mut targeted_rounds = 0;
+    if planes.len() < hidden && stopped.is_none() && cfg.targeted_queries > 0 {
+        let t = Instant::now();
+        let before = oracle.queries();
+        let free = hidden - planes.len();
+        let (xs, ys) = fit_samples(&col, oracle.classes());
+        let dirs: Vec<Vec<f64>> = fit::signs(&planes, &xs, &ys)
+            .and_then(|(signs, _)| fit::with_linear_part(&planes, &signs, &xs, &ys, free))
+            .map(|(_, units)| units.into_iter().map(|(v, _)| v).collect())
+            .unwrap_or_default();
+        if !dirs.is_empty() {
+            let bar = progress::bar(
+                show_progress,
+                (hidden * per_neuron) as u64,
+                "critical points (aimed at corners)",
+            );
+            let cap = before + cfg.targeted_queries;
+            let lines_before = col.lines.len();
+            stopped = collect(
+                oracle,
+                &mut col,
+                cfg,
+                params,
+                hidden,
+                per_neuron,
+                cap,
+                &bar,
+                false,
+                |rng, col| {
+                    // Half the lines around a critical point of a group still short of
+                    // points (a neuron seen switching, too rarely), half at corners.
+                    if rng.random_range(0..2) == 0 {
+                        let short: Vec<&Vec<usize>> = col
+                            .groups
+                            .iter()
+                            .map(|g| &g.0)
+                            .filter(|m| m.len() >= 5 && !full_group(m.len(), per_neuron, d))
+                            .collect();
+                        if !short.is_empty() {
+                            let m = short[rng.random_range(0..short.len())];
+                            let k = col.kinks.get(m[rng.random_range(0..m.len())])?;
+                            let x = col.lines.get(k.line)?.at(k.t);
+                            return Some(Line::around(rng, &x));
+                        }
+                    }
+                    let from = if images.is_empty() {
+                        Line::random(rng, d).x0
+                    } else {
+                        Line::near_images(rng, &images).map(|l| l.x0)?
+                    };
+                    Some(Line::toward_corner(rng, from, &dirs))
+                },
+                &mut rng,
+            )?;
+            bar.finish_and_clear();
+            targeted_rounds = col.lines.len() - lines_before;
+            planes = fit_planes(
+                &col.lines,
+                &col.kinks,
+                cfg,
+                d,
+                hidden,
+                col.noise,
+                show_progress,
+            );
+            phases.push(Phase {
+                name: "critical points aimed at corners, hyperplanes refitted".into(),
+                queries: oracle.queries() - before,
+                seconds: t.elapsed().as_secs_f64(),
+            });
+        }
+    }
+
     // Phase 3: signs and the last layer, from the samples already taken.
     let t3 = Instant::now();
-    // At most 20,000 samples (every k-th) are plenty for fits of 2h + 1 unknowns.
-    let stride = samples.len().div_ceil(20_000).max(1);
-    let samples: Vec<(usize, f64, Vec<f64>)> = samples.into_iter().step_by(stride).collect();
-    let xs: Vec<Vec<f64>> = samples.iter().map(|(l, t, _)| lines[*l].at(*t)).collect();
     let classes = oracle.classes();
-    let ys = Array2::from_shape_fn((samples.len(), classes), |(r, c)| {
-        samples[r].2.get(c).copied().unwrap_or(0.0)
-    });
+    if planes.len() < hidden {
+        // Neurons still missing stand in as always-active units, fitted where they are
+        // on: the samples of the lines aimed at corners (where they are off) are left out.
+        let keep = phase1_lines;
+        col.samples.retain(|s| s.0 < keep);
+    }
+    let (xs, ys) = fit_samples(&col, classes);
     let mut report = CarliniReport {
         config: cfg.clone(),
         queries: oracle.queries(),
         seconds: 0.0,
         phases,
-        lines: lines.len(),
-        critical_points: kinks.len(),
+        lines: col.lines.len(),
+        critical_points: col.kinks.len(),
         hidden,
         neurons_found: planes.len(),
         min_points_per_neuron: planes.iter().map(|p| p.points.len()).min().unwrap_or(0),
         plane_rms_max: planes.iter().map(|p| p.rms).fold(0.0, f64::max),
         sign_confidence_min: 0.0,
         linear_units: 0,
+        targeted_lines: targeted_rounds,
         stopped,
         metrics: None,
         first_layer: None,
@@ -478,6 +546,7 @@ fn deep_first_layer(
         plane_rms_max: 0.0,
         sign_confidence_min: 0.0,
         linear_units: 0,
+        targeted_lines: 0,
         stopped,
         metrics: None,
         first_layer: Some(first),
@@ -487,6 +556,124 @@ fn deep_first_layer(
         model: None,
         first_layer: fl.rows,
     })
+}
+
+/// What the line scans collected.
+#[derive(Default)]
+struct Collected {
+    lines: Vec<Line>,
+    kinks: Vec<Kink>,
+    /// (line, t, logits) of the grid samples
+    samples: Vec<(usize, f64, Vec<f64>)>,
+    /// the output noise scale (configured or measured)
+    noise: f64,
+    /// groups of critical points by slope-change direction (incremental)
+    groups: Vec<(Vec<usize>, Vec<f64>)>,
+    /// critical points grouped so far
+    grouped: usize,
+}
+
+/// Rounds of lines drawn by `draw` until `hidden` groups hold enough points, no further
+/// group fills up for a while, or `cap` rows in all were charged. Returns the budget
+/// error that stopped it, if one did.
+#[allow(clippy::too_many_arguments)]
+fn collect(
+    oracle: &mut dyn Oracle,
+    col: &mut Collected,
+    cfg: &CarliniConfig,
+    params: SearchParams,
+    hidden: usize,
+    per_neuron: usize,
+    cap: u64,
+    bar: &indicatif::ProgressBar,
+    stall: bool,
+    mut draw: impl FnMut(&mut ChaCha8Rng, &Collected) -> Option<Line>,
+    rng: &mut ChaCha8Rng,
+) -> Result<Option<OracleError>, CarliniError> {
+    let d = oracle.input_len();
+    let full_size = |s: usize| full_group(s, per_neuron, d);
+    let count_full =
+        |groups: &[(Vec<usize>, Vec<f64>)]| groups.iter().filter(|g| full_size(g.0.len())).count();
+    let lines_at_start = col.lines.len();
+    let mut last_full = (count_full(&col.groups), lines_at_start);
+    loop {
+        // Near the end of a budget, smaller rounds: a round cut short by the budget is
+        // lost, so spend the last rows a few lines at a time.
+        let per_line = 2 * cfg.grid.max(4) as u64;
+        let count = oracle.remaining().map_or(cfg.lines_per_round, |r| {
+            (r / per_line).clamp(1, cfg.lines_per_round as u64) as usize
+        });
+        let batch: Vec<Line> = (0..count).filter_map(|_| draw(rng, col)).collect();
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let first = col.lines.len();
+        match search::scan(oracle, &batch, first, params) {
+            Ok(scan) => {
+                col.noise = col.noise.max(scan.noise);
+                col.lines.extend(batch);
+                col.kinks.extend(scan.kinks);
+                col.samples.extend(scan.samples);
+            }
+            Err(e @ OracleError::BudgetExhausted { .. }) => return Ok(Some(e)),
+            Err(OracleError::LabelsOnly) => return Err(CarliniError::LabelsOnly),
+            Err(e) => return Err(CarliniError::Oracle(e)),
+        }
+        // Incremental grouping of the new critical points (the final fit regroups all).
+        let sigs = signatures(&col.kinks[col.grouped..], col.grouped, col.noise);
+        col.grouped = col.kinks.len();
+        fit::group_into(&mut col.groups, &sigs, cfg.min_cos, max_groups(hidden));
+        let mut sizes: Vec<usize> = col.groups.iter().map(|g| g.0.len()).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let covered: usize = sizes.iter().take(hidden).map(|&s| s.min(per_neuron)).sum();
+        bar.set_position(covered as u64);
+        bar.set_message(format!(
+            "{} lines, {} critical points, {} rows",
+            col.lines.len(),
+            col.kinks.len(),
+            oracle.queries()
+        ));
+        // Grouping by direction is strict; re-assignment to the fitted planes later adds
+        // the rest of each neuron's points (typically as many again).
+        let full = count_full(&col.groups);
+        // Some neurons may never (or almost never) switch inside the cube: stop when no
+        // further group has filled up for a while (half the lines so far, at least 2000).
+        if full > last_full.0 {
+            last_full = (full, col.lines.len());
+        }
+        let lines = col.lines.len() - lines_at_start;
+        let stalled = stall && full > 0 && col.lines.len() - last_full.1 >= (lines / 2).max(2000);
+        if full >= hidden || stalled || oracle.queries() >= cap {
+            return Ok(None);
+        }
+    }
+}
+
+/// Whether a group of `s` critical points is enough for a hyperplane (grouping by
+/// direction is strict; re-assignment to the fitted plane adds about as many again).
+fn full_group(s: usize, per_neuron: usize, d: usize) -> bool {
+    5 * s >= 3 * per_neuron && 4 * s >= 5 * d
+}
+
+/// The most groups of slope-change directions kept (small groups are pruned beyond it).
+fn max_groups(hidden: usize) -> usize {
+    8 * hidden + 32
+}
+
+/// The samples for the least-squares fits: at most 20,000 grid samples (every k-th),
+/// plenty for fits of 2h + 1 unknowns; inputs and logits.
+fn fit_samples(col: &Collected, classes: usize) -> (Vec<Vec<f64>>, Array2<f64>) {
+    let stride = col.samples.len().div_ceil(20_000).max(1);
+    let picked: Vec<(Vec<f64>, &Vec<f64>)> = col
+        .samples
+        .iter()
+        .step_by(stride)
+        .filter_map(|(l, t, g)| col.lines.get(*l).map(|line| (line.at(*t), g)))
+        .collect();
+    let ys = Array2::from_shape_fn((picked.len(), classes), |(r, c)| {
+        picked[r].1.get(c).copied().unwrap_or(0.0)
+    });
+    (picked.into_iter().map(|(x, _)| x).collect(), ys)
 }
 
 /// The most critical points one hyperplane fit uses.
@@ -499,7 +686,11 @@ fn group_kinks(
     hidden: usize,
     noise: f64,
 ) -> Vec<(Vec<usize>, Vec<f64>)> {
-    fit::group(&signatures(kinks, 0, noise), cfg.min_cos, 8 * hidden + 32)
+    fit::group(
+        &signatures(kinks, 0, noise),
+        cfg.min_cos,
+        max_groups(hidden),
+    )
 }
 
 /// The signatures of the refined critical points with a clear slope change, indexed from
@@ -753,28 +944,69 @@ pub fn measure(
         out_col_rel_error_max: 0.0,
         out_bias_error_max: 0.0,
         wrong_signs: 0,
+        unmatched: Vec::new(),
     };
-    param_errors(stolen, victim, arithmetic, planes, &mut m);
+    let unmatched = param_errors(stolen, victim, arithmetic, planes, &mut m);
+    let layers = reference::dense_layers(victim, arithmetic);
+    if let Some((w1, b1)) = layers.first() {
+        let share = |rows: &mut dyn Iterator<Item = Vec<f64>>, i: usize| {
+            let (mut on, mut n) = (0usize, 0usize);
+            for x in rows {
+                let z: f64 = w1.row(i).iter().zip(&x).map(|(w, v)| w * v).sum::<f64>() + b1[i];
+                on += usize::from(z > 0.0);
+                n += 1;
+            }
+            on as f64 / n.max(1) as f64
+        };
+        for i in unmatched {
+            let w = w1.row(i);
+            let norm = w.dot(&w).sqrt().max(1e-300);
+            let lo = b1[i] + w.iter().map(|v| v.min(0.0)).sum::<f64>();
+            let hi = b1[i] + w.iter().map(|v| v.max(0.0)).sum::<f64>();
+            let active_random = share(
+                &mut xs.iter().map(|x| x.iter().map(|&v| f64::from(v)).collect()),
+                i,
+            );
+            let active_mnist = match data {
+                Some(data) if d == fusion_common::nn::mnist::PIXELS => Some(share(
+                    &mut data
+                        .eval_x
+                        .rows()
+                        .into_iter()
+                        .map(|r| r.iter().map(|&v| f64::from(v)).collect()),
+                    i,
+                )),
+                _ => None,
+            };
+            m.unmatched.push(UnmatchedNeuron {
+                index: i,
+                cube_range: (lo / norm, hi / norm),
+                active_random,
+                active_mnist,
+            });
+        }
+    }
     Ok(m)
 }
 
 /// Parameter errors after aligning neurons: each victim neuron is matched to the
 /// extracted row (among the first `planes`, those recovered from critical points; the
 /// always-active units that stand for unseen neurons are left out) with the largest
-/// |cos|; the scale is the least-squares lambda.
+/// |cos|; the scale is the least-squares lambda. Returns the victim neurons not matched.
 fn param_errors(
     stolen: &Model,
     victim: &Model,
     arithmetic: Arithmetic,
     planes: usize,
     m: &mut Metrics,
-) {
+) -> Vec<usize> {
     let v = reference::dense_layers(victim, arithmetic);
     let s = reference::dense_layers(stolen, Arithmetic::F32);
     let ([(w1, b1), (w2, b2)], [(sw1, sb1), (sw2, sb2)]) = (v.as_slice(), s.as_slice()) else {
-        return;
+        return Vec::new();
     };
     m.victim_neurons = w1.nrows();
+    let mut unmatched = Vec::new();
     let (mut errs, mut used) = (Vec::new(), vec![false; sw1.nrows()]);
     for i in 0..w1.nrows() {
         let wi = w1.row(i);
@@ -786,10 +1018,10 @@ fn param_errors(
                 (k, wi.dot(&wk) / (ni * wk.dot(&wk).sqrt()).max(1e-300))
             })
             .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()));
-        let Some((k, c)) = best else { continue };
-        if c.abs() < 0.9 {
+        let Some((k, c)) = best.filter(|b| b.1.abs() >= 0.9) else {
+            unmatched.push(i);
             continue;
-        }
+        };
         used[k] = true;
         m.matched_neurons += 1;
         if c < 0.0 {
@@ -814,4 +1046,5 @@ fn param_errors(
         .zip(sb2.iter())
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
+    unmatched
 }

@@ -67,6 +67,57 @@ impl Line {
         Some(Self { x0, u })
     }
 
+    /// A line from `from` towards a corner of the cube where a random combination c of
+    /// `dirs` (Gaussian weights, random sign) is smallest: the endpoint is (1 - a) k + a U
+    /// with k_j = 1 where c_j < 0, else 0, U uniform and a uniform in [0, 0.5]. A neuron
+    /// whose row lies in the span of `dirs` and that is on almost everywhere switches
+    /// off on the way to such a corner.
+    pub(crate) fn toward_corner(rng: &mut impl Rng, from: Vec<f64>, dirs: &[Vec<f64>]) -> Self {
+        let d = from.len();
+        let mut c = vec![0.0; d];
+        for v in dirs {
+            let u1: f64 = 1.0 - rng.random::<f64>();
+            let u2: f64 = rng.random();
+            let g = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            c.iter_mut().zip(v).for_each(|(a, b)| *a += g * b);
+        }
+        let a: f64 = rng.random_range(0.0..0.5);
+        let x1: Vec<f64> = c
+            .iter()
+            .map(|&cj| {
+                let k = if cj < 0.0 { 1.0 } else { 0.0 };
+                ((1.0 - a) * k + a * rng.random::<f64>()).clamp(0.0, 1.0)
+            })
+            .collect();
+        let u = x1.iter().zip(&from).map(|(b, a)| b - a).collect();
+        Self { x0: from, u }
+    }
+
+    /// A line near the point `x` (a critical point): x + p - 2r to x + p + 2r (clamped),
+    /// p and r Gaussian with standard deviation 0.15 per coordinate. If x lies on a
+    /// neuron's hyperplane, the line crosses it at x + p + tau r with tau = -(w.p)/(w.r)
+    /// (|tau| < 2 about 70% of the time): a new point of that plane, spread around x.
+    pub(crate) fn around(rng: &mut impl Rng, x: &[f64]) -> Self {
+        let mut gauss = || {
+            let u1: f64 = 1.0 - rng.random::<f64>();
+            let u2: f64 = rng.random();
+            0.15 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        };
+        let pr: Vec<(f64, f64)> = x.iter().map(|_| (gauss(), gauss())).collect();
+        let x0: Vec<f64> = x
+            .iter()
+            .zip(&pr)
+            .map(|(v, (p, r))| (v + p - 2.0 * r).clamp(0.0, 1.0))
+            .collect();
+        let x1: Vec<f64> = x
+            .iter()
+            .zip(&pr)
+            .map(|(v, (p, r))| (v + p + 2.0 * r).clamp(0.0, 1.0))
+            .collect();
+        let u = x1.iter().zip(&x0).map(|(b, a)| b - a).collect();
+        Self { x0, u }
+    }
+
     /// The point x(t), clamped to [0, 1].
     pub(crate) fn at(&self, t: f64) -> Vec<f64> {
         self.x0
@@ -145,6 +196,9 @@ pub(crate) struct Scan {
     pub(crate) samples: Vec<(usize, f64, Vec<f64>)>,
     /// the noise scale used (the configured one or the one measured, if larger)
     pub(crate) noise: f64,
+    /// the noise measured (half the median deviation of grid samples from their chords;
+    /// about 0 for exact outputs, a few 2^-f for fixed point)
+    pub(crate) measured: f64,
 }
 
 /// Finds the critical points along `lines` (indices `first..first + lines.len()`).
@@ -176,6 +230,7 @@ pub(crate) fn scan(
         ..p
     };
     out.noise = p.noise;
+    out.measured = 0.5 * median;
     let mut jobs = Vec::new();
     for (k, chunk) in gs.chunks(n).enumerate() {
         let samples: Vec<Sample> = ts

@@ -216,6 +216,7 @@ fn recovers_first_layer_of_784_16_8_10_against_f32() {
     let cfg = CarliniConfig {
         lines_per_round: 16,
         max_queries: 3_000_000,
+        targeted_queries: 300_000,
         ..CarliniConfig::default()
     };
     let arch = model.architecture().clone();
@@ -239,5 +240,128 @@ fn recovers_first_layer_of_784_16_8_10_against_f32() {
     assert_eq!(m.victim_neurons, 16);
     assert!(m.within_1e2 >= 15, "rows within 1e-2: {}", m.within_1e2);
     assert_eq!(m.spurious, 0);
+    // exact outputs: no refinement (the second differences are already precise)
+    assert_eq!(fl.refined, 0);
+    assert_eq!(fl.refine_queries, 0);
     assert!(r.queries <= 3_500_000, "queries {}", r.queries);
+}
+
+/// `random_model` with neuron 0's bias moved so that it switches only in a far corner of
+/// the cube: min over [0,1]^d of (w.x + b) / |w| is -`depth`, while it is on (and
+/// linear) at the cube's centre and everywhere random lines go.
+fn corner_model(d: usize, h: usize, c: usize, seed: u64, depth: f64) -> Model {
+    let m = random_model(d, h, c, seed);
+    let (w1, b1) = m.dense(0).unwrap();
+    let (w2, b2) = m.dense(2).unwrap();
+    let w0 = w1.row(0);
+    let norm = w0.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+    let neg: f64 = w0.iter().map(|&v| f64::from(v).min(0.0)).sum();
+    let mut b1 = b1.to_vec();
+    b1[0] = (((-neg - depth * norm) * 2f64.powi(24)).round() / 2f64.powi(24)) as f32;
+    let params = vec![
+        vec![
+            Tensor::new(vec![h, d], w1.iter().copied().collect()).unwrap(),
+            Tensor::new(vec![h], b1).unwrap(),
+        ],
+        Vec::new(),
+        vec![
+            Tensor::new(vec![c, h], w2.iter().copied().collect()).unwrap(),
+            Tensor::new(vec![c], b2.to_vec()).unwrap(),
+        ],
+    ];
+    Model::new(
+        m.architecture().clone(),
+        params,
+        FixedPoint::new(40, 12).unwrap(),
+    )
+    .unwrap()
+}
+
+/// A neuron that switches only in a corner no random line reaches: without the lines aimed
+/// at corners (phase 2b) it is missed (7 of 8, an always-active stand-in); with them it
+/// is found and the whole model extracted, within bounded queries.
+#[test]
+fn finds_a_neuron_switching_only_in_a_corner() {
+    let model = corner_model(256, 8, 10, 11, 3.0);
+    let arch = model.architecture().clone();
+    let run = |targeted_queries: u64| {
+        let mut oracle = LocalF32Oracle::new(model.clone(), Policy::undefended());
+        let cfg = CarliniConfig {
+            max_queries: 300_000,
+            targeted_queries,
+            ..CarliniConfig::default()
+        };
+        let r = carlini(
+            &mut oracle,
+            &arch,
+            &cfg,
+            Some((&model, Arithmetic::F32)),
+            None,
+            false,
+        )
+        .unwrap()
+        .report;
+        eprintln!(
+            "{:#?}\nqueries {} in {:.1} s",
+            r.metrics, r.queries, r.seconds
+        );
+        r
+    };
+    let without = run(0);
+    let m = without.metrics.as_ref().unwrap();
+    assert_eq!(without.neurons_found, 7);
+    assert_eq!(m.unmatched.len(), 1);
+    assert_eq!(m.unmatched[0].index, 0);
+    assert!(m.unmatched[0].cube_range.0 < -2.9 && m.unmatched[0].active_random == 1.0);
+    let with = run(700_000);
+    let m = with.metrics.as_ref().unwrap();
+    assert_eq!(with.neurons_found, 8);
+    assert_eq!(m.matched_neurons, 8);
+    assert!(m.unmatched.is_empty());
+    assert_eq!(m.wrong_signs, 0);
+    assert!(
+        m.row_rel_error_max < 1e-2,
+        "row error {}",
+        m.row_rel_error_max
+    );
+    assert!(m.random_agreement > 0.99);
+    assert!(with.targeted_lines > 0);
+    assert!(with.queries <= 1_000_000, "queries {}", with.queries);
+}
+
+/// The first layer of a deep network against fixed point (outputs rounded to 2^-12): the
+/// second differences at 3 times the exact-output step, on the input grid, give coarse
+/// normals (a few per cent off); each accepted row is then refitted from many critical
+/// points on its plane, kept where the refit stays close to the coarse row.
+#[test]
+fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
+    let model = random_deep_model(256, 12, 8, 10, 5);
+    let mut oracle = LocalFixedOracle::new(model.clone(), Policy::undefended());
+    let cfg = CarliniConfig {
+        lines_per_round: 16,
+        max_queries: 1_000_000,
+        targeted_queries: 1_000_000,
+        ..CarliniConfig::default()
+    };
+    let arch = model.architecture().clone();
+    let ex = carlini(
+        &mut oracle,
+        &arch,
+        &cfg,
+        Some((&model, Arithmetic::Fixed)),
+        None,
+        false,
+    )
+    .unwrap();
+    let r = &ex.report;
+    let fl = r.first_layer.as_ref().unwrap();
+    let m = fl.metrics.as_ref().unwrap();
+    eprintln!("{fl:#?}\nqueries {} in {:.1} s", r.queries, r.seconds);
+    // Before: 0 rows against fixed point (every probe rejected at the 0.01 step).
+    assert!(m.matched >= 7, "rows matched: {}", m.matched);
+    assert!(m.spurious <= 5, "spurious rows: {}", m.spurious);
+    // The coarse normals are a few per cent off; only refitted rows reach 1e-2.
+    assert!(fl.refined >= 1, "rows refined: {}", fl.refined);
+    assert!(m.within_1e2 >= 1, "rows within 1e-2: {}", m.within_1e2);
+    assert!(r.queries <= 2_100_000, "queries {}", r.queries);
 }
