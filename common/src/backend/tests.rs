@@ -360,43 +360,32 @@ fn every_layer_pattern_and_the_ring_edges_equal_the_evaluator() {
         linear: LinearMode::Preprocessed,
         ..cfg
     };
-    let o = session(
-        fm,
-        &spec,
-        pre,
-        cfg,
-        unlimited(OutputMode::Logits),
-        vec![
-            (x.clone(), n, OutputMode::Logits),
-            (x.clone(), n, OutputMode::Labels),
-        ],
-        plain,
-    );
-    assert_eq!(o.server.unwrap(), 2);
-    let outs = o.client.unwrap();
-    check_against_eval(fm, &x, &outs[0].0);
-    check_against_eval(fm, &x, &outs[1].0);
+    let run_both = |client_cfg: CheetahConfig| {
+        let o = session(
+            fm,
+            &spec,
+            client_cfg,
+            cfg,
+            unlimited(OutputMode::Logits),
+            vec![
+                (x.clone(), n, OutputMode::Logits),
+                (x.clone(), n, OutputMode::Labels),
+            ],
+            plain,
+        );
+        assert_eq!(o.server.unwrap(), 2);
+        let outs = o.client.unwrap();
+        check_against_eval(fm, &x, &outs[0].0);
+        check_against_eval(fm, &x, &outs[1].0);
+        outs
+    };
+    let outs = run_both(pre);
     let names: Vec<&str> = outs[0].1.iter().map(|s| s.step.as_str()).collect();
     assert_eq!(
         names[..3],
         ["batch/header", "offline/linear", "layer0/relu"]
     );
-    let o = session(
-        fm,
-        &spec,
-        cfg,
-        cfg,
-        unlimited(OutputMode::Logits),
-        vec![
-            (x.clone(), n, OutputMode::Logits),
-            (x.clone(), n, OutputMode::Labels),
-        ],
-        plain,
-    );
-    assert_eq!(o.server.unwrap(), 2);
-    let outs = o.client.unwrap();
-    check_against_eval(fm, &x, &outs[0].0);
-    check_against_eval(fm, &x, &outs[1].0);
+    let outs = run_both(cfg);
     // all-equal logits: a model whose last layer is a constant, so every row ties and
     // the first index must win
     let ties = ties_model();
