@@ -390,7 +390,12 @@ pub fn eval_fixed(model: &FixedModel, inputs: &[u64]) -> Result<FixedEval, Fixed
         wrapped,
     };
     let h = result.headroom_bits();
-    if h < i64::from(REQUIRED_HEADROOM_BITS) {
+    // Warned when a wrap happened, else only at a new lowest headroom in this process: an
+    // attack evaluating millions of random rows would otherwise log every batch.
+    static LOWEST_WARNED: std::sync::atomic::AtomicI64 =
+        std::sync::atomic::AtomicI64::new(i64::MAX);
+    let new_low = LOWEST_WARNED.fetch_min(h, std::sync::atomic::Ordering::Relaxed) > h;
+    if h < i64::from(REQUIRED_HEADROOM_BITS) && (wrapped > 0 || new_low) {
         tracing::warn!(
             max_abs_acc,
             headroom_bits = h,
