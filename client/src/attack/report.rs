@@ -138,6 +138,12 @@ pub fn markdown(runs: &[RunRecord]) -> String {
         s.push_str("\nCarlini et al. extraction, errors against the victim:\n\n");
         s.push_str(&lines);
     }
+    if let Some(lines) = first_layer_lines(runs) {
+        s.push_str(
+            "\nCarlini et al. against a deeper network: the first layer only (rows up to sign):\n\n",
+        );
+        s.push_str(&lines);
+    }
     s
 }
 
@@ -173,6 +179,50 @@ fn carlini_lines(runs: &[RunRecord]) -> Option<String> {
             f("row_rel_error_max"),
             f("row_rel_error_mean"),
             f("out_col_rel_error_max"),
+        ));
+    }
+    any.then_some(s)
+}
+
+/// The first-layer table of deep Carlini runs (`details.first_layer`), if any.
+fn first_layer_lines(runs: &[RunRecord]) -> Option<String> {
+    let mut s = String::from(
+        "| model | policy | rows recovered | matched to a victim row | spurious | row error max / mean | probes rejected |\n\
+         |---|---|---:|---:|---:|---:|---:|\n",
+    );
+    let mut any = false;
+    for r in runs.iter().filter(|r| r.attack == "carlini") {
+        let Some(fl) = r.details.get("first_layer").filter(|v| !v.is_null()) else {
+            continue;
+        };
+        any = true;
+        let m = fl
+            .get("metrics")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+        let x = |v: &serde_json::Value, k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(f64::NAN)
+        };
+        let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        let model = Path::new(&r.model)
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "| {} | {} | {} of {} | {} | {} | {:.2e} / {:.2e} | {} of {} |\n",
+            model,
+            r.policy,
+            opt(n(fl, "recovered")),
+            opt(n(fl, "width")),
+            opt(n(&m, "matched")),
+            opt(n(&m, "spurious")),
+            x(&m, "row_rel_error_max"),
+            x(&m, "row_rel_error_mean"),
+            opt(n(fl, "probes_rejected")),
+            opt(n(fl, "probed")),
         ));
     }
     any.then_some(s)
@@ -307,6 +357,36 @@ pub fn plot(path: &Path, runs: &[RunRecord]) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_deep_carlini_run_gets_its_first_layer_table() {
+        let run = RunRecord {
+            attack: "carlini".into(),
+            policy: "logits, no budget".into(),
+            defended: false,
+            oracle: "local-fixed".into(),
+            model: "models/mnist-dnn.safetensors".into(),
+            queries: 5,
+            seconds: 1.0,
+            curve: Vec::new(),
+            outcome: None,
+            details: serde_json::json!({
+                "metrics": null,
+                "first_layer": {
+                    "recovered": 25, "width": 128, "probed": 3132, "probes_rejected": 1915,
+                    "metrics": {"matched": 20, "spurious": 5,
+                                "row_rel_error_max": 0.0204, "row_rel_error_mean": 0.014}
+                }
+            }),
+        };
+        let md = markdown(&[run]);
+        assert!(
+            md.contains("| mnist-dnn.safetensors | logits, no budget | 25 of 128 | 20 | 5 | 2.04e-2 / 1.40e-2 | 1915 of 3132 |"),
+            "{md}"
+        );
+        assert!(!md.contains("errors against the victim"), "{md}");
+    }
+
     use super::*;
 
     fn run(attack: &str, defended: bool, q: &[u64]) -> RunRecord {
