@@ -118,8 +118,11 @@ async fn session(
     let info = client.model_info().await.expect("info");
     let public = PublicRows::fetch(&client, &info, test).await.expect("pool");
     let refs: Vec<&[u8]> = own.iter().map(Vec::as_slice).collect();
+    // check (c) at confidence 1 - 1e-9: at the default 0.999 an honest batch is flagged
+    // with probability up to 1e-3 by design; the cheaters here are caught by (a) and (b)
     let opts = FusionOptions {
         params,
+        confidence: 1.0 - 1e-9,
         ..FusionOptions::default()
     };
     run_sessions(&client, &info, &public, &refs, &opts)
