@@ -191,7 +191,7 @@ pub(crate) async fn zeroize_spent(spent: Spent) {
 }
 
 /// The client's side of one session of a protocol family: set-up, then the batches.
-fn client_batches<B: SecureInference, R: Rng + CryptoRng + ?Sized>(
+pub(crate) fn client_batches<B: SecureInference, R: Rng + CryptoRng + ?Sized>(
     ch: &mut dyn Channel,
     spec: &ModelSpec,
     config: &B::Config,

@@ -17,11 +17,8 @@
 
 use std::sync::Arc;
 
-use fusion_common::backend::{
-    BackendError, BackendKind, BatchOutput, Cheetah, InferenceClient, ModelSpec, OutputMode,
-    SecureInference,
-};
-use fusion_common::channel::{Channel, CostReport};
+use fusion_common::backend::{BackendError, BackendKind, Cheetah, OutputMode};
+use fusion_common::channel::CostReport;
 use fusion_common::fusion::check::{CheckError, Expectations, Verified, check};
 use fusion_common::fusion::mix::{MixError, MixPlan};
 use fusion_common::fusion::tune::{self, TuneError};
@@ -31,7 +28,7 @@ use fusion_common::nn::{ModelDigest, PoolError};
 use serde::Serialize;
 
 use crate::client::Client;
-use crate::infer::{InferError, InferOptions, Spent, model_spec, zeroize_spent};
+use crate::infer::{InferError, InferOptions, client_batches, model_spec, zeroize_spent};
 
 /// The default target for the escape probability, 2^-40 (DESIGN: 40-bit statistical).
 pub const DEFAULT_TARGET: f64 = 9.094_947_017_729_282e-13;
@@ -390,9 +387,15 @@ pub async fn run_sessions(
         .session(start, move |ch, accepted| {
             let mut rng = rand::rng();
             match kind {
-                BackendKind::Cheetah => {
-                    batches::<Cheetah>(ch, &spec, &cheetah, &rows, per, accepted.output, &mut rng)
-                }
+                BackendKind::Cheetah => client_batches::<Cheetah, _>(
+                    ch,
+                    &spec,
+                    &cheetah,
+                    &rows,
+                    per,
+                    accepted.output,
+                    &mut rng,
+                ),
                 other => Err(BackendError::BadBatch(format!(
                     "backend {other} is not available in this client"
                 ))),
@@ -451,27 +454,6 @@ pub async fn run_sessions(
         output: out.accepted.output,
         cost: out.cost,
     })
-}
-
-/// The client's side: set-up once, then one protocol batch of `per` rows per chunk.
-fn batches<B: SecureInference>(
-    ch: &mut dyn Channel,
-    spec: &ModelSpec,
-    config: &B::Config,
-    x: &[u64],
-    per: usize,
-    output: OutputMode,
-    rng: &mut rand::rngs::ThreadRng,
-) -> Result<(Vec<BatchOutput>, Spent), BackendError>
-where
-    B::Client: Send + 'static,
-{
-    let mut c = B::client_setup(ch, spec, config, rng)?;
-    let outs = x
-        .chunks(per * spec.input_len)
-        .map(|rows| c.run_batch(ch, rows, per, output, rng))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((outs, Box::new(c)))
 }
 
 /// The exit status of `fusion-client infer` when the server is caught cheating.
