@@ -10,6 +10,8 @@
 //! model does not label 0; then the escape probability is exactly the tuner's
 //! `escape_rows`.
 
+mod small;
+
 use std::path::{Path, PathBuf};
 
 use fusion_client::audit::{audit, clopper_pearson};
@@ -19,11 +21,9 @@ use fusion_client::verified::{
 use fusion_common::fixed::eval_fixed;
 use fusion_common::fusion::check::CheckError;
 use fusion_common::fusion::tune;
-use fusion_common::net::info::{MNIST_POOL_DATASET, PublicPool};
 use fusion_common::nn::mnist::{self, Dataset, Split};
-use fusion_server::adversary::{AdversaryRunner, AdversarySpec, Strategy};
-use fusion_server::runner::Registry;
-use fusion_server::state::{Policy, ServedModel, ServerState, SessionLimits};
+use fusion_server::adversary::Strategy;
+use fusion_server::state::{Policy, ServedModel};
 use fusion_tests::TestServer;
 use rand::SeedableRng;
 use rand::seq::IndexedRandom;
@@ -32,7 +32,6 @@ fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
 }
 
-const SMALL: &str = "models/mnist-784-32-10.safetensors";
 const AIM: usize = 0;
 
 fn test_set() -> Dataset {
@@ -41,37 +40,15 @@ fn test_set() -> Dataset {
 
 /// The small model; with `restrict`, its pool without entries labelled `AIM`.
 fn served(restrict: bool) -> ServedModel {
-    let mut s = ServedModel::load(&repo(SMALL)).expect("the small model");
-    if restrict {
-        let p = s.model.public_pool().expect("a pool").clone();
-        let (indices, labels): (Vec<u32>, Vec<u32>) =
-            p.entries().filter(|(_, l)| *l as usize != AIM).unzip();
-        let sub = fusion_common::nn::PublicPool::new(s.model.digest(), indices, labels)
-            .expect("a sub-pool");
-        s.pool = PublicPool::from_nn(MNIST_POOL_DATASET, &sub);
-        s.summary.pool_size = sub.len() as u64;
-        s.summary.pool_digest = sub.digest.as_bytes().to_vec();
-    }
-    s
+    small::served(restrict.then_some(AIM))
 }
 
 async fn start(adversary: Option<&str>, restrict: bool) -> TestServer {
-    let model = served(restrict);
-    let registry = match adversary {
-        None => Registry::with_builtins(),
-        Some(a) => {
-            let spec: AdversarySpec = a.parse().expect("a strategy");
-            AdversaryRunner::new(spec, &model.model, None)
-                .expect("an adversary")
-                .registry()
-        }
-    };
     let policy = Policy {
         max_rows: 4096,
         ..Policy::default()
     };
-    let state = ServerState::new(Some(model), policy, SessionLimits::default());
-    TestServer::start_with_state(state, registry).await
+    small::start(served(restrict), adversary, policy).await
 }
 
 /// Private own inputs (test images 1000..) the model does not label `AIM`, with their

@@ -3,15 +3,15 @@
 //! starts; `--trust-again` clears it; a corrupt store is a named error; an honest server
 //! is never recorded. Every store lives in a temporary directory.
 
+mod small;
+
 use std::path::{Path, PathBuf};
 
 use fusion_client::trust::{
     TrustArgs, TrustError, TrustStore, fingerprint, is_distrusted, run_verified_trusted,
 };
 use fusion_client::verified::{FusionOptions, Params, PublicRows, is_detected};
-use fusion_common::net::info::{MNIST_POOL_DATASET, PublicPool};
 use fusion_common::nn::mnist::{self, Dataset, Split};
-use fusion_server::adversary::{AdversaryRunner, AdversarySpec};
 use fusion_server::runner::Registry;
 use fusion_server::state::{Policy, ServedModel, ServerState, SessionLimits};
 use fusion_tests::TestServer;
@@ -29,31 +29,11 @@ fn test_set() -> Dataset {
 /// The small model, its pool without entries labelled 0 (so `constant@0` fails every
 /// public row).
 fn served() -> ServedModel {
-    let mut s =
-        ServedModel::load(&repo("models/mnist-784-32-10.safetensors")).expect("the small model");
-    let p = s.model.public_pool().expect("a pool").clone();
-    let (indices, labels): (Vec<u32>, Vec<u32>) = p.entries().filter(|(_, l)| *l != 0).unzip();
-    let sub =
-        fusion_common::nn::PublicPool::new(s.model.digest(), indices, labels).expect("a sub-pool");
-    s.pool = PublicPool::from_nn(MNIST_POOL_DATASET, &sub);
-    s.summary.pool_size = sub.len() as u64;
-    s.summary.pool_digest = sub.digest.as_bytes().to_vec();
-    s
+    small::served(Some(0))
 }
 
 async fn start(adversary: Option<&str>) -> TestServer {
-    let model = served();
-    let registry = match adversary {
-        None => Registry::with_builtins(),
-        Some(a) => {
-            let spec: AdversarySpec = a.parse().expect("a strategy");
-            AdversaryRunner::new(spec, &model.model, None)
-                .expect("an adversary")
-                .registry()
-        }
-    };
-    let state = ServerState::new(Some(model), Policy::default(), SessionLimits::default());
-    TestServer::start_with_state(state, registry).await
+    small::start(served(), adversary, Policy::default()).await
 }
 
 /// Check (c) at confidence 1 - 1e-9: at the default 0.999 an honest batch is flagged with
