@@ -22,7 +22,7 @@ use crate::charts::{RunCost, write_report};
 use crate::info_cmd::render_info;
 use crate::local::{BUNDLED_MNIST, BUNDLED_MODEL, LocalServer, bundled};
 use crate::report::{CostJson, render_tables};
-use crate::verified::{FusionOptions, PublicRows, Setting, run_verified};
+use crate::verified::{FusionOptions, FusionSummary, PublicRows, run_verified};
 
 /// Flags of `demo`.
 #[derive(Debug, Args)]
@@ -47,8 +47,7 @@ pub struct DemoArgs {
 /// What `demo --json` prints.
 #[derive(Debug, Serialize)]
 struct DemoJson {
-    fusion: Setting,
-    public_correct: usize,
+    fusion: FusionSummary,
     labels: Vec<usize>,
     evaluator_labels: Vec<usize>,
     true_labels: Vec<u8>,
@@ -125,15 +124,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &FusionOptions::default(),
     )
     .await?;
-    let st = fout.setting;
     let fm = model.fixed_model();
     let evaluator = eval_fixed(fm, &fm.encode_images(test.images()))?.labels;
     let stats = server.handle.stats();
     server.shutdown().await?;
 
     let j = DemoJson {
-        fusion: st,
-        public_correct: fout.public_correct,
+        fusion: fout.summary(),
         labels: fout.labels.clone(),
         evaluator_labels: evaluator.clone(),
         true_labels: test.labels().to_vec(),
@@ -142,8 +139,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let written = match &args.report {
         Some(dir) => {
             let run = RunCost {
-                label: format!("{} rows", st.rows),
-                rows: Some(st.rows),
+                label: format!("{} rows", fout.rows()),
+                rows: Some(fout.rows()),
                 cost: out.cost.clone(),
                 link: None,
             };
@@ -155,22 +152,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
-    println!(
-        "Fusion        T = {} public rows, R = {} copies of each of B = {} images: {} rows in one batch;\n\
-         \x20             a cheating server escapes with probability at most {:.3e} = 2^{:.2}\n\
-         checks passed (a) {} public labels match the published ones, (b) copies agree,\n\
-         \x20             (c) {} of {} public rows correct (p = {:.3})",
-        st.t,
-        st.r,
-        st.b,
-        st.rows,
-        st.escape,
-        st.log2_escape,
-        st.t,
-        fout.public_correct,
-        st.t,
-        fout.p_value
-    );
+    print!("{}", fout.render());
     println!("\nimage  secure label  evaluator label  true label");
     for (i, ((s, e), t)) in fout
         .labels

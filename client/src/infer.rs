@@ -190,7 +190,8 @@ pub(crate) async fn zeroize_spent(spent: Spent) {
     let _ = tokio::task::spawn_blocking(move || drop(spent)).await;
 }
 
-/// The client's side of one session of a protocol family: set-up, then the batches.
+/// The client's side of one session of a protocol family: set-up, then the batches of
+/// `per` rows each (the last one may be shorter).
 pub(crate) fn client_batches<B: SecureInference, R: Rng + CryptoRng + ?Sized>(
     ch: &mut dyn Channel,
     spec: &ModelSpec,
@@ -203,12 +204,44 @@ pub(crate) fn client_batches<B: SecureInference, R: Rng + CryptoRng + ?Sized>(
 where
     B::Client: Send + 'static,
 {
-    let mut c = B::client_setup(ch, spec, config, rng)?;
+    let rows = x.len() / spec.input_len.max(1);
+    let per = per.max(1);
+    let sizes: Vec<usize> = (0..rows.div_ceil(per))
+        .map(|i| per.min(rows - i * per))
+        .collect();
+    client_batches_sized::<B, R>(ch, spec, config, x, &sizes, output, rng)
+}
+
+/// [`client_batches`] with the rows of each batch given: batch i is the next `sizes[i]`
+/// rows of `x` (the sizes must add up to the rows of `x`).
+pub(crate) fn client_batches_sized<B: SecureInference, R: Rng + CryptoRng + ?Sized>(
+    ch: &mut dyn Channel,
+    spec: &ModelSpec,
+    config: &B::Config,
+    x: &[u64],
+    sizes: &[usize],
+    output: OutputMode,
+    rng: &mut R,
+) -> Result<(Vec<BatchOutput>, Spent), BackendError>
+where
+    B::Client: Send + 'static,
+{
     let cols = spec.input_len;
-    let outs = x
-        .chunks(per * cols)
-        .map(|rows| c.run_batch(ch, rows, rows.len() / cols, output, rng))
-        .collect::<Result<Vec<_>, _>>()?;
+    if sizes.iter().sum::<usize>() * cols != x.len() {
+        return Err(BackendError::BadBatch(format!(
+            "batches of {} rows in all for {} values of {cols} columns",
+            sizes.iter().sum::<usize>(),
+            x.len()
+        )));
+    }
+    let mut c = B::client_setup(ch, spec, config, rng)?;
+    let mut outs = Vec::with_capacity(sizes.len());
+    let mut at = 0;
+    for &n in sizes {
+        let rows = &x[at..at + n * cols];
+        outs.push(c.run_batch(ch, rows, n, output, rng)?);
+        at += n * cols;
+    }
     Ok((outs, Box::new(c)))
 }
 
@@ -534,14 +567,11 @@ async fn run_fusion_cmd(
     let (out, session) =
         crate::trust::run_verified_trusted(&args.trust, client, info, &public, pixels, &fopts)
             .await?;
-    let st = out.setting;
     let j = serde_json::json!({
-            "fusion": st,
+            "fusion": out.summary(),
             "backend": fopts.infer.backend.name(),
             "output": session.output,
             "labels": out.labels,
-            "public_correct": out.public_correct,
-            "p_value": out.p_value,
             "true_labels": truth,
             "cost": CostJson::from_report(&session.cost),
     });
@@ -555,25 +585,14 @@ async fn run_fusion_cmd(
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
-    use std::fmt::Write as _;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "Fusion: T = {}, R = {}, B = {}: {} rows in one batch; a cheating server escapes with probability at most {:.3e} = 2^{:.2}",
-        st.t, st.r, st.b, st.rows, st.escape, st.log2_escape
-    );
-    let _ = writeln!(
-        s,
-        "checks passed: (a) {} public rows match the published labels, (b) copies agree, (c) {} of {} public rows correct (p = {:.3})",
-        st.t, out.public_correct, st.t, out.p_value
-    );
+    let mut s = out.render();
     let inner = InferOutput {
         labels: out.labels.clone(),
         logits: out.logits.clone(),
         scale_bits: info.model.as_ref().map_or(0, |m| m.scale_bits),
         output: session.output,
         backend: fopts.infer.backend,
-        batches: 1,
+        batches: out.batches.len(),
         session_id: session.session_id,
         cost: session.cost,
     };

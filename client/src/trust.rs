@@ -330,7 +330,7 @@ pub fn record_failure(
     }
 }
 
-/// One Fusion batch guarded by the trust store: [`TrustArgs::admit`] (a distrusted
+/// A verified inference guarded by the trust store: [`TrustArgs::admit`] (a distrusted
 /// server is refused before any session starts), [`crate::verified::run_verified`], and
 /// on failure [`record_failure`]. `own_pixels` are the client's B images.
 pub async fn run_verified_trusted(
@@ -341,7 +341,7 @@ pub async fn run_verified_trusted(
     own_pixels: &[u8],
     opts: &crate::verified::FusionOptions,
 ) -> anyhow::Result<(
-    crate::verified::FusionOutput,
+    crate::verified::VerifiedOutput,
     crate::verified::SessionOutcomes,
 )> {
     let (mut store, fp) = trust.admit(client)?;

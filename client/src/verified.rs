@@ -11,9 +11,15 @@
 //! un-shuffle, checks (a) (b) (c) (fusion::check) -> own results, or a named detection
 //! ```
 //!
-//! [`run_verified`] runs one Fusion batch; [`run_sessions`] runs several independent
-//! Fusion batches (each its own secret plan and public draw) in one protocol session,
-//! which is what `audit` uses to keep trials cheap.
+//! [`run_verified`] verifies B own inputs: one Fusion batch when T + R·B fits the server's
+//! largest batch, else the inputs split evenly into as few Fusion batches as fit
+//! ([`Setting::split`]), all in one protocol session. [`run_sessions`] runs several
+//! independent Fusion batches (each its own secret plan and public draw) in one protocol
+//! session, which is also what `audit` uses to keep trials cheap.
+//!
+//! Split batches are independent checks: a server that deviates in a set S of them
+//! escapes all of S with probability at most the product of their bounds, so the bound
+//! of the whole run is the largest bound of one batch ([`VerifiedOutput::escape`]).
 
 use std::sync::Arc;
 
@@ -28,7 +34,7 @@ use fusion_common::nn::{ModelDigest, PoolError};
 use serde::Serialize;
 
 use crate::client::Client;
-use crate::infer::{InferError, InferOptions, client_batches, model_spec, zeroize_spent};
+use crate::infer::{InferError, InferOptions, client_batches_sized, model_spec, zeroize_spent};
 
 /// The default target for the escape probability, 2^-40 (DESIGN: 40-bit statistical).
 pub const DEFAULT_TARGET: f64 = 9.094_947_017_729_282e-13;
@@ -270,6 +276,50 @@ impl Setting {
             log2_escape: c.log2_escape,
         })
     }
+
+    /// The Fusion batches for B own inputs under the server's `max_rows`: one batch if
+    /// [`Setting::choose`] fits it, else the fewest batches k whose even split of B (sizes
+    /// ⌈B/k⌉ and ⌊B/k⌋) each fit, in input order. When not even B = 1 fits, the error
+    /// of the one-batch choice is returned.
+    pub fn split(params: Params, b: usize, max_rows: u64) -> Result<Vec<Self>, FusionError> {
+        let one = match Self::choose(params, b, max_rows) {
+            Ok(s) => return Ok(vec![s]),
+            Err(
+                e @ (FusionError::TooManyRows { .. }
+                | FusionError::Tune(TuneError::Unreachable { .. })),
+            ) => e,
+            Err(e) => return Err(e),
+        };
+        let fits = |size: usize| Self::choose(params, size, max_rows).ok();
+        // the largest size that fits (fewer own inputs never need more rows)
+        let (mut lo, mut hi) = (0, b);
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if fits(mid).is_some() {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        if lo == 0 {
+            return Err(one);
+        }
+        let mut k = b.div_ceil(lo);
+        while k <= b {
+            // n_big batches of small + 1, the rest of small (small ≥ 1 as k ≤ b)
+            let (small, n_big) = (b / k, b % k);
+            let big = if n_big > 0 {
+                fits(small + 1)
+            } else {
+                fits(small)
+            };
+            if let (Some(sb), Some(ss)) = (big, fits(small)) {
+                return Ok((0..k).map(|i| if i < n_big { sb } else { ss }).collect());
+            }
+            k += 1;
+        }
+        Err(one)
+    }
 }
 
 /// A verified result.
@@ -280,6 +330,135 @@ pub struct FusionOutput {
     /// in logits mode, the logits per own input (signed, scale 2^f)
     pub logits: Option<Vec<Vec<i64>>>,
     /// the parameters and bound
+    pub setting: Setting,
+    /// public rows whose label was the true label
+    pub public_correct: usize,
+    /// p-value of check (c)
+    pub p_value: f64,
+}
+
+/// The verified results of B own inputs, maybe from several Fusion batches
+/// ([`Setting::split`]); returned only when every batch passed every check.
+#[derive(Debug, Clone)]
+pub struct VerifiedOutput {
+    /// one label per own input, in input order
+    pub labels: Vec<usize>,
+    /// in logits mode, the logits per own input (signed, scale 2^f)
+    pub logits: Option<Vec<Vec<i64>>>,
+    /// each batch's own inputs, parameters, bound and checks, in input order
+    pub batches: Vec<FusionOutput>,
+}
+
+impl VerifiedOutput {
+    /// The bound of the whole run: the largest of the batches' exact bounds (the batches
+    /// are independent checks; see the module documentation).
+    pub fn escape(&self) -> f64 {
+        self.batches
+            .iter()
+            .map(|b| b.setting.escape)
+            .fold(0.0, f64::max)
+    }
+
+    /// log2 of [`Self::escape`].
+    pub fn log2_escape(&self) -> f64 {
+        self.batches
+            .iter()
+            .map(|b| b.setting.log2_escape)
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    /// Rows sent through the secure protocol in all (T + R·B summed over the batches).
+    pub fn rows(&self) -> usize {
+        self.batches.iter().map(|b| b.setting.rows).sum()
+    }
+
+    /// What `infer` and `demo` print about the run: parameters, bound, checks passed.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let checks = |o: &FusionOutput| {
+            format!(
+                "checks passed: (a) {} public rows match the published labels, (b) copies agree, (c) {} of {} public rows correct (p = {:.3})",
+                o.setting.t, o.public_correct, o.setting.t, o.p_value
+            )
+        };
+        if let [o] = self.batches.as_slice() {
+            let st = o.setting;
+            let _ = writeln!(
+                s,
+                "Fusion: T = {}, R = {}, B = {}: {} rows in one batch; a cheating server escapes with probability at most {:.3e} = 2^{:.2}",
+                st.t, st.r, st.b, st.rows, st.escape, st.log2_escape
+            );
+            let _ = writeln!(s, "{}", checks(o));
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "Fusion: B = {} own inputs in {} batches (T + R*B of one batch would exceed the server's largest batch), {} rows in all; a cheating server escapes with probability at most {:.3e} = 2^{:.2} (the largest bound of one batch)",
+            self.labels.len(),
+            self.batches.len(),
+            self.rows(),
+            self.escape(),
+            self.log2_escape()
+        );
+        for (i, o) in self.batches.iter().enumerate() {
+            let st = o.setting;
+            let _ = writeln!(
+                s,
+                "  batch {}: T = {}, R = {}, B = {}, {} rows, bound 2^{:.2}; {}",
+                i + 1,
+                st.t,
+                st.r,
+                st.b,
+                st.rows,
+                st.log2_escape,
+                checks(o)
+            );
+        }
+        s
+    }
+
+    /// The summary `infer --json` and `demo --json` print under `fusion`.
+    pub fn summary(&self) -> FusionSummary {
+        FusionSummary {
+            b: self.labels.len(),
+            rows: self.rows(),
+            escape: self.escape(),
+            log2_escape: self.log2_escape(),
+            batches: self
+                .batches
+                .iter()
+                .map(|o| BatchSummary {
+                    setting: o.setting,
+                    public_correct: o.public_correct,
+                    p_value: o.p_value,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// [`VerifiedOutput::summary`].
+#[derive(Debug, Clone, Serialize)]
+pub struct FusionSummary {
+    /// own inputs in all
+    #[serde(rename = "B")]
+    pub b: usize,
+    /// rows through the protocol in all
+    pub rows: usize,
+    /// the run's bound (the largest batch bound)
+    pub escape: f64,
+    /// its log2
+    pub log2_escape: f64,
+    /// per Fusion batch
+    pub batches: Vec<BatchSummary>,
+}
+
+/// One batch of a [`FusionSummary`].
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchSummary {
+    /// T, R, B, rows and the exact bound
+    #[serde(flatten)]
     pub setting: Setting,
     /// public rows whose label was the true label
     pub public_correct: usize,
@@ -300,26 +479,56 @@ pub struct SessionOutcomes {
     pub cost: CostReport,
 }
 
-/// One verified batch: fetches nothing; `info` and `public` are already in hand.
+/// Verifies the B images of `own_pixels`: one Fusion batch, or the fewest that fit the
+/// server's largest batch ([`Setting::split`]), in one protocol session. Fetches nothing;
+/// `info` and `public` are already in hand. A failed check in any batch is the error
+/// (nothing is returned).
 pub async fn run_verified(
     client: &Client,
     info: &ServiceInfo,
     public: &PublicRows,
     own_pixels: &[u8],
     opts: &FusionOptions,
-) -> Result<(FusionOutput, SessionOutcomes), FusionError> {
-    let mut s = run_sessions(client, info, public, &[own_pixels], opts).await?;
-    let out = s
-        .batches
-        .pop()
-        .ok_or(FusionError::Infer(InferError::Empty))??;
+) -> Result<(VerifiedOutput, SessionOutcomes), FusionError> {
+    let cols = mnist::PIXELS;
+    if own_pixels.is_empty() || !own_pixels.len().is_multiple_of(cols) {
+        return Err(InferError::Shape {
+            len: own_pixels.len(),
+            cols,
+        }
+        .into());
+    }
+    let settings = Setting::split(opts.params, own_pixels.len() / cols, info.max_rows)?;
+    let mut own = Vec::with_capacity(settings.len());
+    let mut at = 0;
+    for st in &settings {
+        own.push(&own_pixels[at..at + st.b * cols]);
+        at += st.b * cols;
+    }
+    let mut s = run_sessions(client, info, public, &own, opts).await?;
+    let mut out = VerifiedOutput {
+        labels: Vec::with_capacity(own_pixels.len() / cols),
+        logits: None,
+        batches: Vec::with_capacity(settings.len()),
+    };
+    for b in std::mem::take(&mut s.batches) {
+        let b = b?;
+        out.labels.extend_from_slice(&b.labels);
+        if let Some(l) = &b.logits {
+            out.logits.get_or_insert_with(Vec::new).extend_from_slice(l);
+        }
+        out.batches.push(b);
+    }
+    if out.batches.is_empty() {
+        return Err(InferError::Empty.into());
+    }
     Ok((out, s))
 }
 
-/// Several independent Fusion batches (each `own[i]` holds the same number B of images)
-/// in one protocol session: each batch has its own public draw and secret order. The
-/// session's error (transport, refusal) is returned as such; each batch's checks are in
-/// its outcome.
+/// Several independent Fusion batches (`own[i]` holds batch i's B_i images) in one
+/// protocol session: each batch has its own (T, R) for its B_i, public draw and secret
+/// order. The session's error (transport, refusal) is returned as such; each batch's
+/// checks are in its outcome.
 pub async fn run_sessions(
     client: &Client,
     info: &ServiceInfo,
@@ -345,27 +554,34 @@ pub async fn run_sessions(
         ))
         .into());
     }
-    let first = own.first().ok_or(InferError::Empty)?;
-    if first.is_empty() || !first.len().is_multiple_of(cols) {
-        return Err(InferError::Shape {
-            len: first.len(),
-            cols,
-        }
-        .into());
+    if own.is_empty() {
+        return Err(InferError::Empty.into());
     }
-    let b = first.len() / cols;
-    if let Some(o) = own.iter().find(|o| o.len() != first.len()) {
+    if let Some(o) = own
+        .iter()
+        .find(|o| o.is_empty() || !o.len().is_multiple_of(cols))
+    {
         return Err(InferError::Shape { len: o.len(), cols }.into());
     }
-    let setting = Setting::choose(opts.params, b, info.max_rows)?;
+    // one setting per batch (the tuner runs once per distinct B)
+    let mut settings: Vec<Setting> = Vec::with_capacity(own.len());
+    for o in own {
+        let b = o.len() / cols;
+        let st = match settings.iter().find(|s| s.b == b) {
+            Some(s) => *s,
+            None => Setting::choose(opts.params, b, info.max_rows)?,
+        };
+        settings.push(st);
+    }
 
     // Mix every batch (OS randomness; the plans never leave this process).
     let mut plans = Vec::with_capacity(own.len());
-    let mut rows: Vec<u64> = Vec::with_capacity(own.len() * setting.rows * cols);
+    let total: usize = settings.iter().map(|s| s.rows).sum();
+    let mut rows: Vec<u64> = Vec::with_capacity(total * cols);
     {
         let mut rng = rand::rng();
-        for pixels in own {
-            let plan = MixPlan::new(b, setting.t, setting.r, public.len(), &mut rng)?;
+        for (pixels, st) in own.iter().zip(&settings) {
+            let plan = MixPlan::new(st.b, st.t, st.r, public.len(), &mut rng)?;
             let own_rows: Vec<&[u8]> = pixels.chunks(cols).collect();
             let batch = plan.assemble(&own_rows, |p| public.image(p))?;
             for img in batch {
@@ -375,7 +591,8 @@ pub async fn run_sessions(
         }
     }
 
-    let per = setting.rows;
+    let sizes: Vec<usize> = settings.iter().map(|s| s.rows).collect();
+    let per = sizes.iter().copied().max().unwrap_or(1);
     let mut start = SessionStart::new(kind.name()).with_batch(per as u64, cols as u64);
     if let Some(o) = opts.infer.output {
         start = start.with_output(o);
@@ -387,12 +604,12 @@ pub async fn run_sessions(
         .session(start, move |ch, accepted| {
             let mut rng = rand::rng();
             match kind {
-                BackendKind::Cheetah => client_batches::<Cheetah, _>(
+                BackendKind::Cheetah => client_batches_sized::<Cheetah, _>(
                     ch,
                     &spec,
                     &cheetah,
                     &rows,
-                    per,
+                    &sizes,
                     accepted.output,
                     &mut rng,
                 ),
@@ -414,8 +631,9 @@ pub async fn run_sessions(
     };
     let outcomes = plans
         .iter()
+        .zip(&settings)
         .zip(values)
-        .map(|(plan, batch)| {
+        .map(|((plan, &setting), batch)| {
             let verified = match &batch.logits {
                 Some(l) => {
                     let logits: Vec<Vec<i64>> = l
@@ -488,6 +706,69 @@ mod tests {
             Setting::choose(Params::default(), 3, 20),
             Err(FusionError::Tune(TuneError::Unreachable { .. }))
         ));
+    }
+
+    #[test]
+    fn inputs_too_many_for_one_batch_are_split_evenly_into_the_fewest_that_fit() {
+        let fixed = Params::Fixed { t: 2, r: 3 };
+        // one batch fits: unchanged
+        let one = Setting::split(fixed, 5, 60).unwrap();
+        assert_eq!(one, vec![Setting::choose(fixed, 5, 60).unwrap()]);
+        // 2 + 3*30 = 92 > 60; at most 19 per batch: 2 batches of 15 (47 rows each)
+        let two = Setting::split(fixed, 30, 60).unwrap();
+        assert_eq!(
+            two.iter().map(|s| (s.b, s.rows)).collect::<Vec<_>>(),
+            [(15, 47), (15, 47)]
+        );
+        // uneven: 16 then 15
+        let odd = Setting::split(fixed, 31, 60).unwrap();
+        assert_eq!(odd.iter().map(|s| s.b).collect::<Vec<_>>(), [16, 15]);
+        // 57 own inputs at most 19 per batch: exactly 3 batches of 19
+        let three = Setting::split(fixed, 57, 60).unwrap();
+        assert_eq!(three.iter().map(|s| s.b).collect::<Vec<_>>(), [19, 19, 19]);
+        // not even one input fits: the one-batch error
+        assert!(matches!(
+            Setting::split(fixed, 5, 4),
+            Err(FusionError::TooManyRows { rows: 17, max: 4 })
+        ));
+        // tuned: 200 inputs do not fit 1024 rows at 2^-40 in one batch (`tune` says so);
+        // each part meets the target and fits
+        assert!(Setting::choose(Params::default(), 200, 1024).is_err());
+        let tuned = Setting::split(Params::default(), 200, 1024).unwrap();
+        assert!(tuned.len() >= 2);
+        assert_eq!(tuned.iter().map(|s| s.b).sum::<usize>(), 200);
+        let sizes: Vec<usize> = tuned.iter().map(|s| s.b).collect();
+        assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+        for s in &tuned {
+            assert!(s.rows <= 1024 && s.log2_escape <= -40.0, "{s:?}");
+        }
+        // fewest: one batch fewer does not fit
+        let k = tuned.len() - 1;
+        assert!(Setting::choose(Params::default(), 200usize.div_ceil(k), 1024).is_err());
+    }
+
+    #[test]
+    fn the_bound_of_split_batches_is_the_largest_batch_bound() {
+        let out = |t, r, b| FusionOutput {
+            labels: vec![0; b],
+            logits: None,
+            setting: Setting::choose(Params::Fixed { t, r }, b, 4096).unwrap(),
+            public_correct: t,
+            p_value: 1.0,
+        };
+        let v = VerifiedOutput {
+            labels: vec![0; 7],
+            logits: None,
+            batches: vec![out(1, 2, 3), out(2, 3, 4)],
+        };
+        let worst = v.batches[0].setting.escape.max(v.batches[1].setting.escape);
+        assert_eq!(v.escape(), worst);
+        assert_eq!(v.rows(), 7 + 14);
+        let j = serde_json::to_value(v.summary()).unwrap();
+        assert_eq!(j["B"], 7);
+        assert_eq!(j["batches"][1]["T"], 2);
+        assert_eq!(j["batches"][1]["rows"], 14);
+        assert!(v.render().contains("in 2 batches"));
     }
 
     #[test]

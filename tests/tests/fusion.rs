@@ -114,6 +114,7 @@ async fn an_honest_server_is_verified_and_never_flagged() {
     let (own, labels) = own_inputs(&test, 4, 3, 1);
     let out = session(&s, &test, &own, Params::default()).await;
     assert_eq!(out.batches.len(), 4);
+    let labels_first = labels[0].clone();
     for (b, want) in out.batches.into_iter().zip(labels) {
         let v = b.expect("an honest batch passes every check");
         assert_eq!(v.labels, want, "verified labels equal the evaluator's");
@@ -133,11 +134,71 @@ async fn an_honest_server_is_verified_and_never_flagged() {
     let (v, _) = run_verified(&client, &info, &public, &own[0], &opts)
         .await
         .unwrap();
-    assert_eq!(v.setting.rows, 7);
+    assert_eq!(v.batches.len(), 1);
+    assert_eq!(v.batches[0].setting.rows, 7);
+    assert_eq!(v.labels, labels_first, "one batch: the evaluator's labels");
     let r = audit(&client, &info, &public, &test, 3, 20, 10, &opts, None)
         .await
         .unwrap();
     assert_eq!((r.trials, r.detected, r.accepted), (20, 0, 20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_beyond_the_servers_largest_batch_are_verified_in_several_batches() {
+    let test = test_set();
+    let policy = Policy {
+        max_rows: 40,
+        ..Policy::default()
+    };
+    let opts = FusionOptions {
+        params: Params::Fixed { t: 2, r: 2 },
+        confidence: 1.0 - 1e-9,
+        ..FusionOptions::default()
+    };
+    let (own, labels) = own_inputs(&test, 1, 25, 5);
+    // 2 + 2*25 = 52 rows > 40: at most 19 inputs per batch, so 2 batches (13 + 12)
+    let honest = small::start(served(false), None, policy.clone()).await;
+    let client = honest.client().await;
+    let info = client.model_info().await.unwrap();
+    assert_eq!(info.max_rows, 40);
+    let public = PublicRows::fetch(&client, &info, &test).await.unwrap();
+    let (v, s) = run_verified(&client, &info, &public, &own[0], &opts)
+        .await
+        .expect("an honest server passes every batch");
+    let sizes: Vec<(usize, usize)> = v
+        .batches
+        .iter()
+        .map(|b| (b.setting.b, b.setting.rows))
+        .collect();
+    assert_eq!(sizes, [(13, 28), (12, 26)]);
+    assert_eq!(
+        v.labels, labels[0],
+        "verified labels equal the evaluator's, in input order"
+    );
+    assert_eq!(
+        s.batches.len(),
+        0,
+        "the outcomes moved into the verified output"
+    );
+    assert_eq!(
+        v.escape(),
+        v.batches[0].setting.escape.max(v.batches[1].setting.escape)
+    );
+
+    // a server that flips rows is caught in some batch, and nothing is returned
+    let cheat = small::start(served(true), Some(&format!("flip-rows:2@{AIM}")), policy).await;
+    let client = cheat.client().await;
+    let info = client.model_info().await.unwrap();
+    let public = PublicRows::fetch(&client, &info, &test).await.unwrap();
+    let (own, _) = own_inputs(&test, 1, 25, 6);
+    let strong = FusionOptions {
+        params: Params::Fixed { t: 6, r: 3 },
+        ..opts
+    };
+    match run_verified(&client, &info, &public, &own[0], &strong).await {
+        Err(e) => assert!(e.is_detection(), "{e}"),
+        Ok((v, _)) => panic!("a flipping server passed {} batches", v.batches.len()),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
