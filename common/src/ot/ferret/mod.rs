@@ -21,7 +21,11 @@
 //!   extend(n_send, n_recv): exactly the COTs asked for, from what is left of the last
 //!     iteration, then as many MAIN iterations as needed (the rest is kept for later)
 //!     (split: extend_send computes and sends ours; extend_recv receives and computes theirs:
-//!     one flight each way for both directions together)
+//!     one flight each way for both directions together, one message per iteration, each
+//!     sent as soon as it is computed, so the receiver works on iteration i while the
+//!     sender computes i + 1: with one direction busier than the other, as in the
+//!     millionaire where the server sends 39 of 47 COTs per ReLU, the receiving party
+//!     would otherwise wait for all of the sender's iterations)
 //! ```
 //!
 //! Bytes: the sender of a direction sends `MAIN.iteration_bytes()` = 552,960 per iteration
@@ -389,21 +393,20 @@ impl RandomCot for Ferret {
         let mut out = Vec::with_capacity(n_send);
         self.send.fill(&mut out, n_send);
         let iters = self.iterations(n_send - out.len(), 0);
-        if iters > 0 {
-            let mut msg = Vec::with_capacity(iters * main.iteration_bytes());
-            for _ in 0..iters {
-                // the sender needs nothing from the peer: all iterations before the flight
-                let mut buf = std::mem::take(&mut self.send.buf);
-                buf.clear();
-                let mut stock = std::mem::take(&mut self.send.stock);
-                msg.extend_from_slice(&self.sender_iteration(&main, &stock, &mut buf));
-                // the last k + t·h outputs are the next stock
-                split_stock(&mut buf, main.usable(), &mut stock);
-                self.send.stock = stock;
-                self.send.buf = buf;
-                self.send.pos = 0;
-                self.send.fill(&mut out, n_send);
-            }
+        for _ in 0..iters {
+            // the sender needs nothing from the peer: every iteration's message goes out
+            // as soon as it is computed (one flight), so the receiver works on iteration
+            // i while we compute i + 1
+            let mut buf = std::mem::take(&mut self.send.buf);
+            buf.clear();
+            let mut stock = std::mem::take(&mut self.send.stock);
+            let msg = self.sender_iteration(&main, &stock, &mut buf);
+            // the last k + t·h outputs are the next stock
+            split_stock(&mut buf, main.usable(), &mut stock);
+            self.send.stock = stock;
+            self.send.buf = buf;
+            self.send.pos = 0;
+            self.send.fill(&mut out, n_send);
             ch.send_vec(msg)?;
         }
         self.pending = Some(out);
@@ -427,24 +430,22 @@ impl RandomCot for Ferret {
         let mut m = Vec::with_capacity(n_recv);
         self.recv.fill(&mut m, n_recv);
         let iters = self.iterations(n_recv - m.len(), 0);
-        if iters > 0 {
-            let msg = ch
-                .recv_exact(iters * main.iteration_bytes())
+        for _ in 0..iters {
+            let part = ch
+                .recv_exact(main.iteration_bytes())
                 .map_err(|e| OtError::msg("Ferret SPCOT messages", e))?;
-            for part in msg.chunks_exact(main.iteration_bytes()) {
-                let mut buf = std::mem::take(&mut self.recv.buf);
-                buf.clear();
-                let mut stock = std::mem::take(&mut self.recv.stock);
-                let r = self.recv_iteration(&main, &stock, part, &mut buf);
-                if r.is_ok() {
-                    split_stock(&mut buf, main.usable(), &mut stock);
-                }
-                self.recv.stock = stock;
-                self.recv.buf = buf;
-                self.recv.pos = 0;
-                r?;
-                self.recv.fill(&mut m, n_recv);
+            let mut buf = std::mem::take(&mut self.recv.buf);
+            buf.clear();
+            let mut stock = std::mem::take(&mut self.recv.stock);
+            let r = self.recv_iteration(&main, &stock, &part, &mut buf);
+            if r.is_ok() {
+                split_stock(&mut buf, main.usable(), &mut stock);
             }
+            self.recv.stock = stock;
+            self.recv.buf = buf;
+            self.recv.pos = 0;
+            r?;
+            self.recv.fill(&mut m, n_recv);
         }
         batch.recv_bits = m.iter().map(|&x| (x & 1) as u8).collect();
         batch.recv = m;
