@@ -3,8 +3,9 @@
 //! (Clopper-Pearson) 99% intervals and the exact escape bound of the parameters used.
 //!
 //! Against a cheating server an accepted batch is an escape; against an honest server a
-//! flagged batch is a false alarm (only check (c) can flag an honest server, with
-//! probability at most 1 - confidence). The audit does not know which kind of server it
+//! flagged batch is a false alarm (none is expected: (a) and (b) never flag an honest
+//! server, and (c) tests the published pool labels, the same for every batch). The audit
+//! does not know which kind of server it
 //! talks to: it reports both counts and lets the reader name them. Each batch has its
 //! own random own inputs (MNIST test images 1000.., outside the public pool), its own
 //! public draw and its own secret order; batches run `--per-session` at a time in one

@@ -405,7 +405,8 @@ pub struct FusionArgs {
     /// Largest acceptable escape probability of a cheating server, for the tuner.
     #[arg(long, default_value = "2^-40", value_parser = crate::tune_cmd::parse_probability)]
     pub target: f64,
-    /// Confidence of check (c) (accuracy against the server's claim).
+    /// Confidence of check (c) (the published pool labels' accuracy against the server's
+    /// claim).
     #[arg(long, default_value_t = crate::verified::DEFAULT_CONFIDENCE)]
     pub confidence: f64,
 }

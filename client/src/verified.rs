@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use fusion_common::backend::{BackendError, BackendKind, Cheetah, OutputMode};
 use fusion_common::channel::CostReport;
-use fusion_common::fusion::check::{CheckError, Expectations, Verified, check};
+use fusion_common::fusion::check::{CheckError, Expectations, check};
 use fusion_common::fusion::mix::{MixError, MixPlan};
 use fusion_common::fusion::tune::{self, TuneError};
 use fusion_common::net::{ServiceInfo, SessionStart};
@@ -333,6 +333,10 @@ pub struct FusionOutput {
     pub setting: Setting,
     /// public rows whose label was the true label
     pub public_correct: usize,
+    /// pool entries whose published label is the true label, of `pool_size` (check (c))
+    pub pool_correct: usize,
+    /// pool entries
+    pub pool_size: usize,
     /// p-value of check (c)
     pub p_value: f64,
 }
@@ -378,8 +382,8 @@ impl VerifiedOutput {
         let mut s = String::new();
         let checks = |o: &FusionOutput| {
             format!(
-                "checks passed: (a) {} public rows match the published labels, (b) copies agree, (c) {} of {} public rows correct (p = {:.3})",
-                o.setting.t, o.public_correct, o.setting.t, o.p_value
+                "checks passed: (a) {} public rows match the published labels, (b) copies agree, (c) {} of the {} published pool labels correct, consistent with the claimed accuracy (p = {:.3})",
+                o.setting.t, o.pool_correct, o.pool_size, o.p_value
             )
         };
         if let [o] = self.batches.as_slice() {
@@ -431,6 +435,8 @@ impl VerifiedOutput {
                 .map(|o| BatchSummary {
                     setting: o.setting,
                     public_correct: o.public_correct,
+                    pool_correct: o.pool_correct,
+                    pool_size: o.pool_size,
                     p_value: o.p_value,
                 })
                 .collect(),
@@ -462,6 +468,10 @@ pub struct BatchSummary {
     pub setting: Setting,
     /// public rows whose label was the true label
     pub public_correct: usize,
+    /// pool entries whose published label is the true label (check (c))
+    pub pool_correct: usize,
+    /// pool entries
+    pub pool_size: usize,
     /// p-value of check (c)
     pub p_value: f64,
 }
@@ -646,23 +656,29 @@ pub async fn run_sessions(
                         .iter()
                         .map(fusion_common::fusion::check::RowOutput::label)
                         .collect();
-                    (labels, Some(v.outputs), v.public_correct, v.p_value)
+                    (
+                        labels,
+                        Some(v.outputs),
+                        (v.public_correct, v.pool_correct, v.pool_size, v.p_value),
+                    )
                 }
                 None => {
-                    let Verified {
-                        outputs,
-                        public_correct,
-                        p_value,
-                    } = check(plan, &batch.labels, &exp)?;
-                    (outputs, None, public_correct, p_value)
+                    let v = check(plan, &batch.labels, &exp)?;
+                    (
+                        v.outputs,
+                        None,
+                        (v.public_correct, v.pool_correct, v.pool_size, v.p_value),
+                    )
                 }
             };
             Ok(FusionOutput {
                 labels: verified.0,
                 logits: verified.1,
                 setting,
-                public_correct: verified.2,
-                p_value: verified.3,
+                public_correct: verified.2.0,
+                pool_correct: verified.2.1,
+                pool_size: verified.2.2,
+                p_value: verified.2.3,
             })
         })
         .collect();
@@ -754,6 +770,8 @@ mod tests {
             logits: None,
             setting: Setting::choose(Params::Fixed { t, r }, b, 4096).unwrap(),
             public_correct: t,
+            pool_correct: 985,
+            pool_size: 1000,
             p_value: 1.0,
         };
         let v = VerifiedOutput {

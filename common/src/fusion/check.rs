@@ -6,9 +6,19 @@
 //! - (a) every public row's label equals the label the server published for that pool
 //!   entry (bound to the model by the pool digest);
 //! - (b) the R copies of each own input gave identical results;
-//! - (c) the accuracy on the public rows against the true labels is not significantly
-//!   below the accuracy the server claims: an exact one-sided binomial test,
-//!   P[Bin(T, claimed) <= correct] >= 1 - confidence.
+//! - (c) the accuracy of the published labels over the whole public pool (P entries)
+//!   against the true labels is not significantly below the accuracy the server claims:
+//!   an exact one-sided binomial test, P[Bin(P, claimed) <= correct] >= 1 - confidence.
+//!
+//! Why (c) tests the whole pool and not the batch's T public rows: once (a) holds, the
+//! batch's public rows carry exactly the published labels, so their accuracy is that of a
+//! random subsample of the pool's published labels, which the client has in full. A test
+//! on the T sampled rows saw a fraction T/P of the evidence and, its outcome depending on
+//! the batch's random draw, flagged an honest server with probability up to
+//! 1 - confidence in every batch (and a flagged server is distrusted for good); the test
+//! on the pool is deterministic: an honest server whose claim is its accuracy on the pool
+//! (what `fusion-server serve` announces by default) always passes, and a server whose
+//! published labels fall short of its claim fails in every batch.
 //!
 //! Any failure returns a [`CheckError`] naming the check and the number of rows; no result
 //! of that batch is released.
@@ -55,13 +65,15 @@ pub struct Expectations<'a> {
     pub pool_truth: &'a [u8],
     /// the accuracy the server claims for its model, in [0, 1]
     pub claimed_accuracy: f64,
-    /// confidence of check (c), e.g. 0.999 (the honest server is flagged with probability
-    /// at most 1 - confidence)
+    /// confidence of check (c), e.g. 0.999: a server whose claim is a population accuracy
+    /// (not its pool accuracy) is flagged only if its published pool labels are below the
+    /// claim at this confidence
     pub confidence: f64,
 }
 
-/// Why a batch was rejected. The server misbehaved (or, for (c) only, was unlucky with
-/// probability at most 1 - confidence).
+/// Why a batch was rejected: the server misbehaved. ((c) depends on the pool only: an
+/// honest server claiming a population accuracy fails it only if its public pool is
+/// unluckily bad, with probability at most 1 - confidence over the pool's draw.)
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CheckError {
@@ -103,16 +115,16 @@ pub enum CheckError {
     },
     /// Check (c).
     #[error(
-        "check (c) failed: {correct} of {of} public rows correct, below the claimed accuracy {claimed:.4} (p = {p_value:.3e})"
+        "check (c) failed: {correct} of the {of} published pool labels are correct, below the claimed accuracy {claimed:.4} (p = {p_value:.3e})"
     )]
     AccuracyBelowClaim {
-        /// public rows whose label is the true label
+        /// pool entries whose published label is the true label
         correct: usize,
-        /// T
+        /// pool entries (P)
         of: usize,
         /// the server's claim
         claimed: f64,
-        /// P[Bin(T, claimed) <= correct]
+        /// P[Bin(P, claimed) <= correct]
         p_value: f64,
     },
 }
@@ -134,9 +146,13 @@ impl CheckError {
 pub struct Verified<O> {
     /// result of own input s
     pub outputs: Vec<O>,
-    /// public rows whose label was the true label (check (c))
+    /// the batch's public rows whose label was the true label (for the record)
     pub public_correct: usize,
-    /// the p-value of check (c)
+    /// pool entries whose published label is the true label (check (c))
+    pub pool_correct: usize,
+    /// pool entries (P)
+    pub pool_size: usize,
+    /// the p-value of check (c), P[Bin(P, claimed) <= pool_correct]
     pub p_value: f64,
 }
 
@@ -206,12 +222,17 @@ pub fn check<O: RowOutput>(
         });
     }
 
-    // (c)
-    let p_value = binomial_cdf(plan.t(), exp.claimed_accuracy, public_correct);
-    if plan.t() > 0 && p_value < 1.0 - exp.confidence {
+    // (c), over the whole pool (see the module documentation)
+    let pool_correct = exp.pool_labels[..pool]
+        .iter()
+        .zip(&exp.pool_truth[..pool])
+        .filter(|(a, b)| a == b)
+        .count();
+    let p_value = binomial_cdf(pool, exp.claimed_accuracy, pool_correct);
+    if pool > 0 && p_value < 1.0 - exp.confidence {
         return Err(CheckError::AccuracyBelowClaim {
-            correct: public_correct,
-            of: plan.t(),
+            correct: pool_correct,
+            of: pool,
             claimed: exp.claimed_accuracy,
             p_value,
         });
@@ -220,6 +241,8 @@ pub fn check<O: RowOutput>(
     Ok(Verified {
         outputs,
         public_correct,
+        pool_correct,
+        pool_size: pool,
         p_value,
     })
 }
@@ -347,9 +370,65 @@ mod tests {
         };
         let err = check(&plan, &rows, &e).unwrap_err();
         assert!(
-            matches!(err, CheckError::AccuracyBelowClaim { of: 40, .. }),
+            matches!(
+                err,
+                CheckError::AccuracyBelowClaim {
+                    correct: 25,
+                    of: 50,
+                    ..
+                }
+            ),
             "{err:?}"
         );
+        assert_eq!(err.check_name(), "c: accuracy");
+    }
+
+    #[test]
+    fn accuracy_check_is_the_pools_and_never_flags_a_claim_equal_to_it() {
+        // a pool of 1,000 with 15 published labels wrong; the claim is the pool accuracy
+        let pool: Vec<u8> = (0..1000).map(|i| (i % 10) as u8).collect();
+        let truth: Vec<u8> = pool
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| if i % 67 == 1 { (l + 1) % 10 } else { l })
+            .collect();
+        assert_eq!(pool.iter().zip(&truth).filter(|(a, b)| a != b).count(), 15);
+        let honest = Expectations {
+            pool_labels: &pool,
+            pool_truth: &truth,
+            claimed_accuracy: 0.985,
+            confidence: 0.999,
+        };
+        // every draw passes with the same p-value, whatever its public rows hold
+        let mut rng = ChaCha12Rng::seed_from_u64(9);
+        let mut drew_wrong = 0;
+        for _ in 0..200 {
+            let plan = MixPlan::new(2, 8, 2, pool.len(), &mut rng).unwrap();
+            let rows = plan.assemble(&[3, 4], |p| usize::from(pool[p])).unwrap();
+            let v = check(&plan, &rows, &honest).unwrap();
+            assert_eq!((v.pool_correct, v.pool_size), (985, 1000));
+            assert!(v.p_value > 0.5);
+            drew_wrong += usize::from(v.public_correct < 8);
+        }
+        assert!(
+            drew_wrong > 0,
+            "some draws had a wrongly labelled public row"
+        );
+        // claiming more than the pool shows is flagged in every batch
+        let over = Expectations {
+            claimed_accuracy: 0.995,
+            ..honest
+        };
+        let plan = MixPlan::new(2, 8, 2, pool.len(), &mut rng).unwrap();
+        let rows = plan.assemble(&[3, 4], |p| usize::from(pool[p])).unwrap();
+        assert!(matches!(
+            check(&plan, &rows, &over),
+            Err(CheckError::AccuracyBelowClaim {
+                correct: 985,
+                of: 1000,
+                ..
+            })
+        ));
     }
 
     #[test]
