@@ -719,6 +719,9 @@ fn across(rng: &mut ChaCha8Rng, n: &[f64], p: &[f64], half: f64, tilt: f64) -> O
     Some(Line { x0, u })
 }
 
+/// One candidate's cheap check: (hits, segments, the hit points).
+type CheapCheck = (usize, usize, Vec<Vec<f64>>);
+
 /// The cheap far-away check of candidates: per candidate, [`CHEAP_SEGMENTS`] short
 /// segments across its plane at points of the plane 1.5 to 4 input units from its
 /// members (random directions within the plane, kept in the cube), all scanned in one
@@ -731,7 +734,7 @@ fn verify_cheap(
     oracle: &mut dyn Oracle,
     rng: &mut ChaCha8Rng,
     cands: &[&Cluster],
-) -> Result<Vec<(usize, usize, Vec<Vec<f64>>)>, OracleError> {
+) -> Result<Vec<CheapCheck>, OracleError> {
     let mut segs = Vec::new();
     // per segment: (candidate, normal, offset, tolerance)
     let mut meta: Vec<(usize, usize, f64)> = Vec::new();
