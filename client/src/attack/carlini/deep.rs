@@ -9,11 +9,17 @@
 //!         for every input j: D_j = (g(x+ + d_j e_j) - g(x+) - g(x- + d_j e_j) + g(x-)) / d_j
 //!         row_j = D_j . ds / |ds|^2        (second differences: the normal, up to scale)
 //!         kept if every D_j is parallel to ds (one neuron switched, nothing else)
+//!     skipped without a probe: x* on an accepted plane, or a slope change ds along the
+//!         output direction of a known deeper neuron (one output direction seen with two
+//!         different normals: a last-hidden-layer neuron moves the logits along its
+//!         fixed column of the output layer, its boundary bends)
 //!     cluster the normals: same direction (|cos| > 0.99) and x* on the cluster's plane
-//!     a cluster with two points is a candidate; it is verified far away: a fresh random
-//!         line through the cube is cut with the candidate plane, a short segment around
-//!         the cut is searched, and the critical point there must carry the same normal
-//!         on the same plane                                       (first layer: accepted)
+//!     every new or grown candidate is checked far away, cheaply: 8 short segments across
+//!         its plane at points of the plane 1.5 to 4 input units from its members; kinks
+//!         within a tolerance of the plane on at least 6 (and 3 in 4) accept it (first
+//!         layer); no second differences there (about 40 rows a segment)
+//!     accepted clusters of one neuron (normals within |cos| 0.95, or 0.8 with shared
+//!         points) are merged
 //! until the first layer's width is accepted, or the query cap, budget or a stall
 //! under rounded outputs (fixed point), each accepted row is refitted (`targeted_queries`):
 //!     short segments across its plane near points already on it (offsets growing in 3
@@ -111,6 +117,13 @@ pub struct FirstLayerMetrics {
     pub bias_error_max: f64,
     /// recovered rows matching no victim neuron (false first-layer claims)
     pub spurious: usize,
+    /// recovered rows within |cos| 0.9 of some victim row (coarse rows of first-layer
+    /// neurons count here, deeper neurons' boundaries rarely do)
+    #[serde(default)]
+    pub near_090: usize,
+    /// distinct victim rows among those (duplicates: two rows of one neuron)
+    #[serde(default)]
+    pub distinct_090: usize,
 }
 
 /// What the first-layer extraction of a deep network achieved.
@@ -139,6 +152,14 @@ pub struct FirstLayerReport {
     pub accepted_recurrence: usize,
     /// critical points skipped as lying on an already accepted plane
     pub skipped_known: usize,
+    /// critical points skipped as a deeper neuron's: their slope change has the output
+    /// direction of a neuron seen with two different normals (a last-hidden-layer neuron
+    /// moves the logits along one fixed column of the output layer)
+    #[serde(default)]
+    pub skipped_deeper: usize,
+    /// segments scanned by the cheap far-away checks (kink on the candidate plane)
+    #[serde(default)]
+    pub cheap_segments: usize,
     /// rows refitted from many critical points on their planes
     #[serde(default)]
     pub refined: usize,
@@ -160,6 +181,8 @@ struct Probe {
     line: (usize, usize),
     x: Vec<f64>,
     n: Vec<f64>,
+    /// unit slope change along the line (output direction), canonical sign
+    sig: Vec<f64>,
 }
 
 /// A cluster of probes with one normal.
@@ -177,6 +200,10 @@ struct Cluster {
     far_away: bool,
     /// lines of the members (round, line)
     lines: Vec<(usize, usize)>,
+    /// output directions of the probed members
+    sigs: Vec<Vec<f64>>,
+    /// members when the cheap far-away check last ran (0: never)
+    checked_at: usize,
 }
 
 impl Cluster {
@@ -206,6 +233,7 @@ impl Cluster {
     }
     fn add(&mut self, p: Probe) {
         self.lines.push(p.line);
+        self.sigs.push(p.sig);
         let s = if dot(&self.sum, &p.n) < 0.0 {
             -1.0
         } else {
@@ -258,6 +286,8 @@ pub(crate) fn first_layer(
     let mut since_accept = 0;
     let mut noisy = false;
     let (mut rounds, mut skipped) = (0usize, 0usize);
+    let (mut skipped_deeper, mut cheap_segments) = (0usize, 0usize);
+    let mut deeper: Vec<Vec<f64>> = Vec::new();
     let bar = progress::bar(show_progress, width as u64, "first-layer rows");
     let accepted = |c: &[Cluster]| c.iter().filter(|c| c.accepted).count();
     loop {
@@ -269,6 +299,7 @@ pub(crate) fn first_layer(
             rng,
             images,
             &mut clusters,
+            &mut deeper,
             &mut verify_queries,
             rounds,
         );
@@ -282,6 +313,8 @@ pub(crate) fn first_layer(
                 probes_rejected += s.rejected;
                 candidates_rejected += s.candidates_rejected;
                 skipped += s.skipped;
+                skipped_deeper += s.skipped_deeper;
+                cheap_segments += s.cheap_segments;
                 since_accept = if s.accepted > 0 { 0 } else { since_accept + 1 };
             }
             Err(e) => {
@@ -344,6 +377,16 @@ pub(crate) fn first_layer(
         bar.finish_and_clear();
         refine_queries = oracle.queries() - before;
     }
+    // Two rows of one neuron left after the refit (coarse duplicates): the better
+    // supported stays.
+    rows.sort_by_key(|r| std::cmp::Reverse((r.refined, r.points)));
+    let mut kept: Vec<Row> = Vec::with_capacity(rows.len());
+    for r in rows {
+        if !kept.iter().any(|k| dot(&k.w, &r.w).abs() > MERGE_SAME_COS) {
+            kept.push(r);
+        }
+    }
+    let rows = kept;
     let report = FirstLayerReport {
         hidden_layers,
         width,
@@ -359,6 +402,8 @@ pub(crate) fn first_layer(
             .filter(|c| c.accepted && !c.far_away)
             .count(),
         skipped_known: skipped,
+        skipped_deeper,
+        cheap_segments,
         refined,
         refine_queries,
         signed: false,
@@ -391,6 +436,8 @@ struct RoundStats {
     accepted: usize,
     candidates_rejected: usize,
     skipped: usize,
+    skipped_deeper: usize,
+    cheap_segments: usize,
 }
 
 /// One round: scan lines, probe their critical points, cluster, verify candidates.
@@ -403,6 +450,7 @@ fn round(
     rng: &mut ChaCha8Rng,
     images: &[Vec<f64>],
     clusters: &mut Vec<Cluster>,
+    deeper: &mut Vec<Vec<f64>>,
     verify_queries: &mut u64,
     round_no: usize,
 ) -> Result<RoundStats, OracleError> {
@@ -427,6 +475,8 @@ fn round(
         accepted: 0,
         candidates_rejected: 0,
         skipped: 0,
+        skipped_deeper: 0,
+        cheap_segments: 0,
     };
     // Probe every kink with a clear slope change and room on both sides.
     let known: Vec<(Vec<f64>, f64)> = clusters
@@ -468,6 +518,13 @@ fn round(
             stats.skipped += 1;
             continue;
         }
+        // A slope change along a known deeper neuron's output direction needs none.
+        if let Some(sig) = super::fit::signature(&k.ds)
+            && deeper.iter().any(|d| dot(d, &sig).abs() > DEEPER_COS)
+        {
+            stats.skipped_deeper += 1;
+            continue;
+        }
         jobs.push(Job {
             line,
             t: k.t,
@@ -493,6 +550,19 @@ fn round(
         }
     }
     for p in probes {
+        // A new normal with the output direction of a probe of another normal: both are
+        // one last-hidden-layer neuron (its slope change is always along its column of
+        // the output layer, while its boundary bends); first-layer neurons' directions
+        // change with the deeper activation pattern.
+        if !clusters.iter().any(|c| matches(c, &p, scan.measured)) && !p.sig.is_empty() {
+            let seen = clusters.iter().any(|c| {
+                dot(&c.normal(), &p.n).abs() < DEEPER_MAX_NORMAL_COS
+                    && c.sigs.iter().any(|s| dot(s, &p.sig).abs() > DEEPER_COS)
+            });
+            if seen && !deeper.iter().any(|d| dot(d, &p.sig).abs() > DEEPER_COS) {
+                deeper.push(p.sig.clone());
+            }
+        }
         place(clusters, p, scan.measured);
     }
     // Accept by recurrence, else verify candidates far away.
@@ -502,26 +572,251 @@ fn round(
             stats.accepted += 1;
         }
     }
-    for c in clusters.iter_mut() {
-        if c.accepted || c.xs.len() < 2 || c.tries >= VERIFY_TRIES {
-            continue;
+    // Cheap far-away checks (kinks on the candidate plane, no probe) of every candidate
+    // not checked since it last grew; a candidate of a known deeper output direction is
+    // left out.
+    let todo: Vec<usize> = (0..clusters.len())
+        .filter(|&i| {
+            let c = &clusters[i];
+            !c.accepted
+                && c.tries < VERIFY_TRIES
+                && c.xs.len() > c.checked_at
+                && !c
+                    .sigs
+                    .iter()
+                    .any(|s| deeper.iter().any(|d| dot(d, s).abs() > DEEPER_COS))
+        })
+        .collect();
+    for chunk in todo.chunks(CHEAP_BATCH) {
+        if oracle.queries() >= cfg.max_queries {
+            break;
         }
         let before = oracle.queries();
-        let found = verify(oracle, d, params, rng, c)?;
+        let cands: Vec<&Cluster> = chunk.iter().filter_map(|&i| clusters.get(i)).collect();
+        let results = verify_cheap(oracle, rng, &cands)?;
         *verify_queries += oracle.queries() - before;
-        c.tries += 1;
-        match found {
-            Some(p) => {
-                c.add(p);
+        for (&i, (hits, segs, pts)) in chunk.iter().zip(results) {
+            stats.cheap_segments += segs;
+            let Some(c) = clusters.get_mut(i) else {
+                continue;
+            };
+            c.tries += 1;
+            c.checked_at = c.xs.len();
+            if segs > 0 && hits >= CHEAP_MIN_HITS.min(segs) && 4 * hits >= 3 * segs {
+                for x in pts {
+                    c.xs.push(x);
+                }
                 c.accepted = true;
                 c.far_away = true;
                 stats.accepted += 1;
+            } else if c.tries >= VERIFY_TRIES {
+                stats.candidates_rejected += 1;
             }
-            None if c.tries >= VERIFY_TRIES => stats.candidates_rejected += 1,
-            None => {}
         }
     }
+    stats.accepted -= merge_accepted(clusters);
     Ok(stats)
+}
+
+/// Merging accepted clusters: smallest |cos| between their normals, largest mean
+/// distance of one's points to the other's plane (coarse normals of one neuron are
+/// often 0.9 apart, so two clusters of it can both pass the far-away check).
+const MERGE_COS: f64 = 0.8;
+const MERGE_TOL: f64 = 0.05;
+/// |cos| between the normals of accepted clusters above which they are one neuron
+/// whatever their offsets (distinct first-layer rows this parallel are not told apart).
+const MERGE_SAME_COS: f64 = 0.95;
+
+/// Merges accepted clusters of one plane; returns how many were merged away.
+fn merge_accepted(clusters: &mut Vec<Cluster>) -> usize {
+    let mut merged = 0;
+    let mut i = 0;
+    while i < clusters.len() {
+        if !clusters[i].accepted {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < clusters.len() {
+            let same = clusters[j].accepted && {
+                let (a, b) = (&clusters[i], &clusters[j]);
+                let (na, nb) = (a.normal(), b.normal());
+                let (oa, ob) = (a.offset(&na), b.offset(&nb));
+                // the share of one's points on the other's plane
+                let on = |n: &[f64], o: f64, xs: &[Vec<f64>]| {
+                    xs.iter()
+                        .filter(|x| (dot(n, x) + o).abs() < MERGE_TOL)
+                        .count() as f64
+                        / xs.len().max(1) as f64
+                };
+                let c = dot(&na, &nb).abs();
+                c > MERGE_SAME_COS
+                    || (c > MERGE_COS && (on(&na, oa, &b.xs) >= 0.5 || on(&nb, ob, &a.xs) >= 0.5))
+            };
+            if same {
+                let mut b = clusters.remove(j);
+                let a = &mut clusters[i];
+                let s = if dot(&a.sum, &b.sum) < 0.0 { -1.0 } else { 1.0 };
+                a.sum.iter_mut().zip(&b.sum).for_each(|(x, y)| *x += s * y);
+                // The points of the larger: the two coarse planes may sit apart (an
+                // offset fitted far from the other's points), their normals average.
+                if b.xs.len() > a.xs.len() {
+                    std::mem::swap(&mut a.xs, &mut b.xs);
+                }
+                a.lines.extend(b.lines);
+                a.sigs.extend(b.sigs);
+                merged += 1;
+            } else {
+                j += 1;
+            }
+        }
+        i += 1;
+    }
+    merged
+}
+
+/// |cos| between output directions (unit slope changes) taken as one deeper neuron's.
+const DEEPER_COS: f64 = 0.995;
+/// Largest |cos| between two normals for them to count as different (noisy normals of
+/// one neuron agree to about 0.98).
+const DEEPER_MAX_NORMAL_COS: f64 = 0.7;
+/// Segments of a cheap far-away check per candidate.
+const CHEAP_SEGMENTS: usize = 8;
+/// Hits (kinks on the plane) that accept a candidate (and at least 3 in 4 segments).
+const CHEAP_MIN_HITS: usize = 6;
+/// Candidates checked per oracle batch.
+const CHEAP_BATCH: usize = 16;
+/// Half length of a check segment, in distance from the plane (input units).
+const CHEAP_HALF: f64 = 0.1;
+
+fn gauss(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>();
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// A segment across the plane (n, b) (unit n) through the point `p` on it: along n plus
+/// a random tilt of `tilt` times its length, `half` from the plane on either side, the
+/// whole segment inside the cube (else a face would kink the outputs at the centre).
+fn across(rng: &mut ChaCha8Rng, n: &[f64], p: &[f64], half: f64, tilt: f64) -> Option<Line> {
+    let d = n.len();
+    let g: Vec<f64> = (0..d).map(|_| gauss(rng)).collect();
+    let gn = dot(&g, &g).sqrt().max(1e-12);
+    let r: Vec<f64> = n.iter().zip(&g).map(|(a, g)| a + tilt * g / gn).collect();
+    let nr = dot(n, &r);
+    if nr.abs() < 0.1 {
+        return None;
+    }
+    let u: Vec<f64> = r.iter().map(|v| v * 2.0 * half / nr).collect();
+    let x0: Vec<f64> = p
+        .iter()
+        .zip(&u)
+        .map(|(a, b)| {
+            let m = 0.5 * b.abs() + 1e-6;
+            a.clamp(m, (1.0 - m).max(m)) - 0.5 * b
+        })
+        .collect();
+    Some(Line { x0, u })
+}
+
+/// One candidate's cheap check: (hits, segments, the hit points).
+type CheapCheck = (usize, usize, Vec<Vec<f64>>);
+
+/// The cheap far-away check of candidates: per candidate, [`CHEAP_SEGMENTS`] short
+/// segments across its plane at points of the plane 1.5 to 4 input units from its
+/// members (random directions within the plane, kept in the cube), all scanned in one
+/// batch (about 40 rows each, no second differences). A hit is a kink within a tolerance
+/// of the plane that grows with the distance (the coarse normal is a few per cent off).
+/// A first-layer neuron's plane is global: it has a kink wherever the plane is; a
+/// deeper neuron's boundary bends at first-layer planes and leaves the candidate plane.
+/// Returns per candidate (hits, segments, the hit points).
+fn verify_cheap(
+    oracle: &mut dyn Oracle,
+    rng: &mut ChaCha8Rng,
+    cands: &[&Cluster],
+) -> Result<Vec<CheapCheck>, OracleError> {
+    let mut segs = Vec::new();
+    // per segment: (candidate, normal, offset, tolerance)
+    let mut meta: Vec<(usize, usize, f64)> = Vec::new();
+    let planes: Vec<(Vec<f64>, f64)> = cands
+        .iter()
+        .map(|c| {
+            let n = c.normal();
+            let b = c.offset(&n);
+            (n, b)
+        })
+        .collect();
+    for (ci, (c, (n, b))) in cands.iter().zip(&planes).enumerate() {
+        let d = n.len();
+        for _ in 0..CHEAP_SEGMENTS {
+            let Some(a) = c.xs.get(rng.random_range(0..c.xs.len().max(1))) else {
+                continue;
+            };
+            let len: f64 = rng.random_range(1.5..4.0);
+            let mut g: Vec<f64> = (0..d).map(|_| gauss(rng)).collect();
+            let gn = dot(&g, n);
+            g.iter_mut().zip(n).for_each(|(v, m)| *v -= gn * m);
+            let g = unit(&g);
+            let mut p: Vec<f64> = a.iter().zip(&g).map(|(x, v)| x + len * v).collect();
+            for _ in 0..6 {
+                p.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
+                let z = dot(n, &p) + b;
+                p.iter_mut().zip(n).for_each(|(v, m)| *v -= z * m);
+            }
+            p.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
+            if (dot(n, &p) + b).abs() > 0.005 {
+                continue;
+            }
+            let moved = p
+                .iter()
+                .zip(a)
+                .map(|(x, y)| (x - y).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            if let Some(l) = across(rng, n, &p, CHEAP_HALF, 0.3) {
+                segs.push(l);
+                meta.push((ci, 0, 0.01 + 0.012 * moved));
+            }
+        }
+    }
+    let mut out = vec![(0usize, 0usize, Vec::new()); cands.len()];
+    if segs.is_empty() {
+        return Ok(out);
+    }
+    let params = SearchParams {
+        grid: 16,
+        max_depth: 6,
+        noise: 2f64.powi(-12),
+    };
+    let scan = search::scan(oracle, &segs, 0, params)?;
+    let floor = 64.0 * scan.noise;
+    let mut best: Vec<Option<(f64, Vec<f64>)>> = vec![None; segs.len()];
+    for k in &scan.kinks {
+        if dot(&k.ds, &k.ds).sqrt() <= floor {
+            continue;
+        }
+        let (Some(seg), Some(&(ci, _, tol))) = (segs.get(k.line), meta.get(k.line)) else {
+            continue;
+        };
+        let Some((n, b)) = planes.get(ci) else {
+            continue;
+        };
+        let x = seg.at(k.t);
+        let z = (dot(n, &x) + b).abs();
+        if z < tol && best[k.line].as_ref().is_none_or(|(bz, _)| z < *bz) {
+            best[k.line] = Some((z, x));
+        }
+    }
+    for ((ci, _, _), hit) in meta.into_iter().zip(best) {
+        if let Some(o) = out.get_mut(ci) {
+            o.1 += 1;
+            if let Some((_, x)) = hit {
+                o.0 += 1;
+                o.2.push(x);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Whether probe `p` belongs to cluster `c`: same normal, on its plane (looser under
@@ -556,78 +851,10 @@ fn place(clusters: &mut Vec<Cluster>, p: Probe, noise: f64) {
             tries: 0,
             far_away: false,
             lines: vec![p.line],
+            sigs: vec![p.sig],
+            checked_at: 0,
         }),
     }
-}
-
-/// The far-away check of a candidate: a fresh random line cut with its plane; the
-/// critical points of a short segment around the cut are probed, and one must carry the
-/// candidate's normal on its plane. Returns that probe.
-fn verify(
-    oracle: &mut dyn Oracle,
-    d: usize,
-    params: SearchParams,
-    rng: &mut ChaCha8Rng,
-    c: &Cluster,
-) -> Result<Option<Probe>, OracleError> {
-    let n = c.normal();
-    let b = c.offset(&n);
-    // A random line crossing the plane well inside (up to 20 draws).
-    let mut seg = None;
-    for _ in 0..20 {
-        let l = Line::random(rng, d);
-        let su = dot(&n, &l.u);
-        if su.abs() < 1e-9 {
-            continue;
-        }
-        let t = -(dot(&n, &l.x0) + b) / su;
-        if (0.1..=0.9).contains(&t) {
-            // The segment [t - 0.05, t + 0.05] of the line, as a line of its own.
-            let x0 = l.at(t - 0.05);
-            let u = l.u.iter().map(|v| 0.1 * v).collect();
-            seg = Some(Line { x0, u });
-            break;
-        }
-    }
-    let Some(seg) = seg else { return Ok(None) };
-    let scan = search::scan(oracle, std::slice::from_ref(&seg), 0, params)?;
-    // Every kink near the predicted cut (t = 0.5 on the segment; the plane's error moves
-    // it a little), probed; offsets in t of the segment are ten times those of a line.
-    let kinks = &scan.kinks;
-    let mut jobs = Vec::new();
-    for (i, k) in kinks.iter().enumerate() {
-        if (k.t - 0.5).abs() > 0.3 {
-            continue;
-        }
-        let prev = i
-            .checked_sub(1)
-            .and_then(|p| kinks.get(p))
-            .map_or(k.t, |p| k.t - p.t);
-        let next = kinks.get(i + 1).map_or(1.0 - k.t, |q| q.t - k.t);
-        let eps = (10.0 * MAX_EPS)
-            .min(0.4 * prev.min(next))
-            .min(k.t)
-            .min(1.0 - k.t);
-        if eps > 1e-4 {
-            jobs.push(Job {
-                line: &seg,
-                t: k.t,
-                eps,
-                step: step_factor(scan.measured) * STEP * (eps / (10.0 * MAX_EPS)).min(1.0),
-                ds: k.ds.clone(),
-                id: (usize::MAX, 0),
-                noise: scan.measured,
-            });
-        }
-    }
-    if jobs.is_empty() {
-        return Ok(None);
-    }
-    let got = probe(oracle, &jobs)?;
-    Ok(got
-        .into_iter()
-        .flatten()
-        .find(|p| matches(c, p, scan.measured)))
 }
 
 /// A critical point to probe: its line, position, offset e and slope change; `id` names
@@ -656,6 +883,7 @@ fn probe(oracle: &mut dyn Oracle, jobs: &[Job<'_>]) -> Result<Vec<Option<Probe>>
                 line: job.id,
                 x: job.line.at(job.t),
                 n: unit(&row),
+                sig: super::fit::signature(&job.ds).unwrap_or_default(),
             })
         })
         .collect())
@@ -935,7 +1163,28 @@ pub fn measure(rows: &[Row], victim: &Model, arithmetic: Arithmetic) -> Option<F
         row_rel_error_mean: 0.0,
         bias_error_max: 0.0,
         spurious: 0,
+        near_090: 0,
+        distinct_090: 0,
     };
+    let mut near = Vec::new();
+    for r in rows {
+        let best = (0..w1.nrows())
+            .map(|i| {
+                let wi = w1.row(i);
+                let ni = wi.dot(&wi).sqrt().max(1e-300);
+                (i, dot(&wi.to_vec(), &r.w).abs() / ni)
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((i, c)) = best
+            && c > 0.9
+        {
+            m.near_090 += 1;
+            near.push(i);
+        }
+    }
+    near.sort_unstable();
+    near.dedup();
+    m.distinct_090 = near.len();
     let mut used = vec![false; rows.len()];
     let mut errs = Vec::new();
     for i in 0..w1.nrows() {
@@ -979,4 +1228,50 @@ pub fn measure(rows: &[Row], victim: &Model, arithmetic: Arithmetic) -> Option<F
         errs.iter().sum::<f64>() / errs.len() as f64
     };
     Some(m)
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    fn cluster(n: Vec<f64>, xs: Vec<Vec<f64>>) -> Cluster {
+        Cluster {
+            sum: n,
+            lines: (0..xs.len()).map(|i| (0, i)).collect(),
+            sigs: Vec::new(),
+            xs,
+            accepted: true,
+            tries: 0,
+            far_away: true,
+            checked_at: 0,
+        }
+    }
+
+    /// Two accepted clusters of one plane (normals 0.98 apart, offsets apart) merge into
+    /// one keeping the larger's points; a third, orthogonal, stays; a candidate not yet
+    /// accepted is left alone.
+    #[test]
+    fn merges_accepted_clusters_of_one_neuron_only() {
+        let a = cluster(
+            vec![1.0, 0.0, 0.0],
+            vec![
+                vec![0.5, 0.1, 0.2],
+                vec![0.5, 0.9, 0.3],
+                vec![0.5, 0.4, 0.8],
+            ],
+        );
+        let b = cluster(unit(&[1.0, 0.2, 0.0]), vec![vec![0.2, 0.3, 0.3]]);
+        let c = cluster(vec![0.0, 1.0, 0.0], vec![vec![0.1, 0.5, 0.5]]);
+        let mut d = cluster(vec![0.99, 0.1, 0.0], vec![vec![0.5, 0.5, 0.5]]);
+        d.accepted = false;
+        let mut cs = vec![a, b, c, d];
+        assert_eq!(merge_accepted(&mut cs), 1);
+        assert_eq!(cs.len(), 3);
+        assert_eq!(cs[0].xs.len(), 3);
+        assert_eq!(cs[0].lines.len(), 4);
+        assert!(dot(&cs[0].normal(), &[1.0, 0.0, 0.0]) > 0.99);
+        assert!(!cs[2].accepted);
+        // nothing left to merge
+        assert_eq!(merge_accepted(&mut cs), 0);
+    }
 }

@@ -357,11 +357,17 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
     let fl = r.first_layer.as_ref().unwrap();
     let m = fl.metrics.as_ref().unwrap();
     eprintln!("{fl:#?}\nqueries {} in {:.1} s", r.queries, r.seconds);
-    // Before: 0 rows against fixed point (every probe rejected at the 0.01 step).
-    assert!(m.matched >= 7, "rows matched: {}", m.matched);
-    assert!(m.spurious <= 5, "spurious rows: {}", m.spurious);
+    // Before: 0 rows against fixed point (every probe rejected at the 0.01 step); with the
+    // recurrence check only (8 probes per row): 7 matched in 2.1M rows. With the cheap
+    // far-away check (kinks on the candidate plane) and the merge of accepted clusters:
+    // 11 of 12 matched, no duplicate, in 243k rows.
+    assert!(m.matched >= 10, "rows matched: {}", m.matched);
+    assert!(m.spurious <= 2, "spurious rows: {}", m.spurious);
+    assert!(fl.accepted_far_away >= 8, "{}", fl.accepted_far_away);
+    assert!(fl.cheap_segments > 0);
+    assert_eq!(m.near_090, m.distinct_090, "two rows of one neuron");
     // The coarse normals are a few per cent off; only refitted rows reach 1e-2.
     assert!(fl.refined >= 1, "rows refined: {}", fl.refined);
     assert!(m.within_1e2 >= 1, "rows within 1e-2: {}", m.within_1e2);
-    assert!(r.queries <= 2_100_000, "queries {}", r.queries);
+    assert!(r.queries <= 600_000, "queries {}", r.queries);
 }
