@@ -166,6 +166,17 @@ pub struct FirstLayerReport {
     /// rows charged to the refinement
     #[serde(default)]
     pub refine_queries: u64,
+    /// rows dropped because their refit did not converge near the coarse row (deeper
+    /// neurons, bad clusters, or refit budget spent)
+    #[serde(default)]
+    pub dropped_unrefined: usize,
+    /// refitted rows dropped by the precise far-away check (no kink on the refitted
+    /// plane far from its points)
+    #[serde(default)]
+    pub precise_rejected: usize,
+    /// rows charged to the precise far-away check
+    #[serde(default)]
+    pub precise_queries: u64,
     /// signs recovered (false: rows are up to sign)
     pub signed: bool,
     /// figures against the victim, if a reference was given
@@ -377,6 +388,39 @@ pub(crate) fn first_layer(
         bar.finish_and_clear();
         refine_queries = oracle.queries() - before;
     }
+    // Precise far-away check (only where the refit ran): a row is claimed only if its
+    // refit converged (a deeper neuron's or a bad cluster's refit drifts from the coarse
+    // row and is not committed) and the refitted plane carries a kink far from its points
+    // within a tight tolerance (a deeper neuron's kink surface bends away from it).
+    let (mut dropped_unrefined, mut precise_rejected, mut precise_queries) = (0usize, 0, 0u64);
+    if refine_queries > 0 && stopped.is_none() {
+        let before = oracle.queries();
+        let pairs: Vec<(Row, &Cluster)> = rows
+            .into_iter()
+            .zip(accepted_clusters.iter().copied())
+            .collect();
+        let (refit, unrefit): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(r, _)| r.refined);
+        dropped_unrefined = unrefit.len();
+        let checks: Vec<(&Row, &[Vec<f64>])> =
+            refit.iter().map(|(r, c)| (r, c.xs.as_slice())).collect();
+        let mut keep = vec![true; refit.len()];
+        match verify_precise(oracle, rng, &checks) {
+            Ok(results) => {
+                for (k, (hits, segs, _)) in keep.iter_mut().zip(results) {
+                    *k = segs > 0 && hits >= PRECISE_MIN_HITS.min(segs) && 6 * hits >= 5 * segs;
+                }
+            }
+            Err(e) => stopped = Some(e),
+        }
+        precise_rejected = keep.iter().filter(|k| !**k).count();
+        rows = refit
+            .into_iter()
+            .zip(keep)
+            .filter(|(_, k)| *k)
+            .map(|((r, _), _)| r)
+            .collect();
+        precise_queries = oracle.queries() - before;
+    }
     // Two rows of one neuron left after the refit (coarse duplicates): the better
     // supported stays.
     rows.sort_by_key(|r| std::cmp::Reverse((r.refined, r.points)));
@@ -406,6 +450,9 @@ pub(crate) fn first_layer(
         cheap_segments,
         refined,
         refine_queries,
+        dropped_unrefined,
+        precise_rejected,
+        precise_queries,
         signed: false,
         metrics: None,
         note: format!(
@@ -735,9 +782,6 @@ fn verify_cheap(
     rng: &mut ChaCha8Rng,
     cands: &[&Cluster],
 ) -> Result<Vec<CheapCheck>, OracleError> {
-    let mut segs = Vec::new();
-    // per segment: (candidate, normal, offset, tolerance)
-    let mut meta: Vec<(usize, usize, f64)> = Vec::new();
     let planes: Vec<(Vec<f64>, f64)> = cands
         .iter()
         .map(|c| {
@@ -746,10 +790,60 @@ fn verify_cheap(
             (n, b)
         })
         .collect();
-    for (ci, (c, (n, b))) in cands.iter().zip(&planes).enumerate() {
+    let anchors: Vec<&[Vec<f64>]> = cands.iter().map(|c| c.xs.as_slice()).collect();
+    verify_planes(
+        oracle,
+        rng,
+        &planes,
+        &anchors,
+        (0.01, 0.012),
+        CHEAP_SEGMENTS,
+    )
+}
+
+/// Tolerance of the precise far-away check of refitted rows: a kink within
+/// `PRECISE_TOL.0 + PRECISE_TOL.1 x distance` of the refitted plane (the refits are about
+/// 1.5e-2 off in the normal, i.e. about 5e-4 per unit of a random in-plane move in 784
+/// dimensions; the kink's position along a segment is found to a few 1e-4).
+const PRECISE_TOL: (f64, f64) = (0.004, 0.003);
+/// Segments of the precise check per row, and the hits needed.
+const PRECISE_SEGMENTS: usize = 12;
+const PRECISE_MIN_HITS: usize = 10;
+
+/// The precise far-away check of refitted rows: [`PRECISE_SEGMENTS`] segments across
+/// each refitted plane 1.5 to 4 input units from its points; a first-layer neuron's kink
+/// is on its one hyperplane everywhere, a deeper neuron's kink surface bends at the
+/// first-layer planes it crosses and leaves the plane by more than the tight tolerance.
+/// Returns per row (hits, segments, hit points).
+fn verify_precise(
+    oracle: &mut dyn Oracle,
+    rng: &mut ChaCha8Rng,
+    rows: &[(&Row, &[Vec<f64>])],
+) -> Result<Vec<CheapCheck>, OracleError> {
+    let planes: Vec<(Vec<f64>, f64)> = rows.iter().map(|(r, _)| (r.w.clone(), r.b)).collect();
+    let anchors: Vec<&[Vec<f64>]> = rows.iter().map(|(_, a)| *a).collect();
+    verify_planes(oracle, rng, &planes, &anchors, PRECISE_TOL, PRECISE_SEGMENTS)
+}
+
+/// Kinks on planes far from their anchors: per plane `segments` short segments across it
+/// at points of the plane 1.5 to 4 input units from a random anchor (random directions
+/// within the plane, kept in the cube), all scanned in one batch; a hit is a kink within
+/// `tol.0 + tol.1 x distance` of the plane. Returns per plane (hits, segments, hits).
+fn verify_planes(
+    oracle: &mut dyn Oracle,
+    rng: &mut ChaCha8Rng,
+    planes: &[(Vec<f64>, f64)],
+    anchors: &[&[Vec<f64>]],
+    tol: (f64, f64),
+    segments: usize,
+) -> Result<Vec<CheapCheck>, OracleError> {
+    let mut segs = Vec::new();
+    // per segment: (plane, unused, tolerance)
+    let mut meta: Vec<(usize, usize, f64)> = Vec::new();
+    for (ci, (xs, (n, b))) in anchors.iter().zip(planes).enumerate() {
         let d = n.len();
-        for _ in 0..CHEAP_SEGMENTS {
-            let Some(a) = c.xs.get(rng.random_range(0..c.xs.len().max(1))) else {
+        for _ in 0..segments {
+            let Some(a) = xs.get(rng.random_range(0..xs.len().max(1))) else {
                 continue;
             };
             let len: f64 = rng.random_range(1.5..4.0);
@@ -775,11 +869,11 @@ fn verify_cheap(
                 .sqrt();
             if let Some(l) = across(rng, n, &p, CHEAP_HALF, 0.3) {
                 segs.push(l);
-                meta.push((ci, 0, 0.01 + 0.012 * moved));
+                meta.push((ci, 0, tol.0 + tol.1 * moved));
             }
         }
     }
-    let mut out = vec![(0usize, 0usize, Vec::new()); cands.len()];
+    let mut out = vec![(0usize, 0usize, Vec::new()); planes.len()];
     if segs.is_empty() {
         return Ok(out);
     }
