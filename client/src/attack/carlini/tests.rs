@@ -161,7 +161,7 @@ fn budget_exhaustion_stops_collection_and_reports_what_it_had() {
 
 /// A random d-h1-h2-c model (weights multiples of 2^-12, biases of 2^-24); first-layer
 /// hyperplanes pass near the cube's centre, second-layer neurons switch inside it.
-fn random_deep_model(d: usize, h1: usize, h2: usize, c: usize, seed: u64) -> Model {
+pub(super) fn random_deep_model(d: usize, h1: usize, h2: usize, c: usize, seed: u64) -> Model {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let q = |v: f64, bits: i32| ((v * 2f64.powi(bits)).round() / 2f64.powi(bits)) as f32;
     let mut normal = || {
@@ -360,9 +360,13 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
     // Before: 0 rows against fixed point (every probe rejected at the 0.01 step); with the
     // recurrence check only (8 probes per row): 7 matched in 2.1M rows. With the cheap
     // far-away check (kinks on the candidate plane) and the merge of accepted clusters:
-    // 11 of 12 matched, no duplicate, in 243k rows.
-    assert!(m.matched >= 10, "rows matched: {}", m.matched);
-    assert!(m.spurious <= 2, "spurious rows: {}", m.spurious);
+    // 11 of 12 matched, no duplicate, in 243k rows. Claiming only rows whose refit
+    // converged and passes the precise far-away check: 8 matched, 0 spurious (4 refits
+    // drifted onto other neurons' kinks, cos 0.06 to 0.93 to the coarse row: 3 of those
+    // were true rows, lost).
+    assert!(m.matched >= 8, "rows matched: {}", m.matched);
+    assert_eq!(m.spurious, 0, "spurious rows");
+    assert!(fl.dropped_unrefined + fl.precise_rejected <= 5);
     assert!(fl.accepted_far_away >= 8, "{}", fl.accepted_far_away);
     assert!(fl.cheap_segments > 0);
     assert_eq!(m.near_090, m.distinct_090, "two rows of one neuron");
