@@ -259,12 +259,18 @@ mod ni {
                 *o = to_block(_mm_aesenclast_si128(x, k[10]));
             }
         }
-        for o in chunks.into_remainder() {
-            let mut x = _mm_xor_si128(from_block(*o), k[0]);
-            for rk in &k[1..10] {
-                x = _mm_aesenc_si128(x, *rk);
+        // the last 1-7 blocks still go through the pipeline (one block at a time would
+        // wait out the AES latency for each: the 1-of-N hashes come 4 at a time)
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mut s = [_mm_setzero_si128(); 8];
+            for (x, o) in s.iter_mut().zip(rest.iter()) {
+                *x = from_block(*o);
             }
-            *o = to_block(_mm_aesenclast_si128(x, k[10]));
+            let e = enc8(&k, s);
+            for (o, x) in rest.iter_mut().zip(e) {
+                *o = to_block(x);
+            }
         }
     }
 }

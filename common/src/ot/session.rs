@@ -33,6 +33,13 @@ use crate::ring::{Ring, pack_bits, unpack_bits};
 /// The default smallest extension batch (COTs per direction).
 pub(crate) const DEFAULT_MIN_BATCH: usize = 1 << 12;
 
+/// COTs hashed at a time by the sender of ROTs and chosen-choice OTs (four buffers of this
+/// many blocks on the stack: 16 KiB).
+const PAIR_CHUNK: usize = 256;
+
+/// 1-of-N OTs hashed at a time (see `np_pads`).
+const NP_CHUNK: usize = 32;
+
 /// OT state of one session: a [`RandomCot`] plus buffers and derived OTs.
 pub struct OtSession<C: RandomCot = Iknp> {
     cot: C,
@@ -521,7 +528,8 @@ impl<C: RandomCot> OtSession<C> {
         self.recv_pos = 0;
     }
 
-    fn take_send(&mut self, n: usize) -> Result<(u64, &[Block]), OtError> {
+    /// Takes `n` sender COTs: their first index and their range in `send_keys`.
+    fn take_send(&mut self, n: usize) -> Result<(u64, std::ops::Range<usize>), OtError> {
         if self.available().0 < n {
             self.poisoned = true;
             return Err(OtError::BadRequest(format!(
@@ -530,12 +538,64 @@ impl<C: RandomCot> OtSession<C> {
         }
         let idx = self.send_idx;
         self.send_idx += n as u64;
-        let s = &self.send_keys[self.send_pos..self.send_pos + n];
+        let r = self.send_pos..self.send_pos + n;
         self.send_pos += n;
-        Ok((idx, s))
+        Ok((idx, r))
     }
 
-    fn take_recv(&mut self, n: usize) -> Result<(u64, Vec<u8>, Vec<Block>), OtError> {
+    /// Takes `n` sender COTs, applies the receiver's choice corrections `d` if given
+    /// (`k' = k ⊕ d·Δ`) and calls `f(i, H(i, k'_i), H(i, k'_i ⊕ Δ))` for each, in order.
+    /// Works through [`PAIR_CHUNK`] COTs at a time in small buffers, so a batch of millions
+    /// allocates nothing of its size (fresh pages cost more than the hashing here).
+    fn sender_pairs(
+        &mut self,
+        n: usize,
+        d: Option<&[u64]>,
+        mut f: impl FnMut(usize, Block, Block),
+    ) -> Result<(), OtError> {
+        let (idx, range) = self.take_send(n)?;
+        let dir = self.dir_send();
+        let delta = self.delta;
+        let keys = &self.send_keys[range];
+        let mut x0 = [0 as Block; PAIR_CHUNK];
+        let mut x1 = [0 as Block; PAIR_CHUNK];
+        let mut h0 = [0 as Block; PAIR_CHUNK];
+        let mut h1 = [0 as Block; PAIR_CHUNK];
+        for (c, kc) in keys.chunks(PAIR_CHUNK).enumerate() {
+            let at = c * PAIR_CHUNK;
+            let len = kc.len();
+            for (q, &k) in kc.iter().enumerate() {
+                let k = match d {
+                    Some(d) if d[at + q] == 1 => k ^ delta,
+                    _ => k,
+                };
+                x0[q] = k;
+                x1[q] = k ^ delta;
+            }
+            let base = idx + at as u64;
+            self.hash.hash_many(
+                &x0[..len],
+                |q| tweak(dir, base + q as u64, 0),
+                &mut h0[..len],
+            );
+            self.hash.hash_many(
+                &x1[..len],
+                |q| tweak(dir, base + q as u64, 0),
+                &mut h1[..len],
+            );
+            for q in 0..len {
+                f(at + q, h0[q], h1[q]);
+            }
+        }
+        x0.zeroize();
+        x1.zeroize();
+        h0.zeroize();
+        h1.zeroize();
+        Ok(())
+    }
+
+    /// Takes `n` receiver COTs: their first index and their range in `recv_m`/`recv_bits`.
+    fn take_recv_range(&mut self, n: usize) -> Result<(u64, std::ops::Range<usize>), OtError> {
         if self.available().1 < n {
             self.poisoned = true;
             return Err(OtError::BadRequest(format!(
@@ -546,6 +606,11 @@ impl<C: RandomCot> OtSession<C> {
         self.recv_idx += n as u64;
         let r = self.recv_pos..self.recv_pos + n;
         self.recv_pos += n;
+        Ok((idx, r))
+    }
+
+    fn take_recv(&mut self, n: usize) -> Result<(u64, Vec<u8>, Vec<Block>), OtError> {
+        let (idx, r) = self.take_recv_range(n)?;
         Ok((
             idx,
             self.recv_bits[r.clone()].to_vec(),
@@ -557,27 +622,22 @@ impl<C: RandomCot> OtSession<C> {
 
     /// ROT as sender: `n` pairs `(H(i,k_i), H(i,k_i⊕Δ))`. No traffic (ALSZ).
     pub fn rot_send(&mut self, n: usize) -> Result<Vec<[Block; 2]>, OtError> {
-        let dir = self.dir_send();
-        let delta = self.delta;
-        let (idx, k) = self.take_send(n)?;
-        let k = k.to_vec();
-        let mut h0 = vec![0; n];
-        let mut h1 = vec![0; n];
-        let k1: Vec<Block> = k.iter().map(|x| x ^ delta).collect();
-        self.hash
-            .hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
-        self.hash
-            .hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
-        Ok(h0.into_iter().zip(h1).map(|(a, b)| [a, b]).collect())
+        let mut out = Vec::with_capacity(n);
+        self.sender_pairs(n, None, |_, a, b| out.push([a, b]))?;
+        Ok(out)
     }
 
     /// ROT as receiver: random bits `b_i` and keys `H(i, m_i)`. No traffic.
     pub fn rot_recv(&mut self, n: usize) -> Result<RotRecv, OtError> {
         let dir = self.dir_recv();
-        let (idx, bits, m) = self.take_recv(n)?;
+        let (idx, r) = self.take_recv_range(n)?;
+        let bits = self.recv_bits[r.clone()].to_vec();
         let mut keys = vec![0; n];
-        self.hash
-            .hash_many(&m, |i| tweak(dir, idx + i as u64, 0), &mut keys);
+        self.hash.hash_many(
+            &self.recv_m[r],
+            |i| tweak(dir, idx + i as u64, 0),
+            &mut keys,
+        );
         Ok(RotRecv { bits, keys })
     }
 
@@ -597,28 +657,14 @@ impl<C: RandomCot> OtSession<C> {
     }
 
     /// Takes `n` sender COTs and applies the receiver's choice corrections; returns the
-    /// derandomised keys `k' = k ⊕ d·Δ` and their first index.
-    fn derandomise(
+    /// choice corrections `d` (n bits) of a chosen-choice batch, unpacked.
+    fn corrections(
         &mut self,
         n: usize,
         d_msg: &[u8],
         what: &'static str,
-    ) -> Result<(u64, Vec<Block>), OtError> {
-        let d = match unpack(what, d_msg, n, 1) {
-            Ok(d) => d,
-            Err(e) => {
-                self.poisoned = true;
-                return Err(e);
-            }
-        };
-        let delta = self.delta;
-        let (idx, k) = self.take_send(n)?;
-        let k = k
-            .iter()
-            .zip(&d)
-            .map(|(&k, &d)| if d == 1 { k ^ delta } else { k })
-            .collect();
-        Ok((idx, k))
+    ) -> Result<Vec<u64>, OtError> {
+        unpack(what, d_msg, n, 1).inspect_err(|_| self.poisoned = true)
     }
 
     /// Sender of a chosen-choice COT batch with `w` (1 or 2) correlations per OT:
@@ -639,26 +685,17 @@ impl<C: RandomCot> OtSession<C> {
             )));
         }
         let n = corr.len() / w;
-        let (idx, k) = self.derandomise(n, d_msg, "COT choice corrections")?;
-        let dir = self.dir_send();
-        let delta = self.delta;
-        let k1: Vec<Block> = k.iter().map(|x| x ^ delta).collect();
-        let mut h0 = vec![0; n];
-        let mut h1 = vec![0; n];
-        self.hash
-            .hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
-        self.hash
-            .hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
+        let d = self.corrections(n, d_msg, "COT choice corrections")?;
         let mut r = Vec::with_capacity(n * w);
         let mut t = Vec::with_capacity(n * w);
-        for i in 0..n {
+        self.sender_pairs(n, Some(&d), |i, h0, h1| {
             for v in 0..w {
-                let a = lane(h0[i], v, ring);
-                let b = lane(h1[i], v, ring);
+                let a = lane(h0, v, ring);
+                let b = lane(h1, v, ring);
                 r.push(a);
                 t.push(ring.sub(ring.add(a, corr[i * w + v]), b));
             }
-        }
+        })?;
         Ok((r, ring.pack(&t)))
     }
 
@@ -708,21 +745,12 @@ impl<C: RandomCot> OtSession<C> {
         let ring =
             Ring::new(bits).map_err(|_| OtError::BadRequest(format!("{bits}-bit OT messages")))?;
         let n = msgs.len();
-        let (idx, k) = self.derandomise(n, d_msg, "OT choice corrections")?;
-        let dir = self.dir_send();
-        let delta = self.delta;
-        let k1: Vec<Block> = k.iter().map(|x| x ^ delta).collect();
-        let mut h0 = vec![0; n];
-        let mut h1 = vec![0; n];
-        self.hash
-            .hash_many(&k, |i| tweak(dir, idx + i as u64, 0), &mut h0);
-        self.hash
-            .hash_many(&k1, |i| tweak(dir, idx + i as u64, 0), &mut h1);
+        let d = self.corrections(n, d_msg, "OT choice corrections")?;
         let mut e = Vec::with_capacity(2 * n);
-        for i in 0..n {
-            e.push(ring.reduce(msgs[i][0] ^ h0[i] as u64));
-            e.push(ring.reduce(msgs[i][1] ^ h1[i] as u64));
-        }
+        self.sender_pairs(n, Some(&d), |i, h0, h1| {
+            e.push(ring.reduce(msgs[i][0] ^ h0 as u64));
+            e.push(ring.reduce(msgs[i][1] ^ h1 as u64));
+        })?;
         Ok(ring.pack(&e))
     }
 
@@ -844,46 +872,55 @@ impl<C: RandomCot> OtSession<C> {
         let mu = m as usize;
         let w = bits as usize;
         let nb = (big_n * w).div_ceil(128);
-        let (idx, k) = self.derandomise(n * mu, msg, "1-of-N choice corrections")?;
+        let d = self.corrections(n * mu, msg, "1-of-N choice corrections")?;
+        let (idx, range) = self.take_send(n * mu)?;
+        let keys = &self.send_keys[range];
         let dir = self.dir_send();
         let delta = self.delta;
-        // per OT: for each t and b, nb blocks G_{t,b}
+        // per OT: for each t and b, nb blocks G_{t,b}; NP_CHUNK OTs hashed in one call
         let per = mu * 2 * nb;
-        let mut xs = vec![0 as Block; per];
-        let mut gs = vec![0 as Block; per];
+        let mut xs = vec![0 as Block; NP_CHUNK * per];
+        let mut tw = vec![0 as Block; NP_CHUNK * per];
+        let mut gs = vec![0 as Block; NP_CHUNK * per];
         let mut row = vec![0 as Block; nb];
         let mut pads = vec![0 as Block; big_n];
         let slice_mask: Block = if w >= 128 { Block::MAX } else { (1 << w) - 1 };
         let sels: Vec<Block> = (0..mu * nb)
             .map(|q| slice_select(q % nb, q / nb, w, big_n))
             .collect();
-        for i in 0..n {
-            for t in 0..mu {
-                let kt = k[i * mu + t];
-                for b in 0..2 {
-                    for sb in 0..nb {
-                        xs[(t * 2 + b) * nb + sb] = if b == 1 { kt ^ delta } else { kt };
+        for c0 in (0..n).step_by(NP_CHUNK) {
+            let cn = NP_CHUNK.min(n - c0);
+            for i in 0..cn {
+                for t in 0..mu {
+                    let q = (c0 + i) * mu + t;
+                    let kt = if d[q] == 1 { keys[q] ^ delta } else { keys[q] };
+                    for b in 0..2 {
+                        let x = if b == 1 { kt ^ delta } else { kt };
+                        for sb in 0..nb {
+                            let at = i * per + (t * 2 + b) * nb + sb;
+                            xs[at] = x;
+                            tw[at] = tweak(dir, idx + q as u64, 1 + sb as u16);
+                        }
                     }
                 }
             }
-            let base = idx + (i * mu) as u64;
-            self.hash.hash_many(
-                &xs,
-                |q| tweak(dir, base + (q / (2 * nb)) as u64, 1 + (q % nb) as u16),
-                &mut gs,
-            );
-            // row = ⊕_t (G_{t,0} on the slices j with j_t = 0, G_{t,1} on the others)
-            row.iter_mut().for_each(|r| *r = 0);
-            for t in 0..mu {
-                for (sb, r) in row.iter_mut().enumerate() {
-                    let sel = sels[t * nb + sb];
-                    *r ^= (gs[(t * 2) * nb + sb] & !sel) | (gs[(t * 2 + 1) * nb + sb] & sel);
+            let len = cn * per;
+            self.hash.hash_many(&xs[..len], |q| tw[q], &mut gs[..len]);
+            for i in 0..cn {
+                let gs = &gs[i * per..(i + 1) * per];
+                // row = ⊕_t (G_{t,0} on the slices j with j_t = 0, G_{t,1} on the others)
+                row.iter_mut().for_each(|r| *r = 0);
+                for t in 0..mu {
+                    for (sb, r) in row.iter_mut().enumerate() {
+                        let sel = sels[t * nb + sb];
+                        *r ^= (gs[(t * 2) * nb + sb] & !sel) | (gs[(t * 2 + 1) * nb + sb] & sel);
+                    }
                 }
+                for (j, p) in pads.iter_mut().enumerate() {
+                    *p = read_slice(&row, j * w, w) & slice_mask;
+                }
+                sink(c0 + i, &pads);
             }
-            for (j, p) in pads.iter_mut().enumerate() {
-                *p = read_slice(&row, j * w, w) & slice_mask;
-            }
-            sink(i, &pads);
         }
         xs.zeroize();
         gs.zeroize();
@@ -962,35 +999,46 @@ impl<C: RandomCot> OtSession<C> {
                 let mu = mm as usize;
                 let w = bits as usize;
                 let dir = self.dir_recv();
+                if cots.m.len() != choices.len() * mu {
+                    return Err(OtError::BadRequest("1-of-N state of another size".into()));
+                }
                 let mut pads = Vec::with_capacity(n);
-                let mut xs = Vec::with_capacity(2 * mu);
-                let mut h = vec![0 as Block; 2 * mu];
-                for (i, &c) in choices.iter().enumerate() {
-                    let ms = &cots.m[i * mu..(i + 1) * mu];
-                    let base = cots.idx + (i * mu) as u64;
-                    let (b0, b1) = ((c as usize * w) / 128, ((c as usize + 1) * w - 1) / 128);
-                    let nblk = b1 - b0 + 1;
+                // NP_CHUNK OTs hashed in one call: m (or 2m) blocks each
+                let cap = NP_CHUNK * 2 * mu;
+                let mut xs = Vec::with_capacity(cap);
+                let mut tw = Vec::with_capacity(cap);
+                let mut h = vec![0 as Block; cap];
+                for (k, cs) in choices.chunks(NP_CHUNK).enumerate() {
                     xs.clear();
-                    for &mt in ms {
-                        for _ in 0..nblk {
-                            xs.push(mt);
+                    tw.clear();
+                    for (r, &c) in cs.iter().enumerate() {
+                        let i = k * NP_CHUNK + r;
+                        let (b0, b1) = ((c as usize * w) / 128, ((c as usize + 1) * w - 1) / 128);
+                        for (t, &mt) in cots.m[i * mu..(i + 1) * mu].iter().enumerate() {
+                            for s in b0..=b1 {
+                                xs.push(mt);
+                                tw.push(tweak(dir, cots.idx + (i * mu + t) as u64, 1 + s as u16));
+                            }
                         }
                     }
                     let h = &mut h[..xs.len()];
-                    self.hash.hash_many(
-                        &xs,
-                        |q| tweak(dir, base + (q / nblk) as u64, 1 + (b0 + q % nblk) as u16),
-                        h,
-                    );
-                    let mut acc = [0 as Block; 2];
-                    for t in 0..mu {
-                        for s in 0..nblk {
-                            acc[s] ^= h[t * nblk + s];
+                    self.hash.hash_many(&xs, |q| tw[q], h);
+                    let mut at = 0;
+                    for &c in cs {
+                        let (b0, b1) = ((c as usize * w) / 128, ((c as usize + 1) * w - 1) / 128);
+                        let nblk = b1 - b0 + 1;
+                        let mut acc = [0 as Block; 2];
+                        for _ in 0..mu {
+                            for a in acc.iter_mut().take(nblk) {
+                                *a ^= h[at];
+                                at += 1;
+                            }
                         }
+                        let p = read_slice(&acc[..nblk], c as usize * w - b0 * 128, w);
+                        pads.push((c as usize, p));
                     }
-                    let p = read_slice(&acc[..nblk], c as usize * w - b0 * 128, w);
-                    pads.push((c as usize, p));
                 }
+                xs.zeroize();
                 h.zeroize();
                 pads
             }
