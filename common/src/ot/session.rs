@@ -528,19 +528,35 @@ impl<C: RandomCot> OtSession<C> {
         self.recv_pos = 0;
     }
 
-    /// Takes `n` sender COTs: their first index and their range in `send_keys`.
-    fn take_send(&mut self, n: usize) -> Result<(u64, std::ops::Range<usize>), OtError> {
-        if self.available().0 < n {
+    /// Takes `n` COTs of one direction (`send`: where we are the sender): their first
+    /// index and their range in the buffers.
+    fn take(&mut self, n: usize, send: bool) -> Result<(u64, std::ops::Range<usize>), OtError> {
+        let (have, role) = if send {
+            (self.available().0, "sender")
+        } else {
+            (self.available().1, "receiver")
+        };
+        if have < n {
             self.poisoned = true;
             return Err(OtError::BadRequest(format!(
-                "{n} sender COTs used without reserve"
+                "{n} {role} COTs used without reserve"
             )));
         }
-        let idx = self.send_idx;
-        self.send_idx += n as u64;
-        let r = self.send_pos..self.send_pos + n;
-        self.send_pos += n;
-        Ok((idx, r))
+        let (pos, idx) = if send {
+            (&mut self.send_pos, &mut self.send_idx)
+        } else {
+            (&mut self.recv_pos, &mut self.recv_idx)
+        };
+        let first = *idx;
+        *idx += n as u64;
+        let r = *pos..*pos + n;
+        *pos += n;
+        Ok((first, r))
+    }
+
+    /// Takes `n` sender COTs: their first index and their range in `send_keys`.
+    fn take_send(&mut self, n: usize) -> Result<(u64, std::ops::Range<usize>), OtError> {
+        self.take(n, true)
     }
 
     /// Takes `n` sender COTs, applies the receiver's choice corrections `d` if given
@@ -596,17 +612,7 @@ impl<C: RandomCot> OtSession<C> {
 
     /// Takes `n` receiver COTs: their first index and their range in `recv_m`/`recv_bits`.
     fn take_recv_range(&mut self, n: usize) -> Result<(u64, std::ops::Range<usize>), OtError> {
-        if self.available().1 < n {
-            self.poisoned = true;
-            return Err(OtError::BadRequest(format!(
-                "{n} receiver COTs used without reserve"
-            )));
-        }
-        let idx = self.recv_idx;
-        self.recv_idx += n as u64;
-        let r = self.recv_pos..self.recv_pos + n;
-        self.recv_pos += n;
-        Ok((idx, r))
+        self.take(n, false)
     }
 
     fn take_recv(&mut self, n: usize) -> Result<(u64, Vec<u8>, Vec<Block>), OtError> {
