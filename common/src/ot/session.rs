@@ -9,7 +9,7 @@
 //!   OT (1-of-2) R ──▶ S : d                       S ──▶ R : e_b = x_b ⊕ H(i, k' ⊕ b·Δ)
 //!   OT (1-of-N) R ──▶ S : m correction bits       S ──▶ R : e_j = x_j ⊕ ⊕_t slice_j(G(i_t, K_{t,j_t}))
 //!               (N = 2^m; Naor-Pinkas 1999, from m OTs; G(i, K) = H((i,0), K) ‖ H((i,1), K) ‖ …
-//!               cut into N slices of `bits` bits, see `np_pads`)
+//!               cut into N slices of `bits` bits, see `np_rows`)
 //! ```
 //!
 //! Tweaks: `H` is the session's [`Tccr`]; the tweak of COT number `i` (counted per
@@ -37,7 +37,7 @@ pub(crate) const DEFAULT_MIN_BATCH: usize = 1 << 12;
 /// many blocks on the stack: 16 KiB).
 const PAIR_CHUNK: usize = 256;
 
-/// 1-of-N OTs hashed at a time (see `np_pads`).
+/// 1-of-N OTs hashed at a time (see `np_rows`).
 const NP_CHUNK: usize = 32;
 
 /// OT state of one session: a [`RandomCot`] plus buffers and derived OTs.
@@ -849,7 +849,16 @@ impl<C: RandomCot> OtSession<C> {
                 return Err(e);
             }
         } else {
-            self.np_pads(msg, n, m, bits, &mut sink)?;
+            let w = bits as usize;
+            let slice_mask: Block = if w >= 128 { Block::MAX } else { (1 << w) - 1 };
+            let mut pads = vec![0 as Block; big_n];
+            self.np_rows(msg, n, m, bits, &mut |i, row| {
+                for (j, p) in pads.iter_mut().enumerate() {
+                    *p = read_slice(row, j * w, w) & slice_mask;
+                }
+                sink(i, &pads);
+            })?;
+            pads.zeroize();
         }
         Ok(out.finish())
     }
@@ -866,7 +875,11 @@ impl<C: RandomCot> OtSession<C> {
     /// uniform. The sender hashes `2·m·S` blocks per OT instead of `m·N` (for the
     /// millionaire's 1-of-16 OTs of 2-bit messages: 8 instead of 64), the receiver m (or
     /// 2m where a slice straddles two blocks). The wire format is unchanged.
-    fn np_pads(
+    ///
+    /// Calls `sink(i, row)` for each OT in order with the `S` blocks of
+    /// `row = ⊕_t (slices j of G_{t, j_t} for every j)`: pad_j is slice j of the row, so a
+    /// caller packing all N messages into one row XORs it whole.
+    fn np_rows(
         &mut self,
         msg: &[u8],
         n: usize,
@@ -889,8 +902,6 @@ impl<C: RandomCot> OtSession<C> {
         let mut tw = vec![0 as Block; NP_CHUNK * per];
         let mut gs = vec![0 as Block; NP_CHUNK * per];
         let mut row = vec![0 as Block; nb];
-        let mut pads = vec![0 as Block; big_n];
-        let slice_mask: Block = if w >= 128 { Block::MAX } else { (1 << w) - 1 };
         let sels: Vec<Block> = (0..mu * nb)
             .map(|q| slice_select(q % nb, q / nb, w, big_n))
             .collect();
@@ -922,16 +933,12 @@ impl<C: RandomCot> OtSession<C> {
                         *r ^= (gs[(t * 2) * nb + sb] & !sel) | (gs[(t * 2 + 1) * nb + sb] & sel);
                     }
                 }
-                for (j, p) in pads.iter_mut().enumerate() {
-                    *p = read_slice(&row, j * w, w) & slice_mask;
-                }
-                sink(c0 + i, &pads);
+                sink(c0 + i, &row);
             }
         }
         xs.zeroize();
         gs.zeroize();
         row.zeroize();
-        pads.zeroize();
         Ok(())
     }
 
@@ -955,11 +962,7 @@ impl<C: RandomCot> OtSession<C> {
         let width = big_n as u32 * bits;
         let mask = (1u128 << bits) - 1;
         let mut out = BitWriter::with_capacity(n * width as usize);
-        let mut sink = |i: usize, pads: &[Block]| {
-            let mut p: u128 = 0;
-            for (j, pad) in pads.iter().enumerate() {
-                p |= (pad & mask) << (j as u32 * bits);
-            }
+        let mut put = |i: usize, p: u128| {
             let v = row(i) ^ p;
             if width > 64 {
                 out.push(v as u64, 64);
@@ -969,12 +972,26 @@ impl<C: RandomCot> OtSession<C> {
             }
         };
         if let Some(kk) = self.kk.as_mut() {
+            let mut sink = |i: usize, pads: &[Block]| {
+                let mut p: u128 = 0;
+                for (j, pad) in pads.iter().enumerate() {
+                    p |= (pad & mask) << (j as u32 * bits);
+                }
+                put(i, p);
+            };
             if let Err(e) = kk.respond(&self.hash, msg, n, big_n, &mut sink) {
                 self.poisoned = true;
                 return Err(e);
             }
         } else {
-            self.np_pads(msg, n, m, bits, &mut sink)?;
+            // N·bits ≤ 128: one block per row, pad j at bits j·bits.., the row itself is
+            // the packed pads
+            let width_mask = if width >= 128 {
+                Block::MAX
+            } else {
+                (1 << width) - 1
+            };
+            self.np_rows(msg, n, m, bits, &mut |i, r| put(i, r[0] & width_mask))?;
         }
         Ok(out.finish())
     }
@@ -1001,7 +1018,7 @@ impl<C: RandomCot> OtSession<C> {
                 choices,
                 m: mm,
             } => {
-                // `np_pads`: slice c of ⊕_t G_{t, c_t}, from the one or two blocks holding it
+                // `np_rows`: slice c of ⊕_t G_{t, c_t}, from the one or two blocks holding it
                 let mu = mm as usize;
                 let w = bits as usize;
                 let dir = self.dir_recv();
