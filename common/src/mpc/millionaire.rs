@@ -25,6 +25,8 @@
 //! triple). The eq of the lowest node at each level is never
 //! needed, so its e' is not sent.
 
+use zeroize::Zeroize;
+
 use super::{MpcError, MpcSession, recv_bits, recv_len, send_bits};
 use crate::channel::Channel;
 use crate::ot::{Party, RandomCot};
@@ -151,31 +153,39 @@ impl<C: RandomCot> MpcSession<C> {
     #[allow(clippy::needless_range_loop)] // parallel arrays indexed together
     /// Draws this party's triples for `t` AND nodes from 2·t ROTs (no traffic).
     fn triples(&mut self, t: usize) -> Result<Triples, MpcError> {
-        // ROT1: server sender, client receiver; ROT2: client sender, server receiver.
-        let (pads, recv) = if self.is_server() {
-            let p = self.ot.rot_send(t)?;
-            let r = self.ot.rot_recv(t)?;
-            (p, r)
+        // ROT1: server sender, client receiver; ROT2: client sender, server receiver. Only
+        // two bits of each hash are used: kept as they come, nothing of the batch's size
+        // in blocks.
+        let mut s0 = vec![0u8; t];
+        let mut b = vec![0u8; t];
+        let mut a = vec![0u8; t];
+        let mut got = vec![0u8; t];
+        let mut send = |ot: &mut crate::ot::OtSession<C>| {
+            ot.rot_send_each(t, |i, h0, h1| {
+                s0[i] = (h0 & 3) as u8;
+                b[i] = s0[i] ^ (h1 & 3) as u8;
+            })
+        };
+        let mut recv = |ot: &mut crate::ot::OtSession<C>| {
+            ot.rot_recv_each(t, |i, bit, h| {
+                a[i] = bit & 1;
+                got[i] = (h & 3) as u8;
+            })
+        };
+        if self.is_server() {
+            send(&mut self.ot)?;
+            recv(&mut self.ot)?;
         } else {
-            let r = self.ot.rot_recv(t)?;
-            let p = self.ot.rot_send(t)?;
-            (p, r)
-        };
-        let mut tr = Triples {
-            a: Vec::with_capacity(t),
-            b: Vec::with_capacity(t),
-            c: Vec::with_capacity(t),
-        };
-        for i in 0..t {
-            let s0 = (pads[i][0] & 3) as u8;
-            let b = s0 ^ (pads[i][1] & 3) as u8;
-            let a = recv.bits[i] & 1;
-            let got = (recv.keys[i] & 3) as u8;
-            // c = a·b ⊕ (own pad s0 of a_peer·b) ⊕ (received pad of a·b_peer)
-            tr.a.push(a);
-            tr.b.push(b);
-            tr.c.push((if a == 1 { b } else { 0 }) ^ s0 ^ got);
+            recv(&mut self.ot)?;
+            send(&mut self.ot)?;
         }
+        // c = a·b ⊕ (own pad s0 of a_peer·b) ⊕ (received pad of a·b_peer)
+        let c = (0..t)
+            .map(|i| (if a[i] == 1 { b[i] } else { 0 }) ^ s0[i] ^ got[i])
+            .collect();
+        s0.zeroize();
+        got.zeroize();
+        let tr = Triples { a, b, c };
         Ok(tr)
     }
 
@@ -195,13 +205,15 @@ impl<C: RandomCot> MpcSession<C> {
                 continue;
             }
             let mut shift = 0;
-            for &mk in sizes {
+            for (k, &mk) in sizes.iter().enumerate() {
                 let digit_mask = (1u64 << mk) - 1;
                 let choices: Vec<u16> = v
                     .iter()
                     .map(|&y| ((y >> shift) & digit_mask) as u16)
                     .collect();
-                let (st, msg) = self.ot.kn_choose(&choices, mk)?;
+                // leaf 0 carries only the gt bit (as in `receive_leaves`)
+                let w = if k > 0 { 2 } else { 1 };
+                let (st, msg) = self.ot.kn_choose(&choices, mk, w)?;
                 ch.send_vec(msg)?;
                 states.push(st);
                 shift += mk;

@@ -406,7 +406,7 @@ impl<C: RandomCot> MpcSession<C> {
             let choices: Vec<u16> = (0..n)
                 .map(|i| u16::from(m[i] | (carry[i] << 1) | (c[i] << 2)))
                 .collect();
-            let (st, msg) = self.ot.kn_choose(&choices, 3)?;
+            let (st, msg) = self.ot.kn_choose(&choices, 3, l)?;
             ch.send_vec(msg)?;
             let d_c: Vec<u8> = (0..n).map(|i| m[i] ^ carry[i]).collect();
             let mut own = vec![0u64; n];

@@ -835,7 +835,7 @@ fn one_of_n_reply_with_nonzero_padding_is_malformed() {
             ch.send_vec(e).unwrap();
         },
         |s, ch| {
-            let (st, msg) = s.ot().kn_choose(&[0, 1, 0], 1).unwrap();
+            let (st, msg) = s.ot().kn_choose(&[0, 1, 0], 1, 1).unwrap();
             ch.send_vec(msg).unwrap();
             let e = ch.recv().unwrap();
             s.ot().kn_finish(st, 3, 1, &e, 1).err()

@@ -22,7 +22,7 @@
 //! of many OTs share flights. Receiving sides check lengths exactly.
 
 use rand::{CryptoRng, Rng};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::iknp::Iknp;
 use super::kkot::{Kkot, KkotConfig};
@@ -108,12 +108,15 @@ impl Drop for CotChosen {
 pub enum KnChosen {
     /// from m chosen-choice COTs per OT
     Cots {
-        /// the COTs, m per OT
-        cots: CotChosen,
+        /// the receiver's pad of each OT (its chosen slice, see `np_rows`), hashed when the
+        /// choices were made: the state keeps `bits` bits per OT, not m blocks
+        pads: Zeroizing<Vec<u64>>,
         /// the choices
-        choices: Vec<u16>,
+        choices: Zeroizing<Vec<u16>>,
         /// log2 N
         m: u32,
+        /// message width the pads were cut for
+        bits: u32,
     },
     /// from the KK13 extension
     Kk(super::kkot::KkRecv),
@@ -633,6 +636,44 @@ impl<C: RandomCot> OtSession<C> {
         Ok(out)
     }
 
+    /// [`Self::rot_send`] without the output vector: calls `f(i, H(i,k_i), H(i,k_i⊕Δ))` for
+    /// each of the `n` ROTs in order (for callers that keep a few bits of each).
+    pub fn rot_send_each(
+        &mut self,
+        n: usize,
+        f: impl FnMut(usize, Block, Block),
+    ) -> Result<(), OtError> {
+        self.sender_pairs(n, None, f)
+    }
+
+    /// [`Self::rot_recv`] without the output vectors: calls `f(i, b_i, H(i, m_i))` for each
+    /// of the `n` ROTs in order, hashing [`PAIR_CHUNK`] at a time.
+    pub fn rot_recv_each(
+        &mut self,
+        n: usize,
+        mut f: impl FnMut(usize, u8, Block),
+    ) -> Result<(), OtError> {
+        let dir = self.dir_recv();
+        let (idx, r) = self.take_recv_range(n)?;
+        let mut h = [0 as Block; PAIR_CHUNK];
+        for (c, (mc, bc)) in self.recv_m[r.clone()]
+            .chunks(PAIR_CHUNK)
+            .zip(self.recv_bits[r].chunks(PAIR_CHUNK))
+            .enumerate()
+        {
+            let at = c * PAIR_CHUNK;
+            let base = idx + at as u64;
+            let h = &mut h[..mc.len()];
+            self.hash
+                .hash_many(mc, |q| tweak(dir, base + q as u64, 0), h);
+            for (q, (&hq, &b)) in h.iter().zip(bc).enumerate() {
+                f(at + q, b, hq);
+            }
+        }
+        h.zeroize();
+        Ok(())
+    }
+
     /// ROT as receiver: random bits `b_i` and keys `H(i, m_i)`. No traffic.
     pub fn rot_recv(&mut self, n: usize) -> Result<RotRecv, OtError> {
         let dir = self.dir_recv();
@@ -795,27 +836,88 @@ impl<C: RandomCot> OtSession<C> {
         }
     }
 
-    /// Receiver, step 1 of `n` 1-of-2^m OTs with choices `c_i < 2^m`.
-    pub fn kn_choose(&mut self, choices: &[u16], m: u32) -> Result<(KnChosen, Vec<u8>), OtError> {
-        if !(1..=8).contains(&m) {
-            return Err(OtError::BadRequest(format!("1-of-2^{m} OT")));
+    /// Receiver, step 1 of `n` 1-of-2^m OTs of `bits`-bit messages with choices
+    /// `c_i < 2^m`.
+    pub fn kn_choose(
+        &mut self,
+        choices: &[u16],
+        m: u32,
+        bits: u32,
+    ) -> Result<(KnChosen, Vec<u8>), OtError> {
+        if !(1..=8).contains(&m) || !(1..=64).contains(&bits) {
+            return Err(OtError::BadRequest(format!(
+                "1-of-2^{m} OT of {bits}-bit messages"
+            )));
         }
         if let Some(kk) = self.kk.as_mut() {
             let (st, msg) = kk.choose(choices);
             return Ok((KnChosen::Kk(st), msg));
         }
-        let bits: Vec<u8> = choices
-            .iter()
-            .flat_map(|&c| (0..m).map(move |t| ((c >> t) & 1) as u8))
-            .collect();
-        let (cots, msg) = self.cot_choose(&bits)?;
+        if choices.iter().any(|&c| usize::from(c) >> m != 0) {
+            return Err(OtError::BadRequest(format!(
+                "1-of-2^{m} choice out of range"
+            )));
+        }
+        let mu = m as usize;
+        let w = bits as usize;
+        let (idx, range) = self.take_recv_range(choices.len() * mu)?;
+        let recv_m = &self.recv_m[range.clone()];
+        let recv_bits = &self.recv_bits[range];
+        // R ──▶ S: d = c ⊕ b for each of the m COTs of each OT
+        let mut d = BitWriter::with_capacity(choices.len() * mu);
+        for (i, &c) in choices.iter().enumerate() {
+            for t in 0..mu {
+                d.push(u64::from(((c >> t) as u8 ^ recv_bits[i * mu + t]) & 1), 1);
+            }
+        }
+        // the pads, now: slice c of ⊕_t G_{t, c_t}, from the one or two blocks holding it
+        // (`np_rows`), NP_CHUNK OTs hashed in one call
+        let dir = self.dir_recv();
+        let mut pads = Vec::with_capacity(choices.len());
+        let cap = NP_CHUNK * 2 * mu;
+        let mut xs = Vec::with_capacity(cap);
+        let mut tw = Vec::with_capacity(cap);
+        let mut h = vec![0 as Block; cap];
+        let blocks = |c: u16| ((c as usize * w) / 128, ((c as usize + 1) * w - 1) / 128);
+        for (k, cs) in choices.chunks(NP_CHUNK).enumerate() {
+            xs.clear();
+            tw.clear();
+            for (r, &c) in cs.iter().enumerate() {
+                let i = k * NP_CHUNK + r;
+                let (b0, b1) = blocks(c);
+                for (t, &mt) in recv_m[i * mu..(i + 1) * mu].iter().enumerate() {
+                    for s in b0..=b1 {
+                        xs.push(mt);
+                        tw.push(tweak(dir, idx + (i * mu + t) as u64, 1 + s as u16));
+                    }
+                }
+            }
+            let h = &mut h[..xs.len()];
+            self.hash.hash_many(&xs, |q| tw[q], h);
+            let mut at = 0;
+            for &c in cs {
+                let (b0, b1) = blocks(c);
+                let nblk = b1 - b0 + 1;
+                let mut acc = [0 as Block; 2];
+                for _ in 0..mu {
+                    for a in acc.iter_mut().take(nblk) {
+                        *a ^= h[at];
+                        at += 1;
+                    }
+                }
+                pads.push(read_slice(&acc[..nblk], c as usize * w - b0 * 128, w) as u64);
+            }
+        }
+        xs.zeroize();
+        h.zeroize();
         Ok((
             KnChosen::Cots {
-                cots,
-                choices: choices.to_vec(),
+                pads: Zeroizing::new(pads),
+                choices: Zeroizing::new(choices.to_vec()),
                 m,
+                bits,
             },
-            msg,
+            d.finish(),
         ))
     }
 
@@ -1014,56 +1116,21 @@ impl<C: RandomCot> OtSession<C> {
                 None => return Err(OtError::BadRequest("KK13 state without KK13".into())),
             },
             KnChosen::Cots {
-                cots,
+                pads,
                 choices,
                 m: mm,
+                bits: bb,
             } => {
-                // `np_rows`: slice c of ⊕_t G_{t, c_t}, from the one or two blocks holding it
-                let mu = mm as usize;
-                let w = bits as usize;
-                let dir = self.dir_recv();
-                if cots.m.len() != choices.len() * mu {
-                    return Err(OtError::BadRequest("1-of-N state of another size".into()));
+                if (mm, bb) != (m, bits) || pads.len() != choices.len() {
+                    return Err(OtError::BadRequest(format!(
+                        "1-of-N state for 1-of-2^{mm} of {bb} bits, finished as 1-of-2^{m} of {bits}"
+                    )));
                 }
-                let mut pads = Vec::with_capacity(n);
-                // NP_CHUNK OTs hashed in one call: m (or 2m) blocks each
-                let cap = NP_CHUNK * 2 * mu;
-                let mut xs = Vec::with_capacity(cap);
-                let mut tw = Vec::with_capacity(cap);
-                let mut h = vec![0 as Block; cap];
-                for (k, cs) in choices.chunks(NP_CHUNK).enumerate() {
-                    xs.clear();
-                    tw.clear();
-                    for (r, &c) in cs.iter().enumerate() {
-                        let i = k * NP_CHUNK + r;
-                        let (b0, b1) = ((c as usize * w) / 128, ((c as usize + 1) * w - 1) / 128);
-                        for (t, &mt) in cots.m[i * mu..(i + 1) * mu].iter().enumerate() {
-                            for s in b0..=b1 {
-                                xs.push(mt);
-                                tw.push(tweak(dir, cots.idx + (i * mu + t) as u64, 1 + s as u16));
-                            }
-                        }
-                    }
-                    let h = &mut h[..xs.len()];
-                    self.hash.hash_many(&xs, |q| tw[q], h);
-                    let mut at = 0;
-                    for &c in cs {
-                        let (b0, b1) = ((c as usize * w) / 128, ((c as usize + 1) * w - 1) / 128);
-                        let nblk = b1 - b0 + 1;
-                        let mut acc = [0 as Block; 2];
-                        for _ in 0..mu {
-                            for a in acc.iter_mut().take(nblk) {
-                                *a ^= h[at];
-                                at += 1;
-                            }
-                        }
-                        let p = read_slice(&acc[..nblk], c as usize * w - b0 * 128, w);
-                        pads.push((c as usize, p));
-                    }
-                }
-                xs.zeroize();
-                h.zeroize();
-                pads
+                choices
+                    .iter()
+                    .zip(pads.iter())
+                    .map(|(&c, &p)| (usize::from(c), Block::from(p)))
+                    .collect()
             }
         };
         if pads.len() != n {

@@ -186,7 +186,7 @@ fn one_of_n(kk: KkotConfig, m: u32, bits: u32) {
         move |ot, ch| {
             let need = ot.kn_cots(n, m);
             ot.reserve(ch, 0, need).unwrap();
-            let (st, msg) = ot.kn_choose(&c2, m).unwrap();
+            let (st, msg) = ot.kn_choose(&c2, m, bits).unwrap();
             ch.send_vec(msg).unwrap();
             let e = ch.recv().unwrap();
             ot.kn_finish(st, n, m, &e, bits).unwrap()
@@ -244,7 +244,7 @@ fn kk13_truncated_matrix_is_a_named_error_and_poisons() {
             (e, poisoned, again)
         },
         |ot, ch| {
-            let (_st, msg) = ot.kn_choose(&[1; 10], 4).unwrap();
+            let (_st, msg) = ot.kn_choose(&[1; 10], 4, 2).unwrap();
             ch.send_vec(msg).unwrap();
         },
     );
@@ -285,7 +285,7 @@ fn one_of_n_from_cots_pads_have_no_linear_relation() {
         },
         move |ot, ch| {
             ot.reserve(ch, 0, 2 * n).unwrap();
-            let (_st, msg) = ot.kn_choose(&vec![1; n], 2).unwrap();
+            let (_st, msg) = ot.kn_choose(&vec![1; n], 2, 32).unwrap();
             ch.send_vec(msg).unwrap();
             ch.recv().unwrap()
         },
