@@ -231,11 +231,71 @@ pub fn unpack_bits(bytes: &[u8], count: usize, width: u32) -> Result<Vec<u64>, R
     Ok(out)
 }
 
+/// [`pack_bits`] with width 1 for bits held one per byte (the LSB of each byte).
+pub fn pack_bit_bytes(bits: &[u8]) -> Vec<u8> {
+    bits.chunks(8)
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .fold(0u8, |acc, (k, &b)| acc | ((b & 1) << k))
+        })
+        .collect()
+}
+
+/// [`unpack_bits`] with width 1 into one byte per bit: exactly `count` bits, exact
+/// length, zero padding (the same checks and errors).
+pub fn unpack_bit_bytes(bytes: &[u8], count: usize) -> Result<Vec<u8>, RingError> {
+    let expected = count.div_ceil(8);
+    if bytes.len() != expected {
+        return Err(RingError::PackedLength {
+            count,
+            expected,
+            actual: bytes.len(),
+        });
+    }
+    if count % 8 != 0 && bytes[expected - 1] >> (count % 8) != 0 {
+        return Err(RingError::Padding);
+    }
+    let mut out = Vec::with_capacity(count);
+    for &b in bytes {
+        for k in 0..8 {
+            out.push((b >> k) & 1);
+        }
+    }
+    out.truncate(count);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha12Rng;
+
+    #[test]
+    fn bit_bytes_pack_as_width_one() {
+        let mut rng = ChaCha12Rng::seed_from_u64(8);
+        for n in [0usize, 1, 7, 8, 9, 63, 64, 65, 1000] {
+            let bits: Vec<u8> = (0..n).map(|_| rng.random::<u8>() & 1).collect();
+            let wide: Vec<u64> = bits.iter().map(|&b| u64::from(b)).collect();
+            let packed = pack_bit_bytes(&bits);
+            assert_eq!(packed, pack_bits(&wide, 1), "n={n}");
+            assert_eq!(unpack_bit_bytes(&packed, n).unwrap(), bits);
+            // the same errors as unpack_bits
+            let mut long = packed.clone();
+            long.push(0);
+            assert!(matches!(
+                unpack_bit_bytes(&long, n),
+                Err(RingError::PackedLength { .. })
+            ));
+            if n % 8 != 0 {
+                let mut bad = packed.clone();
+                *bad.last_mut().unwrap() |= 0x80;
+                assert!(matches!(unpack_bit_bytes(&bad, n), Err(RingError::Padding)));
+                assert!(matches!(unpack_bits(&bad, n, 1), Err(RingError::Padding)));
+            }
+        }
+    }
 
     #[test]
     fn widths() {

@@ -309,14 +309,11 @@ pub(crate) fn recv_bits(
     n: usize,
 ) -> Result<Vec<u8>, MpcError> {
     let m = recv_len(ch, what, n.div_ceil(8))?;
-    let v = crate::ring::unpack_bits(&m, n, 1)
-        .map_err(|source| MpcError::Malformed { what, source })?;
-    Ok(v.into_iter().map(|b| b as u8).collect())
+    crate::ring::unpack_bit_bytes(&m, n).map_err(|source| MpcError::Malformed { what, source })
 }
 
 pub(crate) fn send_bits(ch: &mut dyn Channel, bits: &[u8]) -> Result<(), MpcError> {
-    let v: Vec<u64> = bits.iter().map(|&b| u64::from(b & 1)).collect();
-    ch.send_vec(crate::ring::pack_bits(&v, 1))?;
+    ch.send_vec(crate::ring::pack_bit_bytes(bits))?;
     Ok(())
 }
 

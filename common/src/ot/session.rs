@@ -28,7 +28,7 @@ use super::iknp::Iknp;
 use super::kkot::{Kkot, KkotConfig};
 use super::{Block, OtError, Party, RandomCot, Tccr};
 use crate::channel::Channel;
-use crate::ring::{Ring, pack_bits, unpack_bits};
+use crate::ring::{Ring, pack_bit_bytes, unpack_bit_bytes};
 
 /// The default smallest extension batch (COTs per direction).
 pub(crate) const DEFAULT_MIN_BATCH: usize = 1 << 12;
@@ -149,7 +149,7 @@ impl Drop for RotRecv {
     }
 }
 
-/// Appends `width`-bit values in the bit order of [`pack_bits`].
+/// Appends `width`-bit values in the bit order of [`pack_bits`](crate::ring::pack_bits).
 pub(crate) struct BitWriter {
     out: Vec<u8>,
     acc: u128,
@@ -184,8 +184,8 @@ impl BitWriter {
     }
 }
 
-/// Random access to `count` packed `width`-bit values (the layout of [`pack_bits`]),
-/// with the same exact-length and zero-padding checks as [`unpack_bits`].
+/// Random access to `count` packed `width`-bit values (the layout of [`pack_bits`](crate::ring::pack_bits)),
+/// with the same exact-length and zero-padding checks as [`unpack_bits`](crate::ring::unpack_bits).
 pub(crate) struct PackedReader<'a> {
     bytes: &'a [u8],
     width: u32,
@@ -279,10 +279,6 @@ fn tweak(dir: u8, idx: u64, sub: u16) -> Block {
 #[inline]
 fn lane(h: Block, v: usize, ring: Ring) -> u64 {
     ring.reduce((h >> (64 * v)) as u64)
-}
-
-fn unpack(what: &'static str, bytes: &[u8], count: usize, width: u32) -> Result<Vec<u64>, OtError> {
-    unpack_bits(bytes, count, width).map_err(|source| OtError::Malformed { what, source })
 }
 
 impl OtSession<Iknp> {
@@ -569,7 +565,7 @@ impl<C: RandomCot> OtSession<C> {
     fn sender_pairs(
         &mut self,
         n: usize,
-        d: Option<&[u64]>,
+        d: Option<&[u8]>,
         mut f: impl FnMut(usize, Block, Block),
     ) -> Result<(), OtError> {
         let (idx, range) = self.take_send(n)?;
@@ -694,13 +690,13 @@ impl<C: RandomCot> OtSession<C> {
     /// `d = c ⊕ b` (packed bits, `ceil(n/8)` bytes) for the sender.
     pub fn cot_choose(&mut self, choices: &[u8]) -> Result<(CotChosen, Vec<u8>), OtError> {
         let (idx, bits, m) = self.take_recv(choices.len())?;
-        let d: Vec<u64> = choices
+        let d: Vec<u8> = choices
             .iter()
             .zip(&bits)
-            .map(|(&c, &b)| u64::from((c ^ b) & 1))
+            .map(|(&c, &b)| (c ^ b) & 1)
             .collect();
         let choices = choices.iter().map(|c| c & 1).collect();
-        Ok((CotChosen { idx, choices, m }, pack_bits(&d, 1)))
+        Ok((CotChosen { idx, choices, m }, pack_bit_bytes(&d)))
     }
 
     /// Takes `n` sender COTs and applies the receiver's choice corrections; returns the
@@ -710,8 +706,10 @@ impl<C: RandomCot> OtSession<C> {
         n: usize,
         d_msg: &[u8],
         what: &'static str,
-    ) -> Result<Vec<u64>, OtError> {
-        unpack(what, d_msg, n, 1).inspect_err(|_| self.poisoned = true)
+    ) -> Result<Vec<u8>, OtError> {
+        unpack_bit_bytes(d_msg, n)
+            .map_err(|source| OtError::Malformed { what, source })
+            .inspect_err(|_| self.poisoned = true)
     }
 
     /// Sender of a chosen-choice COT batch with `w` (1 or 2) correlations per OT:
