@@ -253,7 +253,7 @@ pub fn unpack_bit_bytes(bytes: &[u8], count: usize) -> Result<Vec<u8>, RingError
             actual: bytes.len(),
         });
     }
-    if count % 8 != 0 && bytes[expected - 1] >> (count % 8) != 0 {
+    if !count.is_multiple_of(8) && bytes[expected - 1] >> (count % 8) != 0 {
         return Err(RingError::Padding);
     }
     let mut out = Vec::with_capacity(count);
@@ -288,7 +288,7 @@ mod tests {
                 unpack_bit_bytes(&long, n),
                 Err(RingError::PackedLength { .. })
             ));
-            if n % 8 != 0 {
+            if !n.is_multiple_of(8) {
                 let mut bad = packed.clone();
                 *bad.last_mut().unwrap() |= 0x80;
                 assert!(matches!(unpack_bit_bytes(&bad, n), Err(RingError::Padding)));
