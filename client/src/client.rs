@@ -28,7 +28,7 @@ use fusion_common::channel::{Channel, ChannelError, CostReport, Counting};
 use fusion_common::net::connect::{PeerCertificate, ServerAddress, connect_observed};
 use fusion_common::net::pb::{self, frame::Kind, fusion_client::FusionClient};
 use fusion_common::net::stream::{
-    ChannelConfig, GrpcChannel, OUTBOUND_QUEUE, inbound_capacity, spawn_pump,
+    ChannelConfig, GrpcChannel, OUTBOUND_QUEUE, inbound_capacity, peer_status, spawn_pump,
 };
 use fusion_common::net::tls::{Identity, TlsError, client_config, server_name};
 use fusion_common::net::{
@@ -92,12 +92,37 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The gRPC status code, for errors that carry one.
+    /// The gRPC status code of a refusal or failure by the server, wherever it surfaced:
+    /// the status of a call (e.g. the session's start), or a session the server ended
+    /// with a status after it started ([`ChannelError::PeerStatus`], found in the
+    /// transport's error or in the protocol's error chain). `None` for local failures.
     pub fn code(&self) -> Option<Code> {
         match self {
-            ClientError::Status { code, .. } => Some(*code),
-            _ => None,
+            ClientError::Status { code, .. } => return Some(*code),
+            ClientError::Session(ch) => return peer_status(ch).map(|(c, _)| c),
+            _ => {}
         }
+        let mut src: Option<&(dyn StdError + 'static)> = match self {
+            // the closure's error is boxed: its source() is the inner error itself
+            ClientError::Protocol { source } => Some(source.as_ref()),
+            _ => None,
+        };
+        while let Some(s) = src {
+            let channel = s.downcast_ref::<ChannelError>().or_else(|| {
+                match s.downcast_ref::<fusion_common::backend::BackendError>() {
+                    Some(fusion_common::backend::BackendError::Channel(ch)) => Some(ch),
+                    _ => None,
+                }
+            });
+            if let Some((code, _)) = channel.and_then(peer_status) {
+                return Some(code);
+            }
+            if let Some(inner) = s.downcast_ref::<ClientError>() {
+                return inner.code();
+            }
+            src = s.source();
+        }
+        None
     }
 
     fn status(call: &'static str, s: Status) -> Self {

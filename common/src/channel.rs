@@ -68,6 +68,18 @@ pub enum ChannelError {
     /// The peer (or the transport) reported an error and ended the session.
     #[error("transport error: {0}")]
     Transport(String),
+    /// The peer ended the session with a status: a refusal (a policy, a budget, a bad
+    /// request) or a failure on its side. `code` is the status code of the transport (gRPC
+    /// codes for the product's transport), `name` its name.
+    #[error("the peer ended the session: {name}: {message}")]
+    PeerStatus {
+        /// the numeric status code
+        code: i32,
+        /// the code's name (e.g. `ResourceExhausted`)
+        name: String,
+        /// the peer's message
+        message: String,
+    },
 }
 
 /// A reliable, ordered, message-oriented, blocking duplex to the other party.

@@ -338,6 +338,12 @@ async fn refusals_over_tls_are_named_and_the_server_goes_on() {
             && text.contains("budget exhausted: 4 rows requested, 2 of 10 left"),
         "{text}"
     );
+    // refused inside the session (the batch is counted when accepted): the same typed code
+    // as a refusal at the start
+    let InferError::Client(c) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(c.code(), Some(Code::ResourceExhausted), "in-session: {err}");
     let err = run(
         &alice,
         Inputs::Pixels(&px[..2 * mnist::PIXELS]),

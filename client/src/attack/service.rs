@@ -34,17 +34,15 @@
 use std::error::Error as StdError;
 use std::time::Instant;
 
-use fusion_common::backend::{BackendError, BackendKind, LayerKind};
-use fusion_common::channel::ChannelError;
+use fusion_common::backend::{BackendKind, LayerKind};
 use fusion_common::fixed::FixedPoint;
-use fusion_common::net::stream::peer_status;
 use fusion_common::net::{Budget, OutputMode as WireOutput, ServiceInfo};
 use serde::Serialize;
 use tokio::runtime::Handle;
 use tonic::Code;
 
 use super::oracle::{Oracle, OracleError, OutputMode, check_rows};
-use crate::client::{Client, ClientError};
+use crate::client::Client;
 use crate::infer::{InferError, InferOptions, Inputs, model_spec, run_with_info};
 
 /// Throughput of a [`ServiceOracle`] so far.
@@ -254,34 +252,13 @@ fn service(e: &(dyn StdError + 'static)) -> OracleError {
     OracleError::Service(text)
 }
 
-/// The gRPC code of a refusal by the server, wherever it surfaced: the start's status,
-/// or a session the server ended (read back from the channel error by
-/// [`peer_status`]).
+/// The gRPC code of a refusal by the server, wherever it surfaced (see
+/// [`ClientError::code`]).
 pub fn refusal_code(e: &InferError) -> Option<Code> {
-    let InferError::Client(c) = e else {
-        return None;
-    };
-    if let Some(code) = c.code() {
-        return Some(code);
+    match e {
+        InferError::Client(c) => c.code(),
+        _ => None,
     }
-    let mut src: Option<&(dyn StdError + 'static)> = Some(c);
-    while let Some(s) = src {
-        let channel =
-            s.downcast_ref::<ChannelError>()
-                .or_else(|| match s.downcast_ref::<BackendError>() {
-                    Some(BackendError::Channel(ch)) => Some(ch),
-                    _ => None,
-                });
-        if let Some(code) = channel.and_then(peer_status).map(|(code, _)| code) {
-            return Some(code);
-        }
-        src = match s.downcast_ref::<ClientError>() {
-            // the closure's error is boxed: its source() is the inner error itself
-            Some(ClientError::Protocol { source }) => Some(source.as_ref()),
-            _ => s.source(),
-        };
-    }
-    None
 }
 
 impl Oracle for ServiceOracle {

@@ -151,7 +151,7 @@ pub trait SecureInference {
 pub trait InferenceClient: Send {
     /// Runs one batch of `rows` rows (`inputs` row-major, ring elements, the model's input
     /// length each) and returns what `output` releases. The server may refuse the batch
-    /// (its error then arrives as a transport error naming the refusal).
+    /// (its error then arrives as [`ChannelError::PeerStatus`] with the refusal's code).
     fn run_batch<R: Rng + CryptoRng + ?Sized>(
         &mut self,
         ch: &mut dyn Channel,

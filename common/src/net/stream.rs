@@ -337,25 +337,26 @@ fn block_on<F: Future>(
 
 /// The transport error for a status received on the stream.
 pub fn status_error(status: &Status) -> ChannelError {
-    ChannelError::Transport(format!("{:?}: {}", status.code(), clip(status.message())))
+    ChannelError::PeerStatus {
+        code: status.code() as i32,
+        name: format!("{:?}", status.code()),
+        message: clip(status.message()),
+    }
 }
 
-/// The peer's status inside a transport error: the inverse of [`status_error`].
+/// The peer's status in a channel error: the inverse of [`status_error`].
 ///
 /// A refusal that ends a session after it started (a batch over the budget, logits asked
-/// of a labels-only server) reaches the protocol as [`ChannelError::Transport`] with the
-/// text `"<Code>: <message>"`; this gives back the code and the message, `None` for every
-/// other error (an abort frame, a closed stream, a local failure).
+/// of a labels-only server) reaches the protocol as [`ChannelError::PeerStatus`]; this
+/// gives back its gRPC code and message, `None` for every other error (an abort frame, a
+/// closed stream, a local failure).
 pub fn peer_status(err: &ChannelError) -> Option<(Code, &str)> {
-    let ChannelError::Transport(text) = err else {
-        return None;
-    };
-    let (name, message) = text.split_once(": ")?;
-    // the 17 codes of the gRPC status space, 0..=16
-    let code = (0..=16)
-        .map(Code::from_i32)
-        .find(|c| format!("{c:?}") == name)?;
-    Some((code, message))
+    match err {
+        ChannelError::PeerStatus { code, message, .. } => {
+            Some((Code::from_i32(*code), message.as_str()))
+        }
+        _ => None,
+    }
 }
 
 /// The gRPC code a session ends with when its channel fails with `err`.
@@ -368,7 +369,9 @@ pub fn status_code(err: &ChannelError) -> Code {
         | ChannelError::Truncated { .. }
         | ChannelError::Malformed(_) => Code::InvalidArgument,
         ChannelError::Timeout(_) => Code::DeadlineExceeded,
-        ChannelError::Closed | ChannelError::Transport(_) => Code::Aborted,
+        ChannelError::Closed | ChannelError::Transport(_) | ChannelError::PeerStatus { .. } => {
+            Code::Aborted
+        }
     }
 }
 
@@ -447,11 +450,11 @@ mod tests {
         });
         let e = ch.send(b"x").unwrap_err();
         assert!(
-            matches!(&e, ChannelError::Transport(m) if m.contains("FailedPrecondition") && m.contains("batch refused: no")),
+            matches!(&e, ChannelError::PeerStatus { name, message, .. } if name == "FailedPrecondition" && message == "batch refused: no"),
             "{e}"
         );
         // and the channel stays failed with that error
-        assert!(matches!(ch.recv(), Err(ChannelError::Transport(_))));
+        assert!(matches!(ch.recv(), Err(ChannelError::PeerStatus { .. })));
         // a peer that went away without a reason: Closed
         let (mut ch, out_rx, in_tx) = client_end(cfg, &rt);
         drop((out_rx, in_tx));
@@ -569,7 +572,9 @@ mod tests {
             let r = ch.recv();
             let ok = match (&r, want) {
                 (Err(ChannelError::FrameTooLarge { .. }), "frame-too-large") => true,
-                (Err(ChannelError::Transport(m)), "transport") => m.contains("ResourceExhausted"),
+                (Err(ChannelError::PeerStatus { name, .. }), "transport") => {
+                    name == "ResourceExhausted"
+                }
                 (Err(ChannelError::Transport(m)), "abort") => {
                     m.contains("aborted") && m.len() < MAX_REASON + 100
                 }
@@ -593,17 +598,19 @@ mod tests {
             let e = status_error(&Status::new(code, "batch refused: x: y"));
             assert_eq!(peer_status(&e), Some((code, "batch refused: x: y")), "{e}");
         }
-        // not a status: an abort frame, other errors, a malformed text
+        // not a status: an abort frame, other errors, a text that only looks like one
         let abort = ChannelError::Transport("the peer aborted the session: no".into());
         assert_eq!(peer_status(&abort), None);
         assert_eq!(peer_status(&ChannelError::Closed), None);
         assert_eq!(
-            peer_status(&ChannelError::Transport("ResourceExhausted".into())),
+            peer_status(&ChannelError::Transport("ResourceExhausted: budget".into())),
             None
         );
+        // the error's text still names the code and the message
+        let e = status_error(&Status::resource_exhausted("budget exhausted: 4 of 2"));
         assert_eq!(
-            peer_status(&ChannelError::Transport("Nonsense: x".into())),
-            None
+            e.to_string(),
+            "the peer ended the session: ResourceExhausted: budget exhausted: 4 of 2"
         );
     }
 
@@ -621,7 +628,10 @@ mod tests {
         in_tx
             .blocking_send(Err(Status::invalid_argument("bad rows")))
             .unwrap();
-        assert!(matches!(ch.finish(), Err(ChannelError::Transport(m)) if m.contains("bad rows")));
+        assert!(matches!(
+            ch.finish(),
+            Err(ChannelError::PeerStatus { name, message, .. }) if name == "InvalidArgument" && message == "bad rows"
+        ));
         let (ch, _o, in_tx) = client_end(config(MIN_FRAME_LIMIT, 1 << 20, Some(5_000)), &rt);
         drop(in_tx);
         assert!(ch.finish().is_ok());
