@@ -699,8 +699,8 @@ impl<C: RandomCot> OtSession<C> {
         Ok((CotChosen { idx, choices, m }, pack_bit_bytes(&d)))
     }
 
-    /// Takes `n` sender COTs and applies the receiver's choice corrections; returns the
-    /// choice corrections `d` (n bits) of a chosen-choice batch, unpacked.
+    /// The receiver's choice corrections `d` (n bits, one per byte) of a chosen-choice
+    /// batch, from its message (exact length, zero padding; poisons the session if not).
     fn corrections(
         &mut self,
         n: usize,
