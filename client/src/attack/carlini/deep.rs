@@ -21,10 +21,13 @@
 //!     accepted clusters of one neuron (normals within |cos| 0.95, or 0.8 with shared
 //!         points) are merged
 //! until the first layer's width is accepted, or the query cap, budget or a stall
-//! under rounded outputs (fixed point), each accepted row is refitted (`targeted_queries`):
-//!     short segments across its plane near points already on it (offsets growing in 3
-//!     stages), the kink nearest the plane on each, total least squares (trimmed) after
-//!     each stage; kept if within |cos| 0.97 of the coarse row
+//! under rounded outputs (fixed point), each row is refitted right after the round that
+//!     accepts it (at most 20k rows each; collection and refits share one budget,
+//!     `max_queries + targeted_queries`): short segments across its plane near points
+//!     already on it (offsets growing in 3 stages), the kink nearest the plane on each,
+//!     total least squares (trimmed) after each stage; kept if within |cos| 0.97 of the
+//!     coarse row; later critical points within 0.01 of a refitted plane are not probed,
+//!     and rounds after the first refit are 4 times shorter (the skip takes effect sooner)
 //! ```
 //! Under rounded outputs the second-difference step is 3 times larger and every probe
 //! point and step lies on the 2^-12 input grid; the clean-switch check allows the
@@ -215,6 +218,10 @@ struct Cluster {
     sigs: Vec<Vec<f64>>,
     /// members when the cheap far-away check last ran (0: never)
     checked_at: usize,
+    /// the refitted row (refit right after acceptance, under rounded outputs)
+    refit: Option<Row>,
+    /// whether the refit ran (converged or not)
+    refit_tried: bool,
 }
 
 impl Cluster {
@@ -297,6 +304,7 @@ pub(crate) fn first_layer(
     let mut since_accept = 0;
     let mut noisy = false;
     let (mut rounds, mut skipped) = (0usize, 0usize);
+    let mut refine_queries = 0u64;
     let (mut skipped_deeper, mut cheap_segments) = (0usize, 0usize);
     let mut deeper: Vec<Vec<f64>> = Vec::new();
     let bar = progress::bar(show_progress, width as u64, "first-layer rows");
@@ -313,6 +321,7 @@ pub(crate) fn first_layer(
             &mut deeper,
             &mut verify_queries,
             rounds,
+            collect_cap(cfg, noisy, refine_queries),
         );
         rounds += 1;
         match result {
@@ -333,6 +342,18 @@ pub(crate) fn first_layer(
                 break;
             }
         }
+        // Refit every newly accepted row at once (rounded outputs only): its precise
+        // plane lets the rest of the search skip this neuron's kinks without a probe.
+        if noisy && cfg.targeted_queries > 0 {
+            let before = oracle.queries();
+            let left = (cfg.max_queries + cfg.targeted_queries).saturating_sub(before);
+            let r = refit_new(oracle, &mut clusters, rng, left);
+            refine_queries += oracle.queries() - before;
+            if let Err(e) = r {
+                stopped = Some(e);
+                break;
+            }
+        }
         let done = accepted(&clusters);
         bar.set_position(done as u64);
         bar.set_message(format!(
@@ -340,7 +361,10 @@ pub(crate) fn first_layer(
             clusters.len(),
             oracle.queries()
         ));
-        if done >= width || oracle.queries() >= cfg.max_queries || since_accept >= STALL_ROUNDS {
+        if done >= width
+            || oracle.queries() >= collect_cap(cfg, noisy, refine_queries)
+            || since_accept >= STALL_ROUNDS
+        {
             break;
         }
     }
@@ -351,23 +375,33 @@ pub(crate) fn first_layer(
     let mut rows: Vec<Row> = accepted_clusters
         .iter()
         .map(|c| {
-            let w = c.normal();
-            let b = c.offset(&w);
-            Row {
-                w,
-                b,
-                points: c.xs.len(),
-                refined: false,
-            }
+            c.refit.clone().unwrap_or_else(|| {
+                let w = c.normal();
+                let b = c.offset(&w);
+                Row {
+                    w,
+                    b,
+                    points: c.xs.len(),
+                    refined: false,
+                }
+            })
         })
         .collect();
     // Refinement: many critical points on each accepted plane, one total-least-squares
     // fit (precision from points, not from the coarse second differences).
-    let (mut refine_queries, mut refined) = (0u64, 0usize);
+    let mut refined = rows.iter().filter(|r| r.refined).count();
     // Only under rounded outputs: exact second differences are already precise (a few
     // 1e-4), more than a fit through about d points near a few anchors.
-    if noisy && stopped.is_none() && cfg.targeted_queries > 0 && !rows.is_empty() {
-        let per_row = cfg.targeted_queries / rows.len() as u64;
+    // Rows not refitted during the search (accepted when its refit budget was spent)
+    // share what is left of it.
+    let todo = accepted_clusters
+        .iter()
+        .filter(|c| !c.refit_tried)
+        .count()
+        .max(1) as u64;
+    let left = (cfg.max_queries + cfg.targeted_queries).saturating_sub(oracle.queries());
+    if noisy && stopped.is_none() && cfg.targeted_queries > 0 && left > 0 && !rows.is_empty() {
+        let per_row = left / todo;
         let bar = progress::bar(
             show_progress,
             rows.len() as u64,
@@ -375,6 +409,10 @@ pub(crate) fn first_layer(
         );
         let before = oracle.queries();
         for (row, c) in rows.iter_mut().zip(&accepted_clusters) {
+            if c.refit_tried {
+                bar.inc(1);
+                continue;
+            }
             match refine_row(oracle, row, &c.xs, rng, per_row) {
                 Ok(true) => refined += 1,
                 Ok(false) => {}
@@ -386,7 +424,7 @@ pub(crate) fn first_layer(
             bar.inc(1);
         }
         bar.finish_and_clear();
-        refine_queries = oracle.queries() - before;
+        refine_queries += oracle.queries() - before;
     }
     // Precise far-away check (only where the refit ran): a row is claimed only if its
     // refit converged (a deeper neuron's or a bad cluster's refit drifts from the coarse
@@ -500,8 +538,17 @@ fn round(
     deeper: &mut Vec<Vec<f64>>,
     verify_queries: &mut u64,
     round_no: usize,
+    cap: u64,
 ) -> Result<RoundStats, OracleError> {
-    let batch: Vec<Line> = (0..cfg.lines_per_round.max(1))
+    // Under rounded outputs with early refits, shorter rounds: the planes refitted after
+    // each round are skipped sooner.
+    let per_round =
+        if round_no > 0 && cfg.targeted_queries > 0 && clusters.iter().any(|c| c.refit_tried) {
+            (cfg.lines_per_round / 4).max(1)
+        } else {
+            cfg.lines_per_round.max(1)
+        };
+    let batch: Vec<Line> = (0..per_round)
         .filter_map(|_| {
             if images.is_empty() || rng.random_range(0..4) == 0 {
                 Some(Line::random(rng, d))
@@ -526,13 +573,16 @@ fn round(
         cheap_segments: 0,
     };
     // Probe every kink with a clear slope change and room on both sides.
-    let known: Vec<(Vec<f64>, f64)> = clusters
+    let known: Vec<(Vec<f64>, f64, f64)> = clusters
         .iter()
         .filter(|c| c.accepted)
-        .map(|c| {
-            let n = c.normal();
-            let b = c.offset(&n);
-            (n, b)
+        .map(|c| match &c.refit {
+            Some(r) => (r.w.clone(), r.b, KNOWN_REFIT_TOL),
+            None => {
+                let n = c.normal();
+                let b = c.offset(&n);
+                (n, b, 0.2 * PLANE_TOL)
+            }
         })
         .collect();
     let mut jobs = Vec::new();
@@ -560,7 +610,7 @@ fn round(
         let x = line.at(k.t);
         if known
             .iter()
-            .any(|(n, b)| (dot(n, &x) + b).abs() < 0.2 * PLANE_TOL)
+            .any(|(n, b, tol)| (dot(n, &x) + b).abs() < *tol)
         {
             stats.skipped += 1;
             continue;
@@ -585,7 +635,7 @@ fn round(
     let mut probes = Vec::new();
     for chunk in jobs.chunks(PROBE_CHUNK) {
         // The query cap holds within a round too.
-        if oracle.queries() >= cfg.max_queries {
+        if oracle.queries() >= cap {
             break;
         }
         for p in probe(oracle, chunk)? {
@@ -635,7 +685,7 @@ fn round(
         })
         .collect();
     for chunk in todo.chunks(CHEAP_BATCH) {
-        if oracle.queries() >= cfg.max_queries {
+        if oracle.queries() >= cap {
             break;
         }
         let before = oracle.queries();
@@ -712,6 +762,13 @@ fn merge_accepted(clusters: &mut Vec<Cluster>) -> usize {
                 }
                 a.lines.extend(b.lines);
                 a.sigs.extend(b.sigs);
+                // A refitted plane survives the merge; the merged cluster counts as
+                // tried only if both were.
+                a.refit_tried = (a.refit_tried && b.refit_tried) || a.refit.is_some();
+                if a.refit.is_none() {
+                    a.refit = b.refit;
+                    a.refit_tried |= a.refit.is_some();
+                }
                 merged += 1;
             } else {
                 j += 1;
@@ -962,6 +1019,8 @@ fn place(clusters: &mut Vec<Cluster>, p: Probe, noise: f64) {
             lines: vec![p.line],
             sigs: vec![p.sig],
             checked_at: 0,
+            refit: None,
+            refit_tried: false,
         }),
     }
 }
@@ -1198,6 +1257,65 @@ fn refine_row(
     Ok(commit(row, &pts, fitted, &w, b))
 }
 
+/// Distance (input units) to a refitted plane within which a critical point is taken as
+/// that neuron's and not probed (coarse planes: `0.2 x PLANE_TOL`).
+const KNOWN_REFIT_TOL: f64 = 0.01;
+/// Rows spent at most on the refit of one row during the search (a full refit, 3
+/// stages to 2.2 d points, takes about 35k on the bundled model).
+const REFIT_ROW_CAP: u64 = 20_000;
+
+/// The query count at which collection stops: `max_queries` plus the rows spent on
+/// refits; under rounded outputs with a refit budget, the two budgets are one pool
+/// (collection may use what the refits left, keeping [`REFIT_RESERVE`] rows for the
+/// refit of the rows its last round accepts).
+fn collect_cap(cfg: &CarliniConfig, noisy: bool, refine_queries: u64) -> u64 {
+    if noisy && cfg.targeted_queries > 0 {
+        (cfg.max_queries + cfg.targeted_queries).saturating_sub(REFIT_RESERVE)
+    } else {
+        cfg.max_queries + refine_queries
+    }
+}
+
+/// Rows of the pooled budget kept for the refits of the last collection round.
+const REFIT_RESERVE: u64 = 3 * REFIT_ROW_CAP;
+
+/// Refits every accepted cluster not refitted yet, each with at most
+/// [`REFIT_ROW_CAP`] rows and all within `budget`.
+fn refit_new(
+    oracle: &mut dyn Oracle,
+    clusters: &mut [Cluster],
+    rng: &mut ChaCha8Rng,
+    budget: u64,
+) -> Result<(), OracleError> {
+    let start = oracle.queries();
+    for c in clusters.iter_mut().filter(|c| c.accepted && !c.refit_tried) {
+        let spent = oracle.queries() - start;
+        if spent >= budget {
+            break;
+        }
+        let w = c.normal();
+        let b = c.offset(&w);
+        let mut row = Row {
+            w,
+            b,
+            points: c.xs.len(),
+            refined: false,
+        };
+        let ok = refine_row(
+            oracle,
+            &mut row,
+            &c.xs,
+            rng,
+            REFIT_ROW_CAP.min(budget - spent),
+        )?;
+        c.refit_tried = true;
+        if ok {
+            c.refit = Some(row);
+        }
+    }
+    Ok(())
+}
+
 /// Smallest |cos| between a refitted normal and the coarse one for the refit to replace
 /// it (a refinement that picked other neurons' kinks drifts away: the coarse row stays).
 const REFINE_MIN_COS: f64 = 0.97;
@@ -1353,6 +1471,8 @@ mod merge_tests {
             tries: 0,
             far_away: true,
             checked_at: 0,
+            refit: None,
+            refit_tried: false,
         }
     }
 
