@@ -308,12 +308,9 @@ impl Setting {
         while k <= b {
             // n_big batches of small + 1, the rest of small (small ≥ 1 as k ≤ b)
             let (small, n_big) = (b / k, b % k);
-            let big = if n_big > 0 {
-                fits(small + 1)
-            } else {
-                fits(small)
-            };
-            if let (Some(sb), Some(ss)) = (big, fits(small)) {
+            let ss = fits(small);
+            let big = if n_big > 0 { fits(small + 1) } else { ss };
+            if let (Some(sb), Some(ss)) = (big, ss) {
                 return Ok((0..k).map(|i| if i < n_big { sb } else { ss }).collect());
             }
             k += 1;

@@ -56,12 +56,31 @@ impl RunRecord {
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
-        let model = Path::new(&self.model)
+        format!("run-{}-{}-{}.json", self.attack, self.model_stem(), policy)
+    }
+
+    /// The victim model's file name (for the tables).
+    fn model_file(&self) -> String {
+        Path::new(&self.model)
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The victim model's file name without its extension (for run files and plots).
+    fn model_stem(&self) -> String {
+        Path::new(&self.model)
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        format!("run-{}-{}-{}.json", self.attack, model, policy)
+            .unwrap_or_default()
     }
+}
+
+/// The number under `key` of a JSON object, NaN when missing.
+fn json_f64(v: &serde_json::Value, key: &str) -> f64 {
+    v.get(key)
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(f64::NAN)
 }
 
 /// Writes `run` into `dir` and rebuilds the merged report; returns the paths written.
@@ -118,10 +137,7 @@ pub fn markdown(runs: &[RunRecord]) -> String {
     for r in runs {
         let last = r.curve.last();
         let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", 100.0 * v));
-        let model = Path::new(&r.model)
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let model = r.model_file();
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {:.1} | {} |\n",
             r.attack,
@@ -158,15 +174,8 @@ fn carlini_lines(runs: &[RunRecord]) -> Option<String> {
             continue;
         };
         any = true;
-        let f = |k: &str| {
-            m.get(k)
-                .and_then(serde_json::Value::as_f64)
-                .unwrap_or(f64::NAN)
-        };
-        let model = Path::new(&r.model)
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let f = |k: &str| json_f64(m, k);
+        let model = r.model_file();
         s.push_str(&format!(
             "| {} | {} | {}/{} | {:.3e} | {:.3e} | {:.2}% | {:.2e} / {:.2e} | {:.2e} |\n",
             model,
@@ -201,16 +210,8 @@ fn first_layer_lines(runs: &[RunRecord]) -> Option<String> {
             .cloned()
             .unwrap_or(serde_json::Value::Null);
         let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64);
-        let x = |v: &serde_json::Value, k: &str| {
-            v.get(k)
-                .and_then(serde_json::Value::as_f64)
-                .unwrap_or(f64::NAN)
-        };
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-        let model = Path::new(&r.model)
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let model = r.model_file();
         s.push_str(&format!(
             "| {} | {} | {} of {} | {} | {} | {:.2e} / {:.2e} | {} of {} |\n",
             model,
@@ -219,8 +220,8 @@ fn first_layer_lines(runs: &[RunRecord]) -> Option<String> {
             opt(n(fl, "width")),
             opt(n(&m, "matched")),
             opt(n(&m, "spurious")),
-            x(&m, "row_rel_error_max"),
-            x(&m, "row_rel_error_mean"),
+            json_f64(&m, "row_rel_error_max"),
+            json_f64(&m, "row_rel_error_mean"),
             opt(n(fl, "probes_rejected")),
             opt(n(fl, "probed")),
         ));
@@ -287,10 +288,7 @@ pub fn plot(path: &Path, runs: &[RunRecord]) -> anyhow::Result<()> {
             .iter()
             .map(|p| ((p.queries.max(10)) as f64, 100.0 * p.agreement))
             .collect();
-        let model = Path::new(&r.model)
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let model = r.model_stem();
         let label = format!("{} {} ({})", r.attack, model, r.policy);
         // Defended runs dashed with crosses, undefended solid with dots.
         let series = if r.defended {
@@ -333,10 +331,7 @@ pub fn plot(path: &Path, runs: &[RunRecord]) -> anyhow::Result<()> {
     // Runs without a curve (refused, e.g. extraction against labels only) as notes.
     let mut y = 330;
     for r in runs.iter().filter(|r| r.curve.is_empty()) {
-        let model = Path::new(&r.model)
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let model = r.model_stem();
         let outcome = r.outcome.as_deref().unwrap_or("no result");
         let short: String = outcome.chars().take(64).collect();
         let text = format!(

@@ -51,10 +51,18 @@ fn extract(
         points_per_neuron: per_neuron,
         ..CarliniConfig::default()
     };
+    extract_with(model, oracle, ar, &cfg).report
+}
+
+/// The extraction of `model` through `oracle` under `cfg`, measured against `model`.
+fn extract_with(
+    model: &Model,
+    oracle: &mut dyn Oracle,
+    ar: Arithmetic,
+    cfg: &CarliniConfig,
+) -> Extraction {
     let arch = model.architecture().clone();
-    carlini(oracle, &arch, &cfg, Some((model, ar)), None, false)
-        .unwrap()
-        .report
+    carlini(oracle, &arch, cfg, Some((model, ar)), None, false).unwrap()
 }
 
 /// The threshold: the first layer of a 784-16-10 network to 1e-3 relative error
@@ -219,16 +227,7 @@ fn recovers_first_layer_of_784_16_8_10_against_f32() {
         targeted_queries: 300_000,
         ..CarliniConfig::default()
     };
-    let arch = model.architecture().clone();
-    let ex = carlini(
-        &mut oracle,
-        &arch,
-        &cfg,
-        Some((&model, Arithmetic::F32)),
-        None,
-        false,
-    )
-    .unwrap();
+    let ex = extract_with(&model, &mut oracle, Arithmetic::F32, &cfg);
     let r = &ex.report;
     let fl = r.first_layer.as_ref().unwrap();
     let m = fl.metrics.as_ref().unwrap();
@@ -343,16 +342,7 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
         targeted_queries: 1_000_000,
         ..CarliniConfig::default()
     };
-    let arch = model.architecture().clone();
-    let ex = carlini(
-        &mut oracle,
-        &arch,
-        &cfg,
-        Some((&model, Arithmetic::Fixed)),
-        None,
-        false,
-    )
-    .unwrap();
+    let ex = extract_with(&model, &mut oracle, Arithmetic::Fixed, &cfg);
     let r = &ex.report;
     let fl = r.first_layer.as_ref().unwrap();
     let m = fl.metrics.as_ref().unwrap();
