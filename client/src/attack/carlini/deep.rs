@@ -449,7 +449,9 @@ pub(crate) fn first_layer(
             "refining first-layer rows",
         );
         let before = oracle.queries();
-        let total = cfg.max_queries + cfg.targeted_queries;
+        // the precise far-away check after the refits stays within the pool too
+        let total = (cfg.max_queries + cfg.targeted_queries)
+            .saturating_sub(PRECISE_RESERVE * rows.len() as u64);
         let mut pts: Vec<Option<Vec<Vec<f64>>>> = accepted_clusters
             .iter()
             .map(|c| {
@@ -951,6 +953,9 @@ const PRECISE_TOL: (f64, f64) = (0.004, 0.003);
 /// 0 to 5 (test below).
 const PRECISE_SEGMENTS: usize = 12;
 const PRECISE_MIN_HITS: usize = 7;
+/// Rows of the pooled budget kept per row for its precise check (about 210 a row on the
+/// bundled model).
+const PRECISE_RESERVE: u64 = 300;
 
 /// Whether a row with `hits` kinks on `segs` far segments passes the precise check.
 fn passes_precise(hits: usize, segs: usize) -> bool {
