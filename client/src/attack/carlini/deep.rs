@@ -1713,6 +1713,109 @@ mod precise_tests {
     use crate::attack::oracle::{LocalFixedOracle, Policy};
     use rand::SeedableRng;
 
+    /// A newly accepted cluster on a refitted plane (coarse normal 0.9 from the row,
+    /// members on the plane) is not refitted: no row spent, counted as a duplicate, no
+    /// refit of its own; a cluster of another neuron in the same call is refitted.
+    #[test]
+    fn a_cluster_on_a_refitted_plane_is_not_refitted_again() {
+        let model = super::super::tests::random_deep_model(256, 12, 8, 10, 5);
+        let layers = reference::dense_layers(&model, Arithmetic::Fixed);
+        let (w1, b1) = layers.first().unwrap();
+        let mut oracle = LocalFixedOracle::new(model.clone(), Policy::undefended());
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let d = w1.ncols();
+        let plane = |i: usize| {
+            let norm = w1.row(i).dot(&w1.row(i)).sqrt();
+            let w: Vec<f64> = w1.row(i).iter().map(|v| v / norm).collect();
+            (w, b1[i] / norm)
+        };
+        let on = |rng: &mut ChaCha8Rng, w: &[f64], b: f64| -> Vec<f64> {
+            let x: Vec<f64> = (0..d).map(|_| rng.random_range(0.3..0.7)).collect();
+            let z = dot(w, &x) + b;
+            x.iter().zip(w).map(|(v, n)| v - z * n).collect()
+        };
+        let cluster = |n: Vec<f64>, xs: Vec<Vec<f64>>, refit: Option<Row>| Cluster {
+            sum: n,
+            lines: (0..xs.len()).map(|i| (0, i)).collect(),
+            sigs: Vec::new(),
+            xs,
+            accepted: true,
+            tries: 0,
+            far_away: true,
+            checked_at: 0,
+            refit_tried: refit.is_some(),
+            refit,
+            refit_pts: Vec::new(),
+        };
+        let (w0, b0) = plane(0);
+        let known = Row {
+            w: w0.clone(),
+            b: b0,
+            points: 400,
+            refined: true,
+        };
+        // a coarse normal of neuron 0, |cos| 0.9 from its row
+        let g: Vec<f64> = (0..d).map(|_| gauss(&mut rng)).collect();
+        let gn = dot(&g, &w0);
+        let g = unit(
+            &g.iter()
+                .zip(&w0)
+                .map(|(a, n)| a - gn * n)
+                .collect::<Vec<_>>(),
+        );
+        let s = (1.0f64 - 0.81).sqrt() / 0.9;
+        let coarse = unit(
+            &w0.iter()
+                .zip(&g)
+                .map(|(n, a)| n + s * a)
+                .collect::<Vec<_>>(),
+        );
+        assert!((dot(&coarse, &w0) - 0.9).abs() < 1e-9);
+        let xs0: Vec<Vec<f64>> = (0..4).map(|_| on(&mut rng, &w0, b0)).collect();
+        let (w1r, b1r) = plane(1);
+        let xs1: Vec<Vec<f64>> = (0..4).map(|_| on(&mut rng, &w1r, b1r)).collect();
+        let mut clusters = vec![
+            cluster(w0.clone(), xs0.clone(), Some(known)),
+            cluster(coarse, xs0, None),
+            cluster(w1r, xs1, None),
+        ];
+        let (mut retried, mut duplicates) = (0, 0);
+        // only the duplicate: no row spent
+        let mut dup_only = clusters[..2].to_vec();
+        refit_new(
+            &mut oracle,
+            &mut dup_only,
+            &mut rng,
+            100_000,
+            &mut retried,
+            &mut duplicates,
+        )
+        .unwrap();
+        assert_eq!(oracle.queries(), 0, "rows spent on a duplicate");
+        assert_eq!(duplicates, 1);
+        assert!(dup_only[1].refit_tried && dup_only[1].refit.is_none());
+        // with a cluster of another neuron: that one is refitted
+        duplicates = 0;
+        refit_new(
+            &mut oracle,
+            &mut clusters,
+            &mut rng,
+            100_000,
+            &mut retried,
+            &mut duplicates,
+        )
+        .unwrap();
+        assert_eq!(duplicates, 1);
+        assert!(clusters[1].refit.is_none());
+        assert!(oracle.queries() > 0);
+        assert!(clusters[2].refit_tried);
+        let r = clusters[2]
+            .refit
+            .as_ref()
+            .expect("the other neuron's refit");
+        assert!(dot(&r.w, &plane(1).0).abs() > 0.99, "refit off its neuron");
+    }
+
     /// Newton steps from `x` to a point of the cube where second-layer neuron `k` is zero
     /// (within the linear region it ends in); the region's normal and offset there.
     fn second_layer_point(
