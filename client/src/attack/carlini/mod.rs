@@ -70,7 +70,9 @@ pub struct CarliniConfig {
     pub use_images: bool,
     /// rows of the second phase (0: none): lines aimed at the corners where neurons not
     /// yet found switch (one hidden layer), or the refit of the first-layer rows from many
-    /// critical points (deeper networks, rounded outputs)
+    /// critical points (deeper networks, rounded outputs: the refits run during collection
+    /// and the two budgets are one pool of `max_queries + targeted_queries` rows, all of
+    /// it spent: what collection leaves goes to a final refit of the converged rows)
     #[serde(default)]
     pub targeted_queries: u64,
 }

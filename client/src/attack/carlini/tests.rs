@@ -338,8 +338,10 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
     let mut oracle = LocalFixedOracle::new(model.clone(), Policy::undefended());
     let cfg = CarliniConfig {
         lines_per_round: 16,
-        max_queries: 1_000_000,
-        targeted_queries: 1_000_000,
+        // one pool of 600k rows: collection, early refits, then the final refits of the
+        // converged rows with all that is left
+        max_queries: 300_000,
+        targeted_queries: 300_000,
         ..CarliniConfig::default()
     };
     let ex = extract_with(&model, &mut oracle, Arithmetic::Fixed, &cfg);
@@ -354,7 +356,10 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
     // converged and passes the precise far-away check: 8 matched, 0 spurious (4 refits
     // drifted onto other neurons' kinks, cos 0.06 to 0.93 to the coarse row: 3 of those
     // were true rows, lost).
-    assert!(m.matched >= 8, "rows matched: {}", m.matched);
+    // Refitting each row right after acceptance (first stage), a second early refit
+    // of drifted fits, and a final refit of every converged row with what is left of
+    // the pooled budget: 10 matched, 0 spurious, all within 1e-2 (mean 2.5e-3), 525k rows.
+    assert!(m.matched >= 9, "rows matched: {}", m.matched);
     assert_eq!(m.spurious, 0, "spurious rows");
     assert!(fl.dropped_unrefined + fl.precise_rejected <= 5);
     assert!(fl.accepted_far_away >= 8, "{}", fl.accepted_far_away);
@@ -362,6 +367,7 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
     assert_eq!(m.near_090, m.distinct_090, "two rows of one neuron");
     // The coarse normals are a few per cent off; only refitted rows reach 1e-2.
     assert!(fl.refined >= 1, "rows refined: {}", fl.refined);
-    assert!(m.within_1e2 >= 1, "rows within 1e-2: {}", m.within_1e2);
+    assert!(m.within_1e2 >= 8, "rows within 1e-2: {}", m.within_1e2);
+    assert!(fl.final_refits >= 8, "final refits: {}", fl.final_refits);
     assert!(r.queries <= 600_000, "queries {}", r.queries);
 }
