@@ -528,7 +528,7 @@ fn deep_first_layer(
     };
     let mut first = fl.report;
     if let Some((v, ar)) = victim {
-        first.metrics = deep::measure(&fl.rows, v, ar);
+        first.metrics = deep::measure(&fl.rows, v, ar, images);
     }
     let seconds = start.elapsed().as_secs_f64();
     let report = CarliniReport {
