@@ -155,6 +155,11 @@ pub struct CarliniArgs {
     /// rounded outputs)
     #[arg(long, default_value_t = 1_500_000)]
     pub targeted_queries: u64,
+    /// deeper networks, rounded outputs: probe weak rejected kinks again with a larger
+    /// step and judge a probe once more without its 2% worst inputs (more rows, but may
+    /// claim a spurious one; off by default)
+    #[arg(long)]
+    pub retry_weak_probes: bool,
     /// samples per line at the first search level
     #[arg(long, default_value_t = 64)]
     pub grid: usize,
@@ -450,6 +455,7 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
         points_per_neuron: a.points_per_neuron,
         max_queries: a.max_queries,
         targeted_queries: a.targeted_queries,
+        retry_weak_probes: a.retry_weak_probes,
         ..CarliniConfig::default()
     };
     let rt = runtime(c)?;

@@ -757,13 +757,17 @@ fn round(
         if oracle.queries() >= cap {
             break;
         }
-        for (i, p) in probe(oracle, chunk)?.into_iter().enumerate() {
+        for (i, p) in probe(oracle, chunk, cfg.retry_weak_probes)?
+            .into_iter()
+            .enumerate()
+        {
             stats.probed += 1;
             match p {
                 Probed::Clean(p) => probes.push(p),
                 Probed::Rejected { snr } => {
                     stats.rejected += 1;
-                    if let Some(job) = chunk.get(i)
+                    if cfg.retry_weak_probes
+                        && let Some(job) = chunk.get(i)
                         && let Some(step) = retry_step(job, snr)
                     {
                         weak.push((c * PROBE_CHUNK + i, step));
@@ -792,7 +796,7 @@ fn round(
         if oracle.queries() >= cap {
             break;
         }
-        for p in probe(oracle, chunk)? {
+        for p in probe(oracle, chunk, true)? {
             stats.retried += 1;
             if let Probed::Clean(p) = p {
                 stats.retry_clean += 1;
@@ -1215,9 +1219,14 @@ struct Job<'a> {
 }
 
 /// Second differences at critical points: per job (line, t*, e, ds), 2d + 2 rows; the
-/// unit normal, or `None` where the differences are not those of one switching neuron.
-fn probe(oracle: &mut dyn Oracle, jobs: &[Job<'_>]) -> Result<Vec<Probed>, OracleError> {
-    let raw = probe_raw(oracle, jobs)?;
+/// unit normal, or `Rejected` where the differences are not those of one switching neuron
+/// (`trim`: the second, trimmed judgement of [`judge`] under rounding).
+fn probe(
+    oracle: &mut dyn Oracle,
+    jobs: &[Job<'_>],
+    trim: bool,
+) -> Result<Vec<Probed>, OracleError> {
+    let raw = probe_raw(oracle, jobs, trim)?;
     Ok(jobs
         .iter()
         .zip(raw)
@@ -1250,6 +1259,7 @@ enum Probed {
 fn probe_raw(
     oracle: &mut dyn Oracle,
     jobs: &[Job<'_>],
+    trim: bool,
 ) -> Result<Vec<(Vec<f64>, bool, f64)>, OracleError> {
     let mut pts: Vec<Vec<f32>> = Vec::new();
     let mut steps = Vec::with_capacity(jobs.len());
@@ -1335,7 +1345,7 @@ fn probe_raw(
         // allowed on top of the clean-switch residual, and the signal must exceed it.
         let step = dj.first().map_or(1.0, |s| s.abs()).max(1e-12);
         let rounding = (d * ds.len()) as f64 * (0.5 * job.noise / step).powi(2);
-        let ok = row.len() == d && judge(&mut per, rounding, job.noise > NOISY);
+        let ok = row.len() == d && judge(&mut per, rounding, trim && job.noise > NOISY);
         let snr = if rounding > 0.0 {
             total / rounding
         } else {

@@ -370,4 +370,6 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
     assert!(m.within_1e2 >= 8, "rows within 1e-2: {}", m.within_1e2);
     assert!(fl.final_refits >= 8, "final refits: {}", fl.final_refits);
     assert!(r.queries <= 600_000, "queries {}", r.queries);
+    // the second chance for weak probes is opt-in
+    assert_eq!(fl.probes_retried, 0);
 }
