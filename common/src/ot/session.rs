@@ -672,15 +672,12 @@ impl<C: RandomCot> OtSession<C> {
 
     /// ROT as receiver: random bits `b_i` and keys `H(i, m_i)`. No traffic.
     pub fn rot_recv(&mut self, n: usize) -> Result<RotRecv, OtError> {
-        let dir = self.dir_recv();
-        let (idx, r) = self.take_recv_range(n)?;
-        let bits = self.recv_bits[r.clone()].to_vec();
-        let mut keys = vec![0; n];
-        self.hash.hash_many(
-            &self.recv_m[r],
-            |i| tweak(dir, idx + i as u64, 0),
-            &mut keys,
-        );
+        let mut bits = Vec::with_capacity(n);
+        let mut keys = Vec::with_capacity(n);
+        self.rot_recv_each(n, |_, b, h| {
+            bits.push(b);
+            keys.push(h);
+        })?;
         Ok(RotRecv { bits, keys })
     }
 

@@ -1761,8 +1761,9 @@ pub fn kink_census(
                 None => continue,
             }
         };
-        let z0 = w1.dot(&ndarray::Array1::from(line.x0.clone())) + b1;
-        let zu = w1.dot(&ndarray::Array1::from(line.u.clone()));
+        let u = Array1::from(line.u.clone());
+        let z0 = w1.dot(&Array1::from(line.x0.clone())) + b1;
+        let zu = w1.dot(&u);
         for i in 0..n {
             if zu[i] == 0.0 {
                 continue;
@@ -1771,8 +1772,7 @@ pub fn kink_census(
             if !(0.0..=1.0).contains(&t) {
                 continue;
             }
-            let x = ndarray::Array1::from(line.at(t));
-            let u = ndarray::Array1::from(line.u.clone());
+            let x = Array1::from(line.at(t));
             let kink = logit_kink(&layers, &x, &u, i);
             crossed[i] += 1;
             sum[i] += kink;
