@@ -73,6 +73,9 @@ use crate::channel::Channel;
 use ggm::Ggm;
 use lpn::LpnCode;
 
+/// Bytes of one COT block.
+const BLOCK_BYTES: usize = 16;
+
 /// Stock and output buffer of one direction: keys (LSB 0) on the sender's side, received
 /// blocks (choice bit in the LSB) on the receiver's.
 #[derive(Default)]
@@ -243,9 +246,9 @@ impl Ferret {
         let keep = boot.n() - main.reserve();
         split_stock(&mut out, keep, &mut s.send.stock);
         split_stock(&mut m, keep, &mut s.recv.stock);
-        // the buffers of later iterations: room for one MAIN iteration
-        out.reserve_exact(main.n().saturating_sub(out.len()));
-        m.reserve_exact(main.n().saturating_sub(m.len()));
+        // The buffers grow to one MAIN iteration when one first runs, not here: a session
+        // that never needs one then never holds (or, zeroizing the buffers' whole capacity
+        // when dropped, touches) 2 x 160 MiB.
         s.send.buf = out;
         s.recv.buf = m;
         Ok(s)
@@ -260,6 +263,20 @@ impl Ferret {
     /// receiver).
     pub fn spare(&self) -> (usize, usize) {
         (self.send.left(), self.recv.left())
+    }
+
+    /// Bytes of COT buffers this value holds now (both directions: stocks and iteration
+    /// buffers, by capacity), at most [`Ferret::max_held_bytes`].
+    pub fn held_bytes(&self) -> usize {
+        let side = |s: &Side| (s.stock.capacity() + s.buf.capacity()) * BLOCK_BYTES;
+        side(&self.send) + side(&self.recv)
+    }
+
+    /// The most a session's Ferret holds once a MAIN iteration has run in both directions:
+    /// per direction the next stock (k + t·h blocks) and one iteration's buffer (n blocks).
+    /// About 336 MiB for [`MAIN`]. The COTs handed out live in the caller's buffers.
+    pub const fn max_held_bytes(main: &FerretParams) -> usize {
+        2 * (main.reserve() + main.n()) * BLOCK_BYTES
     }
 
     /// The public session identifier (from the IKNP base OTs; both parties agree on it).
@@ -399,6 +416,7 @@ impl RandomCot for Ferret {
             // i while we compute i + 1
             let mut buf = std::mem::take(&mut self.send.buf);
             buf.clear();
+            buf.reserve_exact(main.n());
             let mut stock = std::mem::take(&mut self.send.stock);
             let msg = self.sender_iteration(&main, &stock, &mut buf);
             // the last k + t·h outputs are the next stock
@@ -436,6 +454,7 @@ impl RandomCot for Ferret {
                 .map_err(|e| OtError::msg("Ferret SPCOT messages", e))?;
             let mut buf = std::mem::take(&mut self.recv.buf);
             buf.clear();
+            buf.reserve_exact(main.n());
             let mut stock = std::mem::take(&mut self.recv.stock);
             let r = self.recv_iteration(&main, &stock, &part, &mut buf);
             if r.is_ok() {

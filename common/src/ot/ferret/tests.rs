@@ -142,6 +142,7 @@ fn the_trait_cost_matches_the_traffic_and_spare_is_tracked() {
         let mut f =
             Ferret::setup_with_params(&mut ch, Party::Client, boot, main, &mut rng).unwrap();
         let _ = f.extend(&mut ch, 100, 5000).unwrap();
+        let _ = f.extend(&mut ch, 5000, 5000).unwrap();
     });
     let mut ch = Counting::new(a);
     let mut rng = ChaCha12Rng::seed_from_u64(3);
@@ -158,6 +159,16 @@ fn the_trait_cost_matches_the_traffic_and_spare_is_tracked() {
     assert_eq!((iters, want.0), (2, 2 * main.iteration_bytes()));
     assert_eq!(f.spare(), (spare + 2 * main.usable() - 5000, spare - 100));
     assert_eq!(f.name(), "ferret");
+    // after MAIN iterations in both directions Ferret holds its bound exactly (before,
+    // only the bootstrap's outputs: the MAIN buffers are not reserved ahead)
+    let boot_held = f.held_bytes();
+    assert!(boot_held < Ferret::max_held_bytes(&main), "{boot_held}");
+    let _ = f.extend(&mut ch, 5000, 5000).unwrap();
+    assert_eq!(f.held_bytes(), Ferret::max_held_bytes(&main));
+    assert_eq!(
+        Ferret::max_held_bytes(&main),
+        2 * 16 * (main.n() + main.reserve())
+    );
     h.join().unwrap();
 }
 
