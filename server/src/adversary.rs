@@ -377,6 +377,10 @@ impl SessionRunner for AdversaryRunner {
         check_model_start(start, state)
     }
 
+    fn memory_estimate(&self, start: &SessionStart, state: &ServerState) -> u64 {
+        crate::backends::cheetah_session_memory(&self.config, start, state)
+    }
+
     fn run(
         &self,
         ch: &mut dyn Channel,

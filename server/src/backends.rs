@@ -13,8 +13,10 @@ use fusion_common::backend::{
     BackendError, BatchPolicy, BatchRefusal, Cheetah, CheetahConfig, Honest, InferenceServer,
     OutputMode, SecureInference, ServerHook,
 };
-use fusion_common::fixed::FixedModel;
+use fusion_common::fixed::{FixedLayer, FixedModel};
 use fusion_common::net::session::SessionStart;
+use fusion_common::ot::Ferret;
+use fusion_common::ot::ferret::{MAIN, OtKind};
 use tonic::Code;
 
 use fusion_common::channel::Channel;
@@ -150,10 +152,70 @@ pub(crate) fn serve_cheetah(
     // Zeroizing the session's state takes a while (Ferret keeps a whole iteration's COTs,
     // about 160 MiB per direction: ~0.2 s here): on a thread of its own, so that the
     // session's end status is not held up (if no thread can be made, it happens here).
+    // The session's share of the memory cap goes with it.
+    let hold = start.memory.clone();
     let _ = std::thread::Builder::new()
         .name("zeroize-session".into())
-        .spawn(move || drop(server));
+        .spawn(move || {
+            drop(server);
+            drop(hold);
+        });
     served.map_err(|e| runner_error(name, e))
+}
+
+/// Memory of a `cheetah` session besides its Ferret buffers and per-row state: keys,
+/// the model's encodings, transport queues (a 1-row session measured 49 MB here: server
+/// VmHWM over an idle server's, `fusion-client infer --mnist-test 0..1 --no-fusion`).
+const CHEETAH_BASE_BYTES: u64 = 64 << 20;
+
+/// Memory of a `cheetah` batch per row and per unit of the model's Dense outputs (each a
+/// truncation, the hidden ones a ReLU: their COTs, shares and HE plaintexts). Measured on
+/// the bundled 784-128-128-10 model (266 units): 0.32 MB per row at 128 to 1,024 rows
+/// (≈ 1,200 bytes per unit; both linear modes, labels or logits); 1,536 leaves a margin.
+const CHEETAH_ROW_UNIT_BYTES: u64 = 1536;
+
+/// The most memory a `cheetah` session with batches of up to `rows` rows of a model with
+/// `units` Dense outputs per row holds at once, bytes (the server's admission estimate):
+/// the base, the core OT's buffers (Ferret's bound: about 336 MiB once a main iteration
+/// has run in both directions; IKNP keeps none between batches) and the rows. For the
+/// bundled model at 1,024 rows about 796 MiB (measured: 670 MiB).
+pub fn cheetah_memory_estimate(config: &CheetahConfig, units: u64, rows: u64) -> u64 {
+    let ot = match config.ot {
+        OtKind::Ferret => Ferret::max_held_bytes(&MAIN) as u64,
+        _ => 0,
+    };
+    CHEETAH_BASE_BYTES.saturating_add(ot).saturating_add(
+        rows.saturating_mul(units)
+            .saturating_mul(CHEETAH_ROW_UNIT_BYTES),
+    )
+}
+
+/// Dense outputs per row of the served model (0 without one).
+fn model_units(state: &ServerState) -> u64 {
+    let Some(m) = &state.model else { return 0 };
+    m.model
+        .fixed_model()
+        .layers()
+        .iter()
+        .map(|l| match l {
+            FixedLayer::Dense(d) => d.outputs() as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// The admission estimate of a `cheetah`-family session under `config`: batches of up to
+/// the rows it declared (the policy's largest if none).
+pub(crate) fn cheetah_session_memory(
+    config: &CheetahConfig,
+    start: &SessionStart,
+    state: &ServerState,
+) -> u64 {
+    let rows = match start.rows {
+        0 => state.policy.max_rows,
+        r => r.min(state.policy.max_rows),
+    };
+    cheetah_memory_estimate(config, model_units(state), rows)
 }
 
 /// The server role of `cheetah`.
@@ -174,6 +236,10 @@ impl SessionRunner for CheetahRunner {
 
     fn check_start(&self, start: &SessionStart, state: &ServerState) -> Result<(), Refusal> {
         check_model_start(start, state)
+    }
+
+    fn memory_estimate(&self, start: &SessionStart, state: &ServerState) -> u64 {
+        cheetah_session_memory(&self.config, start, state)
     }
 
     fn run(
@@ -209,7 +275,42 @@ mod tests {
             cols: 784,
             output: OutputMode::Labels,
             params: BTreeMap::new(),
+            memory: Default::default(),
         }
+    }
+
+    #[test]
+    fn the_memory_estimate_covers_ferret_and_the_rows_measured_on_the_bundled_model() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/mnist-dnn.safetensors");
+        let served = crate::state::ServedModel::load(&path).unwrap();
+        let state = ServerState::new(Some(served), Policy::default(), SessionLimits::default());
+        assert_eq!(model_units(&state), 128 + 128 + 10);
+        let ferret = CheetahConfig::with_ot(OtKind::Ferret);
+        let iknp = CheetahConfig::with_ot(OtKind::Iknp);
+        let session = |config: &CheetahConfig, rows: u64| {
+            let start = SessionStart::new("cheetah").with_batch(rows, 784);
+            cheetah_session_memory(config, &start, &state)
+        };
+        // no rows declared: the policy's largest batch (1,024)
+        assert_eq!(session(&ferret, 0), session(&ferret, 1024));
+        assert_eq!(session(&ferret, 5000), session(&ferret, 1024));
+        assert_eq!(
+            session(&ferret, 1024) - session(&iknp, 1024),
+            Ferret::max_held_bytes(&MAIN) as u64
+        );
+        assert_eq!(
+            session(&ferret, 1024) - session(&ferret, 24),
+            1000 * 266 * CHEETAH_ROW_UNIT_BYTES
+        );
+        // above what a server held for such sessions (VmHWM less an idle server's, see
+        // the constants): 1 row 49 MB (before any main iteration: a session of many
+        // batches runs them later), 128 rows 394 MB, 1,024 rows 700 MB (online mode);
+        // and not far above at the largest batch
+        for (rows, measured) in [(1, 49_000_000), (128, 394_000_000), (1024, 700_000_000)] {
+            assert!(session(&ferret, rows) > measured, "{rows}");
+        }
+        assert!(session(&ferret, 1024) < 900_000_000);
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the model (gRPC over TLS 1.3; client certificates required).
-    Serve(serve_cmd::ServeArgs),
+    Serve(Box<serve_cmd::ServeArgs>),
     /// Make a CA, a server certificate and client certificates.
     Certs(certs_cmd::CertsArgs),
     /// Train the MNIST model and write its model file.
@@ -45,7 +45,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(serve_cmd::run(args)),
+            .block_on(serve_cmd::run(*args)),
         Command::Certs(args) => certs_cmd::run(args),
         Command::Train(args) => run_train(&args),
         Command::Eval(args) => run_eval(&args),

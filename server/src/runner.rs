@@ -36,12 +36,38 @@ use fusion_common::channel::{Channel, ChannelError};
 use fusion_common::net::info::OutputMode;
 use fusion_common::net::session::SessionStart;
 use fusion_common::net::stream::status_code;
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Code, Status};
 
 use crate::state::ServerState;
 
+/// The share of the server's memory cap a session holds (see
+/// [`SessionLimits::max_memory`](crate::state::SessionLimits::max_memory)), released when
+/// its last clone is dropped: a runner that frees its state on another thread moves a
+/// clone there, so the memory counts until it is really free. Empty without a cap.
+#[derive(Clone, Default)]
+pub struct MemoryHold(Option<Arc<OwnedSemaphorePermit>>);
+
+impl MemoryHold {
+    /// A hold of `permit` (one permit per MiB).
+    pub(crate) fn new(permit: OwnedSemaphorePermit) -> Self {
+        Self(Some(Arc::new(permit)))
+    }
+
+    /// MiB held (0 without a cap).
+    pub fn mib(&self) -> usize {
+        self.0.as_ref().map_or(0, |p| p.num_permits())
+    }
+}
+
+impl std::fmt::Debug for MemoryHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemoryHold({} MiB)", self.mib())
+    }
+}
+
 /// What a runner knows about its session (all of it public).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct StartInfo {
     /// the server's number for the session
     pub session_id: u64,
@@ -57,6 +83,8 @@ pub struct StartInfo {
     pub output: OutputMode,
     /// the parameters the client declared
     pub params: BTreeMap<String, String>,
+    /// the session's share of the server's memory cap
+    pub memory: MemoryHold,
 }
 
 /// A start the server will not run, with the gRPC code the client gets.
@@ -159,6 +187,14 @@ pub trait SessionRunner: Send + Sync + 'static {
     /// budget is already spent).
     fn charges_per_batch(&self) -> bool {
         false
+    }
+
+    /// The most memory a session started with `start` may hold at once, bytes: the server
+    /// admits sessions while their estimates fit its cap
+    /// ([`SessionLimits::max_memory`](crate::state::SessionLimits::max_memory)). The
+    /// policy checks are done. Default: 0 (a runner that holds little).
+    fn memory_estimate(&self, _start: &SessionStart, _state: &ServerState) -> u64 {
+        0
     }
 
     /// Runs the server's side of the protocol to the end. Called on a blocking thread.
@@ -299,6 +335,7 @@ mod tests {
             cols: 0,
             output: OutputMode::Labels,
             params: BTreeMap::new(),
+            memory: Default::default(),
         }
     }
 

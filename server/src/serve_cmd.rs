@@ -58,6 +58,13 @@ pub struct ServeArgs {
     /// Sessions running at once.
     #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32)]
     pub max_sessions: usize,
+    /// Memory the running sessions may hold together, by each backend's estimate (a
+    /// `cheetah` session of 1,024-row batches: about 800 MiB), in MiB; `auto`: three
+    /// quarters of the machine's memory; `unlimited`. A session over the whole cap is
+    /// refused (RESOURCE_EXHAUSTED), one that does not fit beside the running ones waits
+    /// for none: it is refused as busy (UNAVAILABLE).
+    #[arg(long, env = "FUSION_MAX_MEMORY", default_value_t = MemoryCap::Auto)]
+    pub max_memory: MemoryCap,
     /// The accuracy announced to clients (Fusion's check (c)), in [0, 1]. Default:
     /// measured at start-up, the fixed-point accuracy on the public pool against the
     /// true MNIST labels (from --mnist-dir); without the MNIST test set, the held-out
@@ -114,6 +121,68 @@ impl std::fmt::Display for RowBudget {
     }
 }
 
+/// `--max-memory`: MiB, `auto` or `unlimited`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryCap {
+    /// three quarters of the machine's memory (no cap where it cannot be read)
+    Auto,
+    /// no cap
+    Unlimited,
+    /// this many MiB
+    Mib(u64),
+}
+
+impl std::str::FromStr for MemoryCap {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "unlimited" | "none" => Ok(Self::Unlimited),
+            n => match n.parse() {
+                Ok(0) | Err(_) => Err(format!(
+                    "{s:?} is not a positive number of MiB (or `auto`, `unlimited`)"
+                )),
+                Ok(v) => Ok(Self::Mib(v)),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for MemoryCap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Unlimited => f.write_str("unlimited"),
+            Self::Mib(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl MemoryCap {
+    /// The cap in bytes (`None`: no cap); `auto` reads the machine's memory with
+    /// `total_memory`.
+    pub fn bytes(self, total_memory: impl FnOnce() -> Option<u64>) -> Option<u64> {
+        match self {
+            Self::Auto => total_memory().map(|t| t / 4 * 3),
+            Self::Unlimited => None,
+            Self::Mib(n) => Some(n.saturating_mul(1 << 20)),
+        }
+    }
+}
+
+/// The machine's memory in bytes (`MemTotal` of `/proc/meminfo`; `None` elsewhere).
+pub fn machine_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_total(&text)
+}
+
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut it = line["MemTotal:".len()..].split_whitespace();
+    let kib: u64 = it.next()?.parse().ok()?;
+    (it.next() == Some("kB")).then_some(kib.checked_mul(1024)?)
+}
+
 impl ServeArgs {
     fn policy(&self) -> Policy {
         Policy {
@@ -132,6 +201,7 @@ impl ServeArgs {
             },
             idle_timeout: Duration::from_secs(self.idle_timeout),
             max_sessions: self.max_sessions,
+            max_memory: self.max_memory.bytes(machine_memory),
             ..SessionLimits::default()
         }
     }
@@ -156,6 +226,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             pool = m.summary.pool_size,
             "model loaded"
         );
+    }
+    match state.limits.max_memory {
+        Some(b) => info!(
+            max_memory_mib = b >> 20,
+            "memory cap of the running sessions"
+        ),
+        None if args.max_memory == MemoryCap::Auto => tracing::warn!(
+            "the machine's memory is unknown (no /proc/meminfo): sessions run without a memory cap (set --max-memory)"
+        ),
+        None => info!("no memory cap (--max-memory unlimited)"),
     }
     let registry = registry(&args, &state)?;
     let handle = spawn(args.listen, tls, state, registry).await?;
@@ -295,6 +375,36 @@ mod tests {
         );
         assert!(parse(&["--budget", "-3"]).is_err());
         assert!(parse(&["--budget", "lots"]).is_err());
+    }
+
+    #[test]
+    fn the_memory_cap_is_three_quarters_of_the_machine_unless_given() {
+        let mib = 1u64 << 20;
+        let cap =
+            |args: &[&str], total: Option<u64>| parse(args).map(|a| a.max_memory.bytes(|| total));
+        assert_eq!(cap(&[], Some(24 << 30)).unwrap(), Some(18 << 30));
+        assert_eq!(cap(&[], None).unwrap(), None);
+        assert_eq!(
+            cap(&["--max-memory", "2048"], Some(1)).unwrap(),
+            Some(2048 * mib)
+        );
+        assert_eq!(
+            cap(&["--max-memory", "unlimited"], Some(24 << 30)).unwrap(),
+            None
+        );
+        for bad in ["0", "-1", "lots", "1.5"] {
+            assert!(parse(&["--max-memory", bad]).is_err(), "{bad}");
+        }
+        let a = parse(&["--max-memory", "3000"]).unwrap();
+        assert_eq!(a.limits().max_memory, Some(3000 * mib));
+        // /proc/meminfo's line, in kB
+        let text = "MemFree:  100 kB\nMemTotal:       24589416 kB\nBuffers: 1 kB\n";
+        assert_eq!(parse_mem_total(text), Some(24_589_416 * 1024));
+        assert_eq!(parse_mem_total("MemTotal: 12 MB\n"), None);
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        if cfg!(target_os = "linux") {
+            assert!(machine_memory().is_some_and(|b| b > 0));
+        }
     }
 
     fn repo(p: &str) -> PathBuf {

@@ -23,7 +23,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::runner::{Refusal, Registry, RunnerError, SessionRunner, StartInfo};
+use crate::runner::{MemoryHold, Refusal, Registry, RunnerError, SessionRunner, StartInfo};
+
+/// Bytes per MiB (the memory cap's unit).
+const MIB: u64 = 1 << 20;
 use crate::state::ServerState;
 
 /// Counters the tests and the logs use.
@@ -69,6 +72,14 @@ fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
 
+/// An admitted session: its runner, its permits (a session slot, its share of the
+/// memory cap) and the acceptance to send.
+type Admitted = (
+    Arc<dyn SessionRunner>,
+    (OwnedSemaphorePermit, MemoryHold),
+    SessionAccepted,
+);
+
 /// The service implementation.
 #[derive(Debug)]
 pub struct FusionService {
@@ -76,6 +87,8 @@ pub struct FusionService {
     registry: Registry,
     offered: Vec<String>,
     sessions: Arc<Semaphore>,
+    /// the memory cap in MiB permits (`None`: no cap)
+    memory: Option<(Arc<Semaphore>, usize)>,
     next_id: AtomicU64,
     stats: Arc<ServerStats>,
 }
@@ -89,11 +102,18 @@ impl FusionService {
         stats: Arc<ServerStats>,
     ) -> Self {
         let sessions = Arc::new(Semaphore::new(state.limits.max_sessions.max(1)));
+        let memory = state.limits.max_memory.map(|bytes| {
+            let mib = usize::try_from(bytes / MIB)
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS);
+            (Arc::new(Semaphore::new(mib)), mib)
+        });
         Self {
             state,
             registry,
             offered,
             sessions,
+            memory,
             next_id: AtomicU64::new(1),
             stats,
         }
@@ -105,20 +125,52 @@ impl FusionService {
         refusal.to_status()
     }
 
-    /// Policy, backend and budget checks; on success the session's number, its permit
-    /// and the acceptance to send.
-    fn admit(
+    /// The session's share of the memory cap, by its runner's estimate: refused with
+    /// `RESOURCE_EXHAUSTED` if it exceeds the whole cap, `UNAVAILABLE` while the running
+    /// sessions hold too much of it.
+    fn hold_memory(
         &self,
-        client: &str,
+        runner: &dyn SessionRunner,
         start: &SessionStart,
-    ) -> Result<
-        (
-            Arc<dyn SessionRunner>,
-            OwnedSemaphorePermit,
-            SessionAccepted,
-        ),
-        Refusal,
-    > {
+    ) -> Result<MemoryHold, Refusal> {
+        let Some((sem, cap)) = &self.memory else {
+            return Ok(MemoryHold::default());
+        };
+        let need = runner.memory_estimate(start, &self.state).div_ceil(MIB);
+        let need = usize::try_from(need).unwrap_or(usize::MAX);
+        let rows = match start.rows {
+            0 => "the largest batch".to_owned(),
+            r => format!("{r} rows"),
+        };
+        if need > *cap {
+            return Err(Refusal {
+                code: tonic::Code::ResourceExhausted,
+                message: format!(
+                    "a {} session of {rows} needs about {need} MiB, more than this server's memory cap of {cap} MiB: declare fewer rows",
+                    start.backend
+                ),
+            });
+        }
+        if need == 0 {
+            return Ok(MemoryHold::default());
+        }
+        let permits = u32::try_from(need).unwrap_or(u32::MAX);
+        let permit = sem
+            .clone()
+            .try_acquire_many_owned(permits)
+            .map_err(|_| Refusal {
+                code: tonic::Code::Unavailable,
+                message: format!(
+                    "server busy: running sessions hold {} of its {cap} MiB memory cap, this one needs about {need} MiB",
+                    cap - sem.available_permits()
+                ),
+            })?;
+        Ok(MemoryHold::new(permit))
+    }
+
+    /// Policy, backend, memory and budget checks; on success the session's number, its
+    /// permits and the acceptance to send.
+    fn admit(&self, client: &str, start: &SessionStart) -> Result<Admitted, Refusal> {
         let runner = match self.registry.get(&start.backend) {
             Some(r) if self.offered.contains(&start.backend) => r,
             _ => {
@@ -160,6 +212,7 @@ impl FusionService {
                     self.state.limits.max_sessions
                 ),
             })?;
+        let memory = self.hold_memory(runner.as_ref(), start)?;
         let exhausted = |e: crate::state::BudgetExhausted| Refusal {
             code: tonic::Code::ResourceExhausted,
             message: e.to_string(),
@@ -194,7 +247,7 @@ impl FusionService {
             budget,
             params: Default::default(),
         };
-        Ok((runner, permit, accepted))
+        Ok((runner, (permit, memory), accepted))
     }
 }
 
@@ -291,7 +344,7 @@ impl Fusion for FusionService {
             .map_err(|e| self.refuse(&client, Refusal::invalid(format!("bad start: {e}"))))?;
 
         // 2. policy, backend check, permit, budget
-        let (runner, permit, accepted) = self
+        let (runner, (permit, memory), accepted) = self
             .admit(&client, &start)
             .map_err(|r| self.refuse(&client, r))?;
         bump(&self.stats.sessions_accepted);
@@ -303,6 +356,7 @@ impl Fusion for FusionService {
             cols = accepted.cols,
             output = %accepted.output,
             budget = %accepted.budget,
+            memory_mib = memory.mib(),
             "session accepted"
         );
 
@@ -330,6 +384,7 @@ impl Fusion for FusionService {
             cols: accepted.cols,
             output: accepted.output,
             params: start.params,
+            memory,
         };
         let state = self.state.clone();
         let stats = self.stats.clone();

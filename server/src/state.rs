@@ -203,6 +203,10 @@ pub struct SessionLimits {
     pub max_sessions: usize,
     /// time allowed for a TLS handshake
     pub handshake_timeout: Duration,
+    /// memory the running sessions may hold together, bytes, by their runners'
+    /// estimates ([`crate::runner::SessionRunner::memory_estimate`]); `None`: no cap
+    /// (`serve` sets three quarters of the machine's memory unless told otherwise)
+    pub max_memory: Option<u64>,
 }
 
 impl Default for SessionLimits {
@@ -213,6 +217,7 @@ impl Default for SessionLimits {
             start_timeout: Duration::from_secs(30),
             max_sessions: 32,
             handshake_timeout: Duration::from_secs(10),
+            max_memory: None,
         }
     }
 }

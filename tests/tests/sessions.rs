@@ -252,3 +252,101 @@ async fn a_server_side_protocol_error_reaches_the_client_and_the_server_goes_on(
         .await
         .unwrap();
 }
+
+/// A runner that holds 100 MiB per declared row (by its estimate) until its client's
+/// one message, which it echoes.
+struct Heavy;
+
+impl fusion_server::SessionRunner for Heavy {
+    fn memory_estimate(&self, start: &SessionStart, _: &ServerState) -> u64 {
+        start.rows * (100 << 20)
+    }
+
+    fn run(
+        &self,
+        ch: &mut dyn Channel,
+        start: &StartInfo,
+        _: &ServerState,
+    ) -> Result<(), RunnerError> {
+        assert_eq!(start.memory.mib() as u64, start.rows * 100);
+        let m = ch.recv()?;
+        ch.send(&m)?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_admitted_by_memory_and_refused_with_named_codes() {
+    let mut registry = Registry::with_builtins();
+    registry.register("heavy", Heavy).unwrap();
+    let limits = SessionLimits {
+        max_memory: Some(250 << 20),
+        ..SessionLimits::default()
+    };
+    let s = TestServer::start(Policy::default(), limits, registry).await;
+    let client = s.client().await;
+    let heavy = |rows| SessionStart::new("heavy").with_batch(rows, 1);
+    // session A holds 200 of the 250 MiB until it is told to finish
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let a_client = s.client().await;
+    let a = tokio::spawn(async move {
+        a_client
+            .session(heavy(2), move |ch, _| {
+                wait.recv()
+                    .map_err(|e| ChannelError::Transport(e.to_string()))?;
+                ch.send(b"done")?;
+                ch.recv()
+            })
+            .await
+    });
+    while s.handle.stats().sessions_accepted < 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // 100 more MiB do not fit beside it: busy
+    let err = client
+        .session(heavy(1), |_, _| Ok::<_, ChannelError>(()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(
+        err.to_string().contains("200 of its 250 MiB memory cap"),
+        "{err}"
+    );
+    // 300 MiB never fit: exhausted, whatever runs
+    let err = client
+        .session(heavy(3), |_, _| Ok::<_, ChannelError>(()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+    assert!(err.to_string().contains("declare fewer rows"), "{err}");
+    // a runner that estimates nothing is not held back
+    client
+        .session(SessionStart::new(ECHO), |ch, _| {
+            ch.send(b"light")?;
+            ch.recv()
+        })
+        .await
+        .unwrap();
+    go.send(()).unwrap();
+    assert_eq!(a.await.unwrap().unwrap().value, b"done");
+    // once A's share is released (right after its end) 200 MiB fit again
+    let mut tries = 0;
+    let ok = loop {
+        match client
+            .session(heavy(2), |ch, _| {
+                ch.send(b"again")?;
+                ch.recv()
+            })
+            .await
+        {
+            Ok(o) => break o,
+            Err(e) if e.code() == Some(Code::Unavailable) && tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(ok.value, b"again");
+    assert_eq!(s.handle.stats().sessions_refused, 2 + tries);
+}
