@@ -143,10 +143,31 @@ impl FusionService {
             r => format!("{r} rows"),
         };
         if need > *cap {
+            // the most rows that would fit (the estimate grows with the rows; 0 rows
+            // declared means the policy's largest batch)
+            let fits = |rows: u64| {
+                let mut s = start.clone();
+                s.rows = rows;
+                runner.memory_estimate(&s, &self.state).div_ceil(MIB) <= *cap as u64
+            };
+            let advice = if fits(1) {
+                let (mut lo, mut hi) = match start.rows {
+                    0 => (1, self.state.policy.max_rows.max(2)),
+                    r => (1, r.max(2)),
+                };
+                while lo + 1 < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    if fits(mid) { lo = mid } else { hi = mid }
+                }
+                format!("declare at most {lo} rows")
+            } else {
+                "a 1-row session does not fit either".to_owned()
+            };
             return Err(Refusal {
                 code: tonic::Code::ResourceExhausted,
                 message: format!(
-                    "a {} session of {rows} needs about {need} MiB, more than this server's memory cap of {cap} MiB: declare fewer rows",
+                    "a {} session of {rows} needs about {need} MiB, more than this \
+                     server's memory cap of {cap} MiB: {advice}",
                     start.backend
                 ),
             });
@@ -161,7 +182,8 @@ impl FusionService {
             .map_err(|_| Refusal {
                 code: tonic::Code::Unavailable,
                 message: format!(
-                    "server busy: running sessions hold {} of its {cap} MiB memory cap, this one needs about {need} MiB",
+                    "server busy: running sessions hold {} of its {cap} MiB memory cap, \
+                     this one needs about {need} MiB",
                     cap - sem.available_permits()
                 ),
             })?;

@@ -318,7 +318,7 @@ async fn sessions_are_admitted_by_memory_and_refused_with_named_codes() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
-    assert!(err.to_string().contains("declare fewer rows"), "{err}");
+    assert!(err.to_string().contains("declare at most 2 rows"), "{err}");
     // a runner that estimates nothing is not held back
     client
         .session(SessionStart::new(ECHO), |ch, _| {
