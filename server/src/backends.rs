@@ -164,24 +164,29 @@ pub(crate) fn serve_cheetah(
 }
 
 /// Memory of a `cheetah` session besides its Ferret buffers and per-row state: keys,
-/// the model's encodings, transport queues (a 1-row session measured 49 MB here: server
+/// the model's encodings, transport queues (a 1-row session measured 52 MB here: server
 /// VmHWM over an idle server's, `fusion-client infer --mnist-test 0..1 --no-fusion`).
 const CHEETAH_BASE_BYTES: u64 = 64 << 20;
 
 /// Memory of a `cheetah` batch per row and per unit of the model's Dense outputs (each a
 /// truncation, the hidden ones a ReLU: their COTs, shares and HE plaintexts). Measured on
-/// the bundled 784-128-128-10 model (266 units): 0.32 MB per row at 128 to 1,024 rows
-/// (≈ 1,200 bytes per unit; both linear modes, labels or logits); 1,536 leaves a margin.
-const CHEETAH_ROW_UNIT_BYTES: u64 = 1536;
+/// the bundled 784-128-128-10 model (266 units), server VmHWM less an idle server's:
+/// 372 MB at 128 rows, 444 MB at 1,024 (one batch), 534 MB for four 1,024-row batches in
+/// one session (the session's COT buffers keep the capacity of its largest extension,
+/// at most a batch's COTs and one Ferret iteration); both linear modes alike. The
+/// increments put a row near 300 bytes per unit; 1,024 leaves room for the buffers'
+/// growth.
+const CHEETAH_ROW_UNIT_BYTES: u64 = 1024;
 
 /// The most memory a `cheetah` session with batches of up to `rows` rows of a model with
 /// `units` Dense outputs per row holds at once, bytes (the server's admission estimate):
-/// the base, the core OT's buffers (Ferret's bound: about 336 MiB once a main iteration
-/// has run in both directions; IKNP keeps none between batches) and the rows. For the
-/// bundled model at 1,024 rows about 796 MiB (measured: 670 MiB).
+/// the base, what the core OT holds beyond a batch's COTs (Ferret's
+/// [`Ferret::max_surplus_bytes`], about 336 MiB once a main iteration has run in both
+/// directions; IKNP nothing) and the rows. For the bundled model at 1,024 rows about
+/// 667 MiB.
 pub fn cheetah_memory_estimate(config: &CheetahConfig, units: u64, rows: u64) -> u64 {
     let ot = match config.ot {
-        OtKind::Ferret => Ferret::max_held_bytes(&MAIN) as u64,
+        OtKind::Ferret => Ferret::max_surplus_bytes(&MAIN) as u64,
         _ => 0,
     };
     CHEETAH_BASE_BYTES.saturating_add(ot).saturating_add(
@@ -297,20 +302,20 @@ mod tests {
         assert_eq!(session(&ferret, 5000), session(&ferret, 1024));
         assert_eq!(
             session(&ferret, 1024) - session(&iknp, 1024),
-            Ferret::max_held_bytes(&MAIN) as u64
+            Ferret::max_surplus_bytes(&MAIN) as u64
         );
         assert_eq!(
             session(&ferret, 1024) - session(&ferret, 24),
             1000 * 266 * CHEETAH_ROW_UNIT_BYTES
         );
         // above what a server held for such sessions (VmHWM less an idle server's, see
-        // the constants): 1 row 49 MB (before any main iteration: a session of many
-        // batches runs them later), 128 rows 394 MB, 1,024 rows 700 MB (online mode);
-        // and not far above at the largest batch
-        for (rows, measured) in [(1, 49_000_000), (128, 394_000_000), (1024, 700_000_000)] {
+        // the constants): 1 row 52 MB (before any main iteration: a session of many
+        // batches runs them later), 128 rows 372 MB, 1,024 rows 444 MB, four batches of
+        // 1,024 rows 534 MB; and not far above at the largest batch
+        for (rows, measured) in [(1, 52_000_000), (128, 372_000_000), (1024, 534_000_000)] {
             assert!(session(&ferret, rows) > measured, "{rows}");
         }
-        assert!(session(&ferret, 1024) < 900_000_000);
+        assert!(session(&ferret, 1024) < 720_000_000);
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32)]
     pub max_sessions: usize,
     /// Memory the running sessions may hold together, by each backend's estimate (a
-    /// `cheetah` session of 1,024-row batches: about 800 MiB), in MiB; `auto`: three
+    /// `cheetah` session of 1,024-row batches: about 670 MiB), in MiB; `auto`: three
     /// quarters of the machine's memory; `unlimited`. A session over the whole cap is
     /// refused (RESOURCE_EXHAUSTED), one that does not fit beside the running ones waits
     /// for none: it is refused as busy (UNAVAILABLE).

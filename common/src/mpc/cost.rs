@@ -74,8 +74,9 @@ pub enum Extension {
     /// the COT receiver
     #[default]
     Iknp,
-    /// Ferret: exactly what the buffer lacks, from the `spare` COTs left in Ferret, then
-    /// from iterations of `usable` COTs, each costing `iteration_bytes` from the COT sender
+    /// Ferret: where the buffer lacks COTs, all the `spare` ones left in Ferret by its
+    /// bootstrap, then whole iterations of `usable` COTs until nothing lacks, each costing
+    /// `iteration_bytes` from the COT sender (the surplus stays in the session's buffer)
     Ferret {
         /// COTs per iteration
         usable: usize,
@@ -166,10 +167,15 @@ impl Trace {
                 spare_s2c,
                 spare_c2s,
             } => {
+                // all the spare COTs, then whole iterations (none when nothing lacks)
                 let get = |need: usize, spare: &mut usize| {
+                    if need == 0 {
+                        return (0, 0);
+                    }
                     let iters = need.saturating_sub(*spare).div_ceil(*usable);
-                    *spare = *spare + iters * *usable - need;
-                    (need, iters * *iteration_bytes)
+                    let got = *spare + iters * *usable;
+                    *spare = 0;
+                    (got, iters * *iteration_bytes)
                 };
                 let (gs, bs) = get(ls, spare_s2c);
                 let (gc, bc) = get(lc, spare_c2s);

@@ -164,6 +164,23 @@ impl std::fmt::Debug for CotBatch {
     }
 }
 
+impl CotBatch {
+    /// Appends `other`'s COTs (taking its vectors instead where ours are empty and too
+    /// small to hold them: no copy).
+    pub fn append(&mut self, mut other: CotBatch) {
+        fn take<T: Copy>(ours: &mut Vec<T>, theirs: &mut Vec<T>) {
+            if ours.is_empty() && ours.capacity() < theirs.len() {
+                std::mem::swap(ours, theirs);
+            } else {
+                ours.extend_from_slice(theirs);
+            }
+        }
+        take(&mut self.send, &mut other.send);
+        take(&mut self.recv, &mut other.recv);
+        take(&mut self.recv_bits, &mut other.recv_bits);
+    }
+}
+
 impl Drop for CotBatch {
     fn drop(&mut self) {
         use zeroize::Zeroize;
@@ -229,6 +246,48 @@ pub trait RandomCot: Send {
         n_recv: usize,
     ) -> Result<CotBatch, OtError> {
         self.extend(ch, n_send, n_recv)
+    }
+
+    /// [`RandomCot::extend`] appending to `out`, whose vectors keep their capacity from one
+    /// extension to the next (the session's buffers): a core OT that can write its outputs
+    /// in place overrides it. Default: extend, then [`CotBatch::append`].
+    fn extend_into(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+        out: &mut CotBatch,
+    ) -> Result<(), OtError> {
+        let b = self.extend(ch, n_send, n_recv)?;
+        out.append(b);
+        Ok(())
+    }
+
+    /// [`RandomCot::extend_send`] that may append this party's sender COTs to `out` at once
+    /// (then [`RandomCot::extend_recv_into`] with the same `out` appends the rest).
+    /// Default: [`RandomCot::extend_send`].
+    fn extend_send_into(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+        _out: &mut CotBatch,
+    ) -> Result<(), OtError> {
+        self.extend_send(ch, n_send, n_recv)
+    }
+
+    /// [`RandomCot::extend_recv`] appending to `out` (the `out` of the
+    /// [`RandomCot::extend_send_into`] before). Default: extend_recv, then append.
+    fn extend_recv_into(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+        out: &mut CotBatch,
+    ) -> Result<(), OtError> {
+        let b = self.extend_recv(ch, n_send, n_recv)?;
+        out.append(b);
+        Ok(())
     }
 
     /// Upper bound on the bytes this party sends and receives for `extend(n_send, n_recv)`,

@@ -26,7 +26,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::iknp::Iknp;
 use super::kkot::{Kkot, KkotConfig};
-use super::{Block, OtError, Party, RandomCot, Tccr};
+use super::{Block, CotBatch, OtError, Party, RandomCot, Tccr};
 use crate::channel::Channel;
 use crate::ring::{Ring, pack_bit_bytes, unpack_bit_bytes};
 
@@ -46,11 +46,12 @@ pub struct OtSession<C: RandomCot = Iknp> {
     party: Party,
     hash: Tccr,
     delta: Block,
-    send_keys: Vec<Block>,
+    /// the buffered COTs (`send`: keys where we are the sender; `recv`, `recv_bits`: where
+    /// we are the receiver), consumed from `send_pos` / `recv_pos` on; the vectors keep
+    /// their capacity from one extension to the next
+    buf: CotBatch,
     send_pos: usize,
     send_idx: u64,
-    recv_bits: Vec<u8>,
-    recv_m: Vec<Block>,
     recv_pos: usize,
     recv_idx: u64,
     min_batch: usize,
@@ -76,9 +77,7 @@ impl<C: RandomCot> std::fmt::Debug for OtSession<C> {
 impl<C: RandomCot> Drop for OtSession<C> {
     fn drop(&mut self) {
         self.delta.zeroize();
-        self.send_keys.zeroize();
-        self.recv_bits.zeroize();
-        self.recv_m.zeroize();
+        // `buf` zeroizes itself
     }
 }
 
@@ -316,11 +315,9 @@ impl<C: RandomCot> OtSession<C> {
             party,
             hash: Tccr::new(Block::from_le_bytes(k)),
             delta,
-            send_keys: Vec::new(),
+            buf: CotBatch::default(),
             send_pos: 0,
             send_idx: 0,
-            recv_bits: Vec::new(),
-            recv_m: Vec::new(),
             recv_pos: 0,
             recv_idx: 0,
             min_batch: DEFAULT_MIN_BATCH,
@@ -382,8 +379,8 @@ impl<C: RandomCot> OtSession<C> {
     /// Buffered COTs: (as sender, as receiver).
     pub fn available(&self) -> (usize, usize) {
         (
-            self.send_keys.len() - self.send_pos,
-            self.recv_m.len() - self.recv_pos,
+            self.buf.send.len() - self.send_pos,
+            self.buf.recv.len() - self.recv_pos,
         )
     }
 
@@ -464,24 +461,17 @@ impl<C: RandomCot> OtSession<C> {
         if es == 0 && er == 0 {
             return Ok(());
         }
-        if self.cot.split_extend() {
-            if let Err(e) = self.cot.extend_send(ch, es, er) {
-                self.poisoned = true;
-                return Err(e);
-            }
+        self.compact();
+        let r = if self.cot.split_extend() {
             self.pending = Some((es, er));
-            return Ok(());
+            self.cot.extend_send_into(ch, es, er, &mut self.buf)
+        } else {
+            self.cot.extend_into(ch, es, er, &mut self.buf)
+        };
+        if r.is_err() {
+            self.poisoned = true;
         }
-        match self.cot.extend(ch, es, er) {
-            Ok(b) => {
-                self.append(b);
-                Ok(())
-            }
-            Err(e) => {
-                self.poisoned = true;
-                Err(e)
-            }
-        }
+        r
     }
 
     /// Second half of [`Self::reserve`] (a no-op when nothing is pending).
@@ -490,40 +480,23 @@ impl<C: RandomCot> OtSession<C> {
         let Some((es, er)) = self.pending.take() else {
             return Ok(());
         };
-        match self.cot.extend_recv(ch, es, er) {
-            Ok(b) => {
-                self.append(b);
-                Ok(())
-            }
-            Err(e) => {
-                self.poisoned = true;
-                Err(e)
-            }
+        let r = self.cot.extend_recv_into(ch, es, er, &mut self.buf);
+        if r.is_err() {
+            self.poisoned = true;
         }
+        r
     }
 
-    fn append(&mut self, batch: super::CotBatch) {
-        let mut batch = batch;
-        // Compact, then append (or take the batch's vectors when nothing is left).
-        if self.send_pos == self.send_keys.len() {
-            self.send_keys.zeroize();
-            self.send_keys = std::mem::take(&mut batch.send);
-        } else {
-            self.send_keys.drain(..self.send_pos);
-            self.send_keys.extend_from_slice(&batch.send);
-        }
+    /// Drops the COTs used so far from the buffers (zeroized) before an extension appends
+    /// to them; the buffers keep their capacity.
+    fn compact(&mut self) {
+        self.buf.send[..self.send_pos].zeroize();
+        self.buf.send.drain(..self.send_pos);
         self.send_pos = 0;
-        if self.recv_pos == self.recv_m.len() {
-            self.recv_m.zeroize();
-            self.recv_bits.zeroize();
-            self.recv_m = std::mem::take(&mut batch.recv);
-            self.recv_bits = std::mem::take(&mut batch.recv_bits);
-        } else {
-            self.recv_m.drain(..self.recv_pos);
-            self.recv_bits.drain(..self.recv_pos);
-            self.recv_m.extend_from_slice(&batch.recv);
-            self.recv_bits.extend_from_slice(&batch.recv_bits);
-        }
+        self.buf.recv[..self.recv_pos].zeroize();
+        self.buf.recv.drain(..self.recv_pos);
+        self.buf.recv_bits[..self.recv_pos].zeroize();
+        self.buf.recv_bits.drain(..self.recv_pos);
         self.recv_pos = 0;
     }
 
@@ -553,7 +526,7 @@ impl<C: RandomCot> OtSession<C> {
         Ok((first, r))
     }
 
-    /// Takes `n` sender COTs: their first index and their range in `send_keys`.
+    /// Takes `n` sender COTs: their first index and their range in `buf.send`.
     fn take_send(&mut self, n: usize) -> Result<(u64, std::ops::Range<usize>), OtError> {
         self.take(n, true)
     }
@@ -571,7 +544,7 @@ impl<C: RandomCot> OtSession<C> {
         let (idx, range) = self.take_send(n)?;
         let dir = self.dir_send();
         let delta = self.delta;
-        let keys = &self.send_keys[range];
+        let keys = &self.buf.send[range];
         let mut x0 = [0 as Block; PAIR_CHUNK];
         let mut x1 = [0 as Block; PAIR_CHUNK];
         let mut h0 = [0 as Block; PAIR_CHUNK];
@@ -609,7 +582,8 @@ impl<C: RandomCot> OtSession<C> {
         Ok(())
     }
 
-    /// Takes `n` receiver COTs: their first index and their range in `recv_m`/`recv_bits`.
+    /// Takes `n` receiver COTs: their first index and their range in `buf.recv` /
+    /// `buf.recv_bits`.
     fn take_recv_range(&mut self, n: usize) -> Result<(u64, std::ops::Range<usize>), OtError> {
         self.take(n, false)
     }
@@ -618,8 +592,8 @@ impl<C: RandomCot> OtSession<C> {
         let (idx, r) = self.take_recv_range(n)?;
         Ok((
             idx,
-            self.recv_bits[r.clone()].to_vec(),
-            self.recv_m[r].to_vec(),
+            self.buf.recv_bits[r.clone()].to_vec(),
+            self.buf.recv[r].to_vec(),
         ))
     }
 
@@ -652,9 +626,9 @@ impl<C: RandomCot> OtSession<C> {
         let dir = self.dir_recv();
         let (idx, r) = self.take_recv_range(n)?;
         let mut h = [0 as Block; PAIR_CHUNK];
-        for (c, (mc, bc)) in self.recv_m[r.clone()]
+        for (c, (mc, bc)) in self.buf.recv[r.clone()]
             .chunks(PAIR_CHUNK)
-            .zip(self.recv_bits[r].chunks(PAIR_CHUNK))
+            .zip(self.buf.recv_bits[r].chunks(PAIR_CHUNK))
             .enumerate()
         {
             let at = c * PAIR_CHUNK;
@@ -856,8 +830,8 @@ impl<C: RandomCot> OtSession<C> {
         let mu = m as usize;
         let w = bits as usize;
         let (idx, range) = self.take_recv_range(choices.len() * mu)?;
-        let recv_m = &self.recv_m[range.clone()];
-        let recv_bits = &self.recv_bits[range];
+        let recv_m = &self.buf.recv[range.clone()];
+        let recv_bits = &self.buf.recv_bits[range];
         // R ──▶ S: d = c ⊕ b for each of the m COTs of each OT
         let mut d = BitWriter::with_capacity(choices.len() * mu);
         for (i, &c) in choices.iter().enumerate() {
@@ -990,7 +964,7 @@ impl<C: RandomCot> OtSession<C> {
         let nb = (big_n * w).div_ceil(128);
         let d = self.corrections(n * mu, msg, "1-of-N choice corrections")?;
         let (idx, range) = self.take_send(n * mu)?;
-        let keys = &self.send_keys[range];
+        let keys = &self.buf.send[range];
         let dir = self.dir_send();
         let delta = self.delta;
         // per OT: for each t and b, nb blocks G_{t,b}; NP_CHUNK OTs hashed in one call

@@ -18,8 +18,9 @@
 //!     keep the last k + t·h outputs as the next stock, hand out n − k − t·h
 //!     (z = y ⊕ x·Δ: random COTs with the session's global Δ)
 //!
-//!   extend(n_send, n_recv): exactly the COTs asked for, from what is left of the last
-//!     iteration, then as many MAIN iterations as needed (the rest is kept for later)
+//!   extend(n_send, n_recv): where COTs are asked for, the bootstrap's spare ones (the
+//!     first time), then as many whole MAIN iterations as needed, appended to the caller's
+//!     buffers (the session keeps the surplus for its next operations)
 //!     (split: extend_send computes and sends ours; extend_recv receives and computes theirs:
 //!     one flight each way for both directions together, one message per iteration, each
 //!     sent as soon as it is computed, so the receiver works on iteration i while the
@@ -47,11 +48,13 @@
 //!   the IKNP session identifier (both parties agree on it): no seed message.
 //! - One thread per party: the bench runs both parties on the machine's two cores; the
 //!   LPN step splits into independent row ranges if a deployment wants two threads.
-//! - Memory per party and direction: one iteration's output (n blocks, 160 MiB for MAIN),
-//!   allocated once per session and reused by every iteration, and the stock (8.3 MiB).
-//!   Extensions hand out exactly what is asked (copied out of that buffer), so the
-//!   session's buffers hold no more than the protocols reserve. (Handing out whole
-//!   iterations instead cost a third of the CPU in page faults, measured.)
+//! - Memory per party and direction: the stock (8.3 MiB for MAIN) here; the iterations
+//!   write their outputs straight into the caller's buffers ([`RandomCot::extend_into`]),
+//!   which the session keeps from one extension to the next, so the outputs are neither
+//!   copied nor written to fresh pages once the session's buffers have grown (page
+//!   faults on fresh buffers were a fifth of the CPU of a 1,024-row inference, and the
+//!   copy out of an iteration buffer of Ferret's own 5%, measured). The caller holds up to
+//!   one iteration's outputs more than it asked for ([`Ferret::max_surplus_bytes`]).
 
 mod ggm;
 mod lpn;
@@ -76,41 +79,24 @@ use lpn::LpnCode;
 /// Bytes of one COT block.
 const BLOCK_BYTES: usize = 16;
 
-/// Stock and output buffer of one direction: keys (LSB 0) on the sender's side, received
+/// Stock and left-overs of one direction: keys (LSB 0) on the sender's side, received
 /// blocks (choice bit in the LSB) on the receiver's.
 #[derive(Default)]
 struct Side {
     /// the stock: k for the code, then t·h for the level OTs
     stock: Vec<Block>,
-    /// the last iteration's usable outputs (reused by every iteration)
-    buf: Vec<Block>,
-    /// outputs of `buf` already handed out
-    pos: usize,
+    /// the bootstrap's outputs beyond the MAIN stock, handed out by the first extension
+    spare: Vec<Block>,
     /// iterations run in this direction
     iter: u64,
     /// base COTs used for level OTs so far (tweak counter)
     tw: u64,
 }
 
-impl Side {
-    fn left(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
-    /// Moves outputs from the buffer to `out` until it holds `total` (or the buffer is
-    /// empty).
-    fn fill(&mut self, out: &mut Vec<Block>, total: usize) {
-        let k = total.saturating_sub(out.len()).min(self.left());
-        out.extend_from_slice(&self.buf[self.pos..self.pos + k]);
-        self.buf[self.pos..self.pos + k].zeroize();
-        self.pos += k;
-    }
-}
-
 impl Drop for Side {
     fn drop(&mut self) {
         self.stock.zeroize();
-        self.buf.zeroize();
+        self.spare.zeroize();
     }
 }
 
@@ -130,7 +116,8 @@ pub struct Ferret {
     send: Side,
     /// the direction where we are the COT receiver
     recv: Side,
-    /// our sender-side output between `extend_send` and `extend_recv`
+    /// between `extend_send` and `extend_recv`: our sender COTs (the plain API keeps them
+    /// here; `extend_send_into` has put them in the caller's batch already)
     pending: Option<Vec<Block>>,
 }
 
@@ -249,8 +236,8 @@ impl Ferret {
         // The buffers grow to one MAIN iteration when one first runs, not here: a session
         // that never needs one then never holds (or, zeroizing the buffers' whole capacity
         // when dropped, touches) 2 x 160 MiB.
-        s.send.buf = out;
-        s.recv.buf = m;
+        s.send.spare = out;
+        s.recv.spare = m;
         Ok(s)
     }
 
@@ -262,20 +249,22 @@ impl Ferret {
     /// COTs produced and not yet handed out (the next extension's first): (as sender, as
     /// receiver).
     pub fn spare(&self) -> (usize, usize) {
-        (self.send.left(), self.recv.left())
+        (self.send.spare.len(), self.recv.spare.len())
     }
 
-    /// Bytes of COT buffers this value holds now (both directions: stocks and iteration
-    /// buffers, by capacity), at most [`Ferret::max_held_bytes`].
+    /// Bytes of COT buffers this value holds now (both directions: stocks and the
+    /// bootstrap's spare outputs, by capacity).
     pub fn held_bytes(&self) -> usize {
-        let side = |s: &Side| (s.stock.capacity() + s.buf.capacity()) * BLOCK_BYTES;
+        let side = |s: &Side| (s.stock.capacity() + s.spare.capacity()) * BLOCK_BYTES;
         side(&self.send) + side(&self.recv)
     }
 
-    /// The most a session's Ferret holds once a MAIN iteration has run in both directions:
-    /// per direction the next stock (k + t·h blocks) and one iteration's buffer (n blocks).
-    /// About 336 MiB for [`MAIN`]. The COTs handed out live in the caller's buffers.
-    pub const fn max_held_bytes(main: &FerretParams) -> usize {
+    /// The most memory Ferret and the buffers it extends hold beyond the COTs asked for,
+    /// once a MAIN iteration has run in both directions: per direction the stock (k + t·h
+    /// blocks) and one iteration's outputs (n blocks: an extension hands out whole
+    /// iterations, so up to `usable − 1` COTs more than asked, and the next stock is split
+    /// off the iteration's end). About 336 MiB for [`MAIN`].
+    pub const fn max_surplus_bytes(main: &FerretParams) -> usize {
         2 * (main.reserve() + main.n()) * BLOCK_BYTES
     }
 
@@ -376,6 +365,68 @@ impl Ferret {
     }
 }
 
+impl Ferret {
+    /// Appends the COTs of one direction to `out`: all spare ones, then whole MAIN
+    /// iterations until `need` are appended (none if `need` is 0). `send`: the direction
+    /// where we are the sender (each iteration's message goes to the peer as soon as it is
+    /// computed), else the receiver's (each iteration's message read first). On an error
+    /// `out` is left as it was.
+    fn extend_side(
+        &mut self,
+        ch: &mut dyn Channel,
+        need: usize,
+        send: bool,
+        out: &mut Vec<Block>,
+    ) -> Result<(), OtError> {
+        if need == 0 {
+            return Ok(());
+        }
+        let main = self.main;
+        let start = out.len();
+        let side = if send { &mut self.send } else { &mut self.recv };
+        let mut spare = std::mem::take(&mut side.spare);
+        let iters = need.saturating_sub(spare.len()).div_ceil(main.usable());
+        // exactly the room the iterations need (the last one writes n outputs before its
+        // stock is split off): the buffers' whole capacity gets written, so zeroizing it
+        // touches no fresh page
+        let room = spare.len() + iters.saturating_sub(1) * main.usable() + main.n();
+        out.reserve_exact(if iters == 0 { spare.len() } else { room });
+        out.extend_from_slice(&spare);
+        spare.zeroize();
+        drop(spare);
+        for _ in 0..iters {
+            let keep_from = out.len() + main.usable();
+            let side = if send { &mut self.send } else { &mut self.recv };
+            let mut stock = std::mem::take(&mut side.stock);
+            let r = if send {
+                let msg = self.sender_iteration(&main, &stock, out);
+                split_stock(out, keep_from, &mut stock);
+                self.send.stock = stock;
+                // the sender needs nothing from the peer: every iteration's message goes
+                // out as soon as it is computed (one flight), so the receiver works on
+                // iteration i while we compute i + 1
+                ch.send_vec(msg).map_err(OtError::from)
+            } else {
+                let r = ch
+                    .recv_exact(main.iteration_bytes())
+                    .map_err(|e| OtError::msg("Ferret SPCOT messages", e))
+                    .and_then(|part| self.recv_iteration(&main, &stock, &part, out));
+                if r.is_ok() {
+                    split_stock(out, keep_from, &mut stock);
+                }
+                self.recv.stock = stock;
+                r
+            };
+            if let Err(e) = r {
+                out[start..].zeroize();
+                out.truncate(start);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl RandomCot for Ferret {
     fn delta(&self) -> Block {
         self.delta
@@ -387,8 +438,20 @@ impl RandomCot for Ferret {
         n_send: usize,
         n_recv: usize,
     ) -> Result<CotBatch, OtError> {
-        self.extend_send(ch, n_send, n_recv)?;
-        self.extend_recv(ch, n_send, n_recv)
+        let mut out = CotBatch::default();
+        self.extend_into(ch, n_send, n_recv, &mut out)?;
+        Ok(out)
+    }
+
+    fn extend_into(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+        out: &mut CotBatch,
+    ) -> Result<(), OtError> {
+        self.extend_send_into(ch, n_send, n_recv, out)?;
+        self.extend_recv_into(ch, n_send, n_recv, out)
     }
 
     fn split_extend(&self) -> bool {
@@ -399,83 +462,71 @@ impl RandomCot for Ferret {
         &mut self,
         ch: &mut dyn Channel,
         n_send: usize,
-        _n_recv: usize,
+        n_recv: usize,
     ) -> Result<(), OtError> {
-        if self.pending.is_some() {
-            return Err(OtError::BadRequest(
-                "Ferret: extend_send twice without extend_recv".into(),
-            ));
-        }
-        let main = self.main;
-        let mut out = Vec::with_capacity(n_send);
-        self.send.fill(&mut out, n_send);
-        let iters = self.iterations(n_send - out.len(), 0);
-        for _ in 0..iters {
-            // the sender needs nothing from the peer: every iteration's message goes out
-            // as soon as it is computed (one flight), so the receiver works on iteration
-            // i while we compute i + 1
-            let mut buf = std::mem::take(&mut self.send.buf);
-            buf.clear();
-            buf.reserve_exact(main.n());
-            let mut stock = std::mem::take(&mut self.send.stock);
-            let msg = self.sender_iteration(&main, &stock, &mut buf);
-            // the last k + t·h outputs are the next stock
-            split_stock(&mut buf, main.usable(), &mut stock);
-            self.send.stock = stock;
-            self.send.buf = buf;
-            self.send.pos = 0;
-            self.send.fill(&mut out, n_send);
-            ch.send_vec(msg)?;
-        }
-        self.pending = Some(out);
+        let mut out = CotBatch::default();
+        self.extend_send_into(ch, n_send, n_recv, &mut out)?;
+        self.pending = Some(std::mem::take(&mut out.send));
         Ok(())
     }
 
     fn extend_recv(
         &mut self,
         ch: &mut dyn Channel,
-        _n_send: usize,
+        n_send: usize,
         n_recv: usize,
     ) -> Result<CotBatch, OtError> {
-        let Some(send) = self.pending.take() else {
+        let mut out = CotBatch::default();
+        if let Some(p) = self.pending.as_mut() {
+            out.send = std::mem::take(p);
+        }
+        self.extend_recv_into(ch, n_send, n_recv, &mut out)?;
+        Ok(out)
+    }
+
+    fn extend_send_into(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        _n_recv: usize,
+        out: &mut CotBatch,
+    ) -> Result<(), OtError> {
+        if self.pending.is_some() {
+            return Err(OtError::BadRequest(
+                "Ferret: extend_send twice without extend_recv".into(),
+            ));
+        }
+        self.extend_side(ch, n_send, true, &mut out.send)?;
+        self.pending = Some(Vec::new());
+        Ok(())
+    }
+
+    fn extend_recv_into(
+        &mut self,
+        ch: &mut dyn Channel,
+        _n_send: usize,
+        n_recv: usize,
+        out: &mut CotBatch,
+    ) -> Result<(), OtError> {
+        let Some(mut p) = self.pending.take() else {
             return Err(OtError::BadRequest(
                 "Ferret: extend_recv without extend_send".into(),
             ));
         };
-        let mut batch = CotBatch::default();
-        batch.send = send;
-        let main = self.main;
-        let mut m = Vec::with_capacity(n_recv);
-        self.recv.fill(&mut m, n_recv);
-        let iters = self.iterations(n_recv - m.len(), 0);
-        for _ in 0..iters {
-            let part = ch
-                .recv_exact(main.iteration_bytes())
-                .map_err(|e| OtError::msg("Ferret SPCOT messages", e))?;
-            let mut buf = std::mem::take(&mut self.recv.buf);
-            buf.clear();
-            buf.reserve_exact(main.n());
-            let mut stock = std::mem::take(&mut self.recv.stock);
-            let r = self.recv_iteration(&main, &stock, &part, &mut buf);
-            if r.is_ok() {
-                split_stock(&mut buf, main.usable(), &mut stock);
-            }
-            self.recv.stock = stock;
-            self.recv.buf = buf;
-            self.recv.pos = 0;
-            r?;
-            self.recv.fill(&mut m, n_recv);
-        }
-        batch.recv_bits = m.iter().map(|&x| (x & 1) as u8).collect();
-        batch.recv = m;
-        Ok(batch)
+        p.zeroize();
+        let start = out.recv.len();
+        self.extend_side(ch, n_recv, false, &mut out.recv)?;
+        out.recv_bits.reserve_exact(out.recv.len() - start);
+        out.recv_bits
+            .extend(out.recv[start..].iter().map(|&x| (x & 1) as u8));
+        Ok(())
     }
 
     fn extend_cost(&self, n_send: usize, n_recv: usize) -> (usize, usize) {
         let b = self.main.iteration_bytes();
         (
-            b * self.iterations(n_send, self.send.left()),
-            b * self.iterations(n_recv, self.recv.left()),
+            b * self.iterations(n_send, self.send.spare.len()),
+            b * self.iterations(n_recv, self.recv.spare.len()),
         )
     }
 

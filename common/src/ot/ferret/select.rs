@@ -118,6 +118,36 @@ impl RandomCot for CoreOt {
         self.inner_mut().extend_recv(ch, n_send, n_recv)
     }
 
+    fn extend_into(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+        out: &mut CotBatch,
+    ) -> Result<(), OtError> {
+        self.inner_mut().extend_into(ch, n_send, n_recv, out)
+    }
+
+    fn extend_send_into(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+        out: &mut CotBatch,
+    ) -> Result<(), OtError> {
+        self.inner_mut().extend_send_into(ch, n_send, n_recv, out)
+    }
+
+    fn extend_recv_into(
+        &mut self,
+        ch: &mut dyn Channel,
+        n_send: usize,
+        n_recv: usize,
+        out: &mut CotBatch,
+    ) -> Result<(), OtError> {
+        self.inner_mut().extend_recv_into(ch, n_send, n_recv, out)
+    }
+
     fn extend_cost(&self, n_send: usize, n_recv: usize) -> (usize, usize) {
         self.inner().extend_cost(n_send, n_recv)
     }

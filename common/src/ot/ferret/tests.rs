@@ -89,13 +89,29 @@ fn every_cot_satisfies_the_correlation_in_both_directions() {
     assert_ne!(s.0, c.0);
     assert_eq!((s.0 & 1, c.0 & 1), (1, 1)); // Δ has LSB 1
     assert!(spare > 10 + 1 + 5);
+    // what each call hands out: nothing if nothing is asked, else all the spare COTs,
+    // then whole iterations until the count is reached
+    let (mut spare_s, mut spare_c) = (spare, spare);
+    let hand_out = |need: usize, spare: &mut usize| {
+        if need == 0 {
+            return 0;
+        }
+        let got = *spare + need.saturating_sub(*spare).div_ceil(u) * u;
+        *spare = 0;
+        got
+    };
     for (k, (bs, bc)) in s.1.iter().zip(&c.1).enumerate() {
         // server -> client direction, then client -> server
         check(s.0, &bs.send, &bc.recv_bits, &bc.recv);
         check(c.0, &bc.send, &bs.recv_bits, &bs.recv);
-        // exactly what was asked
-        assert_eq!((bs.send.len(), bc.send.len()), calls[k], "call {k}");
+        let want = (
+            hand_out(calls[k].0, &mut spare_s),
+            hand_out(calls[k].1, &mut spare_c),
+        );
+        assert_eq!((bs.send.len(), bc.send.len()), want, "call {k}");
+        assert!(want.0 >= calls[k].0 && want.1 >= calls[k].1);
     }
+    assert_eq!(s.1[0].send.len(), spare); // the first call took all the spare ones
     // different calls never repeat a COT
     let all: std::collections::HashSet<_> = s.1.iter().flat_map(|b| b.send.iter()).collect();
     assert_eq!(all.len(), s.1.iter().map(|b| b.send.len()).sum::<usize>());
@@ -151,22 +167,29 @@ fn the_trait_cost_matches_the_traffic_and_spare_is_tracked() {
     assert_eq!(f.spare(), (spare, spare));
     ch.set_step("ext");
     let want = f.extend_cost(5000, 100);
-    let _ = f.extend(&mut ch, 5000, 100).unwrap();
+    let got = f.extend(&mut ch, 5000, 100).unwrap();
     let e = ch.report().total_with_prefix("ext");
     assert_eq!((e.bytes_sent as usize, e.bytes_received as usize), want);
     assert_eq!(want.1, 0); // 100 came from the bootstrap's left-overs
     let iters = (5000 - spare).div_ceil(main.usable());
     assert_eq!((iters, want.0), (2, 2 * main.iteration_bytes()));
-    assert_eq!(f.spare(), (spare + 2 * main.usable() - 5000, spare - 100));
-    assert_eq!(f.name(), "ferret");
-    // after MAIN iterations in both directions Ferret holds its bound exactly (before,
-    // only the bootstrap's outputs: the MAIN buffers are not reserved ahead)
-    let boot_held = f.held_bytes();
-    assert!(boot_held < Ferret::max_held_bytes(&main), "{boot_held}");
-    let _ = f.extend(&mut ch, 5000, 5000).unwrap();
-    assert_eq!(f.held_bytes(), Ferret::max_held_bytes(&main));
+    // an extension hands out all the spare COTs and whole iterations
+    assert_eq!(got.send.len(), spare + 2 * main.usable());
+    assert_eq!((got.recv.len(), got.recv_bits.len()), (spare, spare));
+    assert_eq!(f.spare(), (0, 0));
     assert_eq!(
-        Ferret::max_held_bytes(&main),
+        f.extend_cost(1, 1),
+        (main.iteration_bytes(), main.iteration_bytes())
+    );
+    assert_eq!(f.name(), "ferret");
+    // after MAIN iterations in both directions Ferret keeps only the stocks; with the
+    // surplus handed out it stays within its bound
+    let more = f.extend(&mut ch, 5000, 5000).unwrap();
+    assert_eq!(f.held_bytes(), 2 * 16 * main.reserve());
+    let surplus = more.send.len() - 5000 + more.recv.len() - 5000;
+    assert!(f.held_bytes() + 16 * surplus <= Ferret::max_surplus_bytes(&main));
+    assert_eq!(
+        Ferret::max_surplus_bytes(&main),
         2 * 16 * (main.n() + main.reserve())
     );
     h.join().unwrap();
