@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// Sessions running at once.
     #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32)]
     pub max_sessions: usize,
+    /// Sessions one client certificate may run at once.
+    #[arg(long, env = "FUSION_MAX_CLIENT_SESSIONS", default_value_t = 4)]
+    pub max_client_sessions: usize,
     /// Memory the running sessions may hold together, by each backend's estimate (a
     /// `cheetah` session of 1,024-row batches: about 670 MiB), in MiB; `auto`: three
     /// quarters of the machine's memory; `unlimited`. A session over the whole cap is
@@ -201,6 +204,7 @@ impl ServeArgs {
             },
             idle_timeout: Duration::from_secs(self.idle_timeout),
             max_sessions: self.max_sessions,
+            max_client_sessions: self.max_client_sessions,
             max_memory: self.max_memory.bytes(machine_memory),
             ..SessionLimits::default()
         }
@@ -397,6 +401,10 @@ mod tests {
         }
         let a = parse(&["--max-memory", "3000"]).unwrap();
         assert_eq!(a.limits().max_memory, Some(3000 * mib));
+        // and one client runs at most 4 sessions at once unless told otherwise
+        assert_eq!(a.limits().max_client_sessions, 4);
+        let a = parse(&["--max-client-sessions", "2"]).unwrap();
+        assert_eq!(a.limits().max_client_sessions, 2);
         // /proc/meminfo's line, in kB
         let text = "MemFree:  100 kB\nMemTotal:       24589416 kB\nBuffers: 1 kB\n";
         assert_eq!(parse_mem_total(text), Some(24_589_416 * 1024));

@@ -72,13 +72,53 @@ fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
 
-/// An admitted session: its runner, its permits (a session slot, its share of the
-/// memory cap) and the acceptance to send.
+/// An admitted session: its runner, its permits (a session slot, the client's slot, its
+/// share of the memory cap) and the acceptance to send.
 type Admitted = (
     Arc<dyn SessionRunner>,
-    (OwnedSemaphorePermit, MemoryHold),
+    (OwnedSemaphorePermit, ClientSlot, MemoryHold),
     SessionAccepted,
 );
+
+/// Sessions running per client certificate subject.
+type ClientCounts = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+/// One of a client's running sessions ([`SessionLimits::max_client_sessions`]); freed
+/// when dropped.
+///
+/// [`SessionLimits::max_client_sessions`]: crate::state::SessionLimits::max_client_sessions
+struct ClientSlot {
+    counts: ClientCounts,
+    client: String,
+}
+
+impl ClientSlot {
+    /// Takes one of `client`'s `max` slots, or says how many it runs.
+    fn take(counts: &ClientCounts, client: &str, max: usize) -> Result<Self, usize> {
+        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = c.entry(client.to_owned()).or_insert(0);
+        if *n >= max {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(Self {
+            counts: counts.clone(),
+            client: client.to_owned(),
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.client);
+            }
+        }
+    }
+}
 
 /// The service implementation.
 #[derive(Debug)]
@@ -89,6 +129,8 @@ pub struct FusionService {
     sessions: Arc<Semaphore>,
     /// the memory cap in MiB permits (`None`: no cap)
     memory: Option<(Arc<Semaphore>, usize)>,
+    /// sessions running per client
+    per_client: ClientCounts,
     next_id: AtomicU64,
     stats: Arc<ServerStats>,
 }
@@ -114,6 +156,7 @@ impl FusionService {
             offered,
             sessions,
             memory,
+            per_client: ClientCounts::default(),
             next_id: AtomicU64::new(1),
             stats,
         }
@@ -234,6 +277,13 @@ impl FusionService {
                     self.state.limits.max_sessions
                 ),
             })?;
+        let max = self.state.limits.max_client_sessions.max(1);
+        let slot = ClientSlot::take(&self.per_client, client, max).map_err(|n| Refusal {
+            code: tonic::Code::ResourceExhausted,
+            message: format!(
+                "{client} already runs {n} sessions, the most one client may run at once"
+            ),
+        })?;
         let memory = self.hold_memory(runner.as_ref(), start)?;
         let exhausted = |e: crate::state::BudgetExhausted| Refusal {
             code: tonic::Code::ResourceExhausted,
@@ -269,7 +319,7 @@ impl FusionService {
             budget,
             params: Default::default(),
         };
-        Ok((runner, (permit, memory), accepted))
+        Ok((runner, (permit, slot, memory), accepted))
     }
 }
 
@@ -366,7 +416,7 @@ impl Fusion for FusionService {
             .map_err(|e| self.refuse(&client, Refusal::invalid(format!("bad start: {e}"))))?;
 
         // 2. policy, backend check, permit, budget
-        let (runner, (permit, memory), accepted) = self
+        let (runner, (permit, slot, memory), accepted) = self
             .admit(&client, &start)
             .map_err(|r| self.refuse(&client, r))?;
         bump(&self.stats.sessions_accepted);
@@ -411,7 +461,7 @@ impl Fusion for FusionService {
         let state = self.state.clone();
         let stats = self.stats.clone();
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _permits = (permit, slot);
             run_session(ch, runner.as_ref(), &info, &state, &stats);
         });
         Ok(Response::new(ReceiverStream::new(out_rx)))

@@ -201,6 +201,9 @@ pub struct SessionLimits {
     pub start_timeout: Duration,
     /// sessions running at once (each holds one blocking thread)
     pub max_sessions: usize,
+    /// sessions one client certificate may run at once (so one client cannot take every
+    /// slot or the whole memory cap)
+    pub max_client_sessions: usize,
     /// time allowed for a TLS handshake
     pub handshake_timeout: Duration,
     /// memory the running sessions may hold together, bytes, by their runners'
@@ -216,6 +219,7 @@ impl Default for SessionLimits {
             idle_timeout: Duration::from_secs(600),
             start_timeout: Duration::from_secs(30),
             max_sessions: 32,
+            max_client_sessions: 4,
             handshake_timeout: Duration::from_secs(10),
             max_memory: None,
         }

@@ -350,3 +350,57 @@ async fn sessions_are_admitted_by_memory_and_refused_with_named_codes() {
     assert_eq!(ok.value, b"again");
     assert_eq!(s.handle.stats().sessions_refused, 2 + tries);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_may_run_only_so_many_sessions_at_once() {
+    let mut registry = Registry::with_builtins();
+    registry.register("heavy", Heavy).unwrap();
+    let limits = SessionLimits {
+        max_client_sessions: 1,
+        ..SessionLimits::default()
+    };
+    let s = TestServer::start(Policy::default(), limits, registry).await;
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let a_client = s.client().await;
+    let a = tokio::spawn(async move {
+        a_client
+            .session(SessionStart::new("heavy"), move |ch, _| {
+                wait.recv().map_err(|e| ChannelError::Transport(e.to_string()))?;
+                ch.send(b"done")?;
+                ch.recv()
+            })
+            .await
+    });
+    while s.handle.stats().sessions_accepted < 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let echo = |ch: &mut dyn Channel, _: &_| {
+        ch.send(b"hi")?;
+        ch.recv()
+    };
+    // the same certificate (another connection) is refused while A runs
+    let client = s.client().await;
+    let err = client
+        .session(SessionStart::new(ECHO), echo)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+    assert!(err.to_string().contains("CN=client already runs 1 sessions"), "{err}");
+    // another client is not
+    let alice = s.client_as("alice").await.unwrap();
+    alice.session(SessionStart::new(ECHO), echo).await.unwrap();
+    go.send(()).unwrap();
+    assert_eq!(a.await.unwrap().unwrap().value, b"done");
+    // once A has ended, its slot is free again
+    let mut tries = 0;
+    loop {
+        match client.session(SessionStart::new(ECHO), echo).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(Code::ResourceExhausted) && tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
