@@ -365,7 +365,8 @@ async fn one_client_may_run_only_so_many_sessions_at_once() {
     let a = tokio::spawn(async move {
         a_client
             .session(SessionStart::new("heavy"), move |ch, _| {
-                wait.recv().map_err(|e| ChannelError::Transport(e.to_string()))?;
+                wait.recv()
+                    .map_err(|e| ChannelError::Transport(e.to_string()))?;
                 ch.send(b"done")?;
                 ch.recv()
             })
@@ -385,7 +386,11 @@ async fn one_client_may_run_only_so_many_sessions_at_once() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
-    assert!(err.to_string().contains("CN=client already runs 1 sessions"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("CN=client already runs 1 sessions"),
+        "{err}"
+    );
     // another client is not
     let alice = s.client_as("alice").await.unwrap();
     alice.session(SessionStart::new(ECHO), echo).await.unwrap();
