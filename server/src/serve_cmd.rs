@@ -63,9 +63,9 @@ pub struct ServeArgs {
     pub max_client_sessions: usize,
     /// Memory the running sessions may hold together, by each backend's estimate (a
     /// `cheetah` session of 1,024-row batches: about 670 MiB), in MiB; `auto`: three
-    /// quarters of the machine's memory; `unlimited`. A session over the whole cap is
-    /// refused (RESOURCE_EXHAUSTED), one that does not fit beside the running ones waits
-    /// for none: it is refused as busy (UNAVAILABLE).
+    /// quarters of the machine's memory (or of the container's limit); `unlimited`. A
+    /// session over the whole cap is refused (RESOURCE_EXHAUSTED), one that does not fit
+    /// beside the running ones is refused as busy (UNAVAILABLE).
     #[arg(long, env = "FUSION_MAX_MEMORY", default_value_t = MemoryCap::Auto)]
     pub max_memory: MemoryCap,
     /// The accuracy announced to clients (Fusion's check (c)), in [0, 1]. Default:
@@ -173,10 +173,19 @@ impl MemoryCap {
     }
 }
 
-/// The machine's memory in bytes (`MemTotal` of `/proc/meminfo`; `None` elsewhere).
+/// The machine's memory in bytes: `MemTotal` of `/proc/meminfo`, or the cgroup's
+/// `memory.max` where that is lower (a container's limit); `None` where neither is there.
 pub fn machine_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_total(&text)
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| parse_mem_total(&t));
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
 }
 
 fn parse_mem_total(meminfo: &str) -> Option<u64> {
