@@ -72,19 +72,29 @@ fn ferret(c: &mut Criterion) {
     g.throughput(Throughput::Elements(N as u64));
     g.bench_function("cot_2^24", |b| {
         let (mut a, mut bb) = memory_pair();
-        let h = std::thread::spawn(move || {
+        // An extension hands out whole iterations; like a session, each side keeps the
+        // surplus and asks only for what it lacks (both compute the same counts).
+        let h = std::thread::spawn(move || -> Option<()> {
             let mut c = Ferret::setup(&mut bb, Party::Client, &mut rand::rng()).ok()?;
+            let mut surplus = 0;
             // Serve extensions until the server hangs up.
-            while c.extend(&mut bb, 0, N).is_ok() {}
-            Some(())
+            loop {
+                let need = N.saturating_sub(surplus);
+                let got = c.extend(&mut bb, 0, need).ok()?.recv.len();
+                surplus = surplus + got - N;
+            }
         });
         let mut s = match Ferret::setup(&mut a, Party::Server, &mut rand::rng()) {
             Ok(s) => s,
             Err(e) => panic!("setup: {e}"),
         };
+        let mut surplus = 0;
         b.iter(|| {
-            let r = s.extend(&mut a, N, 0);
+            let need = N.saturating_sub(surplus);
+            let r = s.extend(&mut a, need, 0);
             assert!(r.is_ok());
+            let got = r.as_ref().map_or(0, |b| b.send.len());
+            surplus = surplus + got - N;
             r
         });
         let _ = a.flush();
