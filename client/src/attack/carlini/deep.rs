@@ -30,18 +30,26 @@
 //!         plane on each, to 1.2 d points, total least squares (trimmed); kept if within
 //!         |cos| 0.97 of the coarse row; a fit 0.85 to 0.97 from it (a poor coarse row)
 //!         is refitted once more from its own plane and kept if the second fit stays
-//!         within 0.97 of the first; a cluster on a refitted plane is not refitted again
+//!         within 0.97 of the first; a cluster on a refitted plane is not refitted again;
+//!         abandoned at its first 96 hits if few segments find a kink near the plane
+//!         (rate under 0.8, or under 0.9 with hits far from it; the second refit also
+//!         if its hits lie far from its fitted plane)
 //!     later critical points within 0.01 of a refitted plane are not probed, and rounds
 //!         after the first refit are 4 times shorter (the skip takes effect sooner)
-//!     collection stops where the rest of the budget is 20k rows per converged row
+//!     collection stops where the rest of the budget is 20k rows per converged row,
+//!         or, while collection itself has spent less than `max_queries`, 10k
 //!     final refit of every converged row from its early refit's row and points, with an
 //!         equal share of all that is left: stages of growing offsets to 1.7, 2.2, 3 and
 //!         4 d points (a refit cut by its share is fitted from the points it has)
-//!     claimed: converged rows passing the precise far-away check
+//!     claimed: converged rows passing the precise far-away check (12 segments, 7 hits;
+//!         rows of clusters mostly of retried probes: 24 segments, 20 hits)
 //! ```
 //! Under rounded outputs the second-difference step is 3 times larger and every probe
 //! point and step lies on the 2^-12 input grid; the clean-switch check allows the
-//! rounding's expected share, and clustering is looser (|cos| > 0.93).
+//! rounding's expected share, and clustering is looser (|cos| > 0.93). With
+//! `retry_weak_probes`, a probe rejected with differences under twice the rounding's
+//! energy is probed once more at 3 times the step, and a failing probe is judged once
+//! more without its 2% worst inputs.
 //! Why the test works: a first-layer neuron switches on a global hyperplane w.x + b = 0,
 //! so its normal recurs anywhere on that plane. A deeper neuron's boundary is a bent
 //! surface whose local normal changes whenever a first-layer neuron switches; its local
