@@ -155,10 +155,13 @@ pub struct CarliniArgs {
     /// rounded outputs)
     #[arg(long, default_value_t = 1_500_000)]
     pub targeted_queries: u64,
-    /// deeper networks, rounded outputs: probe weak rejected kinks again with a larger
-    /// step and judge a probe once more without its 2% worst inputs (more rows, but may
-    /// claim a spurious one; off by default)
-    #[arg(long)]
+    /// deeper networks, rounded outputs: do not probe weak rejected kinks again with a
+    /// larger step nor judge a probe once more without its 2% worst inputs (the second
+    /// chance is on by default)
+    #[arg(long, conflicts_with = "retry_weak_probes")]
+    pub no_retry_weak_probes: bool,
+    /// the second chance for weak probes, the default (kept so older commands run)
+    #[arg(long, hide = true)]
     pub retry_weak_probes: bool,
     /// samples per line at the first search level
     #[arg(long, default_value_t = 64)]
@@ -455,7 +458,7 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
         points_per_neuron: a.points_per_neuron,
         max_queries: a.max_queries,
         targeted_queries: a.targeted_queries,
-        retry_weak_probes: a.retry_weak_probes,
+        retry_weak_probes: !a.no_retry_weak_probes,
         ..CarliniConfig::default()
     };
     let rt = runtime(c)?;

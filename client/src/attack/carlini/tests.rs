@@ -359,6 +359,9 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
     // Refitting each row right after acceptance (first stage), a second early refit
     // of drifted fits, and a final refit of every converged row with what is left of
     // the pooled budget: 10 matched, 0 spurious, all within 1e-2 (mean 2.5e-3), 525k rows.
+    // Seventh pass (early refits abandoned at their first hits when few segments find a
+    // kink near the plane, strict precise check for thin clusters): 10 matched, 0 spurious,
+    // all within 1e-2, 522k rows.
     assert!(m.matched >= 9, "rows matched: {}", m.matched);
     assert_eq!(m.spurious, 0, "spurious rows");
     assert!(fl.dropped_unrefined + fl.precise_rejected <= 5);
@@ -370,6 +373,10 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
     assert!(m.within_1e2 >= 8, "rows within 1e-2: {}", m.within_1e2);
     assert!(fl.final_refits >= 8, "final refits: {}", fl.final_refits);
     assert!(r.queries <= 600_000, "queries {}", r.queries);
-    // the second chance for weak probes is opt-in
-    assert_eq!(fl.probes_retried, 0);
+    // The second chance for weak probes is the default since the seventh pass; on this
+    // net no rejected probe is weak enough for it (under the rounding's energy: all 129
+    // rejected probes are strong but not one switch), so the figures above are the
+    // fifth pass's plus the early abandonment of refits (8 here).
+    assert!(cfg.retry_weak_probes);
+    assert!(fl.retries_clean <= fl.probes_retried && fl.probes_retried <= fl.probes_rejected);
 }
