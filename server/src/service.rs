@@ -24,10 +24,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::runner::{MemoryHold, Refusal, Registry, RunnerError, SessionRunner, StartInfo};
+use crate::state::ServerState;
 
 /// Bytes per MiB (the memory cap's unit).
 const MIB: u64 = 1 << 20;
-use crate::state::ServerState;
 
 /// Counters the tests and the logs use.
 #[derive(Debug, Default)]
@@ -415,7 +415,7 @@ impl Fusion for FusionService {
         let (start, client_limits) = SessionStart::from_pb(start)
             .map_err(|e| self.refuse(&client, Refusal::invalid(format!("bad start: {e}"))))?;
 
-        // 2. policy, backend check, permit, budget
+        // 2. policy, backend check, permits (sessions, the client's, memory), budget
         let (runner, (permit, slot, memory), accepted) = self
             .admit(&client, &start)
             .map_err(|r| self.refuse(&client, r))?;
