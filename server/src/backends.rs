@@ -149,8 +149,8 @@ pub(crate) fn serve_cheetah(
         hook,
         &mut rng,
     );
-    // Zeroizing the session's state takes a while (Ferret keeps a whole iteration's COTs,
-    // about 160 MiB per direction: ~0.2 s here): on a thread of its own, so that the
+    // Zeroizing the session's state takes a while (its COT buffers hold up to a batch's
+    // COTs and one Ferret iteration per direction: ~0.2 s here): on a thread of its own, so that the
     // session's end status is not held up (if no thread can be made, it happens here).
     // The session's share of the memory cap goes with it.
     let hold = start.memory.clone();

@@ -233,9 +233,9 @@ impl Ferret {
         let keep = boot.n() - main.reserve();
         split_stock(&mut out, keep, &mut s.send.stock);
         split_stock(&mut m, keep, &mut s.recv.stock);
-        // The buffers grow to one MAIN iteration when one first runs, not here: a session
-        // that never needs one then never holds (or, zeroizing the buffers' whole capacity
-        // when dropped, touches) 2 x 160 MiB.
+        // The bootstrap's outputs beyond the MAIN stock wait for the first extension; MAIN
+        // iterations write into the caller's buffers, so nothing is reserved for them here
+        // (a session that never runs one never holds 2 x 160 MiB).
         s.send.spare = out;
         s.recv.spare = m;
         Ok(s)
