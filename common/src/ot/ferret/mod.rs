@@ -363,9 +363,7 @@ impl Ferret {
             (need - spare).div_ceil(self.main.usable())
         }
     }
-}
 
-impl Ferret {
     /// Appends the COTs of one direction to `out`: all spare ones, then whole MAIN
     /// iterations until `need` are appended (none if `need` is 0). `send`: the direction
     /// where we are the sender (each iteration's message goes to the peer as soon as it is
@@ -385,7 +383,7 @@ impl Ferret {
         let start = out.len();
         let side = if send { &mut self.send } else { &mut self.recv };
         let mut spare = std::mem::take(&mut side.spare);
-        let iters = need.saturating_sub(spare.len()).div_ceil(main.usable());
+        let iters = self.iterations(need, spare.len());
         // exactly the room the iterations need (the last one writes n outputs before its
         // stock is split off): the buffers' whole capacity gets written, so zeroizing it
         // touches no fresh page
