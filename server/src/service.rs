@@ -181,11 +181,11 @@ impl FusionService {
         };
         let need = runner.memory_estimate(start, &self.state).div_ceil(MIB);
         let need = usize::try_from(need).unwrap_or(usize::MAX);
-        let rows = match start.rows {
-            0 => "the largest batch".to_owned(),
-            r => format!("{r} rows"),
-        };
         if need > *cap {
+            let rows = match start.rows {
+                0 => "the largest batch".to_owned(),
+                r => format!("{r} rows"),
+            };
             // the most rows that would fit (the estimate grows with the rows; 0 rows
             // declared means the policy's largest batch)
             let fits = |rows: u64| {
