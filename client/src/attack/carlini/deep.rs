@@ -1072,8 +1072,11 @@ const PRECISE_TOL: (f64, f64) = (0.004, 0.003);
 /// plane of a small deep net shows its kink on 7 to 11 of 12 far segments (it is
 /// invisible where every deeper neuron it feeds is off), a second-layer neuron's plane on
 /// 0 to 5 (test below).
-const PRECISE_SEGMENTS: usize = 12;
-const PRECISE_MIN_HITS: usize = 7;
+const PRECISE: PreciseBar = PreciseBar {
+    segments: 12,
+    min_hits: 7,
+    share: (7, 12),
+};
 /// Rows of the pooled budget kept per row for its precise check (about 210 a row on the
 /// bundled model).
 const PRECISE_RESERVE: u64 = 300;
@@ -1086,25 +1089,41 @@ const PRECISE_RESERVE: u64 = 300;
 /// from such clusters hit 22 to 24 of 24 far segments (1M + 1M run, seventh pass), and
 /// those from one-probe clusters 11 or 12 of 12 (9M run); a deeper neuron's plane that
 /// hit 9 of 12 passed the normal bar as a one-probe cluster in that 9M run.
-const STRICT_SEGMENTS: usize = 24;
-const STRICT_MIN_HITS: usize = 20;
+const STRICT: PreciseBar = PreciseBar {
+    segments: 24,
+    min_hits: 20,
+    share: (5, 6),
+};
+
+/// A bar of the precise check: far segments per row, the hits needed (at most the
+/// segments scanned) and the least share of hits (numerator, denominator).
+#[derive(Debug, Clone, Copy)]
+struct PreciseBar {
+    segments: usize,
+    min_hits: usize,
+    share: (usize, usize),
+}
+
+impl PreciseBar {
+    /// [`STRICT`] for rows on thin evidence, else [`PRECISE`].
+    fn of(strict: bool) -> Self {
+        if strict { STRICT } else { PRECISE }
+    }
+}
 
 /// Whether a row passes the precise check: kinks on enough far segments (7 of 12, or
 /// strict: 20 of 24 and 5 in 6).
 fn passes_precise(c: &FarCheck, strict: bool) -> bool {
-    let (hits, segs) = (c.hits, c.segs);
-    if strict {
-        segs > 0 && hits >= STRICT_MIN_HITS.min(segs) && 6 * hits >= 5 * segs
-    } else {
-        segs > 0 && hits >= PRECISE_MIN_HITS.min(segs) && 12 * hits >= 7 * segs
-    }
+    let bar = PreciseBar::of(strict);
+    let (num, den) = bar.share;
+    c.segs > 0 && c.hits >= bar.min_hits.min(c.segs) && den * c.hits >= num * c.segs
 }
 
-/// The precise far-away check of refitted rows: [`PRECISE_SEGMENTS`] segments across
+/// The precise far-away check of refitted rows: [`PRECISE`]`.segments` segments across
 /// each refitted plane 1.5 to 4 input units from its points; a first-layer neuron's kink
 /// is on its one hyperplane everywhere, a deeper neuron's kink surface bends at the
 /// first-layer planes it crosses and leaves the plane by more than the tight tolerance.
-/// Rows marked `strict` (clusters of weak kinks) get [`STRICT_SEGMENTS`] segments.
+/// Rows marked `strict` (clusters of weak kinks) get [`STRICT`]`.segments` segments.
 fn verify_precise(
     oracle: &mut dyn Oracle,
     rng: &mut ChaCha8Rng,
@@ -1114,13 +1133,7 @@ fn verify_precise(
     let planes: Vec<(Vec<f64>, f64)> = rows.iter().map(|(r, _)| (r.w.clone(), r.b)).collect();
     let anchors: Vec<&[Vec<f64>]> = rows.iter().map(|(_, a)| *a).collect();
     let segments: Vec<usize> = (0..rows.len())
-        .map(|i| {
-            if strict.get(i).copied().unwrap_or(false) {
-                STRICT_SEGMENTS
-            } else {
-                PRECISE_SEGMENTS
-            }
-        })
+        .map(|i| PreciseBar::of(strict.get(i).copied().unwrap_or(false)).segments)
         .collect();
     verify_planes(oracle, rng, &planes, &anchors, PRECISE_TOL, &segments)
 }
