@@ -2,6 +2,7 @@
 //! sessions with messages above the frame limit, budgets and policy refusals.
 
 use fusion_client::echo::echo_exchange;
+use fusion_client::{Client, ClientError, SessionOutput};
 use fusion_common::channel::{Channel, ChannelError};
 use fusion_common::fixed::FixedPoint;
 use fusion_common::net::{Budget, DEFAULT_FRAME_LIMIT, OutputMode, SessionStart};
@@ -275,6 +276,57 @@ impl fusion_server::SessionRunner for Heavy {
     }
 }
 
+/// A session A of `start` on a connection of its own, running once this returns (the
+/// server has accepted it) until the sender fires; then it echoes `done`.
+async fn hold(
+    s: &TestServer,
+    start: SessionStart,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    tokio::task::JoinHandle<Result<SessionOutput<Vec<u8>>, ClientError>>,
+) {
+    let accepted = s.handle.stats().sessions_accepted;
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let client = s.client().await;
+    let a = tokio::spawn(async move {
+        client
+            .session(start, move |ch, _| {
+                wait.recv()
+                    .map_err(|e| ChannelError::Transport(e.to_string()))?;
+                ch.send(b"done")?;
+                ch.recv()
+            })
+            .await
+    });
+    while s.handle.stats().sessions_accepted <= accepted {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    (go, a)
+}
+
+/// Runs an echo session of `start` as soon as the server stops refusing it with `busy`
+/// (a held session's permits are released right after its end, not before the client
+/// sees it): the echo and the refusals on the way.
+async fn echo_when_free(client: &Client, start: SessionStart, busy: Code) -> (Vec<u8>, u64) {
+    let mut tries = 0;
+    loop {
+        let r = client
+            .session(start.clone(), |ch, _| {
+                ch.send(b"again")?;
+                ch.recv()
+            })
+            .await;
+        match r {
+            Ok(o) => return (o.value, tries),
+            Err(e) if e.code() == Some(busy) && tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_admitted_by_memory_and_refused_with_named_codes() {
     let mut registry = Registry::with_builtins();
@@ -287,21 +339,7 @@ async fn sessions_are_admitted_by_memory_and_refused_with_named_codes() {
     let client = s.client().await;
     let heavy = |rows| SessionStart::new("heavy").with_batch(rows, 1);
     // session A holds 200 of the 250 MiB until it is told to finish
-    let (go, wait) = std::sync::mpsc::channel::<()>();
-    let a_client = s.client().await;
-    let a = tokio::spawn(async move {
-        a_client
-            .session(heavy(2), move |ch, _| {
-                wait.recv()
-                    .map_err(|e| ChannelError::Transport(e.to_string()))?;
-                ch.send(b"done")?;
-                ch.recv()
-            })
-            .await
-    });
-    while s.handle.stats().sessions_accepted < 1 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let (go, a) = hold(&s, heavy(2)).await;
     // 100 more MiB do not fit beside it: busy
     let err = client
         .session(heavy(1), |_, _| Ok::<_, ChannelError>(()))
@@ -330,24 +368,8 @@ async fn sessions_are_admitted_by_memory_and_refused_with_named_codes() {
     go.send(()).unwrap();
     assert_eq!(a.await.unwrap().unwrap().value, b"done");
     // once A's share is released (right after its end) 200 MiB fit again
-    let mut tries = 0;
-    let ok = loop {
-        match client
-            .session(heavy(2), |ch, _| {
-                ch.send(b"again")?;
-                ch.recv()
-            })
-            .await
-        {
-            Ok(o) => break o,
-            Err(e) if e.code() == Some(Code::Unavailable) && tries < 100 => {
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
-    assert_eq!(ok.value, b"again");
+    let (echo, tries) = echo_when_free(&client, heavy(2), Code::Unavailable).await;
+    assert_eq!(echo, b"again");
     assert_eq!(s.handle.stats().sessions_refused, 2 + tries);
 }
 
@@ -360,21 +382,7 @@ async fn one_client_may_run_only_so_many_sessions_at_once() {
         ..SessionLimits::default()
     };
     let s = TestServer::start(Policy::default(), limits, registry).await;
-    let (go, wait) = std::sync::mpsc::channel::<()>();
-    let a_client = s.client().await;
-    let a = tokio::spawn(async move {
-        a_client
-            .session(SessionStart::new("heavy"), move |ch, _| {
-                wait.recv()
-                    .map_err(|e| ChannelError::Transport(e.to_string()))?;
-                ch.send(b"done")?;
-                ch.recv()
-            })
-            .await
-    });
-    while s.handle.stats().sessions_accepted < 1 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let (go, a) = hold(&s, SessionStart::new("heavy")).await;
     let echo = |ch: &mut dyn Channel, _: &_| {
         ch.send(b"hi")?;
         ch.recv()
@@ -397,15 +405,6 @@ async fn one_client_may_run_only_so_many_sessions_at_once() {
     go.send(()).unwrap();
     assert_eq!(a.await.unwrap().unwrap().value, b"done");
     // once A has ended, its slot is free again
-    let mut tries = 0;
-    loop {
-        match client.session(SessionStart::new(ECHO), echo).await {
-            Ok(_) => break,
-            Err(e) if e.code() == Some(Code::ResourceExhausted) && tries < 100 => {
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
+    let (echo, _) = echo_when_free(&client, SessionStart::new(ECHO), Code::ResourceExhausted).await;
+    assert_eq!(echo, b"again");
 }
