@@ -146,6 +146,11 @@ pub struct ClientOptions {
     pub frames: FrameLimits,
     /// how long a session's send or receive may wait for the server
     pub idle_timeout: Duration,
+    /// how long [`Client::session`] keeps asking again when the server refuses a start as
+    /// busy (`UNAVAILABLE`: all session slots or its memory cap taken, or the server not
+    /// reachable for a moment); zero returns the first refusal. Safe to retry: nothing of
+    /// the session ran and nothing was charged.
+    pub busy_wait: Duration,
 }
 
 impl Default for ClientOptions {
@@ -153,8 +158,24 @@ impl Default for ClientOptions {
         Self {
             frames: FrameLimits::default(),
             idle_timeout: Duration::from_secs(600),
+            busy_wait: Duration::ZERO,
         }
     }
+}
+
+/// The first pause between two starts refused as busy; it doubles up to [`BUSY_PAUSE_MAX`].
+const BUSY_PAUSE_FIRST: Duration = Duration::from_millis(200);
+/// The longest pause between two starts refused as busy.
+const BUSY_PAUSE_MAX: Duration = Duration::from_secs(5);
+
+/// The pause after the `n`-th busy refusal (from 0): exponential, capped, with ±25% jitter
+/// so that clients refused together do not return together.
+fn busy_pause(n: u32) -> Duration {
+    use rand::Rng;
+    let base = BUSY_PAUSE_FIRST
+        .saturating_mul(1u32 << n.min(16))
+        .min(BUSY_PAUSE_MAX);
+    base.mul_f64(rand::rng().random_range(0.75..1.25))
 }
 
 /// The result of a session: the closure's value, the server's acceptance, and the
@@ -275,6 +296,9 @@ impl Client {
     /// returns, the client ends its stream and waits for the server's end, so a failure
     /// on the server's side is reported even after the last message. A closure error
     /// aborts the session (the server is told why).
+    ///
+    /// A start the server refuses as busy (`UNAVAILABLE`) is sent again after a growing
+    /// pause for up to [`ClientOptions::busy_wait`]; the last refusal is returned after it.
     pub async fn session<R, E, F>(
         &self,
         start: SessionStart,
@@ -285,6 +309,63 @@ impl Client {
         R: Send + 'static,
         E: Into<Box<dyn StdError + Send + Sync>>,
     {
+        let begun = tokio::time::Instant::now();
+        let deadline = begun + self.options.busy_wait;
+        let mut refusals = 0u32;
+        let (out_tx, inbound, accepted, server_limits) = loop {
+            match self.open(&start).await {
+                Ok(opened) => break opened,
+                Err(ClientError::Status {
+                    call,
+                    code: Code::Unavailable,
+                    mut message,
+                }) => {
+                    let pause = busy_pause(refusals);
+                    refusals += 1;
+                    if tokio::time::Instant::now() + pause > deadline {
+                        if refusals > 1 {
+                            message.push_str(&format!(
+                                " (refused {refusals} times in {:.1} s)",
+                                begun.elapsed().as_secs_f64()
+                            ));
+                        }
+                        return Err(ClientError::Status {
+                            call,
+                            code: Code::Unavailable,
+                            message,
+                        });
+                    }
+                    tracing::info!(
+                        pause_ms = pause.as_millis() as u64,
+                        reason = %message,
+                        "server busy, asking again"
+                    );
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let recv = self.options.frames;
+        let config = ChannelConfig {
+            recv,
+            send: recv.meet(&server_limits),
+            idle_timeout: Some(self.options.idle_timeout),
+        };
+        let inbound = spawn_pump(inbound, inbound_capacity(&recv));
+        let ch = GrpcChannel::client(out_tx, inbound, config, tokio::runtime::Handle::current());
+        let acc = accepted.clone();
+        let joined = tokio::task::spawn_blocking(move || run_protocol(ch, &acc, protocol)).await;
+        let (value, cost) = joined.map_err(|e| ClientError::Panicked(e.to_string()))??;
+        Ok(SessionOutput {
+            value,
+            accepted,
+            cost,
+        })
+    }
+
+    /// Sends `start` on a new stream and waits for the server's acceptance: the stream's
+    /// two ends, the acceptance and the server's frame limits.
+    async fn open(&self, start: &SessionStart) -> Result<Opened, ClientError> {
         let recv = self.options.frames;
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
         let start_frame = pb::Frame {
@@ -328,23 +409,18 @@ impl Client {
                 start.backend, start.rows, accepted.backend, accepted.rows
             )));
         }
-        let config = ChannelConfig {
-            recv,
-            send: recv.meet(&server_limits),
-            idle_timeout: Some(self.options.idle_timeout),
-        };
-        let inbound = spawn_pump(inbound, inbound_capacity(&recv));
-        let ch = GrpcChannel::client(out_tx, inbound, config, tokio::runtime::Handle::current());
-        let acc = accepted.clone();
-        let joined = tokio::task::spawn_blocking(move || run_protocol(ch, &acc, protocol)).await;
-        let (value, cost) = joined.map_err(|e| ClientError::Panicked(e.to_string()))??;
-        Ok(SessionOutput {
-            value,
-            accepted,
-            cost,
-        })
+        Ok((out_tx, inbound, accepted, server_limits))
     }
 }
+
+/// A session's stream once accepted: the sender of outbound frames, the inbound stream,
+/// the acceptance, the server's frame limits.
+type Opened = (
+    mpsc::Sender<pb::Frame>,
+    tonic::Streaming<pb::Frame>,
+    SessionAccepted,
+    FrameLimits,
+);
 
 /// Adds what a TLS alert from the server most likely means.
 fn with_hint(detail: String) -> String {
@@ -399,6 +475,21 @@ where
             Err(ClientError::Panicked(
                 "the protocol closure panicked".into(),
             ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_pauses_double_from_the_first_up_to_the_cap_with_a_quarter_of_jitter() {
+        for _ in 0..200 {
+            for (n, base) in [(0, 0.2), (1, 0.4), (2, 0.8), (4, 3.2), (5, 5.0), (40, 5.0)] {
+                let p = busy_pause(n).as_secs_f64();
+                assert!((0.75 * base..=1.25 * base).contains(&p), "pause {n}: {p} s");
+            }
         }
     }
 }

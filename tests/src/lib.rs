@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use fusion_client::{Client, ClientError};
+use fusion_client::{Client, ClientError, ClientOptions};
 use fusion_common::net::certs::{CertBundle, CertSpec, IssuedCert, generate};
 use fusion_common::net::connect::ServerAddress;
-use fusion_common::net::tls::server_config;
+use fusion_common::net::tls::{client_config, server_config};
 use fusion_server::runner::Registry;
 use fusion_server::state::{Policy, ServerState, SessionLimits};
 use fusion_server::{ServerHandle, spawn};
@@ -75,14 +75,18 @@ impl TestServer {
 
     /// Connects as the named client of this server's PKI.
     pub async fn client_as(&self, name: &str) -> Result<Client, ClientError> {
+        self.client_with(name, ClientOptions::default()).await
+    }
+
+    /// Connects as the named client of this server's PKI with `options`.
+    pub async fn client_with(
+        &self,
+        name: &str,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
         let cert = self.issued(name);
-        Client::connect(
-            &self.addr,
-            None,
-            &cert.identity(),
-            self.pki.ca_pem.as_bytes(),
-        )
-        .await
+        let config = client_config(&cert.identity(), self.pki.ca_pem.as_bytes())?;
+        Client::connect_with_config(&self.addr, None, config, options).await
     }
 
     /// Connects as `client`.

@@ -2,7 +2,7 @@
 //! sessions with messages above the frame limit, budgets and policy refusals.
 
 use fusion_client::echo::echo_exchange;
-use fusion_client::{Client, ClientError, SessionOutput};
+use fusion_client::{Client, ClientError, ClientOptions, SessionOutput};
 use fusion_common::channel::{Channel, ChannelError};
 use fusion_common::fixed::FixedPoint;
 use fusion_common::net::{Budget, DEFAULT_FRAME_LIMIT, OutputMode, SessionStart};
@@ -11,6 +11,7 @@ use fusion_server::runner::{ECHO, Registry, RunnerError, StartInfo};
 use fusion_server::state::{Policy, ServedModel, ServerState, SessionLimits};
 use fusion_tests::TestServer;
 use rand::SeedableRng;
+use std::time::Duration;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,17 +300,16 @@ async fn hold(
             .await
     });
     while s.handle.stats().sessions_accepted <= accepted {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     (go, a)
 }
 
-/// Runs an echo session of `start` as soon as the server stops refusing it with `busy`
-/// (a held session's permits are released right after its end, not before the client
-/// sees it): the echo and the refusals on the way.
-async fn echo_when_free(client: &Client, start: SessionStart, busy: Code) -> (Vec<u8>, u64) {
-    let mut tries = 0;
-    loop {
+/// Runs an echo session of `start` as soon as the server stops refusing it for the
+/// client's concurrent sessions (a held session's slot is released right after its end,
+/// not before the client sees it; a client does not ask again after this refusal).
+async fn echo_when_free(client: &Client, start: SessionStart) -> Vec<u8> {
+    for _ in 0..100 {
         let r = client
             .session(start.clone(), |ch, _| {
                 ch.send(b"again")?;
@@ -317,14 +317,14 @@ async fn echo_when_free(client: &Client, start: SessionStart, busy: Code) -> (Ve
             })
             .await;
         match r {
-            Ok(o) => return (o.value, tries),
-            Err(e) if e.code() == Some(busy) && tries < 100 => {
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            Ok(o) => return o.value,
+            Err(e) if e.code() == Some(Code::ResourceExhausted) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(e) => panic!("{e}"),
         }
     }
+    panic!("still refused after 100 tries")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,12 +365,44 @@ async fn sessions_are_admitted_by_memory_and_refused_with_named_codes() {
         })
         .await
         .unwrap();
+    // a client that waits up to 0.3 s asks twice (pauses of 0.15-0.25 s, then 0.3-0.5 s
+    // would pass its wait) and returns the last refusal, saying so
+    let brief = patient(&s, Duration::from_millis(300)).await;
+    let err = brief
+        .session(heavy(1), |_, _| Ok::<_, ChannelError>(()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(err.to_string().contains("(refused 2 times in 0."), "{err}");
+    assert_eq!(s.handle.stats().sessions_refused, 4);
+    // one that waits long enough gets its session once A's share is released (right
+    // after A's end): it is refused while A runs, then A is told to finish
+    let b = patient(&s, Duration::from_secs(60)).await;
+    let b = tokio::spawn(async move {
+        b.session(heavy(2), |ch, _| {
+            ch.send(b"again")?;
+            ch.recv()
+        })
+        .await
+    });
+    while s.handle.stats().sessions_refused < 6 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!b.is_finished());
     go.send(()).unwrap();
     assert_eq!(a.await.unwrap().unwrap().value, b"done");
-    // once A's share is released (right after its end) 200 MiB fit again
-    let (echo, tries) = echo_when_free(&client, heavy(2), Code::Unavailable).await;
-    assert_eq!(echo, b"again");
-    assert_eq!(s.handle.stats().sessions_refused, 2 + tries);
+    assert_eq!(b.await.unwrap().unwrap().value, b"again");
+}
+
+/// A client of the test PKI that asks again for up to `wait` while the server is busy.
+async fn patient(s: &TestServer, wait: Duration) -> Client {
+    let options = ClientOptions {
+        busy_wait: wait,
+        ..ClientOptions::default()
+    };
+    s.client_with("client", options)
+        .await
+        .expect("client connects")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,6 +437,8 @@ async fn one_client_may_run_only_so_many_sessions_at_once() {
     go.send(()).unwrap();
     assert_eq!(a.await.unwrap().unwrap().value, b"done");
     // once A has ended, its slot is free again
-    let (echo, _) = echo_when_free(&client, SessionStart::new(ECHO), Code::ResourceExhausted).await;
-    assert_eq!(echo, b"again");
+    assert_eq!(
+        echo_when_free(&client, SessionStart::new(ECHO)).await,
+        b"again"
+    );
 }

@@ -298,6 +298,7 @@ fn connect_args(c: &CommonArgs) -> anyhow::Result<ConnectArgs> {
         cert: need(&c.cert, "--cert")?,
         key: need(&c.key, "--key")?,
         server_name: c.server_name.clone(),
+        busy_wait: crate::args::DEFAULT_BUSY_WAIT,
     })
 }
 
