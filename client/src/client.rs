@@ -147,9 +147,11 @@ pub struct ClientOptions {
     /// how long a session's send or receive may wait for the server
     pub idle_timeout: Duration,
     /// how long [`Client::session`] keeps asking again when the server refuses a start as
-    /// busy (`UNAVAILABLE`: all session slots or its memory cap taken, or the server not
-    /// reachable for a moment); zero returns the first refusal. Safe to retry: nothing of
-    /// the session ran and nothing was charged.
+    /// busy (`UNAVAILABLE`: all session slots or its memory cap taken) or the call fails to
+    /// reach it (also `UNAVAILABLE`); zero returns the first refusal, a wait too long for a
+    /// clock (`Duration::MAX`) waits as long as it takes. Only the start call is asked
+    /// again, before the server has admitted anything: nothing of the session ran and
+    /// nothing was charged.
     pub busy_wait: Duration,
 }
 
@@ -309,42 +311,7 @@ impl Client {
         R: Send + 'static,
         E: Into<Box<dyn StdError + Send + Sync>>,
     {
-        let begun = tokio::time::Instant::now();
-        let deadline = begun + self.options.busy_wait;
-        let mut refusals = 0u32;
-        let (out_tx, inbound, accepted, server_limits) = loop {
-            match self.open(&start).await {
-                Ok(opened) => break opened,
-                Err(ClientError::Status {
-                    call,
-                    code: Code::Unavailable,
-                    mut message,
-                }) => {
-                    let pause = busy_pause(refusals);
-                    refusals += 1;
-                    if tokio::time::Instant::now() + pause > deadline {
-                        if refusals > 1 {
-                            message.push_str(&format!(
-                                " (refused {refusals} times in {:.1} s)",
-                                begun.elapsed().as_secs_f64()
-                            ));
-                        }
-                        return Err(ClientError::Status {
-                            call,
-                            code: Code::Unavailable,
-                            message,
-                        });
-                    }
-                    tracing::info!(
-                        pause_ms = pause.as_millis() as u64,
-                        reason = %message,
-                        "server busy, asking again"
-                    );
-                    tokio::time::sleep(pause).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let (out_tx, inbound, accepted, server_limits) = self.open(&start).await?;
         let recv = self.options.frames;
         let config = ChannelConfig {
             recv,
@@ -367,20 +334,49 @@ impl Client {
     /// two ends, the acceptance and the server's frame limits.
     async fn open(&self, start: &SessionStart) -> Result<Opened, ClientError> {
         let recv = self.options.frames;
-        let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
         let start_frame = pb::Frame {
             kind: Some(Kind::Start(start.to_pb(recv))),
         };
-        out_tx
-            .send(start_frame)
-            .await
-            .map_err(|_| ClientError::Session(ChannelError::Closed))?;
-        let response = self
-            .grpc
-            .clone()
-            .session(ReceiverStream::new(out_rx))
-            .await
-            .map_err(|s| ClientError::status("session", s))?;
+        // Only the call's own status is asked again: the server refuses a start (busy or
+        // otherwise) before it answers with a stream, and the transport fails the call
+        // before any stream exists; once the stream is there the session may have been
+        // admitted (and charged), so nothing after that point is retried.
+        let begun = tokio::time::Instant::now();
+        // no deadline if the wait does not fit in an Instant ("as long as it takes")
+        let deadline = begun.checked_add(self.options.busy_wait);
+        let mut refusals = 0u32;
+        let (out_tx, response) = loop {
+            let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
+            out_tx
+                .send(start_frame.clone())
+                .await
+                .map_err(|_| ClientError::Session(ChannelError::Closed))?;
+            match self.grpc.clone().session(ReceiverStream::new(out_rx)).await {
+                Ok(response) => break (out_tx, response),
+                Err(s) if s.code() == Code::Unavailable => {
+                    let pause = busy_pause(refusals);
+                    refusals += 1;
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() + pause > d) {
+                        let mut e = ClientError::status("session", s);
+                        if let (ClientError::Status { message, .. }, true) = (&mut e, refusals > 1)
+                        {
+                            message.push_str(&format!(
+                                " (refused {refusals} times in {:.1} s)",
+                                begun.elapsed().as_secs_f64()
+                            ));
+                        }
+                        return Err(e);
+                    }
+                    tracing::info!(
+                        pause_ms = pause.as_millis() as u64,
+                        reason = %s.message(),
+                        "session start refused as busy or the server unreachable, asking again"
+                    );
+                    tokio::time::sleep(pause).await;
+                }
+                Err(s) => return Err(ClientError::status("session", s)),
+            }
+        };
         let mut inbound = response.into_inner();
         let first = tokio::time::timeout(self.options.idle_timeout, inbound.message())
             .await

@@ -59,13 +59,15 @@ pub struct ServeArgs {
     #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32)]
     pub max_sessions: usize,
     /// Sessions one client certificate may run at once.
-    #[arg(long, env = "FUSION_MAX_CLIENT_SESSIONS", default_value_t = 4)]
+    #[arg(long, env = "FUSION_MAX_CLIENT_SESSIONS", default_value_t = 4,
+          value_parser = at_least_one)]
     pub max_client_sessions: usize,
     /// Memory the running sessions may hold together, by each backend's estimate (a
     /// `cheetah` session of 1,024-row batches: about 670 MiB), in MiB; `auto`: three
-    /// quarters of the machine's memory (or of the container's limit); `unlimited`. A
-    /// session over the whole cap is refused (RESOURCE_EXHAUSTED), one that does not fit
-    /// beside the running ones is refused as busy (UNAVAILABLE).
+    /// quarters of the machine's memory (or of its cgroup's limit: a container's, a
+    /// systemd unit's); `unlimited`. A session over the whole cap is refused
+    /// (RESOURCE_EXHAUSTED), one that does not fit beside the running ones is refused as
+    /// busy (UNAVAILABLE).
     #[arg(long, env = "FUSION_MAX_MEMORY", default_value_t = MemoryCap::Auto)]
     pub max_memory: MemoryCap,
     /// The accuracy announced to clients (Fusion's check (c)), in [0, 1]. Default:
@@ -161,6 +163,14 @@ impl std::fmt::Display for MemoryCap {
     }
 }
 
+/// A count of 1 or more.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of 1 or more")),
+    }
+}
+
 impl MemoryCap {
     /// The cap in bytes (`None`: no cap); `auto` reads the machine's memory with
     /// `total_memory`.
@@ -173,19 +183,61 @@ impl MemoryCap {
     }
 }
 
-/// The machine's memory in bytes: `MemTotal` of `/proc/meminfo`, or the cgroup's
-/// `memory.max` where that is lower (a container's limit); `None` where neither is there.
+/// The machine's memory in bytes: `MemTotal` of `/proc/meminfo`, or the memory limit of
+/// this process's cgroups where that is lower (a container's, or a systemd unit's
+/// `MemoryMax`; see [`cgroup_limit`]); `None` where neither is there.
 pub fn machine_memory() -> Option<u64> {
-    let total = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| parse_mem_total(&t));
-    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()
-        .and_then(|t| t.trim().parse::<u64>().ok());
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let total = read("/proc/meminfo").and_then(|t| parse_mem_total(&t));
+    let cgroup = read("/proc/self/cgroup").and_then(|c| cgroup_limit(&c, read));
     match (total, cgroup) {
         (Some(t), Some(c)) => Some(t.min(c)),
         (t, c) => t.or(c),
     }
+}
+
+/// The lowest memory limit set on this process's cgroup or any of its ancestors (a
+/// parent's limit binds too), from `/proc/self/cgroup` (`cgroup`) and the files `read`
+/// gives: cgroup v2 `memory.max` below `/sys/fs/cgroup` or, on hybrid hosts,
+/// `/sys/fs/cgroup/unified`; cgroup v1 `memory.limit_in_bytes` below
+/// `/sys/fs/cgroup/memory`. The root of each mount is read too: inside a container with
+/// its own cgroup namespace the path listed may not exist there and the container's own
+/// cgroup is the root. `max` and v1's "unlimited" (2^63 rounded down to a page, or any
+/// value of 2^62 or more) are no limit.
+pub fn cgroup_limit(cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<u64> {
+    let mut files = Vec::new();
+    for line in cgroup.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let (mounts, file): (&[&str], _) = if id == "0" && controllers.is_empty() {
+            (&["/sys/fs/cgroup", "/sys/fs/cgroup/unified"], "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (&["/sys/fs/cgroup/memory"], "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        // the path and each of its ancestors, down to the root ("")
+        let path = path.trim_end_matches('/');
+        let mut prefixes = vec![path];
+        let mut p = path;
+        while let Some(i) = p.rfind('/') {
+            p = &p[..i];
+            prefixes.push(p);
+        }
+        for m in mounts {
+            for p in &prefixes {
+                files.push(format!("{m}{p}/{file}"));
+            }
+        }
+    }
+    files
+        .iter()
+        .filter_map(|f| read(f))
+        .filter_map(|t| t.trim().parse::<u64>().ok())
+        .filter(|&v| v < 1 << 62)
+        .min()
 }
 
 fn parse_mem_total(meminfo: &str) -> Option<u64> {
@@ -422,6 +474,60 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert!(machine_memory().is_some_and(|b| b > 0));
         }
+        // --max-client-sessions 0 would refuse every session
+        assert!(parse(&["--max-client-sessions", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_cgroup_limit_is_the_lowest_on_the_path_to_the_root_of_either_version() {
+        let fs = |files: &'static [(&'static str, &'static str)]| {
+            move |p: &str| {
+                files
+                    .iter()
+                    .find(|(f, _)| *f == p)
+                    .map(|(_, t)| format!("{t}\n"))
+            }
+        };
+        // v2, a systemd unit below a slice with the lower limit
+        let v2 = "0::/system.slice/fusion.service\n";
+        let files = fs(&[
+            (
+                "/sys/fs/cgroup/system.slice/fusion.service/memory.max",
+                "max",
+            ),
+            ("/sys/fs/cgroup/system.slice/memory.max", "4294967296"),
+        ]);
+        assert_eq!(cgroup_limit(v2, files), Some(4 << 30));
+        // a container with its own namespace: the listed path is not there, its root is
+        let ns = fs(&[("/sys/fs/cgroup/memory.max", "2147483648")]);
+        assert_eq!(cgroup_limit("0::/\n", ns), Some(2 << 30));
+        assert_eq!(cgroup_limit("0::/docker/abc\n", ns), Some(2 << 30));
+        // v1 (this machine's kind), hybrid with a v2 line: v1's "unlimited" is no limit
+        let v1 = "4:memory:/process_api/x\n1:cpu:/\n0::/\n";
+        let unlimited = fs(&[
+            (
+                "/sys/fs/cgroup/memory/process_api/x/memory.limit_in_bytes",
+                "9223372036854771712",
+            ),
+            ("/sys/fs/cgroup/unified/memory.max", "max"),
+        ]);
+        assert_eq!(cgroup_limit(v1, unlimited), None);
+        let limited = fs(&[
+            (
+                "/sys/fs/cgroup/memory/process_api/x/memory.limit_in_bytes",
+                "9223372036854771712",
+            ),
+            (
+                "/sys/fs/cgroup/memory/process_api/memory.limit_in_bytes",
+                "1073741824",
+            ),
+        ]);
+        assert_eq!(cgroup_limit(v1, limited), Some(1 << 30));
+        // nothing readable, or garbage
+        assert_eq!(cgroup_limit(v1, fs(&[])), None);
+        assert_eq!(cgroup_limit("garbage\n::\n", limited), None);
+        let bad = fs(&[("/sys/fs/cgroup/memory.max", "lots")]);
+        assert_eq!(cgroup_limit("0::/\n", bad), None);
     }
 
     fn repo(p: &str) -> PathBuf {

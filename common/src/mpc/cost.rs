@@ -8,8 +8,9 @@
 //! ([`Sequence`] models both, for operations chained on one session).
 //! [`Extension`] models the core OT: IKNP extends by what the buffer lacks rounded up to
 //! `r128(n)`, a multiple of 128, the COT receiver sending 16 bytes per COT; Ferret hands
-//! out exactly what is asked, from the COTs left over from its last iteration and then
-//! from new iterations, the COT sender sending a fixed number of bytes per iteration
+//! out, when the buffer lacks any, all the COTs left over from its bootstrap and then whole
+//! iterations until the lack is covered (the surplus stays in the session's buffer), the
+//! COT sender sending a fixed number of bytes per iteration
 //! ([`crate::ot::FerretParams::iteration_bytes`]). Either way the extension is one
 //! flight each way and shares flights as below.
 //!

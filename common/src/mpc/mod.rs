@@ -217,7 +217,8 @@ impl MpcSession<CoreOt> {
         let sid = core.session_id();
         let mut ot = OtSession::new(core, party, sid);
         if cfg.kn == KkotConfig::Kk13 {
-            // exact batches so that no COT is left over from setup (as `setup_iknp`)
+            // exact batches so that no IKNP COT is left over from setup (as `setup_iknp`;
+            // Ferret hands out whole iterations whatever the batch)
             ot.set_min_batch(1);
             ot.enable_kk13(ch, rng)?;
         }

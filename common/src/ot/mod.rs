@@ -168,10 +168,11 @@ impl CotBatch {
     /// Appends `other`'s COTs (taking its vectors instead where ours are empty and too
     /// small to hold them: no copy).
     pub fn append(&mut self, mut other: CotBatch) {
-        fn take<T: Copy>(ours: &mut Vec<T>, theirs: &mut Vec<T>) {
+        fn take<T: Copy + zeroize::DefaultIsZeroes>(ours: &mut Vec<T>, theirs: &mut Vec<T>) {
             if ours.is_empty() && ours.capacity() < theirs.len() {
                 std::mem::swap(ours, theirs);
             } else {
+                reserve_zeroizing(ours, theirs.len());
                 ours.extend_from_slice(theirs);
             }
         }
@@ -179,6 +180,23 @@ impl CotBatch {
         take(&mut self.recv, &mut other.recv);
         take(&mut self.recv_bits, &mut other.recv_bits);
     }
+}
+
+/// Makes room for exactly `additional` more elements in `v`, like `Vec::reserve_exact`, but
+/// where the vector must move it copies into a new allocation and zeroizes the old one
+/// first (`realloc` would free the old block with the secrets still in it).
+pub(crate) fn reserve_zeroizing<T: Copy + zeroize::DefaultIsZeroes>(
+    v: &mut Vec<T>,
+    additional: usize,
+) {
+    use zeroize::Zeroize;
+    if v.capacity() - v.len() >= additional {
+        return;
+    }
+    let mut moved = Vec::with_capacity(v.len().saturating_add(additional));
+    moved.extend_from_slice(v);
+    v.zeroize();
+    *v = moved;
 }
 
 impl Drop for CotBatch {

@@ -71,7 +71,7 @@ use rand::{CryptoRng, Rng};
 use zeroize::Zeroize;
 
 use super::iknp::Iknp;
-use super::{Block, CotBatch, OtError, Party, Prg, RandomCot, Tccr};
+use super::{Block, CotBatch, OtError, Party, Prg, RandomCot, Tccr, reserve_zeroizing};
 use crate::channel::Channel;
 use ggm::Ggm;
 use lpn::LpnCode;
@@ -388,7 +388,7 @@ impl Ferret {
         // stock is split off): the buffers' whole capacity gets written, so zeroizing it
         // touches no fresh page
         let room = spare.len() + iters.saturating_sub(1) * main.usable() + main.n();
-        out.reserve_exact(if iters == 0 { spare.len() } else { room });
+        reserve_zeroizing(out, if iters == 0 { spare.len() } else { room });
         out.extend_from_slice(&spare);
         spare.zeroize();
         drop(spare);
@@ -511,10 +511,16 @@ impl RandomCot for Ferret {
                 "Ferret: extend_recv without extend_send".into(),
             ));
         };
-        p.zeroize();
+        // sender COTs of a plain `extend_send` before (a caller mixing the two APIs) go
+        // out with this batch, as `extend_recv` would hand them out
+        if !p.is_empty() {
+            reserve_zeroizing(&mut out.send, p.len());
+            out.send.extend_from_slice(&p);
+            p.zeroize();
+        }
         let start = out.recv.len();
         self.extend_side(ch, n_recv, false, &mut out.recv)?;
-        out.recv_bits.reserve_exact(out.recv.len() - start);
+        reserve_zeroizing(&mut out.recv_bits, out.recv.len() - start);
         out.recv_bits
             .extend(out.recv[start..].iter().map(|&x| (x & 1) as u8));
         Ok(())

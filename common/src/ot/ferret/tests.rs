@@ -317,3 +317,41 @@ fn real_parameter_sets_produce_correlated_cots() {
     let n = bc.recv_bits.len();
     assert!((n / 2 - n / 100..n / 2 + n / 100).contains(&ones));
 }
+
+#[test]
+fn a_plain_extend_send_then_extend_recv_into_hands_out_the_sender_cots() {
+    // a caller mixing the two APIs: the sender COTs parked by `extend_send` go out with
+    // the batch of `extend_recv_into`, matching the peer's receiver COTs
+    let (boot, main) = (TEST_BOOT, TEST_MAIN);
+    let (a, b) = memory_pair();
+    let n = 100;
+    let h = std::thread::spawn(move || {
+        let mut ch = b;
+        let mut rng = ChaCha12Rng::seed_from_u64(2);
+        let mut f =
+            Ferret::setup_with_params(&mut ch, Party::Client, boot, main, &mut rng).unwrap();
+        let b = f.extend(&mut ch, 0, n).unwrap();
+        (f.delta(), b)
+    });
+    let mut ch = a;
+    let mut rng = ChaCha12Rng::seed_from_u64(1);
+    let mut f = Ferret::setup_with_params(&mut ch, Party::Server, boot, main, &mut rng).unwrap();
+    f.extend_send(&mut ch, n, 0).unwrap();
+    let mut out = CotBatch::default();
+    f.extend_recv_into(&mut ch, n, 0, &mut out).unwrap();
+    let (_, peer) = h.join().unwrap();
+    assert!(out.send.len() >= n);
+    assert_eq!(out.send.len(), peer.recv.len());
+    check(f.delta(), &out.send, &peer.recv_bits, &peer.recv);
+}
+
+#[test]
+fn a_buffer_grows_into_a_new_allocation_with_its_contents() {
+    let mut v: Vec<Block> = Vec::with_capacity(4);
+    v.extend_from_slice(&[1, 2, 3]);
+    reserve_zeroizing(&mut v, 1);
+    assert_eq!((v.as_slice(), v.capacity()), (&[1, 2, 3][..], 4));
+    reserve_zeroizing(&mut v, 10);
+    assert_eq!(v, [1, 2, 3]);
+    assert!(v.capacity() >= 13);
+}
