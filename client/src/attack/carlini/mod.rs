@@ -571,10 +571,19 @@ fn deep_first_layer(
             }
         }
         first.note = match &rep.stopped {
-            None => format!(
+            None if rep.linear_units == 0 => format!(
                 "recovered all {} first-layer rows with their signs, the second layer and the \
                  last layer: the whole model is extracted",
                 rows.len()
+            ),
+            None => format!(
+                "recovered all {} first-layer rows with their signs, {} of {} second-layer \
+                 neurons and the last layer; {} second-layer neurons never seen switching \
+                 stand in as always-active units (their linear part)",
+                rows.len(),
+                widths.get(1).copied().unwrap_or(0) - rep.linear_units,
+                widths.get(1).copied().unwrap_or(0),
+                rep.linear_units
             ),
             Some(why) => format!(
                 "recovered {} of {} first-layer rows ({}); {why}",
