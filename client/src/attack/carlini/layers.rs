@@ -753,6 +753,8 @@ fn tally(votes: &[(usize, usize)], rep: &mut SignReport) -> Vec<f64> {
 #[derive(Debug, Clone)]
 struct Crit {
     x: Vec<f64>,
+    /// the direction of the line it was found on
+    u: Vec<f64>,
     h: Vec<f64>,
     ds: Vec<f64>,
     uh: Vec<f64>,
@@ -797,6 +799,22 @@ fn active_count(crits: &[Crit], members: &[usize], i: usize) -> usize {
                 .is_some_and(|c| c.h.get(i).is_some_and(|v| *v > ACTIVE_MIN))
         })
         .count()
+}
+
+/// A line that crosses the boundary of the second-layer neuron of the critical point `c`
+/// where first-layer neuron `i` (off at c) is on at `a`: from x' = c + (a - z_i) v_i (v_i
+/// moves z_i only) along c's own line direction with its z_i component removed. Every
+/// other hidden-1 value moves as along c's line, h_i stays at a, so the neuron's
+/// pre-activation changes at c's rate and crosses 0 near x' (shifted by w_ji a): a point
+/// of its plane where the weight w_ji shows.
+fn slice_line(l1: &Layer, v: &[f64], c: &Crit, i: usize, a: f64) -> Line {
+    let z = dot(&l1.w[i], &c.x) + l1.b[i];
+    let s = a - z;
+    let xp: Vec<f64> = c.x.iter().zip(v).map(|(x, vi)| x + s * vi).collect();
+    let along = dot(&l1.w[i], &c.u);
+    let dir: Vec<f64> = c.u.iter().zip(v).map(|(u, vi)| u - along * vi).collect();
+    let x0: Vec<f64> = xp.iter().zip(&dir).map(|(x, u)| x - 0.5 * u).collect();
+    Line { x0, u: dir }
 }
 
 /// A line near `x` (a critical point), inside [0, 1]^d: x + p - 2r to x + p + 2r,
@@ -847,6 +865,11 @@ fn collect_second(
         on_first_layer: 0,
         noise,
     };
+    // The input steps moving one first-layer value only (d >= h1).
+    let moves = {
+        let refs: Vec<&[f64]> = l1.w.iter().map(Vec::as_slice).collect();
+        pinv_columns(&refs)
+    };
     let bar = progress::bar(show_progress, (h2 * want) as u64, "second-layer points");
     let (mut last_full, mut since) = (0usize, 0usize);
     loop {
@@ -877,20 +900,27 @@ fn collect_second(
                 let near = pick.and_then(|(g, i)| {
                     let members = &col.groups.get(g)?.0;
                     let c = col.crits.get(*members.get(rng.random_range(0..members.len()))?)?;
-                    Some(match i {
-                        None => c.x.clone(),
-                        Some(i) => {
+                    Some(match (i, &moves) {
+                        (None, _) => line_around(rng, &c.x),
+                        (Some(i), Some(v)) => {
+                            let a: f64 = rng.random_range(0.02..0.2);
+                            slice_line(l1, &v[i], c, i, a)
+                        }
+                        (Some(i), None) => {
                             let z = dot(&l1.w[i], &c.x) + l1.b[i];
                             let a = 0.05 - z.min(0.0);
-                            c.x.iter()
+                            let x: Vec<f64> = c
+                                .x
+                                .iter()
                                 .zip(&l1.w[i])
                                 .map(|(x, w)| (x + a * w).clamp(0.0, 1.0))
-                                .collect()
+                                .collect();
+                            line_around(rng, &x)
                         }
                     })
                 });
                 match (k % 4, near) {
-                    (0, Some(x)) => line_around(rng, &x),
+                    (0 | 2, Some(line)) => line,
                     (1, _) => Line::random(rng, d),
                     _ => interior_line(rng, d),
                 }
@@ -935,6 +965,7 @@ fn collect_second(
             let idx = col.crits.len();
             col.crits.push(Crit {
                 x,
+                u: line.u.clone(),
                 h,
                 ds: k.ds,
                 uh,
@@ -1150,6 +1181,59 @@ fn plane_of(
             return None;
         }
         (w, b, rms) = fit(&inl, &used)?;
+    }
+    // Weights of first-layer neurons active only at outlier points (their points were
+    // outliers because the weight was missing, not the other way round): least squares
+    // for those weights from the outliers' residuals; outliers then within the
+    // tolerance are taken back and the plane refitted with the weights.
+    let missing: Vec<usize> = (0..h1)
+        .filter(|i| !used.contains(i))
+        .filter(|&i| active_count(crits, members, i) >= MIN_ACTIVE)
+        .collect();
+    if !missing.is_empty() {
+        let outl: Vec<&Crit> = members
+            .iter()
+            .filter(|m| !inl.contains(m))
+            .filter_map(|&m| crits.get(m))
+            .collect();
+        // Per missing weight, the median of -residual / h_i over the outliers where it
+        // is the only missing neuron active (robust to outliers that are junk).
+        let wm: Vec<f64> = missing
+            .iter()
+            .map(|&i| {
+                let mut r: Vec<f64> = outl
+                    .iter()
+                    .filter(|c| c.h[i] > ACTIVE_MIN)
+                    .filter(|c| missing.iter().all(|&k| k == i || c.h[k] <= ACTIVE_MIN))
+                    .map(|c| -(dot(&w, &c.h) + b) / c.h[i])
+                    .collect();
+                r.sort_by(f64::total_cmp);
+                r.get(r.len() / 2).copied().unwrap_or(0.0)
+            })
+            .collect();
+        {
+            let tol = (6.0 * rms).max(INLIER_FLOOR);
+            let back: Vec<usize> = members
+                .iter()
+                .copied()
+                .filter(|m| !inl.contains(m))
+                .filter(|&m| {
+                    crits.get(m).is_some_and(|c| {
+                        let extra: f64 = missing.iter().zip(&wm).map(|(&i, v)| v * c.h[i]).sum();
+                        (dot(&w, &c.h) + b + extra).abs() <= tol
+                    })
+                })
+                .collect();
+            let mut all = inl.clone();
+            all.extend(back);
+            let used2 = active(&all);
+            if used2.len() > used.len() && all.len() > used2.len() + 1 {
+                if let Some(f) = fit(&all, &used2) {
+                    (inl, used) = (all, used2);
+                    (w, b, rms) = f;
+                }
+            }
+        }
     }
     if 2 * inl.len() < members.len() {
         return None;
@@ -1657,6 +1741,19 @@ mod tests {
         assert_eq!(r.deeper.report.linear_units, 0);
     }
 
+    /// The contractive net with exact logits (seed 4: a second-layer neuron whose
+    /// boundary meets first-layer neuron 7's active side only near x where lines rarely
+    /// go; the lines in the slice h_7 = a and the weight re-admission find it).
+    /// Measured: row error 4.6e-4, logit error 2.7e-3, 99.99% agreement, 97k rows.
+    #[test]
+    fn chain_extracts_contractive_30_12_6_3_with_exact_logits() {
+        let model = super::super::tests::random_deep_model(30, 12, 6, 3, 4);
+        let r = run(&model, Arithmetic::F32, 4);
+        assert_extracted(&r, 6, 2e-3, 1e-2, 300_000);
+        let l2 = r.deeper.report.layer_2.as_ref().unwrap();
+        assert_eq!(l2.unidentified, 0);
+    }
+
     /// With a first-layer row missing the chain stops at once with the named reason,
     /// builds no model, and reports the signs of the rows it has (decided by the wiggle
     /// in the null space of the known rows: the missing rows move too, so the flat side
@@ -1694,7 +1791,7 @@ mod tests {
 
     #[test]
     fn tmp_contractive_f32_seeds() {
-        for seed in [4u64, 5, 6, 7] {
+        for seed in [4u64, 5, 6, 7, 8] {
             let model = super::super::tests::random_deep_model(30, 12, 6, 3, seed);
             let r = run(&model, Arithmetic::F32, seed);
             eprintln!("SEED {seed} stopped {:?} lin {} unid {:?} q {} m {:?} logit {:?}", r.deeper.report.stopped, r.deeper.report.linear_units, r.deeper.report.layer_2.as_ref().map(|l| l.unidentified), r.queries, r.metrics.as_ref().map(|m| (m.matched_2, m.wrong_signs_2, m.row2_rel_error_max)), r.logits.as_ref().map(|l| (l.max_logit_error, l.random_agreement)));
