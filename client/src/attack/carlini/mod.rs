@@ -27,8 +27,8 @@
 //! many points per hyperplane rather than from small finite-difference steps.
 
 pub mod deep;
-pub mod layers;
 mod fit;
+pub mod layers;
 mod search;
 #[cfg(test)]
 mod tests;
@@ -597,7 +597,8 @@ fn deep_first_layer(
             ),
         };
         if let (Some(m), Some((v, ar))) = (&dp.model, victim) {
-            rep.metrics = layers::measure(m, v, ar).map(|mut dm| {
+            let fitted = rep.layer_2.as_ref().map_or(0, |l| l.found);
+            rep.metrics = layers::measure(m, v, ar, fitted).map(|mut dm| {
                 dm.ls_sign_agreement = rep.ls_sign_agreement;
                 dm
             });

@@ -237,7 +237,11 @@ fn recovers_first_layer_of_784_16_8_10_against_f32() {
     let dp = r.deeper.as_ref().unwrap();
     assert_eq!(dp.stopped, None);
     assert!(ex.model.is_some());
-    assert!(fl.note.contains("the whole model is extracted"), "{}", fl.note);
+    assert!(
+        fl.note.contains("the whole model is extracted"),
+        "{}",
+        fl.note
+    );
     assert!(fl.signed);
     let dm = dp.metrics.as_ref().unwrap();
     assert_eq!((dm.wrong_signs_1, dm.wrong_signs_2), (0, 0));
@@ -380,7 +384,11 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
         Some(layers::ChainStop::FirstLayerIncomplete { width: 12, .. })
     ));
     assert!(ex.model.is_none());
-    assert!(fl.note.contains("deeper layers are not extracted"), "{}", fl.note);
+    assert!(
+        fl.note.contains("deeper layers are not extracted"),
+        "{}",
+        fl.note
+    );
     assert!(fl.dropped_unrefined + fl.precise_rejected <= 5);
     assert!(fl.accepted_far_away >= 8, "{}", fl.accepted_far_away);
     assert!(fl.cheap_segments > 0);
