@@ -1252,28 +1252,26 @@ fn plane_of(crits: &[Crit], members: &[usize], h1: usize) -> Option<(Plane, Vec<
             })
             .collect();
         let tol = (6.0 * rms).max(INLIER_FLOOR);
-        {
-            let back: Vec<usize> = members
-                .iter()
-                .copied()
-                .filter(|m| !inl.contains(m))
-                .filter(|&m| {
-                    crits.get(m).is_some_and(|c| {
-                        let extra: f64 = missing.iter().zip(&wm).map(|(&i, v)| v * c.h[i]).sum();
-                        (dot(&w, &c.h) + b + extra).abs() <= tol
-                    })
+        let back: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|m| !inl.contains(m))
+            .filter(|&m| {
+                crits.get(m).is_some_and(|c| {
+                    let extra: f64 = missing.iter().zip(&wm).map(|(&i, v)| v * c.h[i]).sum();
+                    (dot(&w, &c.h) + b + extra).abs() <= tol
                 })
-                .collect();
-            let mut all = inl.clone();
-            all.extend(back);
-            let used2 = active(&all);
-            if used2.len() > used.len()
-                && all.len() > used2.len() + 1
-                && let Some(f) = fit(&all, &used2)
-            {
-                (inl, used) = (all, used2);
-                (w, b, rms) = f;
-            }
+            })
+            .collect();
+        let mut all = inl.clone();
+        all.extend(back);
+        let used2 = active(&all);
+        if used2.len() > used.len()
+            && all.len() > used2.len() + 1
+            && let Some(f) = fit(&all, &used2)
+        {
+            (inl, used) = (all, used2);
+            (w, b, rms) = f;
         }
     }
     if 2 * inl.len() < members.len() {
