@@ -28,6 +28,7 @@
 
 pub mod deep;
 mod fit;
+pub mod layers;
 mod search;
 #[cfg(test)]
 mod tests;
@@ -218,10 +219,13 @@ pub struct CarliniReport {
     pub stopped: Option<OracleError>,
     /// measured figures, if a reference was given and a model was extracted
     pub metrics: Option<Metrics>,
-    /// for a network with two or more hidden layers: the first-layer extraction (the
-    /// attack stops there)
+    /// for a network with two or more hidden layers: the first-layer extraction
     #[serde(default)]
     pub first_layer: Option<deep::FirstLayerReport>,
+    /// for a network with two or more hidden layers: the chain after the first layer
+    /// (signs, second layer, last layer; see [`layers`]) and why it stopped, if it did
+    #[serde(default)]
+    pub deeper: Option<layers::DeeperReport>,
 }
 
 /// The extraction's result: the report and the stolen model (if one was built).
@@ -299,6 +303,7 @@ pub fn carlini(
             &mut rng,
             &images,
             victim,
+            data,
             show_progress,
         );
     }
@@ -463,6 +468,7 @@ pub fn carlini(
         stopped,
         metrics: None,
         first_layer: None,
+        deeper: None,
     };
     let model = if planes.is_empty() || xs.is_empty() {
         None
@@ -511,7 +517,10 @@ pub fn carlini(
     })
 }
 
-/// A network with two or more hidden layers: the first layer only (see [`deep`]).
+/// A network with two or more hidden layers: the first layer (see [`deep`]), then the
+/// layers after it (see [`layers`]: it stops with a named reason unless the first layer
+/// is complete).
+#[allow(clippy::too_many_arguments)]
 fn deep_first_layer(
     oracle: &mut dyn Oracle,
     widths: &[usize],
@@ -519,6 +528,7 @@ fn deep_first_layer(
     rng: &mut ChaCha8Rng,
     images: &[Vec<f64>],
     victim: Option<(&Model, Arithmetic)>,
+    data: Option<&AttackData>,
     show_progress: bool,
 ) -> Result<Extraction, CarliniError> {
     let start = Instant::now();
@@ -538,33 +548,94 @@ fn deep_first_layer(
     if let Some((v, ar)) = victim {
         first.metrics = deep::measure(&fl.rows, v, ar, images);
     }
+    let mut phases = vec![Phase {
+        name: "first layer (critical points, second differences, far-away check)".into(),
+        queries: oracle.queries(),
+        seconds: start.elapsed().as_secs_f64(),
+    }];
+    let mut rows = fl.rows;
+    let (mut deeper, mut model) = (None, None);
+    if stopped.is_none() {
+        let dp = match layers::after_first_layer(oracle, &rows, widths, cfg, rng, show_progress) {
+            Ok(dp) => dp,
+            Err(OracleError::LabelsOnly) => return Err(CarliniError::LabelsOnly),
+            Err(e) => return Err(CarliniError::Oracle(e)),
+        };
+        let mut rep = dp.report;
+        phases.extend(rep.phases.iter().cloned());
+        first.signed = !rows.is_empty() && dp.signs_1.iter().all(|s| *s != 0.0);
+        for (r, s) in rows.iter_mut().zip(&dp.signs_1) {
+            if *s < 0.0 {
+                r.w.iter_mut().for_each(|v| *v = -*v);
+                r.b = -r.b;
+            }
+        }
+        first.note = match &rep.stopped {
+            None if rep.linear_units == 0 => format!(
+                "recovered all {} first-layer rows with their signs, the second layer and the \
+                 last layer: the whole model is extracted",
+                rows.len()
+            ),
+            None => format!(
+                "recovered all {} first-layer rows with their signs, {} of {} second-layer \
+                 neurons and the last layer; {} second-layer neurons never seen switching \
+                 stand in as always-active units (their linear part)",
+                rows.len(),
+                widths.get(1).copied().unwrap_or(0) - rep.linear_units,
+                widths.get(1).copied().unwrap_or(0),
+                rep.linear_units
+            ),
+            Some(why) => format!(
+                "recovered {} of {} first-layer rows ({}); {why}",
+                rows.len(),
+                first.width,
+                if first.signed {
+                    "signs by wiggle, see deeper.signs_1"
+                } else {
+                    "up to sign"
+                }
+            ),
+        };
+        if let (Some(m), Some((v, ar))) = (&dp.model, victim) {
+            let fitted = rep.layer_2.as_ref().map_or(0, |l| l.found);
+            rep.metrics = layers::measure(m, v, ar, fitted).map(|mut dm| {
+                dm.ls_sign_agreement = rep.ls_sign_agreement;
+                dm
+            });
+        }
+        model = dp.model;
+        deeper = Some(rep);
+    }
+    let metrics = match (&model, victim) {
+        (Some(m), Some((v, ar))) => Some(
+            measure(m, v, ar, data, cfg.seed, 0).map_err(|e| CarliniError::Build(e.to_string()))?,
+        ),
+        _ => None,
+    };
     let seconds = start.elapsed().as_secs_f64();
     let report = CarliniReport {
         config: cfg.clone(),
         queries: oracle.queries(),
         seconds,
-        phases: vec![Phase {
-            name: "first layer (critical points, second differences, far-away check)".into(),
-            queries: oracle.queries(),
-            seconds,
-        }],
+        phases,
         lines: fl.lines,
         critical_points: fl.critical_points,
         hidden: width,
-        neurons_found: fl.rows.len(),
-        min_points_per_neuron: fl.rows.iter().map(|r| r.points).min().unwrap_or(0),
+        neurons_found: rows.len(),
+        min_points_per_neuron: rows.iter().map(|r| r.points).min().unwrap_or(0),
         plane_rms_max: 0.0,
         sign_confidence_min: 0.0,
         linear_units: 0,
         targeted_lines: 0,
         stopped,
-        metrics: None,
+        metrics,
         first_layer: Some(first),
+        deeper,
     };
     Ok(Extraction {
         report,
-        model: None,
-        first_layer: fl.rows,
+        model,
+        first_layer: rows,
     })
 }
 
