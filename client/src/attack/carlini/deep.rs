@@ -154,6 +154,13 @@ pub struct FirstLayerMetrics {
     /// (see [`kink_census`])
     #[serde(default)]
     pub kink_buckets: Vec<KinkBucket>,
+    /// matched rows (|cos| > 0.99) whose sign the attack decided and got right
+    /// ([`sign_check`], after the chain's first-layer signs)
+    #[serde(default)]
+    pub signs_right: usize,
+    /// the same, wrong
+    #[serde(default)]
+    pub signs_wrong: usize,
 }
 
 /// Victim first-layer neurons whose mean logit kink lies in `[lo, hi)` and that are
@@ -2011,6 +2018,40 @@ fn logit_kink(
     col.dot(&col).sqrt() * wi.dot(u).abs()
 }
 
+/// Signs decided (`signs[i]` ±1; 0 undecided) of recovered rows matching a victim row
+/// (|cos| > 0.99), checked against it: (right, wrong). `rows` are as recovered (up to
+/// sign); a row's signed normal is `signs[i] · w`.
+pub fn sign_check(
+    rows: &[Row],
+    signs: &[f64],
+    victim: &Model,
+    arithmetic: Arithmetic,
+) -> (usize, usize) {
+    let layers = reference::dense_layers(victim, arithmetic);
+    let Some((w1, _)) = layers.first() else {
+        return (0, 0);
+    };
+    let (mut right, mut wrong) = (0, 0);
+    for (r, &s) in rows.iter().zip(signs) {
+        if s == 0.0 {
+            continue;
+        }
+        let best = (0..w1.nrows())
+            .map(|i| {
+                let wi = w1.row(i).to_vec();
+                let ni = dot(&wi, &wi).sqrt().max(1e-300);
+                s * dot(&wi, &r.w) / ni
+            })
+            .max_by(|a, b| a.abs().total_cmp(&b.abs()));
+        match best {
+            Some(c) if c > 0.99 => right += 1,
+            Some(c) if c < -0.99 => wrong += 1,
+            _ => {}
+        }
+    }
+    (right, wrong)
+}
+
 /// The first layer's figures against the victim; `images` draw the lines of the kink
 /// census (deeper networks).
 pub fn measure(
@@ -2033,6 +2074,8 @@ pub fn measure(
         near_090: 0,
         distinct_090: 0,
         kink_buckets: Vec::new(),
+        signs_right: 0,
+        signs_wrong: 0,
     };
     let mut near = Vec::new();
     for r in rows {

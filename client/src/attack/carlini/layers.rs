@@ -1915,6 +1915,13 @@ mod tests {
         assert_eq!(wrong, 0);
         assert_eq!(dp.report.signs_1.as_ref().map(|s| s.decided), Some(decided));
         assert!(oracle.queries() < 5000, "{}", oracle.queries());
+        // the report's check against the victim (rows up to sign, signs decided) says so too
+        let check = super::super::deep::sign_check(&sub, &dp.signs_1, &model, Arithmetic::Fixed);
+        assert_eq!(check, (decided, 0));
+        // and counts a reversed sign as wrong
+        let reversed: Vec<f64> = dp.signs_1.iter().map(|s| -s).collect();
+        let check = super::super::deep::sign_check(&sub, &reversed, &model, Arithmetic::Fixed);
+        assert_eq!(check, (0, decided));
     }
 
     /// An MNIST-shaped random 784-16-16-10 net against fixed point, first layer given up

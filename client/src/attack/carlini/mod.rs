@@ -564,6 +564,9 @@ fn deep_first_layer(
         let mut rep = dp.report;
         phases.extend(rep.phases.iter().cloned());
         first.signed = !rows.is_empty() && dp.signs_1.iter().all(|s| *s != 0.0);
+        if let (Some(m), Some((v, ar))) = (first.metrics.as_mut(), victim) {
+            (m.signs_right, m.signs_wrong) = deep::sign_check(&rows, &dp.signs_1, v, ar);
+        }
         for (r, s) in rows.iter_mut().zip(&dp.signs_1) {
             if *s < 0.0 {
                 r.w.iter_mut().for_each(|v| *v = -*v);
