@@ -864,24 +864,7 @@ fn slice_line(l1: &Layer, v: &[f64], c: &Crit, i: usize, a: f64) -> Line {
 /// p and r Gaussian with standard deviation 0.1 per coordinate. If x lies on a
 /// second-layer neuron's boundary, the line likely crosses it near x.
 fn line_around(rng: &mut ChaCha8Rng, x: &[f64]) -> Line {
-    let mut gauss = || {
-        let u1: f64 = 1.0 - rng.random::<f64>();
-        let u2: f64 = rng.random();
-        0.1 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    };
-    let pr: Vec<(f64, f64)> = x.iter().map(|_| (gauss(), gauss())).collect();
-    let x0: Vec<f64> = x
-        .iter()
-        .zip(&pr)
-        .map(|(v, (p, r))| (v + p - 2.0 * r).clamp(0.0, 1.0))
-        .collect();
-    let x1: Vec<f64> = x
-        .iter()
-        .zip(&pr)
-        .map(|(v, (p, r))| (v + p + 2.0 * r).clamp(0.0, 1.0))
-        .collect();
-    let u = x1.iter().zip(&x0).map(|(b, a)| b - a).collect();
-    Line { x0, u }
+    Line::around_with(rng, x, 0.1)
 }
 
 /// Step 2a: critical points of second-layer neurons along random lines, grouped by the

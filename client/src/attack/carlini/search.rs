@@ -98,10 +98,15 @@ impl Line {
     /// neuron's hyperplane, the line crosses it at x + p + tau r with tau = -(w.p)/(w.r)
     /// (|tau| < 2 about 70% of the time): a new point of that plane, spread around x.
     pub(crate) fn around(rng: &mut impl Rng, x: &[f64]) -> Self {
+        Self::around_with(rng, x, 0.15)
+    }
+
+    /// [`Line::around`] with standard deviation `sigma`.
+    pub(crate) fn around_with(rng: &mut impl Rng, x: &[f64], sigma: f64) -> Self {
         let mut gauss = || {
             let u1: f64 = 1.0 - rng.random::<f64>();
             let u2: f64 = rng.random();
-            0.15 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+            sigma * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
         };
         let pr: Vec<(f64, f64)> = x.iter().map(|_| (gauss(), gauss())).collect();
         let x0: Vec<f64> = x
