@@ -202,11 +202,9 @@ pub(crate) fn signs(
 pub(crate) type Unit = (Vec<f64>, f64);
 
 /// The last layer when `free` hidden units were not found: least squares of the logits
-/// on relu(z_i), x and 1; the linear part L (classes x d) is approximated with rank
-/// `free` (power iteration on L L^T, deflated), each component sigma u v^T becoming an
-/// always-active unit: row v (unit), bias sum |v_j| + 1 (so v.x + bias >= 1 on [0,1]^d),
-/// output column sigma u, and the output bias corrected by -sigma u bias. Returns the
-/// output layer (`[h + units + 1, classes]`) and the units' (row, bias).
+/// on relu(z_i), x and 1, its linear part turned into always-active units by
+/// [`linear_units`] (inputs in [0, 1]^d). Returns the output layer
+/// (`[h + units + 1, classes]`) and the units' (row, bias).
 pub(crate) fn with_linear_part(
     planes: &[Hyperplane],
     signs: &[f64],
@@ -216,7 +214,6 @@ pub(crate) fn with_linear_part(
 ) -> Option<(Array2<f64>, Vec<Unit>)> {
     let k = planes.len();
     let d = xs.first()?.len();
-    let classes = ys.ncols();
     let base = features(planes, signs, xs, false);
     let mut a = Array2::<f64>::zeros((xs.len(), k + d + 1));
     for (r, x) in xs.iter().enumerate() {
@@ -229,13 +226,26 @@ pub(crate) fn with_linear_part(
         a[(r, k + d)] = 1.0;
     }
     let coef = least_squares(a.view(), ys.view())?;
+    Some(linear_units(&coef, k, free, &vec![1.0; d]))
+}
+
+/// The output layer with `free` always-active units in place of the linear part of a fit:
+/// `coef` holds the least squares of the logits on [k ReLU features, the layer's n =
+/// `xmax.len()` inputs, 1]; its linear part L (classes x n) is approximated with rank
+/// `free` (power iteration on L L^T, deflated), each component sigma u v^T becoming a unit:
+/// row v (unit), bias sum |v_j| xmax_j + 1 (so v.x + bias >= 1 wherever 0 <= x_j <=
+/// xmax_j), output column sigma u, and the output bias corrected by -sigma u bias. Returns
+/// the output layer (`[k + units + 1, classes]`) and the units' (row, bias).
+pub(crate) fn linear_units(
+    coef: &Array2<f64>,
+    k: usize,
+    free: usize,
+    xmax: &[f64],
+) -> (Array2<f64>, Vec<Unit>) {
+    let d = xmax.len();
+    let classes = coef.ncols();
     // L = coef[k..k+d, :]^T, classes x d.
-    let mut l = Array2::<f64>::zeros((classes, d));
-    for c in 0..classes {
-        for j in 0..d {
-            l[(c, j)] = coef[(k + j, c)];
-        }
-    }
+    let mut l = Array2::from_shape_fn((classes, d), |(c, j)| coef[(k + j, c)]);
     let mut units = Vec::new();
     let mut cols = Vec::new();
     let mut bias: Vec<f64> = (0..classes).map(|c| coef[(k + d, c)]).collect();
@@ -256,7 +266,7 @@ pub(crate) fn with_linear_part(
             break;
         }
         let v = v / sigma;
-        let beta = v.iter().map(|x| x.abs()).sum::<f64>() + 1.0;
+        let beta = v.iter().zip(xmax).map(|(a, x)| a.abs() * x).sum::<f64>() + 1.0;
         for c in 0..classes {
             bias[c] -= sigma * u[c] * beta;
             for j in 0..d {
@@ -277,5 +287,5 @@ pub(crate) fn with_linear_part(
     for c in 0..classes {
         out[(h, c)] = bias[c];
     }
-    Some((out, units))
+    (out, units)
 }

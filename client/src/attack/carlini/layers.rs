@@ -624,64 +624,23 @@ pub(crate) fn after_first_layer(
 }
 
 /// The second layer and output layer with `free` always-active units added: `coef` is
-/// the fit on [relu(y_j) (k), hidden-1 values (h1), 1]; its linear part L (classes x h1)
-/// is approximated with rank `free` (power iteration on L L^T, deflated), each component
-/// sigma u v^T becoming a unit with row v and bias sum |v_i| hmax_i + 1 (at least 1 on
-/// the cube, `hmax` the largest hidden-1 values), output column sigma u, the output bias
-/// corrected by -sigma u bias. Returns the layer, the output layer `[h2 + 1, classes]`
-/// and the units added.
+/// the fit on [relu(y_j) (k), hidden-1 values (h1), 1]; its linear part becomes units by
+/// [`super::fit::linear_units`], `hmax` the largest hidden-1 values (so each unit is at
+/// least 1 on the cube). Returns the layer, the output layer `[h2 + 1, classes]` and the
+/// units added.
 fn with_linear_units(
     mut l2: Layer,
     coef: &Array2<f64>,
     free: usize,
     hmax: &[f64],
 ) -> (Layer, Array2<f64>, usize) {
-    let k = l2.w.len();
-    let h1 = hmax.len();
-    let classes = coef.ncols();
-    let mut l = Array2::from_shape_fn((classes, h1), |(c, i)| coef[(k + i, c)]);
-    let mut bias: Vec<f64> = (0..classes).map(|c| coef[(k + h1, c)]).collect();
-    let mut cols: Vec<Array1<f64>> = Vec::new();
-    for _ in 0..free {
-        let m = l.dot(&l.t());
-        let mut u = Array1::from_elem(classes, 1.0);
-        for _ in 0..200 {
-            let next = m.dot(&u);
-            let nn = next.dot(&next).sqrt();
-            if nn <= 1e-300 {
-                break;
-            }
-            u = next / nn;
-        }
-        let v = l.t().dot(&u);
-        let sigma = v.dot(&v).sqrt();
-        if sigma <= 1e-9 {
-            break;
-        }
-        let v = v / sigma;
-        let beta = v.iter().zip(hmax).map(|(a, h)| a.abs() * h).sum::<f64>() + 1.0;
-        for c in 0..classes {
-            bias[c] -= sigma * u[c] * beta;
-            for i in 0..h1 {
-                l[(c, i)] -= sigma * u[c] * v[i];
-            }
-        }
-        l2.w.push(v.to_vec());
-        l2.b.push(beta);
-        cols.push(u * sigma);
+    let (out, units) = super::fit::linear_units(coef, l2.w.len(), free, hmax);
+    let added = units.len();
+    for (w, b) in units {
+        l2.w.push(w);
+        l2.b.push(b);
     }
-    let h2 = l2.w.len();
-    let mut out = Array2::<f64>::zeros((h2 + 1, classes));
-    for j in 0..k {
-        out.row_mut(j).assign(&coef.row(j));
-    }
-    for (j, col) in cols.iter().enumerate() {
-        out.row_mut(k + j).assign(col);
-    }
-    for c in 0..classes {
-        out[(h2, c)] = bias[c];
-    }
-    (l2, out, cols.len())
+    (l2, out, added)
 }
 
 /// Step 1: the sign of every first-layer row by a wiggle in the null space of the other
