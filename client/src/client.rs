@@ -358,7 +358,8 @@ impl Client {
                     refusals += 1;
                     if deadline.is_some_and(|d| tokio::time::Instant::now() + pause > d) {
                         let mut e = ClientError::status("session", s);
-                        if let (ClientError::Status { message, .. }, true) = (&mut e, refusals > 1)
+                        if refusals > 1
+                            && let ClientError::Status { message, .. } = &mut e
                         {
                             message.push_str(&format!(
                                 " (refused {refusals} times in {:.1} s)",

@@ -150,9 +150,9 @@ pub(crate) fn serve_cheetah(
         &mut rng,
     );
     // Zeroizing the session's state takes a while (its COT buffers hold up to a batch's
-    // COTs and one Ferret iteration per direction: ~0.2 s here): on a thread of its own, so that the
-    // session's end status is not held up (if no thread can be made, it happens here).
-    // The session's share of the memory cap goes with it.
+    // COTs and one Ferret iteration per direction: ~0.2 s here): on a thread of its own,
+    // so that the session's end status is not held up (if no thread can be made, it
+    // happens here). The session's share of the memory cap goes with it.
     let hold = start.memory.clone();
     let _ = std::thread::Builder::new()
         .name("zeroize-session".into())
