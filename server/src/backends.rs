@@ -180,18 +180,31 @@ const CHEETAH_ROW_UNIT_BYTES: u64 = 1024;
 
 /// The most memory a `cheetah` session with batches of up to `rows` rows of a model with
 /// `units` Dense outputs per row holds at once, bytes (the server's admission estimate):
-/// the base, what the core OT holds beyond a batch's COTs (Ferret's
-/// [`Ferret::max_surplus_bytes`], about 336 MiB once a main iteration has run in both
-/// directions; IKNP nothing) and the rows. For the bundled model at 1,024 rows about
-/// 667 MiB.
-pub fn cheetah_memory_estimate(config: &CheetahConfig, units: u64, rows: u64) -> u64 {
+/// the base, what Ferret holds beyond a batch's COTs ([`Ferret::max_surplus_bytes`],
+/// about 345.5 MiB once a main iteration has run in both directions) and the rows. For
+/// the bundled model at 1,024 rows about 677 MiB.
+///
+/// `None` for a configuration over IKNP: not estimated. The row term was measured over
+/// Ferret, which writes its COTs into the session's buffers; IKNP also holds, while it
+/// extends, both parties' `u` matrices (16 bytes per COT each way) and the fresh batch
+/// before it is copied into the session's buffers (17 bytes per COT), for up to a whole
+/// batch's COTs at once (the `offline/ot` step of the preprocessed mode), which nothing
+/// here counts. The server never runs IKNP: its `cheetah` runner is registered with
+/// [`CheetahConfig::default`] (Ferret; the adversary runners too), `serve` has no option
+/// to change that, and the server refuses a client whose hello names another core OT
+/// (`cheetah.rs`, the hello check). A runner built with an IKNP configuration by a
+/// library user is refused under a memory cap (see
+/// [`SessionRunner::memory_estimate`]) rather than admitted on an under-count.
+pub fn cheetah_memory_estimate(config: &CheetahConfig, units: u64, rows: u64) -> Option<u64> {
     let ot = match config.ot {
         OtKind::Ferret => Ferret::max_surplus_bytes(&MAIN) as u64,
-        _ => 0,
+        _ => return None,
     };
-    CHEETAH_BASE_BYTES.saturating_add(ot).saturating_add(
-        rows.saturating_mul(units)
-            .saturating_mul(CHEETAH_ROW_UNIT_BYTES),
+    Some(
+        CHEETAH_BASE_BYTES.saturating_add(ot).saturating_add(
+            rows.saturating_mul(units)
+                .saturating_mul(CHEETAH_ROW_UNIT_BYTES),
+        ),
     )
 }
 
@@ -210,7 +223,8 @@ fn model_units(state: &ServerState) -> u64 {
 }
 
 /// The admission estimate of a `cheetah`-family session under `config`: batches of up to
-/// the rows it declared (the policy's largest if none).
+/// the rows it declared (the policy's largest if none); `u64::MAX` (not estimated, see
+/// [`SessionRunner::memory_estimate`]) where [`cheetah_memory_estimate`] has none.
 pub(crate) fn cheetah_session_memory(
     config: &CheetahConfig,
     start: &SessionStart,
@@ -220,7 +234,7 @@ pub(crate) fn cheetah_session_memory(
         0 => state.policy.max_rows,
         r => r.min(state.policy.max_rows),
     };
-    cheetah_memory_estimate(config, model_units(state), rows)
+    cheetah_memory_estimate(config, model_units(state), rows).unwrap_or(u64::MAX)
 }
 
 /// The server role of `cheetah`.
@@ -300,10 +314,19 @@ mod tests {
         // no rows declared: the policy's largest batch (1,024)
         assert_eq!(session(&ferret, 0), session(&ferret, 1024));
         assert_eq!(session(&ferret, 5000), session(&ferret, 1024));
+        // Ferret's surplus, bits included
         assert_eq!(
-            session(&ferret, 1024) - session(&iknp, 1024),
-            Ferret::max_surplus_bytes(&MAIN) as u64
+            cheetah_memory_estimate(&ferret, 266, 1024),
+            Some(
+                CHEETAH_BASE_BYTES
+                    + 2 * 16 * (MAIN.n() + MAIN.reserve()) as u64
+                    + MAIN.usable() as u64
+                    + 1024 * 266 * CHEETAH_ROW_UNIT_BYTES
+            )
         );
+        // IKNP's extension buffers are not estimated: not admitted on an under-count
+        assert_eq!(cheetah_memory_estimate(&iknp, 266, 1024), None);
+        assert_eq!(session(&iknp, 1), u64::MAX);
         assert_eq!(
             session(&ferret, 1024) - session(&ferret, 24),
             1000 * 266 * CHEETAH_ROW_UNIT_BYTES

@@ -39,24 +39,38 @@ use fusion_common::net::stream::status_code;
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Code, Status};
 
+use crate::service::ClientShare;
 use crate::state::ServerState;
 
 /// The share of the server's memory cap a session holds (see
 /// [`SessionLimits::max_memory`](crate::state::SessionLimits::max_memory)), released when
 /// its last clone is dropped: a runner that frees its state on another thread moves a
 /// clone there, so the memory counts until it is really free. Empty without a cap.
+/// The same MiB count against the client's share of the cap
+/// ([`SessionLimits::max_client_memory`](crate::state::SessionLimits::max_client_memory))
+/// until then.
 #[derive(Clone, Default)]
-pub struct MemoryHold(Option<Arc<OwnedSemaphorePermit>>);
+pub struct MemoryHold(Option<Arc<Held>>);
+
+/// The permits of a [`MemoryHold`] and its count in the client's share, given back
+/// together when dropped.
+struct Held {
+    permit: OwnedSemaphorePermit,
+    _share: ClientShare,
+}
 
 impl MemoryHold {
-    /// A hold of `permit` (one permit per MiB).
-    pub(crate) fn new(permit: OwnedSemaphorePermit) -> Self {
-        Self(Some(Arc::new(permit)))
+    /// A hold of `permit` (one permit per MiB), counted in the client's `share`.
+    pub(crate) fn new(permit: OwnedSemaphorePermit, share: ClientShare) -> Self {
+        Self(Some(Arc::new(Held {
+            permit,
+            _share: share,
+        })))
     }
 
     /// MiB held (0 without a cap).
     pub fn mib(&self) -> usize {
-        self.0.as_ref().map_or(0, |p| p.num_permits())
+        self.0.as_ref().map_or(0, |h| h.permit.num_permits())
     }
 }
 
@@ -192,7 +206,9 @@ pub trait SessionRunner: Send + Sync + 'static {
     /// The most memory a session started with `start` may hold at once, bytes: the server
     /// admits sessions while their estimates fit its cap
     /// ([`SessionLimits::max_memory`](crate::state::SessionLimits::max_memory)). The
-    /// policy checks are done. Default: 0 (a runner that holds little).
+    /// policy checks are done. Default: 0 (a runner that holds little). `u64::MAX` says
+    /// the runner cannot estimate the session: under a cap it is refused
+    /// (`RESOURCE_EXHAUSTED`), without one it runs.
     fn memory_estimate(&self, _start: &SessionStart, _state: &ServerState) -> u64 {
         0
     }

@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::runner::Registry;
 use crate::server::spawn;
-use crate::state::{DEFAULT_BUDGET, Policy, ServerState, SessionLimits};
+use crate::state::{ClientMemory, DEFAULT_BUDGET, Policy, ServerState, SessionLimits};
 
 /// Flags of `serve` (each also from the environment variable shown in `--help`).
 #[derive(Debug, Args)]
@@ -56,7 +56,8 @@ pub struct ServeArgs {
     #[arg(long, env = "FUSION_IDLE_TIMEOUT", default_value_t = 600)]
     pub idle_timeout: u64,
     /// Sessions running at once.
-    #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32)]
+    #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32,
+          value_parser = at_least_one)]
     pub max_sessions: usize,
     /// Sessions one client certificate may run at once.
     #[arg(long, env = "FUSION_MAX_CLIENT_SESSIONS", default_value_t = 4,
@@ -70,6 +71,13 @@ pub struct ServeArgs {
     /// busy (UNAVAILABLE).
     #[arg(long, env = "FUSION_MAX_MEMORY", default_value_t = MemoryCap::Auto)]
     pub max_memory: MemoryCap,
+    /// How much of the memory cap the running sessions of one client certificate may
+    /// hold together: `half` (of --max-memory), a number of MiB, or `all` (no share). A
+    /// client holding none of the cap may always start one session that fits the cap.
+    /// A session over its client's share is refused as busy (UNAVAILABLE).
+    #[arg(long, env = "FUSION_MAX_CLIENT_MEMORY", default_value = "half",
+          value_parser = parse_client_memory)]
+    pub max_client_memory: ClientMemory,
     /// The accuracy announced to clients (Fusion's check (c)), in [0, 1]. Default:
     /// measured at start-up, the fixed-point accuracy on the public pool against the
     /// true MNIST labels (from --mnist-dir); without the MNIST test set, the held-out
@@ -160,6 +168,20 @@ impl std::fmt::Display for MemoryCap {
             Self::Unlimited => f.write_str("unlimited"),
             Self::Mib(n) => write!(f, "{n}"),
         }
+    }
+}
+
+/// `--max-client-memory`: `half`, MiB or `all`.
+fn parse_client_memory(s: &str) -> Result<ClientMemory, String> {
+    match s.trim() {
+        "half" => Ok(ClientMemory::Half),
+        "all" | "whole" => Ok(ClientMemory::Whole),
+        n => match n.parse::<u64>() {
+            Ok(v) if v > 0 => Ok(ClientMemory::Bytes(v.saturating_mul(1 << 20))),
+            _ => Err(format!(
+                "{s:?} is not a positive number of MiB (or `half`, `all`)"
+            )),
+        },
     }
 }
 
@@ -267,6 +289,7 @@ impl ServeArgs {
             max_sessions: self.max_sessions,
             max_client_sessions: self.max_client_sessions,
             max_memory: self.max_memory.bytes(machine_memory),
+            max_client_memory: self.max_client_memory,
             ..SessionLimits::default()
         }
     }
@@ -295,7 +318,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     match state.limits.max_memory {
         Some(b) => info!(
             max_memory_mib = b >> 20,
-            "memory cap of the running sessions"
+            max_client_memory_mib = state.limits.max_client_memory.bytes(b) >> 20,
+            "memory cap of the running sessions, and of one client's"
         ),
         None if args.max_memory == MemoryCap::Auto => tracing::warn!(
             "the machine's memory is unknown (no /proc/meminfo): sessions run without a memory cap (set --max-memory)"
@@ -474,8 +498,40 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert!(machine_memory().is_some_and(|b| b > 0));
         }
-        // --max-client-sessions 0 would refuse every session
+        // --max-client-sessions 0 would refuse every session, --max-sessions 0 too
         assert!(parse(&["--max-client-sessions", "0"]).is_err());
+        for bad in ["0", "-1", "x"] {
+            assert!(parse(&["--max-sessions", bad]).is_err(), "{bad}");
+        }
+        assert_eq!(a.limits().max_sessions, 32);
+        assert_eq!(
+            parse(&["--max-sessions", "1"]).unwrap().limits().max_sessions,
+            1
+        );
+    }
+
+    #[test]
+    fn a_clients_share_is_half_the_memory_cap_unless_given() {
+        let mib = 1u64 << 20;
+        let share = |args: &[&str]| {
+            parse(args).map(|a| {
+                let l = a.limits();
+                l.max_memory.map(|cap| l.max_client_memory.bytes(cap))
+            })
+        };
+        let cap = ["--max-memory", "3000"];
+        assert_eq!(share(&cap).unwrap(), Some(1500 * mib));
+        let given = |v: &str| share(&[cap[0], cap[1], "--max-client-memory", v]);
+        assert_eq!(given("half").unwrap(), Some(1500 * mib));
+        assert_eq!(given("1000").unwrap(), Some(1000 * mib));
+        assert_eq!(given("all").unwrap(), Some(3000 * mib));
+        // a share above the cap is the cap
+        assert_eq!(given("5000").unwrap(), Some(3000 * mib));
+        for bad in ["0", "-5", "quarter", "0.5"] {
+            assert!(given(bad).is_err(), "{bad}");
+        }
+        // no cap, no share
+        assert_eq!(share(&["--max-memory", "unlimited"]).unwrap(), None);
     }
 
     #[test]

@@ -80,29 +80,61 @@ type Admitted = (
     SessionAccepted,
 );
 
-/// Sessions running per client certificate subject.
-type ClientCounts = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+/// What the running sessions of one client certificate hold: session slots
+/// ([`SessionLimits::max_client_sessions`]) and MiB of the memory cap
+/// ([`SessionLimits::max_client_memory`]).
+///
+/// [`SessionLimits::max_client_sessions`]: crate::state::SessionLimits::max_client_sessions
+/// [`SessionLimits::max_client_memory`]: crate::state::SessionLimits::max_client_memory
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClientUse {
+    sessions: usize,
+    mib: usize,
+}
+
+/// [`ClientUse`] per client certificate subject (a client using nothing has no entry).
+pub(crate) type ClientUses = Arc<std::sync::Mutex<std::collections::HashMap<String, ClientUse>>>;
+
+fn lock_uses(
+    uses: &ClientUses,
+) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, ClientUse>> {
+    // a panic elsewhere while holding the lock leaves a valid map: keep going
+    uses.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Gives back `sessions` slots and `mib` MiB of `client`'s use; forgets a client that
+/// uses nothing any more.
+fn release_use(uses: &ClientUses, client: &str, sessions: usize, mib: usize) {
+    let mut c = lock_uses(uses);
+    if let Some(u) = c.get_mut(client) {
+        u.sessions = u.sessions.saturating_sub(sessions);
+        u.mib = u.mib.saturating_sub(mib);
+        if *u == ClientUse::default() {
+            c.remove(client);
+        }
+    }
+}
 
 /// One of a client's running sessions ([`SessionLimits::max_client_sessions`]); freed
 /// when dropped.
 ///
 /// [`SessionLimits::max_client_sessions`]: crate::state::SessionLimits::max_client_sessions
 struct ClientSlot {
-    counts: ClientCounts,
+    uses: ClientUses,
     client: String,
 }
 
 impl ClientSlot {
     /// Takes one of `client`'s `max` slots, or says how many it runs.
-    fn take(counts: &ClientCounts, client: &str, max: usize) -> Result<Self, usize> {
-        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = c.entry(client.to_owned()).or_insert(0);
-        if *n >= max {
-            return Err(*n);
+    fn take(uses: &ClientUses, client: &str, max: usize) -> Result<Self, usize> {
+        let mut c = lock_uses(uses);
+        let u = c.entry(client.to_owned()).or_default();
+        if u.sessions >= max {
+            return Err(u.sessions);
         }
-        *n += 1;
+        u.sessions += 1;
         Ok(Self {
-            counts: counts.clone(),
+            uses: uses.clone(),
             client: client.to_owned(),
         })
     }
@@ -110,14 +142,33 @@ impl ClientSlot {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = c.get_mut(&self.client) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                c.remove(&self.client);
-            }
-        }
+        release_use(&self.uses, &self.client, 1, 0);
     }
+}
+
+/// A session's MiB counted against its client's share of the memory cap
+/// ([`SessionLimits::max_client_memory`]); given back when dropped (with the
+/// [`MemoryHold`] that owns it, so at the same time as the cap's permits).
+///
+/// [`SessionLimits::max_client_memory`]: crate::state::SessionLimits::max_client_memory
+pub(crate) struct ClientShare {
+    uses: ClientUses,
+    client: String,
+    mib: usize,
+}
+
+impl Drop for ClientShare {
+    fn drop(&mut self) {
+        release_use(&self.uses, &self.client, 0, self.mib);
+    }
+}
+
+/// The memory cap: one permit per MiB, the cap and each client's share, in MiB.
+#[derive(Debug)]
+struct MemoryCap {
+    permits: Arc<Semaphore>,
+    cap: usize,
+    share: usize,
 }
 
 /// The service implementation.
@@ -127,10 +178,10 @@ pub struct FusionService {
     registry: Registry,
     offered: Vec<String>,
     sessions: Arc<Semaphore>,
-    /// the memory cap in MiB permits (`None`: no cap)
-    memory: Option<(Arc<Semaphore>, usize)>,
-    /// sessions running per client
-    per_client: ClientCounts,
+    /// the memory cap (`None`: no cap)
+    memory: Option<MemoryCap>,
+    /// session slots and memory held per client
+    clients: ClientUses,
     next_id: AtomicU64,
     stats: Arc<ServerStats>,
 }
@@ -144,11 +195,15 @@ impl FusionService {
         stats: Arc<ServerStats>,
     ) -> Self {
         let sessions = Arc::new(Semaphore::new(state.limits.max_sessions.max(1)));
-        let memory = state.limits.max_memory.map(|bytes| {
-            let mib = usize::try_from(bytes / MIB)
+        let mib = |bytes: u64| {
+            usize::try_from(bytes / MIB)
                 .unwrap_or(usize::MAX)
-                .min(Semaphore::MAX_PERMITS);
-            (Arc::new(Semaphore::new(mib)), mib)
+                .min(Semaphore::MAX_PERMITS)
+        };
+        let memory = state.limits.max_memory.map(|bytes| MemoryCap {
+            permits: Arc::new(Semaphore::new(mib(bytes))),
+            cap: mib(bytes),
+            share: mib(state.limits.max_client_memory.bytes(bytes)),
         });
         Self {
             state,
@@ -156,7 +211,7 @@ impl FusionService {
             offered,
             sessions,
             memory,
-            per_client: ClientCounts::default(),
+            clients: ClientUses::default(),
             next_id: AtomicU64::new(1),
             stats,
         }
@@ -169,18 +224,36 @@ impl FusionService {
     }
 
     /// The session's share of the memory cap, by its runner's estimate: refused with
-    /// `RESOURCE_EXHAUSTED` if it exceeds the whole cap, `UNAVAILABLE` while the running
-    /// sessions hold too much of it.
+    /// `RESOURCE_EXHAUSTED` if it exceeds the whole cap (or the runner cannot estimate
+    /// it), `UNAVAILABLE` while the running sessions hold too much of it, or `client`'s
+    /// running sessions hold so much that this one would take them over the client's
+    /// share (a client holding none of the cap may always start a session that fits).
     fn hold_memory(
         &self,
+        client: &str,
         runner: &dyn SessionRunner,
         start: &SessionStart,
     ) -> Result<MemoryHold, Refusal> {
-        let Some((sem, cap)) = &self.memory else {
+        let Some(MemoryCap {
+            permits: sem,
+            cap,
+            share,
+        }) = &self.memory
+        else {
             return Ok(MemoryHold::default());
         };
-        let need = runner.memory_estimate(start, &self.state).div_ceil(MIB);
-        let need = usize::try_from(need).unwrap_or(usize::MAX);
+        let estimate = runner.memory_estimate(start, &self.state);
+        if estimate == u64::MAX {
+            return Err(Refusal {
+                code: tonic::Code::ResourceExhausted,
+                message: format!(
+                    "the memory of a {} session in this server's configuration is not \
+                     estimated: refused under the memory cap of {cap} MiB",
+                    start.backend
+                ),
+            });
+        }
+        let need = usize::try_from(estimate.div_ceil(MIB)).unwrap_or(usize::MAX);
         if need > *cap {
             let rows = match start.rows {
                 0 => "the largest batch".to_owned(),
@@ -219,6 +292,9 @@ impl FusionService {
             return Ok(MemoryHold::default());
         }
         let permits = u32::try_from(need).unwrap_or(u32::MAX);
+        // the client's use is read and updated under one lock: two sessions of one
+        // client cannot both pass the share check
+        let mut uses = lock_uses(&self.clients);
         let permit = sem
             .clone()
             .try_acquire_many_owned(permits)
@@ -230,7 +306,28 @@ impl FusionService {
                     cap - sem.available_permits()
                 ),
             })?;
-        Ok(MemoryHold::new(permit))
+        let held = uses.get(client).map_or(0, |u| u.mib);
+        if held > 0 && held.saturating_add(need) > *share {
+            // the permits go back as `permit` is dropped
+            return Err(Refusal {
+                code: tonic::Code::Unavailable,
+                message: format!(
+                    "server busy: {client}'s running sessions hold {held} MiB of its \
+                     {share} MiB share of the {cap} MiB memory cap, this one needs about \
+                     {need} MiB"
+                ),
+            });
+        }
+        uses.entry(client.to_owned()).or_default().mib += need;
+        drop(uses);
+        Ok(MemoryHold::new(
+            permit,
+            ClientShare {
+                uses: self.clients.clone(),
+                client: client.to_owned(),
+                mib: need,
+            },
+        ))
     }
 
     /// Policy, backend, memory and budget checks; on success the session's number, its
@@ -278,13 +375,13 @@ impl FusionService {
                 ),
             })?;
         let max = self.state.limits.max_client_sessions.max(1);
-        let slot = ClientSlot::take(&self.per_client, client, max).map_err(|n| Refusal {
+        let slot = ClientSlot::take(&self.clients, client, max).map_err(|n| Refusal {
             code: tonic::Code::ResourceExhausted,
             message: format!(
                 "{client} already runs {n} sessions, the most one client may run at once"
             ),
         })?;
-        let memory = self.hold_memory(runner.as_ref(), start)?;
+        let memory = self.hold_memory(client, runner.as_ref(), start)?;
         let exhausted = |e: crate::state::BudgetExhausted| Refusal {
             code: tonic::Code::ResourceExhausted,
             message: e.to_string(),
@@ -517,5 +614,170 @@ fn run_session(
             );
             ch.abort(e.code(), &format!("session {}: {e}", info.session_id));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{ClientMemory, Policy, SessionLimits};
+
+    /// Estimates 100 MiB per declared row (IKNP-like `u64::MAX` for 999 rows).
+    struct Heavy;
+
+    impl SessionRunner for Heavy {
+        fn memory_estimate(&self, start: &SessionStart, _: &ServerState) -> u64 {
+            match start.rows {
+                999 => u64::MAX,
+                r => r * (100 << 20),
+            }
+        }
+
+        fn run(
+            &self,
+            _: &mut dyn Channel,
+            _: &StartInfo,
+            _: &ServerState,
+        ) -> Result<(), RunnerError> {
+            Ok(())
+        }
+    }
+
+    /// A service with a cap of `cap_mib` MiB (per-client share `share`), `policy`, and the
+    /// `heavy` backend.
+    fn service(cap_mib: u64, share: ClientMemory, policy: Policy) -> FusionService {
+        let limits = SessionLimits {
+            max_memory: Some(cap_mib << 20),
+            max_client_memory: share,
+            ..SessionLimits::default()
+        };
+        let mut registry = Registry::empty();
+        registry.register("heavy", Heavy).unwrap();
+        let state = Arc::new(ServerState::new(None, policy, limits));
+        FusionService::new(state, registry, vec!["heavy".into()], Default::default())
+    }
+
+    fn heavy(rows: u64) -> SessionStart {
+        SessionStart::new("heavy").with_batch(rows, 1)
+    }
+
+    /// (permits free, the client's use)
+    fn usage(s: &FusionService, client: &str) -> (usize, Option<ClientUse>) {
+        let free = s.memory.as_ref().unwrap().permits.available_permits();
+        (free, lock_uses(&s.clients).get(client).copied())
+    }
+
+    fn refusal(r: Result<Admitted, Refusal>) -> Refusal {
+        match r {
+            Ok(_) => panic!("admitted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn one_clients_sessions_hold_at_most_its_share_of_the_cap() {
+        // cap 1,000 MiB, half of it per client
+        let s = service(1000, ClientMemory::Half, Policy::default());
+        let a1 = s.admit("CN=a", &heavy(3)).unwrap();
+        assert_eq!(a1.1.2.mib(), 300);
+        // 300 + 300 > 500: busy, naming the share
+        let r = refusal(s.admit("CN=a", &heavy(3)));
+        assert_eq!(r.code, tonic::Code::Unavailable, "{r:?}");
+        assert!(
+            r.message
+                .contains("CN=a's running sessions hold 300 MiB of its 500 MiB share"),
+            "{}",
+            r.message
+        );
+        // nothing of the refused session is held
+        assert_eq!(
+            usage(&s, "CN=a"),
+            (700, Some(ClientUse {
+                sessions: 1,
+                mib: 300
+            }))
+        );
+        // 300 + 200 fits the share
+        let a2 = s.admit("CN=a", &heavy(2)).unwrap();
+        // another client has its own share: 500 MiB of the 500 left
+        let b1 = s.admit("CN=b", &heavy(5)).unwrap();
+        assert_eq!(usage(&s, "CN=b").1.unwrap().mib, 500);
+        // the cap is full: the global refusal
+        let r = refusal(s.admit("CN=c", &heavy(1)));
+        assert_eq!(r.code, tonic::Code::Unavailable);
+        assert!(r.message.contains("1000 of its 1000 MiB memory cap"), "{r:?}");
+        // ending sessions gives back both the cap's permits and the client's share
+        drop(a1);
+        assert_eq!(
+            usage(&s, "CN=a"),
+            (300, Some(ClientUse {
+                sessions: 1,
+                mib: 200
+            }))
+        );
+        drop((a2, b1));
+        assert_eq!(usage(&s, "CN=a"), (1000, None));
+        assert_eq!(usage(&s, "CN=b"), (1000, None));
+        // with `Whole` one client may hold all of it
+        let s = service(1000, ClientMemory::Whole, Policy::default());
+        let held: Vec<_> = (0..4).map(|_| s.admit("CN=a", &heavy(2)).unwrap()).collect();
+        assert_eq!(usage(&s, "CN=a").0, 200);
+        drop(held);
+        assert_eq!(usage(&s, "CN=a"), (1000, None));
+    }
+
+    #[test]
+    fn a_client_holding_nothing_may_start_one_session_that_fits_the_cap() {
+        // cap 250 MiB, share 125: a 200 MiB session is over the share but fits the cap
+        let s = service(250, ClientMemory::Half, Policy::default());
+        let a1 = s.admit("CN=a", &heavy(2)).unwrap();
+        // a second one of the same client is over its share (and over the cap)
+        let s2 = service(1000, ClientMemory::Bytes(125 << 20), Policy::default());
+        let b1 = s2.admit("CN=a", &heavy(2)).unwrap();
+        let r = refusal(s2.admit("CN=a", &heavy(1)));
+        assert_eq!(r.code, tonic::Code::Unavailable);
+        assert!(r.message.contains("200 MiB of its 125 MiB share"), "{r:?}");
+        // sessions that hold nothing of the cap are not held back
+        let s3 = service(1000, ClientMemory::Half, Policy::default());
+        let light = s3.admit("CN=a", &heavy(0)).unwrap();
+        let big = s3.admit("CN=a", &heavy(9)).unwrap();
+        assert_eq!(big.1.2.mib(), 900);
+        // over the cap itself is still refused as such
+        drop(a1);
+        let r = refusal(s.admit("CN=a", &heavy(3)));
+        assert_eq!(r.code, tonic::Code::ResourceExhausted);
+        assert!(r.message.contains("declare at most 2 rows"), "{r:?}");
+        drop((b1, light, big));
+        assert_eq!(usage(&s2, "CN=a"), (1000, None));
+        assert_eq!(usage(&s3, "CN=a"), (1000, None));
+        assert_eq!(usage(&s, "CN=a"), (250, None));
+    }
+
+    #[test]
+    fn refusals_after_the_memory_is_held_give_it_back() {
+        // the budget is checked after the memory: a refused budget releases the hold
+        let policy = Policy {
+            budget: Some(1),
+            ..Policy::default()
+        };
+        let s = service(1000, ClientMemory::Half, policy);
+        let r = refusal(s.admit("CN=a", &heavy(2)));
+        assert_eq!(r.code, tonic::Code::ResourceExhausted);
+        assert!(r.message.contains("budget exhausted"), "{r:?}");
+        assert_eq!(usage(&s, "CN=a"), (1000, None));
+        // a session whose memory is not estimated is refused under a cap, holding nothing
+        let r = refusal(s.admit("CN=a", &heavy(999)));
+        assert_eq!(r.code, tonic::Code::ResourceExhausted);
+        assert!(r.message.contains("not estimated"), "{r:?}");
+        assert_eq!(usage(&s, "CN=a"), (1000, None));
+        // a hold cloned to another thread (as `cheetah` zeroizes its state on one) counts
+        // until the last clone is dropped
+        let a = s.admit("CN=b", &heavy(1)).unwrap();
+        let clone = a.1.2.clone();
+        drop(a);
+        assert_eq!(usage(&s, "CN=b").1.unwrap().mib, 100);
+        assert_eq!(usage(&s, "CN=b").1.unwrap().sessions, 0);
+        std::thread::spawn(move || drop(clone)).join().unwrap();
+        assert_eq!(usage(&s, "CN=b"), (1000, None));
     }
 }

@@ -210,6 +210,40 @@ pub struct SessionLimits {
     /// estimates ([`crate::runner::SessionRunner::memory_estimate`]); `None`: no cap
     /// (`serve` sets three quarters of the machine's memory unless told otherwise)
     pub max_memory: Option<u64>,
+    /// how much of `max_memory` the running sessions of one client certificate may hold
+    /// together (so that one client's [`Self::max_client_sessions`] cannot hold the whole
+    /// cap and starve the others); a client that holds none of it may always start one
+    /// session that fits the cap
+    pub max_client_memory: ClientMemory,
+}
+
+/// One client certificate's share of the memory cap ([`SessionLimits::max_memory`]).
+///
+/// A client's running sessions may hold together at most [`ClientMemory::bytes`] of the
+/// cap, except that a client holding none of it may always start one session that fits
+/// the cap at all (so a single client is served on a small machine whose cap holds one
+/// session only). Without a cap there is no share either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientMemory {
+    /// half the cap (the default: two clients' large sessions fit side by side, and one
+    /// client's sessions leave at least half of it to the others)
+    #[default]
+    Half,
+    /// this many bytes (at most the cap)
+    Bytes(u64),
+    /// the whole cap (no share: one client may hold all of it)
+    Whole,
+}
+
+impl ClientMemory {
+    /// The share in bytes of a cap of `cap` bytes.
+    pub fn bytes(self, cap: u64) -> u64 {
+        match self {
+            Self::Half => cap / 2,
+            Self::Bytes(b) => b.min(cap),
+            Self::Whole => cap,
+        }
+    }
 }
 
 impl Default for SessionLimits {
@@ -222,6 +256,7 @@ impl Default for SessionLimits {
             max_client_sessions: 4,
             handshake_timeout: Duration::from_secs(10),
             max_memory: None,
+            max_client_memory: ClientMemory::Half,
         }
     }
 }

@@ -448,3 +448,63 @@ async fn one_client_may_run_only_so_many_sessions_at_once() {
         b"again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_sessions_hold_at_most_its_share_of_the_memory_cap() {
+    let mut registry = Registry::with_builtins();
+    registry.register("heavy", Heavy).unwrap();
+    // a cap of 300 MiB, each client's share half of it (the default)
+    let limits = SessionLimits {
+        max_memory: Some(300 << 20),
+        ..SessionLimits::default()
+    };
+    let s = TestServer::start(Policy::default(), limits, registry).await;
+    let heavy = |rows| SessionStart::new("heavy").with_batch(rows, 1);
+    let echo = |ch: &mut dyn Channel, _: &_| {
+        ch.send(b"hi")?;
+        ch.recv()
+    };
+    // session A of CN=client holds 100 MiB
+    let (go, a) = hold(&s, heavy(1)).await;
+    // 100 more of the same client: the cap has room, its 150 MiB share has not: busy
+    let client = s.client().await;
+    let err = client
+        .session(heavy(1), |_, _| Ok::<_, ChannelError>(()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(
+        err.to_string()
+            .contains("CN=client's running sessions hold 100 MiB of its 150 MiB share"),
+        "{err}"
+    );
+    // another client is served beside A
+    let alice = s.client_as("alice").await.unwrap();
+    assert_eq!(alice.session(heavy(1), echo).await.unwrap().value, b"hi");
+    // A's client fails mid-session (its side ends the stream with an error): the server's
+    // runner fails and A's share is given back
+    let failed = s.handle.stats().sessions_failed;
+    drop(go);
+    assert!(a.await.unwrap().is_err());
+    assert!(s.await_failed_sessions(failed + 1).await > failed);
+    // (the hold goes right after the runner's end: a busy retry covers the gap)
+    let retrying = patient(&s, Duration::from_secs(60)).await;
+    let (go, b) = {
+        let out = retrying.session(heavy(1), echo).await.unwrap();
+        assert_eq!(out.value, b"hi");
+        // a client holding nothing may start one session over its share if it fits the
+        // cap: 200 MiB
+        hold(&s, heavy(2)).await
+    };
+    // while it runs, its client may not add even a light-estimate heavy session of 1 row
+    let err = client
+        .session(heavy(1), |_, _| Ok::<_, ChannelError>(()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    go.send(()).unwrap();
+    assert_eq!(b.await.unwrap().unwrap().value, b"done");
+    // and once it has ended the whole share is back
+    let out = retrying.session(heavy(1), echo).await.unwrap();
+    assert_eq!(out.value, b"hi");
+}

@@ -159,6 +159,7 @@ fn the_trait_cost_matches_the_traffic_and_spare_is_tracked() {
             Ferret::setup_with_params(&mut ch, Party::Client, boot, main, &mut rng).unwrap();
         let _ = f.extend(&mut ch, 100, 5000).unwrap();
         let _ = f.extend(&mut ch, 5000, 5000).unwrap();
+        let _ = f.extend(&mut ch, 1, 1).unwrap();
     });
     let mut ch = Counting::new(a);
     let mut rng = ChaCha12Rng::seed_from_u64(3);
@@ -184,13 +185,25 @@ fn the_trait_cost_matches_the_traffic_and_spare_is_tracked() {
     assert_eq!(f.name(), "ferret");
     // after MAIN iterations in both directions Ferret keeps only the stocks; with the
     // surplus handed out it stays within its bound
+    // (measured by capacity: what the batch's vectors hold beyond the COTs asked for,
+    // bits included)
+    let surplus = |b: &CotBatch, asked: usize| {
+        16 * (b.send.capacity() - asked) + 16 * (b.recv.capacity() - asked)
+            + (b.recv_bits.capacity() - asked)
+    };
     let more = f.extend(&mut ch, 5000, 5000).unwrap();
     assert_eq!(f.held_bytes(), 2 * 16 * main.reserve());
-    let surplus = more.send.len() - 5000 + more.recv.len() - 5000;
-    assert!(f.held_bytes() + 16 * surplus <= Ferret::max_surplus_bytes(&main));
+    assert!(f.held_bytes() + surplus(&more, 5000) <= Ferret::max_surplus_bytes(&main));
+    // the most: one COT asked for each way, one whole iteration handed out each way
+    let one = f.extend(&mut ch, 1, 1).unwrap();
+    assert_eq!((one.send.len(), one.recv_bits.len()), (main.usable(), main.usable()));
+    assert_eq!(
+        f.held_bytes() + surplus(&one, 1),
+        Ferret::max_surplus_bytes(&main) - (16 + 16 + 1)
+    );
     assert_eq!(
         Ferret::max_surplus_bytes(&main),
-        2 * 16 * (main.n() + main.reserve())
+        2 * 16 * (main.n() + main.reserve()) + main.usable()
     );
     h.join().unwrap();
 }
