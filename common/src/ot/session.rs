@@ -384,6 +384,22 @@ impl<C: RandomCot> OtSession<C> {
         )
     }
 
+    /// Test view of the buffers: (non-zero entries in their used part, in their unused
+    /// part), sender keys, receiver blocks and bits together.
+    #[cfg(test)]
+    pub(crate) fn nonzero_used_unused(&self) -> (usize, usize) {
+        fn nz<T: Copy + Default + PartialEq>(v: &[T], pos: usize) -> (usize, usize) {
+            let count = |s: &[T]| s.iter().filter(|&&x| x != T::default()).count();
+            (count(&v[..pos]), count(&v[pos..]))
+        }
+        let parts = [
+            nz(&self.buf.send, self.send_pos),
+            nz(&self.buf.recv, self.recv_pos),
+            nz(&self.buf.recv_bits, self.recv_pos),
+        ];
+        parts.iter().fold((0, 0), |a, p| (a.0 + p.0, a.1 + p.1))
+    }
+
     /// Marks the session unusable.
     pub fn poison(&mut self) {
         self.poisoned = true;
@@ -487,21 +503,25 @@ impl<C: RandomCot> OtSession<C> {
         r
     }
 
-    /// Drops the COTs used so far from the buffers (zeroized) before an extension appends
-    /// to them; the buffers keep their capacity.
+    /// Drops the COTs used so far from the buffers before an extension appends to them;
+    /// the buffers keep their capacity. (Each operation zeroized the COTs it took as it
+    /// used them: see [`Self::take`].)
     fn compact(&mut self) {
-        self.buf.send[..self.send_pos].zeroize();
+        debug_assert!(self.buf.send[..self.send_pos].iter().all(|&k| k == 0));
+        debug_assert!(self.buf.recv[..self.recv_pos].iter().all(|&m| m == 0));
+        debug_assert!(self.buf.recv_bits[..self.recv_pos].iter().all(|&b| b == 0));
         self.buf.send.drain(..self.send_pos);
         self.send_pos = 0;
-        self.buf.recv[..self.recv_pos].zeroize();
         self.buf.recv.drain(..self.recv_pos);
-        self.buf.recv_bits[..self.recv_pos].zeroize();
         self.buf.recv_bits.drain(..self.recv_pos);
         self.recv_pos = 0;
     }
 
     /// Takes `n` COTs of one direction (`send`: where we are the sender): their first
-    /// index and their range in the buffers.
+    /// index and their range in the buffers. The caller zeroizes the range as it uses it
+    /// (every operation of this file does, chunk by chunk where the range is large, so
+    /// the writes hit the cache): a used COT does not stay in the buffers until the next
+    /// extension or the session's end (the tests' builds check this at each extension).
     fn take(&mut self, n: usize, send: bool) -> Result<(u64, std::ops::Range<usize>), OtError> {
         let (have, role) = if send {
             (self.available().0, "sender")
@@ -544,12 +564,11 @@ impl<C: RandomCot> OtSession<C> {
         let (idx, range) = self.take_send(n)?;
         let dir = self.dir_send();
         let delta = self.delta;
-        let keys = &self.buf.send[range];
         let mut x0 = [0 as Block; PAIR_CHUNK];
         let mut x1 = [0 as Block; PAIR_CHUNK];
         let mut h0 = [0 as Block; PAIR_CHUNK];
         let mut h1 = [0 as Block; PAIR_CHUNK];
-        for (c, kc) in keys.chunks(PAIR_CHUNK).enumerate() {
+        for (c, kc) in self.buf.send[range].chunks_mut(PAIR_CHUNK).enumerate() {
             let at = c * PAIR_CHUNK;
             let len = kc.len();
             for (q, &k) in kc.iter().enumerate() {
@@ -560,6 +579,8 @@ impl<C: RandomCot> OtSession<C> {
                 x0[q] = k;
                 x1[q] = k ^ delta;
             }
+            // used: gone from the buffer
+            kc.zeroize();
             let base = idx + at as u64;
             self.hash.hash_many(
                 &x0[..len],
@@ -590,11 +611,12 @@ impl<C: RandomCot> OtSession<C> {
 
     fn take_recv(&mut self, n: usize) -> Result<(u64, Vec<u8>, Vec<Block>), OtError> {
         let (idx, r) = self.take_recv_range(n)?;
-        Ok((
-            idx,
-            self.buf.recv_bits[r.clone()].to_vec(),
-            self.buf.recv[r].to_vec(),
-        ))
+        let bits = self.buf.recv_bits[r.clone()].to_vec();
+        let m = self.buf.recv[r.clone()].to_vec();
+        // the copies are the caller's (zeroized on drop); the buffer's are gone
+        self.buf.recv_bits[r.clone()].zeroize();
+        self.buf.recv[r].zeroize();
+        Ok((idx, bits, m))
     }
 
     // ---------------------------------------------------------------- random OT
@@ -627,8 +649,8 @@ impl<C: RandomCot> OtSession<C> {
         let (idx, r) = self.take_recv_range(n)?;
         let mut h = [0 as Block; PAIR_CHUNK];
         for (c, (mc, bc)) in self.buf.recv[r.clone()]
-            .chunks(PAIR_CHUNK)
-            .zip(self.buf.recv_bits[r].chunks(PAIR_CHUNK))
+            .chunks_mut(PAIR_CHUNK)
+            .zip(self.buf.recv_bits[r].chunks_mut(PAIR_CHUNK))
             .enumerate()
         {
             let at = c * PAIR_CHUNK;
@@ -636,9 +658,11 @@ impl<C: RandomCot> OtSession<C> {
             let h = &mut h[..mc.len()];
             self.hash
                 .hash_many(mc, |q| tweak(dir, base + q as u64, 0), h);
-            for (q, (&hq, &b)) in h.iter().zip(bc).enumerate() {
+            mc.zeroize();
+            for (q, (&hq, &b)) in h.iter().zip(bc.iter()).enumerate() {
                 f(at + q, b, hq);
             }
+            bc.zeroize();
         }
         h.zeroize();
         Ok(())
@@ -830,8 +854,7 @@ impl<C: RandomCot> OtSession<C> {
         let mu = m as usize;
         let w = bits as usize;
         let (idx, range) = self.take_recv_range(choices.len() * mu)?;
-        let recv_m = &self.buf.recv[range.clone()];
-        let recv_bits = &self.buf.recv_bits[range];
+        let recv_bits = &mut self.buf.recv_bits[range.clone()];
         // R ──▶ S: d = c ⊕ b for each of the m COTs of each OT
         let mut d = BitWriter::with_capacity(choices.len() * mu);
         for (i, &c) in choices.iter().enumerate() {
@@ -839,6 +862,7 @@ impl<C: RandomCot> OtSession<C> {
                 d.push(u64::from(((c >> t) as u8 ^ recv_bits[i * mu + t]) & 1), 1);
             }
         }
+        recv_bits.zeroize();
         // the pads, now: slice c of ⊕_t G_{t, c_t}, from the one or two blocks holding it
         // (`np_rows`), NP_CHUNK OTs hashed in one call
         let dir = self.dir_recv();
@@ -851,16 +875,20 @@ impl<C: RandomCot> OtSession<C> {
         for (k, cs) in choices.chunks(NP_CHUNK).enumerate() {
             xs.clear();
             tw.clear();
+            let first = range.start + k * NP_CHUNK * mu;
+            let recv_m = &mut self.buf.recv[first..first + cs.len() * mu];
             for (r, &c) in cs.iter().enumerate() {
                 let i = k * NP_CHUNK + r;
                 let (b0, b1) = blocks(c);
-                for (t, &mt) in recv_m[i * mu..(i + 1) * mu].iter().enumerate() {
+                for (t, &mt) in recv_m[r * mu..(r + 1) * mu].iter().enumerate() {
                     for s in b0..=b1 {
                         xs.push(mt);
                         tw.push(tweak(dir, idx + (i * mu + t) as u64, 1 + s as u16));
                     }
                 }
             }
+            // used: gone from the buffer (the copies in `xs` are zeroized below)
+            recv_m.zeroize();
             let h = &mut h[..xs.len()];
             self.hash.hash_many(&xs, |q| tw[q], h);
             let mut at = 0;
@@ -964,7 +992,6 @@ impl<C: RandomCot> OtSession<C> {
         let nb = (big_n * w).div_ceil(128);
         let d = self.corrections(n * mu, msg, "1-of-N choice corrections")?;
         let (idx, range) = self.take_send(n * mu)?;
-        let keys = &self.buf.send[range];
         let dir = self.dir_send();
         let delta = self.delta;
         // per OT: for each t and b, nb blocks G_{t,b}; NP_CHUNK OTs hashed in one call
@@ -978,10 +1005,13 @@ impl<C: RandomCot> OtSession<C> {
             .collect();
         for c0 in (0..n).step_by(NP_CHUNK) {
             let cn = NP_CHUNK.min(n - c0);
+            let first = range.start + c0 * mu;
+            let keys = &mut self.buf.send[first..first + cn * mu];
             for i in 0..cn {
                 for t in 0..mu {
                     let q = (c0 + i) * mu + t;
-                    let kt = if d[q] == 1 { keys[q] ^ delta } else { keys[q] };
+                    let k = keys[i * mu + t];
+                    let kt = if d[q] == 1 { k ^ delta } else { k };
                     for b in 0..2 {
                         let x = if b == 1 { kt ^ delta } else { kt };
                         for sb in 0..nb {
@@ -992,6 +1022,8 @@ impl<C: RandomCot> OtSession<C> {
                     }
                 }
             }
+            // used: gone from the buffer (the copies in `xs` are zeroized below)
+            keys.zeroize();
             let len = cn * per;
             self.hash.hash_many(&xs[..len], |q| tw[q], &mut gs[..len]);
             for i in 0..cn {

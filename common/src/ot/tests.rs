@@ -297,3 +297,57 @@ fn one_of_n_from_cots_pads_have_no_linear_relation() {
         assert_eq!(distinct.len(), 4);
     }
 }
+
+#[test]
+fn every_operation_zeroizes_the_cots_it_uses_at_once() {
+    // one session per party, every kind of use on it; the COTs left stay
+    let (n, m, bits) = (100, 2, 4);
+    let ring = Ring::new(16).unwrap();
+    let ((s, _), (c, _)) = run_pair(
+        KkotConfig::FromCots,
+        move |ot, ch| {
+            ot.reserve(ch, 2000, 0).unwrap();
+            let _ = ot.rot_send(n).unwrap();
+            let d = ch.recv().unwrap();
+            let corr: Vec<u64> = (0..n as u64).collect();
+            let (_, t) = ot.cot_respond(ring, &d, &corr, 1).unwrap();
+            ch.send_vec(t).unwrap();
+            let d = ch.recv().unwrap();
+            let msgs: Vec<[u64; 2]> = (0..n as u64).map(|i| [i, i + 1]).collect();
+            ch.send_vec(ot.ot_respond(&d, &msgs, 8).unwrap()).unwrap();
+            let msg = ch.recv().unwrap();
+            let e = ot.kn_respond(&msg, n, m, bits, |i, j| (i + j) as u64 % 16);
+            ch.send_vec(e.unwrap()).unwrap();
+            let msg = ch.recv().unwrap();
+            let e = ot.kn_respond_row(&msg, n, m, bits, |i| i as u128);
+            ch.send_vec(e.unwrap()).unwrap();
+            (ot.nonzero_used_unused(), ot.available())
+        },
+        move |ot, ch| {
+            ot.reserve(ch, 0, 2000).unwrap();
+            let _ = ot.rot_recv(n).unwrap();
+            let choices: Vec<u8> = (0..n).map(|i| (i % 2) as u8).collect();
+            let (st, d) = ot.cot_choose(&choices).unwrap();
+            ch.send_vec(d).unwrap();
+            let _ = ot.cot_finish(st, ring, &ch.recv().unwrap(), 1).unwrap();
+            let (st, d) = ot.cot_choose(&choices).unwrap();
+            ch.send_vec(d).unwrap();
+            let _ = ot.ot_finish(st, &ch.recv().unwrap(), 8).unwrap();
+            let kn: Vec<u16> = (0..n).map(|i| (i % 4) as u16).collect();
+            for _ in 0..2 {
+                let (st, msg) = ot.kn_choose(&kn, m, bits).unwrap();
+                ch.send_vec(msg).unwrap();
+                let _ = ot.kn_finish(st, n, m, &ch.recv().unwrap(), bits).unwrap();
+            }
+            (ot.nonzero_used_unused(), ot.available())
+        },
+    );
+    // used: 3n single COTs and 2n·m for the 1-of-N OTs, of 4,096 (the default min batch)
+    let used = 3 * n + 2 * n * m as usize;
+    assert_eq!(s.1, (4096 - used, 0));
+    assert_eq!(c.1, (0, 4096 - used));
+    // nothing of the used ones is left in the buffers, the unused ones are there
+    assert_eq!(s.0.0, 0);
+    assert_eq!(c.0.0, 0);
+    assert!(s.0.1 > 4000 - used && c.0.1 > 4000 - used, "{s:?} {c:?}");
+}
