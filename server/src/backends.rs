@@ -181,8 +181,8 @@ const CHEETAH_ROW_UNIT_BYTES: u64 = 1024;
 /// The most memory a `cheetah` session with batches of up to `rows` rows of a model with
 /// `units` Dense outputs per row holds at once, bytes (the server's admission estimate):
 /// the base, what Ferret holds beyond a batch's COTs ([`Ferret::max_surplus_bytes`],
-/// about 345.5 MiB once a main iteration has run in both directions) and the rows. For
-/// the bundled model at 1,024 rows about 677 MiB.
+/// about 346 MiB once a main iteration has run in both directions) and the rows. For
+/// the bundled model at 1,024 rows about 676 MiB.
 ///
 /// `None` for a configuration over IKNP: not estimated. The row term was measured over
 /// Ferret, which writes its COTs into the session's buffers; IKNP also holds, while it

@@ -64,7 +64,7 @@ pub struct ServeArgs {
           value_parser = at_least_one)]
     pub max_client_sessions: usize,
     /// Memory the running sessions may hold together, by each backend's estimate (a
-    /// `cheetah` session of 1,024-row batches: about 670 MiB), in MiB; `auto`: three
+    /// `cheetah` session of 1,024-row batches: about 676 MiB), in MiB; `auto`: three
     /// quarters of the machine's memory (or of its cgroup's limit: a container's, a
     /// systemd unit's); `unlimited`. A session over the whole cap is refused
     /// (RESOURCE_EXHAUSTED), one that does not fit beside the running ones is refused as
@@ -505,7 +505,10 @@ mod tests {
         }
         assert_eq!(a.limits().max_sessions, 32);
         assert_eq!(
-            parse(&["--max-sessions", "1"]).unwrap().limits().max_sessions,
+            parse(&["--max-sessions", "1"])
+                .unwrap()
+                .limits()
+                .max_sessions,
             1
         );
     }

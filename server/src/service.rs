@@ -692,10 +692,13 @@ mod tests {
         // nothing of the refused session is held
         assert_eq!(
             usage(&s, "CN=a"),
-            (700, Some(ClientUse {
-                sessions: 1,
-                mib: 300
-            }))
+            (
+                700,
+                Some(ClientUse {
+                    sessions: 1,
+                    mib: 300
+                })
+            )
         );
         // 300 + 200 fits the share
         let a2 = s.admit("CN=a", &heavy(2)).unwrap();
@@ -705,22 +708,30 @@ mod tests {
         // the cap is full: the global refusal
         let r = refusal(s.admit("CN=c", &heavy(1)));
         assert_eq!(r.code, tonic::Code::Unavailable);
-        assert!(r.message.contains("1000 of its 1000 MiB memory cap"), "{r:?}");
+        assert!(
+            r.message.contains("1000 of its 1000 MiB memory cap"),
+            "{r:?}"
+        );
         // ending sessions gives back both the cap's permits and the client's share
         drop(a1);
         assert_eq!(
             usage(&s, "CN=a"),
-            (300, Some(ClientUse {
-                sessions: 1,
-                mib: 200
-            }))
+            (
+                300,
+                Some(ClientUse {
+                    sessions: 1,
+                    mib: 200
+                })
+            )
         );
         drop((a2, b1));
         assert_eq!(usage(&s, "CN=a"), (1000, None));
         assert_eq!(usage(&s, "CN=b"), (1000, None));
         // with `Whole` one client may hold all of it
         let s = service(1000, ClientMemory::Whole, Policy::default());
-        let held: Vec<_> = (0..4).map(|_| s.admit("CN=a", &heavy(2)).unwrap()).collect();
+        let held: Vec<_> = (0..4)
+            .map(|_| s.admit("CN=a", &heavy(2)).unwrap())
+            .collect();
         assert_eq!(usage(&s, "CN=a").0, 200);
         drop(held);
         assert_eq!(usage(&s, "CN=a"), (1000, None));

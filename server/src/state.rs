@@ -202,7 +202,7 @@ pub struct SessionLimits {
     /// sessions running at once (each holds one blocking thread)
     pub max_sessions: usize,
     /// sessions one client certificate may run at once (so one client cannot take every
-    /// slot or the whole memory cap)
+    /// slot; its share of the memory cap is [`Self::max_client_memory`])
     pub max_client_sessions: usize,
     /// time allowed for a TLS handshake
     pub handshake_timeout: Duration,

@@ -48,7 +48,10 @@ pub struct OtSession<C: RandomCot = Iknp> {
     delta: Block,
     /// the buffered COTs (`send`: keys where we are the sender; `recv`, `recv_bits`: where
     /// we are the receiver), consumed from `send_pos` / `recv_pos` on; the vectors keep
-    /// their capacity from one extension to the next
+    /// their capacity from one extension to the next. Secrets: the COTs before the
+    /// positions are zero (each operation zeroizes those it takes as it uses them; copies
+    /// it hands out, as in [`CotChosen`] and [`KnChosen`], zeroize themselves on drop);
+    /// those after wait for their use or the session's drop ([`CotBatch`] zeroizes itself)
     buf: CotBatch,
     send_pos: usize,
     send_idx: u64,

@@ -265,8 +265,8 @@ impl Ferret {
     /// iterations, so up to `usable − 1` COTs more than asked, and the next stock is split
     /// off the iteration's end), and in the receiver's direction the choice bits of the
     /// COTs handed out beyond those asked for (one byte each, up to `usable`: the bits
-    /// vector is sized to the COTs handed out, the stock has none). About 345.5 MiB for
-    /// [`MAIN`] (336 MiB of blocks, 9.5 MiB of bits).
+    /// vector is sized to the COTs handed out, the stock has none). About 346 MiB for
+    /// [`MAIN`] (336.5 MiB of blocks, 9.5 MiB of bits).
     pub const fn max_surplus_bytes(main: &FerretParams) -> usize {
         2 * (main.reserve() + main.n()) * BLOCK_BYTES + main.usable()
     }

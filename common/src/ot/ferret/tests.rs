@@ -188,7 +188,8 @@ fn the_trait_cost_matches_the_traffic_and_spare_is_tracked() {
     // (measured by capacity: what the batch's vectors hold beyond the COTs asked for,
     // bits included)
     let surplus = |b: &CotBatch, asked: usize| {
-        16 * (b.send.capacity() - asked) + 16 * (b.recv.capacity() - asked)
+        16 * (b.send.capacity() - asked)
+            + 16 * (b.recv.capacity() - asked)
             + (b.recv_bits.capacity() - asked)
     };
     let more = f.extend(&mut ch, 5000, 5000).unwrap();
@@ -196,7 +197,10 @@ fn the_trait_cost_matches_the_traffic_and_spare_is_tracked() {
     assert!(f.held_bytes() + surplus(&more, 5000) <= Ferret::max_surplus_bytes(&main));
     // the most: one COT asked for each way, one whole iteration handed out each way
     let one = f.extend(&mut ch, 1, 1).unwrap();
-    assert_eq!((one.send.len(), one.recv_bits.len()), (main.usable(), main.usable()));
+    assert_eq!(
+        (one.send.len(), one.recv_bits.len()),
+        (main.usable(), main.usable())
+    );
     assert_eq!(
         f.held_bytes() + surplus(&one, 1),
         Ferret::max_surplus_bytes(&main) - (16 + 16 + 1)
