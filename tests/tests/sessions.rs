@@ -496,12 +496,17 @@ async fn one_clients_sessions_hold_at_most_its_share_of_the_memory_cap() {
         // cap: 200 MiB
         hold(&s, heavy(2)).await
     };
-    // while it runs, its client may not add even a light-estimate heavy session of 1 row
+    // while it runs (200 of the 300 MiB), its client may not add 100 MiB more: its share
     let err = client
         .session(heavy(1), |_, _| Ok::<_, ChannelError>(()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(
+        err.to_string()
+            .contains("hold 200 MiB of its 150 MiB share"),
+        "{err}"
+    );
     go.send(()).unwrap();
     assert_eq!(b.await.unwrap().unwrap().value, b"done");
     // and once it has ended the whole share is back
