@@ -132,10 +132,11 @@ pub struct FirstLayerFile {
     pub config: CarliniConfig,
     /// the recovered rows
     pub rows: Vec<SavedRow>,
-    /// the run's first-layer report
-    pub first_layer: Option<FirstLayerReport>,
-    /// the run's chain report (signs, why it stopped)
-    pub deeper: Option<DeeperReport>,
+    /// the run's first-layer report, as recorded (JSON: kept as a record only, since
+    /// some of its figures, e.g. an infinite bucket bound, do not read back as numbers)
+    pub first_layer: Option<serde_json::Value>,
+    /// the run's chain report (signs, why it stopped), as recorded
+    pub deeper: Option<serde_json::Value>,
 }
 
 /// Input, hidden and output widths of an MLP model.
@@ -178,8 +179,8 @@ impl FirstLayerFile {
                     refined: r.refined,
                 })
                 .collect(),
-            first_layer,
-            deeper,
+            first_layer: first_layer.and_then(|r| serde_json::to_value(r).ok()),
+            deeper: deeper.and_then(|r| serde_json::to_value(r).ok()),
         }
     }
 
