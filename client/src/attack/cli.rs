@@ -516,6 +516,13 @@ fn hybrid_records(
     Ok(out)
 }
 
+/// The hidden widths of input, hidden..., classes widths.
+fn hidden_of(dims: &[usize]) -> Vec<usize> {
+    dims.get(1..dims.len().saturating_sub(1))
+        .map(<[usize]>::to_vec)
+        .unwrap_or_default()
+}
+
 fn hybrid_config(a: &CarliniArgs) -> HybridConfig {
     HybridConfig {
         learn_queries: a.learn_queries,
@@ -537,7 +544,7 @@ fn run_loaded_first_layer(
     let c = &a.common;
     let ar = arithmetic(c.oracle);
     let fl = FirstLayerFile::load(file, model)?;
-    let widths: Vec<usize> = fl.dims[1..fl.dims.len() - 1].to_vec();
+    let widths = hidden_of(&fl.dims);
     let rt = runtime(c)?;
     let mut out = Vec::new();
     for policy in policies(c) {
@@ -686,7 +693,7 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
                 }
                 if want_hybrid && ex.model.is_none() && ex.report.stopped.is_none() {
                     let th = Instant::now();
-                    let widths: Vec<usize> = rows.dims[1..rows.dims.len() - 1].to_vec();
+                    let widths = hidden_of(&rows.dims);
                     let h = hybrid::complete(
                         local.oracle(),
                         &widths,
