@@ -752,23 +752,25 @@ mod tests {
         let (loss, correct, grad) = softmax_cross_entropy(&logits, &y);
         assert_eq!(correct, 1);
         let h = 1e-3;
-        for r in 0..2 {
-            for c in 0..3 {
-                let mut plus = logits.clone();
-                plus[(r, c)] += h;
-                let mut minus = logits.clone();
-                minus[(r, c)] -= h;
-                let num = (softmax_cross_entropy(&plus, &y).0
-                    - softmax_cross_entropy(&minus, &y).0)
-                    / (2.0 * h);
-                assert!(
-                    (num - grad[(r, c)]).abs() < 1e-3,
-                    "{r},{c}: {num} vs {}",
-                    grad[(r, c)]
-                );
-            }
-        }
+        check_gradient(&logits, &grad, h, |z| softmax_cross_entropy(z, &y).0);
         assert!(loss > 0.0);
+    }
+
+    /// Central differences of `loss` at `z` (step `h`) against `grad`, entry by entry.
+    fn check_gradient(
+        z: &Array2<f32>,
+        grad: &Array2<f32>,
+        h: f32,
+        loss: impl Fn(&Array2<f32>) -> f32,
+    ) {
+        for ((r, c), g) in grad.indexed_iter() {
+            let mut plus = z.clone();
+            plus[(r, c)] += h;
+            let mut minus = z.clone();
+            minus[(r, c)] -= h;
+            let num = (loss(&plus) - loss(&minus)) / (2.0 * h);
+            assert!((num - g).abs() < 1e-3, "{r},{c}: {num} vs {g}");
+        }
     }
 
     #[test]
@@ -830,23 +832,7 @@ mod tests {
         let t = Array2::from_shape_vec((2, 3), vec![0.0, -1.5, 1.0, 0.3, 0.1, 0.4]).unwrap();
         let (loss, agree, grad) = mean_squared_error(&out, t.view());
         assert_eq!(agree, 1);
-        let h = 1e-3;
-        for r in 0..2 {
-            for c in 0..3 {
-                let mut plus = out.clone();
-                plus[(r, c)] += h;
-                let mut minus = out.clone();
-                minus[(r, c)] -= h;
-                let num = (mean_squared_error(&plus, t.view()).0
-                    - mean_squared_error(&minus, t.view()).0)
-                    / (2.0 * h);
-                assert!(
-                    (num - grad[(r, c)]).abs() < 1e-3,
-                    "{r},{c}: {num} vs {}",
-                    grad[(r, c)]
-                );
-            }
-        }
+        check_gradient(&out, &grad, 1e-3, |z| mean_squared_error(z, t.view()).0);
         assert!(loss > 0.0);
     }
 
