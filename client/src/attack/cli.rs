@@ -1,5 +1,6 @@
 //! `fusion-client attack papernot|carlini ...`.
 
+use super::carlini::hybrid::{self, FirstLayerFile, HybridConfig, HybridReport};
 use super::carlini::{CarliniConfig, carlini};
 use super::data::{Arithmetic, AttackData};
 use super::oracle::{
@@ -169,6 +170,26 @@ pub struct CarliniArgs {
     /// save the extracted model (safetensors) here
     #[arg(long)]
     pub save: Option<PathBuf>,
+    /// deeper networks: save the first-layer result (rows, signs, the queries they cost,
+    /// the victim's digest and widths) as JSON here
+    #[arg(long)]
+    pub save_first_layer: Option<PathBuf>,
+    /// deeper networks: skip the search and use this saved first-layer result (refused if
+    /// made against another model; its queries are counted in the report)
+    #[arg(long, conflicts_with = "save_first_layer")]
+    pub load_first_layer: Option<PathBuf>,
+    /// hybrid completion (Jagielski et al. 2020) when the cryptanalytic chain builds no
+    /// model: logits of this many attacker images (MNIST training set) queried and
+    /// learned with the recovered first-layer rows fixed, against the same learning with
+    /// no row fixed; 0: no completion
+    #[arg(long, default_value_t = 60_000)]
+    pub learn_queries: usize,
+    /// hybrid completion: uniform random points in [0,1]^d queried besides the images
+    #[arg(long, default_value_t = 0)]
+    pub learn_random: usize,
+    /// hybrid completion: training epochs
+    #[arg(long, default_value_t = 20)]
+    pub learn_epochs: usize,
 }
 
 /// The oracle of one run, and what it needs kept alive.
@@ -448,11 +469,159 @@ fn run_papernot(a: &PapernotArgs) -> anyhow::Result<Vec<RunRecord>> {
     Ok(out)
 }
 
+/// The two run records of a hybrid completion: the hybrid (recovered rows fixed) and the
+/// control (pure learning from logits), each with its own query count.
+fn hybrid_records(
+    h: &HybridReport,
+    policy: &Policy,
+    oracle: &str,
+    model: &std::path::Path,
+    seconds: f64,
+    extra: serde_json::Value,
+) -> anyhow::Result<Vec<RunRecord>> {
+    let mut out = Vec::new();
+    for (attack, c) in [
+        ("carlini-hybrid", &h.hybrid),
+        ("logit-learning", &h.learning_only),
+    ] {
+        let Some(c) = c else { continue };
+        let mut details = serde_json::to_value(h)?;
+        details["this"] = serde_json::to_value(c)?;
+        details["first_layer_run"] = extra.clone();
+        let curve = c
+            .metrics
+            .as_ref()
+            .and_then(|m| {
+                Some(CurvePoint {
+                    queries: c.queries,
+                    agreement: m.mnist_agreement?,
+                    accuracy: m.mnist_accuracy?,
+                })
+            })
+            .into_iter()
+            .collect();
+        out.push(RunRecord {
+            attack: attack.into(),
+            policy: policy.label(),
+            defended: policy.output == OutputMode::Labels,
+            oracle: oracle.to_string(),
+            model: model.display().to_string(),
+            queries: c.queries,
+            seconds,
+            curve,
+            outcome: h.stopped.clone(),
+            details,
+        });
+    }
+    Ok(out)
+}
+
+/// The hidden widths of input, hidden..., classes widths.
+fn hidden_of(dims: &[usize]) -> Vec<usize> {
+    dims.get(1..dims.len().saturating_sub(1))
+        .map(<[usize]>::to_vec)
+        .unwrap_or_default()
+}
+
+fn hybrid_config(a: &CarliniArgs) -> HybridConfig {
+    HybridConfig {
+        learn_queries: a.learn_queries,
+        random_queries: a.learn_random,
+        epochs: a.learn_epochs,
+        seed: a.common.seed,
+        ..HybridConfig::default()
+    }
+}
+
+/// `--load-first-layer`: the hybrid completion from a saved first layer (no search).
+fn run_loaded_first_layer(
+    a: &CarliniArgs,
+    file: &std::path::Path,
+    model: &Model,
+    path: &std::path::Path,
+    data: &AttackData,
+) -> anyhow::Result<Vec<RunRecord>> {
+    let c = &a.common;
+    let ar = arithmetic(c.oracle);
+    let fl = FirstLayerFile::load(file, model)?;
+    let widths = hidden_of(&fl.dims);
+    let rt = runtime(c)?;
+    let mut out = Vec::new();
+    for policy in policies(c) {
+        let mut host = Host::new(c.oracle, model, path, policy, c, &rt)?;
+        let (policy, desc) = (host.policy(), host.describe());
+        if !c.json {
+            eprintln!(
+                "hybrid completion against {desc}, first layer from {} ({} rows, {} signed, {} \
+                 queries)",
+                file.display(),
+                fl.rows.len(),
+                fl.rows.iter().filter(|r| r.sign != 0.0).count(),
+                fl.queries
+            );
+        }
+        let t = Instant::now();
+        let h = hybrid::complete(
+            host.oracle(),
+            &widths,
+            &fl.rows,
+            fl.queries,
+            data,
+            &hybrid_config(a),
+            Some((model, ar)),
+            !c.json,
+        );
+        let h = match h {
+            Ok(h) => h,
+            Err(e @ hybrid::HybridError::LabelsOnly) => {
+                if !c.json {
+                    eprintln!("hybrid: {e}");
+                }
+                host.close(&rt)?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let extra = serde_json::json!({
+            "loaded_from": file.display().to_string(),
+            "queries": fl.queries,
+            "config": fl.config,
+            "first_layer": fl.first_layer,
+            "deeper": fl.deeper,
+        });
+        if let (Some(p), Some(m)) = (&a.save, &h.model) {
+            m.save(p)
+                .with_context(|| format!("saving {}", p.display()))?;
+        }
+        out.extend(hybrid_records(
+            &h.report,
+            &policy,
+            &desc,
+            path,
+            t.elapsed().as_secs_f64(),
+            extra,
+        )?);
+        host.close(&rt)?;
+    }
+    Ok(out)
+}
+
 fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
     let c = &a.common;
     let (model, path) = load_model(c, "models/mnist-784-32-10.safetensors")?;
     let ar = arithmetic(c.oracle);
-    let data = AttackData::load(&c.data, &model, ar, false)?;
+    let deep = model
+        .architecture()
+        .layers()
+        .iter()
+        .filter(|l| matches!(l, fusion_common::nn::LayerSpec::Dense { .. }))
+        .count()
+        >= 3;
+    let want_hybrid = deep && a.learn_queries > 0;
+    let data = AttackData::load(&c.data, &model, ar, want_hybrid)?;
+    if let Some(file) = &a.load_first_layer {
+        return run_loaded_first_layer(a, file, &model, &path, &data);
+    }
     let cfg = CarliniConfig {
         seed: c.seed,
         grid: a.grid,
@@ -482,6 +651,7 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
         );
         let seconds = t.elapsed().as_secs_f64();
         let queries = local.oracle().queries();
+        let mut hybrid_out = Vec::new();
         let record = match result {
             Ok(ex) => {
                 if let (Some(fl), false) = (&ex.report.first_layer, c.json) {
@@ -503,6 +673,50 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
                 if let (Some(p), Some(m)) = (&a.save, &ex.model) {
                     m.save(p)
                         .with_context(|| format!("saving {}", p.display()))?;
+                }
+                let rows = FirstLayerFile::new(
+                    &model,
+                    &cfg,
+                    queries,
+                    &ex.first_layer,
+                    &ex.first_layer_signs,
+                    ex.report.first_layer.clone(),
+                    ex.report.deeper.clone(),
+                );
+                if let Some(p) = &a.save_first_layer
+                    && deep
+                {
+                    rows.save(p)?;
+                    if !c.json {
+                        eprintln!("carlini: first layer saved to {}", p.display());
+                    }
+                }
+                if want_hybrid && ex.model.is_none() && ex.report.stopped.is_none() {
+                    let th = Instant::now();
+                    let widths = hidden_of(&rows.dims);
+                    let h = hybrid::complete(
+                        local.oracle(),
+                        &widths,
+                        &rows.rows,
+                        queries,
+                        &data,
+                        &hybrid_config(a),
+                        Some((&model, ar)),
+                        !c.json,
+                    )?;
+                    if let (Some(p), Some(m)) = (&a.save, &h.model) {
+                        m.save(p)
+                            .with_context(|| format!("saving {}", p.display()))?;
+                    }
+                    let extra = serde_json::json!({ "queries": queries, "in_this_run": true });
+                    hybrid_out.extend(hybrid_records(
+                        &h.report,
+                        &policy,
+                        &desc,
+                        &path,
+                        th.elapsed().as_secs_f64(),
+                        extra,
+                    )?);
                 }
                 let mut details = serde_json::to_value(&ex.report)?;
                 local.details(&mut details)?;
@@ -555,6 +769,7 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
             Err(e) => return Err(e.into()),
         };
         out.push(record);
+        out.append(&mut hybrid_out);
         local.close(&rt)?;
     }
     Ok(out)

@@ -160,7 +160,59 @@ pub fn markdown(runs: &[RunRecord]) -> String {
         );
         s.push_str(&lines);
     }
+    if let Some(lines) = hybrid_lines(runs) {
+        s.push_str(
+            "\nhybrid completion (learned rest): not cryptanalytic extraction; the recovered \
+             first-layer rows fixed, the rest learned from logits (Jagielski et al. 2020), \
+             against the same learning with no row fixed; queries include the first layer's \
+             for the hybrid:\n\n",
+        );
+        s.push_str(&lines);
+    }
     s
+}
+
+/// The table of hybrid completions and their controls (`carlini-hybrid`,
+/// `logit-learning` runs), if any.
+fn hybrid_lines(runs: &[RunRecord]) -> Option<String> {
+    let mut s = String::from(
+        "| model | policy | method | rows fixed | learn queries | queries in all | accuracy | agreement | logit error random max / mean | logit error held-out max / mean |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut any = false;
+    for r in runs
+        .iter()
+        .filter(|r| r.attack == "carlini-hybrid" || r.attack == "logit-learning")
+    {
+        let Some(c) = r.details.get("this").filter(|v| !v.is_null()) else {
+            continue;
+        };
+        any = true;
+        let m = c.get("metrics").cloned().unwrap_or(serde_json::Value::Null);
+        let pct = |v: f64| {
+            if v.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{:.2}%", 100.0 * v)
+            }
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.3} / {:.4} | {:.3} / {:.4} |\n",
+            r.model_file(),
+            r.policy,
+            c.get("method").and_then(|v| v.as_str()).unwrap_or("-"),
+            json_f64(c, "fixed_rows"),
+            json_f64(&r.details, "learn_queries"),
+            r.queries,
+            pct(json_f64(&m, "mnist_accuracy")),
+            pct(json_f64(&m, "mnist_agreement")),
+            json_f64(&m, "max_logit_error"),
+            json_f64(&m, "mean_logit_error"),
+            json_f64(c, "heldout_max_logit_error"),
+            json_f64(c, "heldout_mean_logit_error"),
+        ));
+    }
+    any.then_some(s)
 }
 
 fn carlini_lines(runs: &[RunRecord]) -> Option<String> {
@@ -383,6 +435,61 @@ mod tests {
     }
 
     use super::*;
+
+    /// A hybrid completion and its control get their own section, named as learning.
+    #[test]
+    fn hybrid_runs_get_their_own_section() {
+        let rec = |attack: &str, method: &str, fixed: u64, q: u64, agree: f64| RunRecord {
+            attack: attack.into(),
+            policy: "logits, no budget".into(),
+            defended: false,
+            oracle: "local-fixed".into(),
+            model: "models/mnist-dnn.safetensors".into(),
+            queries: q,
+            seconds: 1.0,
+            curve: vec![CurvePoint {
+                queries: q,
+                agreement: agree,
+                accuracy: 0.9,
+            }],
+            outcome: None,
+            details: serde_json::json!({
+                "learn_queries": 60000,
+                "this": {
+                    "method": method, "fixed_rows": fixed, "queries": q,
+                    "heldout_max_logit_error": 1.5, "heldout_mean_logit_error": 0.25,
+                    "metrics": {"mnist_accuracy": 0.9, "mnist_agreement": agree,
+                                "max_logit_error": 3.0, "mean_logit_error": 0.5}
+                }
+            }),
+        };
+        let md = markdown(&[
+            rec(
+                "carlini-hybrid",
+                "hybrid (recovered rows fixed)",
+                75,
+                9_060_000,
+                0.95,
+            ),
+            rec(
+                "logit-learning",
+                "learning only (no row fixed)",
+                0,
+                60_000,
+                0.94,
+            ),
+        ]);
+        assert!(md.contains("hybrid completion (learned rest): not cryptanalytic extraction"));
+        assert!(
+            md.contains("| mnist-dnn.safetensors | logits, no budget | hybrid (recovered rows fixed) | 75 | 60000 | 9060000 | 90.00% | 95.00% | 3.000 / 0.5000 | 1.500 / 0.2500 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| learning only (no row fixed) | 0 | 60000 | 60000 |"),
+            "{md}"
+        );
+        assert!(!md.contains("errors against the victim"), "{md}");
+    }
 
     fn run(attack: &str, defended: bool, q: &[u64]) -> RunRecord {
         RunRecord {

@@ -1,7 +1,10 @@
 //! Training of multi-layer perceptrons (Dense/ReLU, softmax cross-entropy) with ndarray:
 //! He initialisation, mini-batch Adam, an optional cosine learning-rate decay, a fresh
 //! shuffle every epoch, optional random-shift augmentation of image inputs and optional
-//! decoupled weight decay (AdamW). Deterministic for a seed: every random choice comes from one
+//! decoupled weight decay (AdamW). The loss is softmax cross-entropy on labels or, with
+//! [`Targets::Outputs`], the mean squared error against target outputs (e.g. a victim's
+//! logits, for model extraction); given rows of a dense layer can be held fixed
+//! ([`FixedRow`]). Deterministic for a seed: every random choice comes from one
 //! ChaCha8 stream seeded with it (bit-identical runs need the same CPU features too, since
 //! the matrix kernels may use FMA where available).
 //!
@@ -10,6 +13,9 @@
 //!   p = softmax(z_L), loss = mean(-log p_y);
 //! - backward: dz_L = (p - onehot(y)) / B; for each layer, dW_k = dz_k^T a_{k-1},
 //!   db_k = sum over rows of dz_k, da_{k-1} = dz_k W_k, dz_{k-1} = da_{k-1} * [z_{k-1} > 0];
+//! - with target outputs T instead: loss = mean((z_L - T)^2) over the B x C entries,
+//!   dz_L = 2 (z_L - T) / (B C);
+//! - a fixed row r of layer k: its weights and bias are never updated (no Adam step, no decay);
 //! - Adam (Kingma & Ba 2015, Alg. 1): m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
 //!   w -= lr_t * m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps).
 
@@ -134,6 +140,8 @@ struct Layer {
     vw: Array2<f32>,
     mb: Array1<f32>,
     vb: Array1<f32>,
+    /// rows held fixed (empty: none)
+    frozen: Vec<bool>,
 }
 
 impl Layer {
@@ -148,10 +156,15 @@ impl Layer {
             vw: Array2::zeros((outputs, inputs)),
             mb: Array1::zeros(outputs),
             vb: Array1::zeros(outputs),
+            frozen: Vec::new(),
         }
     }
 
     fn adam(&mut self, dw: &Array2<f32>, db: &Array1<f32>, lr: f32, decay: f32, t: i32) {
+        if !self.frozen.is_empty() {
+            self.adam_rows(dw, db, lr, decay, t);
+            return;
+        }
         if decay > 0.0 {
             self.w.mapv_inplace(|w| w * (1.0 - decay));
         }
@@ -175,6 +188,41 @@ impl Layer {
             c1,
             c2,
         );
+    }
+}
+
+impl Layer {
+    /// As [`Layer::adam`], row by row, skipping the frozen rows.
+    fn adam_rows(&mut self, dw: &Array2<f32>, db: &Array1<f32>, lr: f32, decay: f32, t: i32) {
+        let c1 = 1.0 - BETA1.powi(t);
+        let c2 = 1.0 - BETA2.powi(t);
+        for r in 0..self.w.nrows() {
+            if self.frozen.get(r).copied().unwrap_or(false) {
+                continue;
+            }
+            let mut w = self.w.row_mut(r);
+            if decay > 0.0 {
+                w.mapv_inplace(|v| v * (1.0 - decay));
+            }
+            adam_update(
+                w.iter_mut(),
+                self.mw.row_mut(r).iter_mut(),
+                self.vw.row_mut(r).iter_mut(),
+                dw.row(r).iter(),
+                lr,
+                c1,
+                c2,
+            );
+            adam_update(
+                self.b.slice_mut(ndarray::s![r..r + 1]).iter_mut(),
+                self.mb.slice_mut(ndarray::s![r..r + 1]).iter_mut(),
+                self.vb.slice_mut(ndarray::s![r..r + 1]).iter_mut(),
+                db.slice(ndarray::s![r..r + 1]).iter(),
+                lr,
+                c1,
+                c2,
+            );
+        }
     }
 }
 
@@ -256,6 +304,69 @@ fn softmax_cross_entropy(logits: &Array2<f32>, labels: &[u8]) -> (f32, usize, Ar
     ((loss / f64::from(n)) as f32, correct, grad)
 }
 
+/// Mean squared error of a batch of outputs against `targets` (same shape), the number
+/// of rows whose argmax agrees with the target's, and dz = 2 (z - T) / (B C).
+fn mean_squared_error(
+    out: &Array2<f32>,
+    targets: ArrayView2<'_, f32>,
+) -> (f32, usize, Array2<f32>) {
+    let n = out.len().max(1) as f32;
+    let diff = out - &targets;
+    let loss = diff
+        .iter()
+        .map(|&d| f64::from(d) * f64::from(d))
+        .sum::<f64>()
+        / f64::from(n);
+    let argmax = |r: ndarray::ArrayView1<'_, f32>| {
+        r.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            )
+            .0
+    };
+    let agree = out
+        .rows()
+        .into_iter()
+        .zip(targets.rows())
+        .filter(|(a, b)| argmax(*a) == argmax(*b))
+        .count();
+    (loss as f32, agree, diff.mapv(|d| 2.0 * d / n))
+}
+
+/// What the network is fitted to.
+#[derive(Debug, Clone, Copy)]
+pub enum Targets<'a> {
+    /// class labels, one per row: softmax cross-entropy
+    Labels(&'a [u8]),
+    /// target outputs, `[rows, classes]` (e.g. a victim's logits): mean squared error
+    Outputs(ArrayView2<'a, f32>),
+}
+
+impl Targets<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Targets::Labels(y) => y.len(),
+            Targets::Outputs(t) => t.nrows(),
+        }
+    }
+}
+
+/// A row of a dense layer given and held fixed during training (e.g. a first-layer row
+/// recovered by cryptanalytic extraction).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FixedRow {
+    /// the dense layer (0 = the first)
+    pub layer: usize,
+    /// the row (output unit)
+    pub row: usize,
+    /// its weights (the layer's input width)
+    pub w: Vec<f32>,
+    /// its bias
+    pub b: f32,
+}
+
 /// The result of training: architecture, parameter tensors, and the training record.
 #[derive(Debug)]
 pub struct Trained {
@@ -293,13 +404,45 @@ pub fn train_from(
     y: &[u8],
     init: Option<&[Vec<Tensor>]>,
 ) -> Result<Trained, TrainError> {
+    fit(
+        config,
+        input_shape,
+        classes,
+        x,
+        Targets::Labels(y),
+        init,
+        &[],
+    )
+}
+
+/// The general form of [`train_from`]: fits `targets` (labels or target outputs) with the
+/// rows `fixed` set after initialisation and held fixed throughout.
+pub fn fit(
+    config: &TrainConfig,
+    input_shape: &[usize],
+    classes: usize,
+    x: ArrayView2<'_, f32>,
+    targets: Targets<'_>,
+    init: Option<&[Vec<Tensor>]>,
+    fixed: &[FixedRow],
+) -> Result<Trained, TrainError> {
     let architecture = Architecture::mlp(input_shape, &config.hidden, classes)?;
-    if x.nrows() != y.len() || y.is_empty() {
+    if x.nrows() != targets.len() || targets.len() == 0 {
         return Err(TrainError::Data {
             examples: x.nrows(),
-            labels: y.len(),
+            labels: targets.len(),
         });
     }
+    let y: &[u8] = match targets {
+        Targets::Labels(y) => y,
+        Targets::Outputs(t) if t.ncols() != classes => {
+            return Err(TrainError::Config(format!(
+                "target outputs have {} columns, the architecture has {classes} outputs",
+                t.ncols()
+            )));
+        }
+        Targets::Outputs(_) => &[],
+    };
     if x.ncols() != architecture.input_len() {
         return Err(TrainError::InputWidth {
             expected: architecture.input_len(),
@@ -350,8 +493,9 @@ pub fn train_from(
     if let Some(init) = init {
         warm_start(&mut layers, &architecture, init)?;
     }
+    fix_rows(&mut layers, fixed)?;
 
-    let n = y.len();
+    let n = targets.len();
     let steps_per_epoch = n.div_ceil(config.batch);
     let total_steps = config
         .max_steps
@@ -376,7 +520,10 @@ pub fn train_from(
             if let Some((h, w)) = image_dims {
                 shift_images(&mut xb, h, w, config.shift, &mut rng);
             }
-            let yb: Vec<u8> = idx.iter().map(|&i| y[i]).collect();
+            let yb = match targets {
+                Targets::Labels(_) => Batch::Labels(idx.iter().map(|&i| y[i]).collect()),
+                Targets::Outputs(t) => Batch::Outputs(t.select(Axis(0), idx)),
+            };
             let lr = match config.schedule {
                 Schedule::Constant => config.lr,
                 Schedule::Cosine => {
@@ -441,7 +588,13 @@ pub fn train_from(
         params.push(vec![w, b]);
     }
     let record = TrainingRecord {
-        trainer: "fusion nn::train (ndarray): He init, Adam, softmax cross-entropy".into(),
+        trainer: match targets {
+            Targets::Labels(_) => {
+                "fusion nn::train (ndarray): He init, Adam, softmax cross-entropy"
+            }
+            Targets::Outputs(_) => "fusion nn::train (ndarray): He init, Adam, mean squared error",
+        }
+        .into(),
         images: n,
         epochs: config.epochs,
         batch: config.batch,
@@ -484,11 +637,51 @@ fn warm_start(
     Ok(())
 }
 
-/// One forward/backward pass and Adam update; returns the batch's loss and correct count.
+/// Sets the `fixed` rows and marks them frozen (checked against the layers' shapes).
+fn fix_rows(layers: &mut [Layer], fixed: &[FixedRow]) -> Result<(), TrainError> {
+    for f in fixed {
+        let Some(layer) = layers.get_mut(f.layer) else {
+            return Err(TrainError::Config(format!(
+                "fixed row of dense layer {}: there are {} dense layers",
+                f.layer,
+                layers.len()
+            )));
+        };
+        let (outputs, inputs) = layer.w.dim();
+        if f.row >= outputs || f.w.len() != inputs {
+            return Err(TrainError::Config(format!(
+                "fixed row {} of dense layer {} with {} weights: the layer has {outputs} rows \
+                 of {inputs}",
+                f.row,
+                f.layer,
+                f.w.len()
+            )));
+        }
+        layer
+            .w
+            .row_mut(f.row)
+            .iter_mut()
+            .zip(&f.w)
+            .for_each(|(w, v)| *w = *v);
+        layer.b[f.row] = f.b;
+        layer.frozen.resize(outputs, false);
+        layer.frozen[f.row] = true;
+    }
+    Ok(())
+}
+
+/// The targets of one mini-batch.
+enum Batch {
+    Labels(Vec<u8>),
+    Outputs(Array2<f32>),
+}
+
+/// One forward/backward pass and Adam update; returns the batch's loss and correct count
+/// (labels: correct predictions; target outputs: rows whose argmax agrees).
 fn train_step(
     layers: &mut [Layer],
     x: ArrayView2<'_, f32>,
-    y: &[u8],
+    y: &Batch,
     lr: f32,
     decay: f32,
     t: i32,
@@ -504,7 +697,10 @@ fn train_step(
         }
         inputs.push(std::mem::replace(&mut a, z));
     }
-    let (loss, correct, mut dz) = softmax_cross_entropy(&a, y);
+    let (loss, correct, mut dz) = match y {
+        Batch::Labels(y) => softmax_cross_entropy(&a, y),
+        Batch::Outputs(t) => mean_squared_error(&a, t.view()),
+    };
 
     // Backward. For hidden layers, a_k = relu(z_k) > 0 exactly where z_k > 0, so the ReLU
     // mask can be read off the stored activations.
@@ -556,23 +752,25 @@ mod tests {
         let (loss, correct, grad) = softmax_cross_entropy(&logits, &y);
         assert_eq!(correct, 1);
         let h = 1e-3;
-        for r in 0..2 {
-            for c in 0..3 {
-                let mut plus = logits.clone();
-                plus[(r, c)] += h;
-                let mut minus = logits.clone();
-                minus[(r, c)] -= h;
-                let num = (softmax_cross_entropy(&plus, &y).0
-                    - softmax_cross_entropy(&minus, &y).0)
-                    / (2.0 * h);
-                assert!(
-                    (num - grad[(r, c)]).abs() < 1e-3,
-                    "{r},{c}: {num} vs {}",
-                    grad[(r, c)]
-                );
-            }
-        }
+        check_gradient(&logits, &grad, h, |z| softmax_cross_entropy(z, &y).0);
         assert!(loss > 0.0);
+    }
+
+    /// Central differences of `loss` at `z` (step `h`) against `grad`, entry by entry.
+    fn check_gradient(
+        z: &Array2<f32>,
+        grad: &Array2<f32>,
+        h: f32,
+        loss: impl Fn(&Array2<f32>) -> f32,
+    ) {
+        for ((r, c), g) in grad.indexed_iter() {
+            let mut plus = z.clone();
+            plus[(r, c)] += h;
+            let mut minus = z.clone();
+            minus[(r, c)] -= h;
+            let num = (loss(&plus) - loss(&minus)) / (2.0 * h);
+            assert!((num - g).abs() < 1e-3, "{r},{c}: {num} vs {g}");
+        }
     }
 
     #[test]
@@ -625,6 +823,96 @@ mod tests {
         assert!(matches!(
             train(&config, &[3], 3, x.view(), &y[1..]),
             Err(TrainError::Data { .. })
+        ));
+    }
+
+    #[test]
+    fn mean_squared_error_gradient_matches_finite_differences() {
+        let out = Array2::from_shape_vec((2, 3), vec![0.5, -1.0, 2.0, 0.1, 0.2, -0.3]).unwrap();
+        let t = Array2::from_shape_vec((2, 3), vec![0.0, -1.5, 1.0, 0.3, 0.1, 0.4]).unwrap();
+        let (loss, agree, grad) = mean_squared_error(&out, t.view());
+        assert_eq!(agree, 1);
+        check_gradient(&out, &grad, 1e-3, |z| mean_squared_error(z, t.view()).0);
+        assert!(loss > 0.0);
+    }
+
+    /// Regression on a teacher's outputs with two first-layer rows fixed: the fixed rows
+    /// come out bit for bit as given, the loss falls, and a misshapen fixed row is refused.
+    #[test]
+    fn fits_target_outputs_with_fixed_rows() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let x = Array2::from_shape_simple_fn((256, 4), || rng.random::<f32>());
+        let teacher = Array2::from_shape_simple_fn((4, 3), || rng.random::<f32>() - 0.5);
+        let t = x.dot(&teacher);
+        let config = TrainConfig {
+            hidden: vec![6],
+            epochs: 60,
+            batch: 32,
+            lr: 1e-2,
+            ..TrainConfig::default()
+        };
+        let fixed = vec![
+            FixedRow {
+                layer: 0,
+                row: 1,
+                w: vec![0.25, -0.5, 0.125, 1.0],
+                b: 0.375,
+            },
+            FixedRow {
+                layer: 0,
+                row: 4,
+                w: vec![-1.0, 0.5, 0.0, 0.25],
+                b: -0.125,
+            },
+        ];
+        let r = fit(
+            &config,
+            &[4],
+            3,
+            x.view(),
+            Targets::Outputs(t.view()),
+            None,
+            &fixed,
+        )
+        .unwrap();
+        let (w1, b1) = (r.params[0][0].data(), r.params[0][1].data());
+        for f in &fixed {
+            assert_eq!(&w1[f.row * 4..f.row * 4 + 4], f.w.as_slice());
+            assert_eq!(b1[f.row], f.b);
+        }
+        let mean_sq = t.iter().map(|v| v * v).sum::<f32>() / t.len() as f32;
+        assert!(
+            r.record.final_loss < 0.05 * mean_sq,
+            "loss {} vs target power {mean_sq}",
+            r.record.final_loss
+        );
+        let bad = FixedRow {
+            w: vec![0.0; 3],
+            ..fixed[0].clone()
+        };
+        assert!(matches!(
+            fit(
+                &config,
+                &[4],
+                3,
+                x.view(),
+                Targets::Outputs(t.view()),
+                None,
+                &[bad]
+            ),
+            Err(TrainError::Config(_))
+        ));
+        assert!(matches!(
+            fit(
+                &config,
+                &[4],
+                2,
+                x.view(),
+                Targets::Outputs(t.view()),
+                None,
+                &[]
+            ),
+            Err(TrainError::Config(_))
         ));
     }
 }

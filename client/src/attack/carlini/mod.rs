@@ -28,6 +28,7 @@
 
 pub mod deep;
 mod fit;
+pub mod hybrid;
 pub mod layers;
 mod search;
 #[cfg(test)]
@@ -236,8 +237,10 @@ pub struct Extraction {
     /// the extracted f32 model
     pub model: Option<Model>,
     /// for a network with two or more hidden layers: the recovered first-layer rows (unit
-    /// normals and offsets, up to sign)
+    /// normals and offsets; oriented where `first_layer_signs` is decided)
     pub first_layer: Vec<deep::Row>,
+    /// per row of `first_layer`: +1 / -1 the sign decided (already applied), 0 undecided
+    pub first_layer_signs: Vec<f64>,
 }
 
 /// The widths of the hidden layers of an MLP architecture (at least one).
@@ -514,6 +517,7 @@ pub fn carlini(
         report,
         model,
         first_layer: Vec::new(),
+        first_layer_signs: Vec::new(),
     })
 }
 
@@ -555,6 +559,7 @@ fn deep_first_layer(
     }];
     let mut rows = fl.rows;
     let (mut deeper, mut model) = (None, None);
+    let mut signs = vec![0.0; rows.len()];
     if stopped.is_none() {
         let dp = match layers::after_first_layer(oracle, &rows, widths, cfg, rng, show_progress) {
             Ok(dp) => dp,
@@ -608,6 +613,7 @@ fn deep_first_layer(
         }
         model = dp.model;
         deeper = Some(rep);
+        signs = dp.signs_1;
     }
     let metrics = match (&model, victim) {
         (Some(m), Some((v, ar))) => Some(
@@ -639,6 +645,7 @@ fn deep_first_layer(
         report,
         model,
         first_layer: rows,
+        first_layer_signs: signs,
     })
 }
 
