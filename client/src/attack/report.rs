@@ -156,7 +156,8 @@ pub fn markdown(runs: &[RunRecord]) -> String {
     }
     if let Some(lines) = first_layer_lines(runs) {
         s.push_str(
-            "\nCarlini et al. against a deeper network: the first layer only (rows up to sign):\n\n",
+            "\nCarlini et al. against a deeper network: the first layer (rows, and their signs \
+             where the chain decided them; right / wrong checked against the victim):\n\n",
         );
         s.push_str(&lines);
     }
@@ -248,8 +249,8 @@ fn carlini_lines(runs: &[RunRecord]) -> Option<String> {
 /// The first-layer table of deep Carlini runs (`details.first_layer`), if any.
 fn first_layer_lines(runs: &[RunRecord]) -> Option<String> {
     let mut s = String::from(
-        "| model | policy | rows recovered | matched to a victim row | spurious | row error max / mean | probes rejected |\n\
-         |---|---|---:|---:|---:|---:|---:|\n",
+        "| model | policy | rows recovered | matched to a victim row | spurious | row error max / mean | probes rejected | signs decided (right / wrong) |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut any = false;
     for r in runs.iter().filter(|r| r.attack == "carlini") {
@@ -264,8 +265,19 @@ fn first_layer_lines(runs: &[RunRecord]) -> Option<String> {
         let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64);
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
         let model = r.model_file();
+        let signs = r
+            .details
+            .get("deeper")
+            .and_then(|d| d.get("signs_1"))
+            .and_then(|s1| n(s1, "decided"))
+            .map_or("-".to_string(), |d| {
+                match (n(&m, "signs_right"), n(&m, "signs_wrong")) {
+                    (Some(r), Some(w)) => format!("{d} ({r} / {w})"),
+                    _ => d.to_string(),
+                }
+            });
         s.push_str(&format!(
-            "| {} | {} | {} of {} | {} | {} | {:.2e} / {:.2e} | {} of {} |\n",
+            "| {} | {} | {} of {} | {} | {} | {:.2e} / {:.2e} | {} of {} | {} |\n",
             model,
             r.policy,
             opt(n(fl, "recovered")),
@@ -276,6 +288,7 @@ fn first_layer_lines(runs: &[RunRecord]) -> Option<String> {
             json_f64(&m, "row_rel_error_mean"),
             opt(n(fl, "probes_rejected")),
             opt(n(fl, "probed")),
+            signs,
         ));
     }
     any.then_some(s)
@@ -426,9 +439,24 @@ mod tests {
                 }
             }),
         };
-        let md = markdown(&[run]);
+        // a run with the chain's signs (decided, and checked against the victim)
+        let mut signed = run.clone();
+        signed.details = serde_json::json!({
+            "metrics": null,
+            "first_layer": {
+                "recovered": 81, "width": 128, "probed": 2133, "probes_rejected": 1280,
+                "metrics": {"matched": 81, "spurious": 0, "signs_right": 80, "signs_wrong": 1,
+                            "row_rel_error_max": 0.0371, "row_rel_error_mean": 0.0161}
+            },
+            "deeper": {"signs_1": {"decided": 81, "neurons": 81}}
+        });
+        let md = markdown(&[run, signed]);
         assert!(
-            md.contains("| mnist-dnn.safetensors | logits, no budget | 25 of 128 | 20 | 5 | 2.04e-2 / 1.40e-2 | 1915 of 3132 |"),
+            md.contains("| mnist-dnn.safetensors | logits, no budget | 25 of 128 | 20 | 5 | 2.04e-2 / 1.40e-2 | 1915 of 3132 | - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| mnist-dnn.safetensors | logits, no budget | 81 of 128 | 81 | 0 | 3.71e-2 / 1.61e-2 | 1280 of 2133 | 81 (80 / 1) |"),
             "{md}"
         );
         assert!(!md.contains("errors against the victim"), "{md}");
