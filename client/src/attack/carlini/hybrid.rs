@@ -116,6 +116,19 @@ pub struct SavedRow {
     pub refined: bool,
 }
 
+impl SavedRow {
+    /// The row as the search holds it (the inverse of [`FirstLayerFile::new`]'s copy; the
+    /// sign, where decided, stays applied to `w` and `b`).
+    pub fn row(&self) -> Row {
+        Row {
+            w: self.w.clone(),
+            b: self.b,
+            points: self.points,
+            refined: self.refined,
+        }
+    }
+}
+
 /// The saved result of the first-layer search (and the first-layer signs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FirstLayerFile {

@@ -1664,6 +1664,13 @@ mod tests {
         logits: Option<super::super::Metrics>,
     }
 
+    /// The repository's root and the bundled 784-128-128-10 model.
+    fn bundled() -> (std::path::PathBuf, Model) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let model = Model::load(root.join("models/mnist-dnn.safetensors")).unwrap();
+        (root, model)
+    }
+
     fn run(model: &Model, ar: Arithmetic, seed: u64) -> Run {
         run_with(model, ar, seed, 1_000_000)
     }
@@ -1714,8 +1721,7 @@ mod tests {
     #[test]
     #[ignore = "measurement: minutes"]
     fn bundled_chain_with_its_exact_first_layer() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let model = Model::load(root.join("models/mnist-dnn.safetensors")).unwrap();
+        let (_, model) = bundled();
         let r = run_with(&model, Arithmetic::Fixed, 1, 8_000_000);
         eprintln!(
             "{}",
@@ -1877,8 +1883,7 @@ mod tests {
     /// all 128 exact rows: 128 decided, 0 wrong, 3,072 rows (was 121).
     #[test]
     fn first_layer_signs_of_the_bundled_deep_model_with_81_of_128_rows() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let model = Model::load(root.join("models/mnist-dnn.safetensors")).unwrap();
+        let (_, model) = bundled();
         let (rows, flips) = rows_up_to_sign(&model, Arithmetic::Fixed, 1);
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let mut idx: Vec<usize> = (0..128).collect();
@@ -1926,24 +1931,14 @@ mod tests {
     /// decided, all right, 1,968 rows.
     #[test]
     fn first_layer_signs_of_the_rows_the_bundled_run_recovered() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let model = Model::load(root.join("models/mnist-dnn.safetensors")).unwrap();
+        let (root, model) = bundled();
         let file = super::super::hybrid::FirstLayerFile::load(
             &root.join("client/src/attack/results/first-layer-dnn-seed1-9m.json"),
             &model,
         )
         .unwrap();
         // up to sign, as the search found them
-        let rows: Vec<Row> = file
-            .rows
-            .iter()
-            .map(|r| Row {
-                w: r.w.clone(),
-                b: r.b,
-                points: r.points,
-                refined: r.refined,
-            })
-            .collect();
+        let rows: Vec<Row> = file.rows.iter().map(|r| r.row()).collect();
         assert_eq!(rows.len(), 81);
         let mut oracle = LocalFixedOracle::new(model.clone(), Policy::undefended());
         let mut rng = ChaCha8Rng::seed_from_u64(1);
