@@ -791,3 +791,64 @@ fn runtime(c: &CommonArgs) -> anyhow::Result<Runtime> {
         .enable_all()
         .build()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::hybrid::Completion;
+    use super::*;
+
+    /// The hybrid and the control each carry their own training time, not the
+    /// completion's total; the shared query phase is in the details, once per record.
+    #[test]
+    fn hybrid_records_carry_their_own_training_time() {
+        let c = |method: &str, fixed: usize, queries: u64, seconds: f64| Completion {
+            method: method.into(),
+            fixed_rows: fixed,
+            queries,
+            final_loss: 0.5,
+            steps: 10,
+            seconds,
+            metrics: None,
+            heldout_max_logit_error: None,
+            heldout_mean_logit_error: None,
+        };
+        let h = HybridReport {
+            config: HybridConfig::default(),
+            first_layer_queries: 100,
+            rows_recovered: 3,
+            rows_fixed: 2,
+            learn_queries: 50,
+            stopped: None,
+            query_seconds: 7.5,
+            signs: None,
+            hybrid: Some(c("hybrid (recovered rows fixed)", 2, 150, 12.0)),
+            learning_only: Some(c("learning only (no row fixed)", 0, 50, 9.0)),
+        };
+        let recs = hybrid_records(
+            &h,
+            &Policy::undefended(),
+            "local-fixed",
+            std::path::Path::new("models/m.safetensors"),
+            serde_json::json!({}),
+        )
+        .unwrap();
+        let got: Vec<(&str, u64, f64, f64)> = recs
+            .iter()
+            .map(|r| {
+                (
+                    r.attack.as_str(),
+                    r.queries,
+                    r.seconds,
+                    r.details["query_seconds"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("carlini-hybrid", 150, 12.0, 7.5),
+                ("logit-learning", 50, 9.0, 7.5)
+            ]
+        );
+    }
+}
