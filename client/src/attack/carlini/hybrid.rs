@@ -149,9 +149,8 @@ pub struct FirstLayerFile {
     pub config: CarliniConfig,
     /// the recovered rows
     pub rows: Vec<SavedRow>,
-    /// the run's first-layer report, as recorded (JSON: kept as a record only, since
-    /// some of its figures, e.g. an infinite bucket bound, do not read back as numbers)
-    pub first_layer: Option<serde_json::Value>,
+    /// the run's first-layer report
+    pub first_layer: Option<FirstLayerReport>,
     /// the run's chain report (signs, why it stopped), as recorded
     pub deeper: Option<serde_json::Value>,
     /// for a file saved from a loaded one: the sign step run on the loaded rows (the
@@ -200,7 +199,7 @@ impl FirstLayerFile {
                     refined: r.refined,
                 })
                 .collect(),
-            first_layer: first_layer.and_then(|r| serde_json::to_value(r).ok()),
+            first_layer,
             deeper: deeper.and_then(|r| serde_json::to_value(r).ok()),
             resigned: None,
         }
@@ -950,6 +949,89 @@ mod tests {
             ),
             (4, 2, 2, 1, 1, 3)
         );
+    }
+
+    /// The first-layer figures against a deep victim, with the kink census's last
+    /// bucket unbounded above, read back through serde_json as they were written (the
+    /// bound was an infinite f64 written as `null`, which did not read back).
+    #[test]
+    fn first_layer_report_round_trips_with_its_unbounded_bucket() {
+        let victim = random_deep_model(784, 16, 8, 10, 5);
+        let rows: Vec<Row> = exact_rows(&victim, 12, 0)
+            .iter()
+            .map(SavedRow::row)
+            .collect();
+        let data = data(&victim);
+        let images: Vec<Vec<f64>> = (0..50)
+            .map(|i| data.eval_x.row(i).iter().map(|&v| f64::from(v)).collect())
+            .collect();
+        let m = super::super::deep::measure(&rows, &victim, Arithmetic::Fixed, &images).unwrap();
+        let last = m.kink_buckets.last().unwrap();
+        assert_eq!((last.lo, last.hi), (8.0, None));
+        assert_eq!(m.kink_buckets.iter().filter(|b| b.hi.is_none()).count(), 1);
+        assert_eq!(m.matched, 12);
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains("\"hi\":null"), "{json}");
+        let back: super::super::deep::FirstLayerMetrics = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.kink_buckets, m.kink_buckets);
+        assert_eq!(back.matched, m.matched);
+        // the whole report, inside a saved file, and the file itself
+        let committed: FirstLayerFile = serde_json::from_slice(
+            &std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("src/attack/results/first-layer-dnn-seed1-9m.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut report = committed.first_layer.clone().unwrap();
+        report.metrics = Some(m);
+        let f = FirstLayerFile::new(
+            &victim,
+            &CarliniConfig::default(),
+            5,
+            &rows,
+            &[1.0; 12],
+            Some(report),
+            None,
+        );
+        let (_dir, p) = temp_file("fl.json");
+        f.save(&p).unwrap();
+        let g = FirstLayerFile::load(&p, &victim).unwrap();
+        // serde_json reads floats to within an ulp (no float_roundtrip feature)
+        let (mut a, mut b) = (g.first_layer.unwrap(), f.first_layer.unwrap());
+        let (ma, mb) = (a.metrics.take().unwrap(), b.metrics.take().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(ma.kink_buckets, mb.kink_buckets);
+        assert!(ma.kink_buckets[5].hi.is_none());
+        assert!((ma.row_rel_error_mean - mb.row_rel_error_mean).abs() <= 1e-25);
+        assert_eq!((ma.matched, ma.within_1e3), (mb.matched, mb.within_1e3));
+    }
+
+    /// The committed first-layer file of the 9M-row bundled run (written when the bound
+    /// was an infinite f64, as `null`) still loads, its report typed.
+    #[test]
+    fn the_committed_first_layer_file_loads_with_its_report() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let model = Model::load(root.join("models/mnist-dnn.safetensors")).unwrap();
+        let f = FirstLayerFile::load(
+            &root.join("client/src/attack/results/first-layer-dnn-seed1-9m.json"),
+            &model,
+        )
+        .unwrap();
+        assert_eq!(f.rows.len(), 81);
+        assert_eq!(f.rows.iter().filter(|r| r.sign != 0.0).count(), 75);
+        let fl = f.first_layer.as_ref().unwrap();
+        assert_eq!((fl.recovered, fl.width), (81, 128));
+        let m = fl.metrics.as_ref().unwrap();
+        let b: Vec<(f64, Option<f64>, usize, usize)> = m
+            .kink_buckets
+            .iter()
+            .map(|b| (b.lo, b.hi, b.neurons, b.found))
+            .collect();
+        assert_eq!(b.last(), Some(&(8.0, None, 6, 6)));
+        assert_eq!(b.first(), Some(&(0.0, Some(1.0), 9, 0)));
+        assert_eq!(f.resigned, None);
     }
 
     fn temp_file(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
