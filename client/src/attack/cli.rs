@@ -170,13 +170,16 @@ pub struct CarliniArgs {
     /// save the extracted model (safetensors) here
     #[arg(long)]
     pub save: Option<PathBuf>,
-    /// deeper networks: save the first-layer result (rows, signs, the queries they cost,
-    /// the victim's digest and widths) as JSON here
+    /// deeper networks: save the first-layer result (rows, the signs used, the queries
+    /// they cost, the victim's digest and widths) as JSON here; with --load-first-layer,
+    /// the loaded rows with the signs the completion used
     #[arg(long)]
     pub save_first_layer: Option<PathBuf>,
     /// deeper networks: skip the search and use this saved first-layer result (refused if
-    /// made against another model; its queries are counted in the report)
-    #[arg(long, conflicts_with = "save_first_layer")]
+    /// made against another model; its queries are counted in the report); the rows'
+    /// signs are decided again by the chain's sign step (the file's kept where it decides
+    /// none)
+    #[arg(long)]
     pub load_first_layer: Option<PathBuf>,
     /// hybrid completion (Jagielski et al. 2020) when the cryptanalytic chain builds no
     /// model: logits of this many attacker images (MNIST training set) queried and
@@ -470,13 +473,13 @@ fn run_papernot(a: &PapernotArgs) -> anyhow::Result<Vec<RunRecord>> {
 }
 
 /// The two run records of a hybrid completion: the hybrid (recovered rows fixed) and the
-/// control (pure learning from logits), each with its own query count.
+/// control (pure learning from logits), each with its own query count and its own
+/// training time (the shared query phase is `details.query_seconds`, in both).
 fn hybrid_records(
     h: &HybridReport,
     policy: &Policy,
     oracle: &str,
     model: &std::path::Path,
-    seconds: f64,
     extra: serde_json::Value,
 ) -> anyhow::Result<Vec<RunRecord>> {
     let mut out = Vec::new();
@@ -507,7 +510,7 @@ fn hybrid_records(
             oracle: oracle.to_string(),
             model: model.display().to_string(),
             queries: c.queries,
-            seconds,
+            seconds: c.seconds,
             curve,
             outcome: h.stopped.clone(),
             details,
@@ -544,7 +547,6 @@ fn run_loaded_first_layer(
     let c = &a.common;
     let ar = arithmetic(c.oracle);
     let fl = FirstLayerFile::load(file, model)?;
-    let widths = hidden_of(&fl.dims);
     let rt = runtime(c)?;
     let mut out = Vec::new();
     for policy in policies(c) {
@@ -560,18 +562,15 @@ fn run_loaded_first_layer(
                 fl.queries
             );
         }
-        let t = Instant::now();
-        let h = hybrid::complete(
+        let h = hybrid::complete_loaded(
             host.oracle(),
-            &widths,
-            &fl.rows,
-            fl.queries,
+            &fl,
             data,
             &hybrid_config(a),
             Some((model, ar)),
             !c.json,
         );
-        let h = match h {
+        let (h, used) = match h {
             Ok(h) => h,
             Err(e @ hybrid::HybridError::LabelsOnly) => {
                 if !c.json {
@@ -582,6 +581,24 @@ fn run_loaded_first_layer(
             }
             Err(e) => return Err(e.into()),
         };
+        if let Some(s) = &h.report.signs
+            && !c.json
+        {
+            eprintln!(
+                "hybrid: first-layer signs decided again: {} in the file, {} decided now ({} \
+                 disagree with the file, {} kept from the file), {} rows",
+                s.file_signed, s.fresh_decided, s.disagree, s.kept_from_file, s.queries
+            );
+        }
+        if let Some(p) = &a.save_first_layer {
+            used.save(p)?;
+            if !c.json {
+                eprintln!(
+                    "hybrid: first layer with the signs used saved to {}",
+                    p.display()
+                );
+            }
+        }
         let extra = serde_json::json!({
             "loaded_from": file.display().to_string(),
             "queries": fl.queries,
@@ -593,14 +610,7 @@ fn run_loaded_first_layer(
             m.save(p)
                 .with_context(|| format!("saving {}", p.display()))?;
         }
-        out.extend(hybrid_records(
-            &h.report,
-            &policy,
-            &desc,
-            path,
-            t.elapsed().as_secs_f64(),
-            extra,
-        )?);
+        out.extend(hybrid_records(&h.report, &policy, &desc, path, extra)?);
         host.close(&rt)?;
     }
     Ok(out)
@@ -692,7 +702,6 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
                     }
                 }
                 if want_hybrid && ex.model.is_none() && ex.report.stopped.is_none() {
-                    let th = Instant::now();
                     let widths = hidden_of(&rows.dims);
                     let h = hybrid::complete(
                         local.oracle(),
@@ -709,14 +718,7 @@ fn run_carlini(a: &CarliniArgs) -> anyhow::Result<Vec<RunRecord>> {
                             .with_context(|| format!("saving {}", p.display()))?;
                     }
                     let extra = serde_json::json!({ "queries": queries, "in_this_run": true });
-                    hybrid_out.extend(hybrid_records(
-                        &h.report,
-                        &policy,
-                        &desc,
-                        &path,
-                        th.elapsed().as_secs_f64(),
-                        extra,
-                    )?);
+                    hybrid_out.extend(hybrid_records(&h.report, &policy, &desc, &path, extra)?);
                 }
                 let mut details = serde_json::to_value(&ex.report)?;
                 local.details(&mut details)?;
@@ -788,4 +790,65 @@ fn runtime(c: &CommonArgs) -> anyhow::Result<Runtime> {
         .worker_threads(2)
         .enable_all()
         .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hybrid::Completion;
+    use super::*;
+
+    /// The hybrid and the control each carry their own training time, not the
+    /// completion's total; the shared query phase is in the details, once per record.
+    #[test]
+    fn hybrid_records_carry_their_own_training_time() {
+        let c = |method: &str, fixed: usize, queries: u64, seconds: f64| Completion {
+            method: method.into(),
+            fixed_rows: fixed,
+            queries,
+            final_loss: 0.5,
+            steps: 10,
+            seconds,
+            metrics: None,
+            heldout_max_logit_error: None,
+            heldout_mean_logit_error: None,
+        };
+        let h = HybridReport {
+            config: HybridConfig::default(),
+            first_layer_queries: 100,
+            rows_recovered: 3,
+            rows_fixed: 2,
+            learn_queries: 50,
+            stopped: None,
+            query_seconds: 7.5,
+            signs: None,
+            hybrid: Some(c("hybrid (recovered rows fixed)", 2, 150, 12.0)),
+            learning_only: Some(c("learning only (no row fixed)", 0, 50, 9.0)),
+        };
+        let recs = hybrid_records(
+            &h,
+            &Policy::undefended(),
+            "local-fixed",
+            std::path::Path::new("models/m.safetensors"),
+            serde_json::json!({}),
+        )
+        .unwrap();
+        let got: Vec<(&str, u64, f64, f64)> = recs
+            .iter()
+            .map(|r| {
+                (
+                    r.attack.as_str(),
+                    r.queries,
+                    r.seconds,
+                    r.details["query_seconds"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("carlini-hybrid", 150, 12.0, 7.5),
+                ("logit-learning", 50, 9.0, 7.5)
+            ]
+        );
+    }
 }

@@ -166,7 +166,8 @@ pub fn markdown(runs: &[RunRecord]) -> String {
             "\nhybrid completion (learned rest): not cryptanalytic extraction; the recovered \
              first-layer rows fixed, the rest learned from logits (Jagielski et al. 2020), \
              against the same learning with no row fixed; queries include the first layer's \
-             for the hybrid:\n\n",
+             for the hybrid; time: each model's own training (also in the table above), the \
+             logit queries both learn from listed once below:\n\n",
         );
         s.push_str(&lines);
     }
@@ -177,10 +178,12 @@ pub fn markdown(runs: &[RunRecord]) -> String {
 /// `logit-learning` runs), if any.
 fn hybrid_lines(runs: &[RunRecord]) -> Option<String> {
     let mut s = String::from(
-        "| model | policy | method | rows fixed | learn queries | queries in all | accuracy | agreement | logit error random max / mean | logit error held-out max / mean |\n\
-         |---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| model | policy | method | rows fixed | learn queries | queries in all | accuracy | agreement | logit error random max / mean | logit error held-out max / mean | training (s) |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut any = false;
+    // the phases shared by a hybrid and its control, once per (model, policy, oracle)
+    let mut shared: Vec<((String, String, String), String)> = Vec::new();
     for r in runs
         .iter()
         .filter(|r| r.attack == "carlini-hybrid" || r.attack == "logit-learning")
@@ -198,7 +201,7 @@ fn hybrid_lines(runs: &[RunRecord]) -> Option<String> {
             }
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.3} / {:.4} | {:.3} / {:.4} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.3} / {:.4} | {:.3} / {:.4} | {:.1} |\n",
             r.model_file(),
             r.policy,
             c.get("method").and_then(|v| v.as_str()).unwrap_or("-"),
@@ -211,9 +214,52 @@ fn hybrid_lines(runs: &[RunRecord]) -> Option<String> {
             json_f64(&m, "mean_logit_error"),
             json_f64(c, "heldout_max_logit_error"),
             json_f64(c, "heldout_mean_logit_error"),
+            json_f64(c, "seconds"),
         ));
+        let key = (r.model_file(), r.policy.clone(), r.oracle.clone());
+        if !shared.iter().any(|(k, _)| *k == key) {
+            shared.push((key, shared_lines(r)));
+        }
+    }
+    for (_, lines) in &shared {
+        s.push_str(lines);
     }
     any.then_some(s)
+}
+
+/// The lines of what a hybrid and its control share (from either's record): the logit
+/// query phase and, for a loaded first layer, its signs decided again.
+fn shared_lines(r: &RunRecord) -> String {
+    let d = &r.details;
+    let n = |v: &serde_json::Value, k: &str| {
+        v.get(k)
+            .and_then(serde_json::Value::as_u64)
+            .map_or("-".to_string(), |v| v.to_string())
+    };
+    let mut s = format!(
+        "\n{}, {}: logit queries shared by the hybrid and the control: {} rows in {:.1} s \
+         (once, not in either model's training time)\n",
+        r.model_file(),
+        r.policy,
+        n(d, "learn_queries"),
+        json_f64(d, "query_seconds"),
+    );
+    if let Some(g) = d.get("signs").filter(|v| !v.is_null()) {
+        s.push_str(&format!(
+            "\n{}, {}: first-layer signs of the loaded file decided again: the file had {} of \
+             {} rows signed; the sign step decided {} ({} disagree with the file, {} of the \
+             file's kept where it decided none), {} rows\n",
+            r.model_file(),
+            r.policy,
+            n(g, "file_signed"),
+            n(g, "rows"),
+            n(g, "fresh_decided"),
+            n(g, "disagree"),
+            n(g, "kept_from_file"),
+            n(g, "queries"),
+        ));
+    }
+    s
 }
 
 fn carlini_lines(runs: &[RunRecord]) -> Option<String> {
@@ -464,17 +510,18 @@ mod tests {
 
     use super::*;
 
-    /// A hybrid completion and its control get their own section, named as learning.
+    /// A hybrid completion and its control get their own section, named as learning; each
+    /// with its own training time, the shared query phase and the loaded file's signs once.
     #[test]
     fn hybrid_runs_get_their_own_section() {
-        let rec = |attack: &str, method: &str, fixed: u64, q: u64, agree: f64| RunRecord {
+        let rec = |attack: &str, method: &str, fixed: u64, q: u64, agree: f64, t: f64| RunRecord {
             attack: attack.into(),
             policy: "logits, no budget".into(),
             defended: false,
             oracle: "local-fixed".into(),
             model: "models/mnist-dnn.safetensors".into(),
             queries: q,
-            seconds: 1.0,
+            seconds: t,
             curve: vec![CurvePoint {
                 queries: q,
                 agreement: agree,
@@ -483,8 +530,11 @@ mod tests {
             outcome: None,
             details: serde_json::json!({
                 "learn_queries": 60000,
+                "query_seconds": 40.25,
+                "signs": {"rows": 81, "file_signed": 75, "fresh_decided": 81, "disagree": 2,
+                          "kept_from_file": 0, "signed": 81, "queries": 1968},
                 "this": {
-                    "method": method, "fixed_rows": fixed, "queries": q,
+                    "method": method, "fixed_rows": fixed, "queries": q, "seconds": t,
                     "heldout_max_logit_error": 1.5, "heldout_mean_logit_error": 0.25,
                     "metrics": {"mnist_accuracy": 0.9, "mnist_agreement": agree,
                                 "max_logit_error": 3.0, "mean_logit_error": 0.5}
@@ -498,6 +548,7 @@ mod tests {
                 75,
                 9_060_000,
                 0.95,
+                120.0,
             ),
             rec(
                 "logit-learning",
@@ -505,6 +556,7 @@ mod tests {
                 0,
                 60_000,
                 0.94,
+                95.5,
             ),
         ]);
         assert!(md.contains("hybrid completion (learned rest): not cryptanalytic extraction"));
@@ -517,6 +569,25 @@ mod tests {
             "{md}"
         );
         assert!(!md.contains("errors against the victim"), "{md}");
+        // each its own training time, in the main table and the section
+        assert!(md.contains("| 1.500 / 0.2500 | 120.0 |"), "{md}");
+        assert!(md.contains("| 1.500 / 0.2500 | 95.5 |"), "{md}");
+        assert!(
+            md.contains("| carlini-hybrid | mnist-dnn.safetensors | logits, no budget | 9060000 | 90.00% | 95.00% | 120.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| logit-learning | mnist-dnn.safetensors | logits, no budget | 60000 | 90.00% | 94.00% | 95.5 |"),
+            "{md}"
+        );
+        // the shared query phase and the loaded file's signs, once
+        let shared = "mnist-dnn.safetensors, logits, no budget: logit queries shared by the \
+                      hybrid and the control: 60000 rows in 40.2 s";
+        assert_eq!(md.matches(shared).count(), 1, "{md}");
+        let signs = "first-layer signs of the loaded file decided again: the file had 75 of 81 \
+                     rows signed; the sign step decided 81 (2 disagree with the file, 0 of the \
+                     file's kept where it decided none), 1968 rows";
+        assert_eq!(md.matches(signs).count(), 1, "{md}");
     }
 
     fn run(attack: &str, defended: bool, q: &[u64]) -> RunRecord {

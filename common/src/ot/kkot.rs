@@ -23,7 +23,7 @@
 
 use super::aesni::Aes;
 use rand::{CryptoRng, Rng};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::session::OtSession;
 use super::transpose::transpose128;
@@ -34,6 +34,8 @@ use crate::channel::Channel;
 const W: usize = 256;
 /// Blocks (of 128 OTs) per chunk.
 const CHUNK: usize = 16;
+/// OTs hashed at a time by the receiver's finish.
+const FINISH_CHUNK: usize = 256;
 
 /// Which construction serves 1-of-N OTs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -74,6 +76,13 @@ pub struct KkRecv {
     idx: u64,
     choices: Vec<u16>,
     t: Vec<[Block; 2]>,
+}
+
+impl KkRecv {
+    /// OTs chosen.
+    pub(crate) fn len(&self) -> usize {
+        self.choices.len()
+    }
 }
 
 impl Drop for KkRecv {
@@ -127,7 +136,8 @@ impl Kkot {
         _rng: &mut R,
     ) -> Result<Self, OtError> {
         ot.reserve(ch, W, W)?;
-        let pairs = ot.rot_send(W)?; // we are the base-OT sender: our KK-receiver seeds
+        // the base seeds live on in the key schedules only (zeroized on drop)
+        let pairs = Zeroizing::new(ot.rot_send(W)?); // we are the base-OT sender: our KK-receiver seeds
         let recv = ot.rot_recv(W)?; // we are the base-OT receiver: our KK-sender secret
         let mut s = [0 as Block; 2];
         for (j, &b) in recv.bits.iter().enumerate() {
@@ -139,7 +149,7 @@ impl Kkot {
             super::Party::Server => 0,
             super::Party::Client => 1,
         };
-        Ok(Self {
+        let kk = Self {
             s,
             cs,
             send_g: recv.keys.iter().map(|&k| aes_from(k)).collect(),
@@ -153,7 +163,9 @@ impl Kkot {
             recv_idx: 0,
             codes,
             dir_send,
-        })
+        };
+        s.zeroize();
+        Ok(kk)
     }
 
     /// Bytes of the receiver's message for `n` OTs.
@@ -218,6 +230,7 @@ impl Kkot {
         t.truncate(n);
         tcols.zeroize();
         code_cols.zeroize();
+        g1.zeroize();
         m.zeroize();
         (
             KkRecv {
@@ -302,16 +315,30 @@ impl Kkot {
         Ok(())
     }
 
-    /// Receiver: `(c_i, H(i, t_i))` for every OT.
-    pub(crate) fn finish(&self, hash: &Tccr, st: KkRecv) -> Vec<(usize, Block)> {
+    /// Receiver: `f(i, c_i, H(i, t_i))` for every OT in order. The rows `t_i` and the
+    /// pads are zeroized as they are used (the state's choices on its drop).
+    pub(crate) fn finish(
+        &self,
+        hash: &Tccr,
+        mut st: KkRecv,
+        mut f: impl FnMut(usize, usize, Block),
+    ) {
         let dir = 1 - self.dir_send;
-        let mut pads = vec![0 as Block; st.t.len()];
-        hash.hash_wide_many(&st.t, |i| kk_tweak(dir, st.idx + i as u64), &mut pads);
-        st.choices
-            .iter()
-            .zip(pads)
-            .map(|(&c, p)| (c as usize, p))
-            .collect()
+        let mut pads = [0 as Block; FINISH_CHUNK];
+        for (c, (ts, cs)) in
+            st.t.chunks_mut(FINISH_CHUNK)
+                .zip(st.choices.chunks(FINISH_CHUNK))
+                .enumerate()
+        {
+            let at = c * FINISH_CHUNK;
+            let pads = &mut pads[..ts.len()];
+            hash.hash_wide_many(ts, |i| kk_tweak(dir, st.idx + (at + i) as u64), pads);
+            ts.iter_mut().for_each(Zeroize::zeroize);
+            for (k, (&ch, p)) in cs.iter().zip(pads.iter()).enumerate() {
+                f(at + k, usize::from(ch), *p);
+            }
+            pads.zeroize();
+        }
     }
 }
 

@@ -1114,9 +1114,23 @@ impl<C: RandomCot> OtSession<C> {
         let big_n = 1usize << m;
         let e = PackedReader::new("1-of-N reply", reply, n * big_n, bits)?;
         let mask = Ring::new(bits).map(|r| r.mask()).unwrap_or(u64::MAX);
-        let pads: Vec<(usize, Block)> = match st {
+        let chosen = match &st {
+            KnChosen::Kk(st) => st.len(),
+            KnChosen::Cots { pads, .. } => pads.len(),
+        };
+        if chosen != n {
+            return Err(OtError::BadRequest(format!(
+                "1-of-N: {chosen} OTs chosen, {n} expected"
+            )));
+        }
+        // The pads are used one at a time and not collected (no copy of them is left
+        // behind; the state zeroizes its own on drop).
+        let mut out = vec![0u64; n];
+        match st {
             KnChosen::Kk(st) => match &self.kk {
-                Some(kk) => kk.finish(&self.hash, st),
+                Some(kk) => kk.finish(&self.hash, st, |i, c, p| {
+                    out[i] = (e.get(i * big_n + c) ^ p as u64) & mask;
+                }),
                 None => return Err(OtError::BadRequest("KK13 state without KK13".into())),
             },
             KnChosen::Cots {
@@ -1130,23 +1144,11 @@ impl<C: RandomCot> OtSession<C> {
                         "1-of-N state for 1-of-2^{mm} of {bb} bits, finished as 1-of-2^{m} of {bits}"
                     )));
                 }
-                choices
-                    .iter()
-                    .zip(pads.iter())
-                    .map(|(&c, &p)| (usize::from(c), Block::from(p)))
-                    .collect()
+                for (i, (&c, &p)) in choices.iter().zip(pads.iter()).enumerate() {
+                    out[i] = (e.get(i * big_n + usize::from(c)) ^ p) & mask;
+                }
             }
-        };
-        if pads.len() != n {
-            return Err(OtError::BadRequest(format!(
-                "1-of-N: {} OTs chosen, {n} expected",
-                pads.len()
-            )));
         }
-        Ok(pads
-            .iter()
-            .enumerate()
-            .map(|(i, &(c, p))| (e.get(i * big_n + c) ^ p as u64) & mask)
-            .collect())
+        Ok(out)
     }
 }

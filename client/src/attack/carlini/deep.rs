@@ -165,10 +165,12 @@ pub struct FirstLayerMetrics {
 
 /// Victim first-layer neurons whose mean logit kink lies in `[lo, hi)` and that are
 /// crossed on at least [`CENSUS_MIN_CROSSED`] of the census lines; `found`: matched.
+/// The last bucket has no upper bound: `hi` is `None` (JSON `null`, which is also how
+/// the infinite bound of older files reads back).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KinkBucket {
     pub lo: f64,
-    pub hi: f64,
+    pub hi: Option<f64>,
     pub neurons: usize,
     pub found: usize,
 }
@@ -1920,8 +1922,8 @@ fn fit_points(pts: &[Vec<f64>], prior: &[f64]) -> Option<(Vec<f64>, f64, f64)> {
 const CENSUS_LINES: usize = 1000;
 /// Share of the census lines on which a neuron must be crossed to be counted.
 const CENSUS_MIN_CROSSED: f64 = 0.03;
-/// Bucket edges of the mean logit kink.
-const CENSUS_EDGES: [f64; 7] = [0.0, 1.0, 2.0, 3.0, 5.0, 8.0, f64::INFINITY];
+/// Bucket edges of the mean logit kink (the last bucket is unbounded above).
+const CENSUS_EDGES: [f64; 6] = [0.0, 1.0, 2.0, 3.0, 5.0, 8.0];
 
 /// Per first-layer neuron of the victim (plaintext, from its weights: a diagnostic,
 /// not part of the attack): on [`CENSUS_LINES`] lines drawn like the attack's (3 in 4
@@ -2142,13 +2144,14 @@ pub fn measure(
     };
     if let Some(census) = kink_census(victim, arithmetic, images) {
         m.kink_buckets = CENSUS_EDGES
-            .windows(2)
-            .map(|e| {
-                let (lo, hi) = (e[0], e[1]);
+            .iter()
+            .enumerate()
+            .map(|(e, &lo)| {
+                let hi = CENSUS_EDGES.get(e + 1).copied();
                 let inb: Vec<usize> = (0..census.len())
                     .filter(|&i| {
                         let (c, k) = census[i];
-                        c >= CENSUS_MIN_CROSSED && k >= lo && k < hi
+                        c >= CENSUS_MIN_CROSSED && k >= lo && hi.is_none_or(|hi| k < hi)
                     })
                     .collect();
                 KinkBucket {

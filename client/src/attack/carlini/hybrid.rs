@@ -19,14 +19,18 @@
 //! ```
 //! The first-layer result can be saved and loaded ([`FirstLayerFile`]) so that the hours
 //! of the search are not repeated for each completion; the file records the queries it
-//! cost and the victim's digest and shape, and is refused for another model.
+//! cost and the victim's digest and shape, and is refused for another model. A loaded
+//! file's rows get the chain's first-layer sign step again ([`resign`]: the same wiggle a
+//! fresh run makes, its queries counted), so that a completion uses today's signs, not
+//! those of the run that saved the file; the file's sign stands only where the step
+//! leaves a row undecided.
 
 use super::super::data::{Arithmetic, AttackData};
 use super::super::oracle::{Oracle, OracleError, OutputMode, query_logits};
 use super::super::progress;
 use super::super::reference;
 use super::deep::{FirstLayerReport, Row};
-use super::layers::DeeperReport;
+use super::layers::{self, DeeperReport, SignReport};
 use super::{CarliniConfig, Metrics, measure};
 use fusion_common::fixed::FixedPoint;
 use fusion_common::nn::train::{FixedRow, Schedule, Targets, TrainConfig, fit};
@@ -145,11 +149,14 @@ pub struct FirstLayerFile {
     pub config: CarliniConfig,
     /// the recovered rows
     pub rows: Vec<SavedRow>,
-    /// the run's first-layer report, as recorded (JSON: kept as a record only, since
-    /// some of its figures, e.g. an infinite bucket bound, do not read back as numbers)
-    pub first_layer: Option<serde_json::Value>,
+    /// the run's first-layer report
+    pub first_layer: Option<FirstLayerReport>,
     /// the run's chain report (signs, why it stopped), as recorded
     pub deeper: Option<serde_json::Value>,
+    /// for a file saved from a loaded one: the sign step run on the loaded rows (the
+    /// signs in `rows` are the ones it left; its queries are in `queries`)
+    #[serde(default)]
+    pub resigned: Option<SignRefresh>,
 }
 
 /// Input, hidden and output widths of an MLP model.
@@ -192,8 +199,20 @@ impl FirstLayerFile {
                     refined: r.refined,
                 })
                 .collect(),
-            first_layer: first_layer.and_then(|r| serde_json::to_value(r).ok()),
+            first_layer,
             deeper: deeper.and_then(|r| serde_json::to_value(r).ok()),
+            resigned: None,
+        }
+    }
+
+    /// The file of a completion from this loaded file: the rows with the signs it used
+    /// (see [`resign`]) and the sign step's queries added to the file's.
+    pub fn resigned(&self, rows: Vec<SavedRow>, refresh: &SignRefresh) -> Self {
+        Self {
+            rows,
+            queries: self.queries + refresh.queries,
+            resigned: Some(refresh.clone()),
+            ..self.clone()
         }
     }
 
@@ -261,6 +280,127 @@ impl FirstLayerFile {
     }
 }
 
+/// The first-layer sign step run again on a loaded file's rows ([`resign`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignRefresh {
+    /// rows loaded
+    pub rows: usize,
+    /// of those, with a sign in the file
+    pub file_signed: usize,
+    /// signs the step decided now
+    pub fresh_decided: usize,
+    /// decided both in the file and now, differently (now's is used)
+    pub disagree: usize,
+    /// undecided now, the file's sign kept
+    pub kept_from_file: usize,
+    /// rows with a sign in the end (fixed in the hybrid)
+    pub signed: usize,
+    /// rows charged to the step (counted in the hybrid's queries)
+    pub queries: u64,
+    /// wall time of the step
+    pub seconds: f64,
+    /// the wiggle's figures (`None` if the budget stopped it)
+    pub report: Option<SignReport>,
+    /// why the step stopped (budget), if it did: the file's signs are kept
+    pub stopped: Option<String>,
+}
+
+/// The rows with the signs used: `fresh[i]` (relative to the search's orientation of row
+/// i, `file` sign times its saved normal) where decided, else the file's. The result is
+/// oriented by its sign, as saved rows are. Fills the counts of `refresh` (not its
+/// queries, time, report).
+pub fn merge_signs(rows: &[SavedRow], fresh: &[f64], refresh: &mut SignRefresh) -> Vec<SavedRow> {
+    refresh.rows = rows.len();
+    refresh.file_signed = 0;
+    refresh.fresh_decided = 0;
+    refresh.disagree = 0;
+    refresh.kept_from_file = 0;
+    let out: Vec<SavedRow> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let new = fresh.get(i).copied().unwrap_or(0.0);
+            refresh.file_signed += usize::from(r.sign != 0.0);
+            refresh.fresh_decided += usize::from(new != 0.0);
+            refresh.disagree += usize::from(new != 0.0 && r.sign != 0.0 && new != r.sign);
+            refresh.kept_from_file += usize::from(new == 0.0 && r.sign != 0.0);
+            let sign = if new != 0.0 { new } else { r.sign };
+            // back to the search's orientation (a decided sign is applied in the file),
+            // then this sign applied
+            let to_search = if r.sign != 0.0 { r.sign } else { 1.0 };
+            let k = to_search * if sign != 0.0 { sign } else { 1.0 };
+            SavedRow {
+                w: r.w.iter().map(|v| k * v).collect(),
+                b: k * r.b,
+                sign,
+                points: r.points,
+                refined: r.refined,
+            }
+        })
+        .collect();
+    refresh.signed = out.iter().filter(|r| r.sign != 0.0).count();
+    out
+}
+
+/// Runs the chain's first-layer sign step (layers.rs, the wiggle a fresh run makes after
+/// the search; output noise scale `noise`, as `CarliniConfig::noise`) on all of a loaded
+/// file's `rows`, in the search's orientation, and merges its signs with the file's
+/// ([`merge_signs`]). Its queries go through `oracle` like any other. If the budget stops
+/// it, the file's signs are kept and the stop is recorded.
+pub fn resign(
+    oracle: &mut dyn Oracle,
+    rows: &[SavedRow],
+    noise: f64,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Vec<SavedRow>, SignRefresh), HybridError> {
+    if oracle.mode() == OutputMode::Labels {
+        return Err(HybridError::LabelsOnly);
+    }
+    let start = Instant::now();
+    let q0 = oracle.queries();
+    let search = |r: &SavedRow| if r.sign != 0.0 { r.sign } else { 1.0 };
+    let unsigned = layers::Layer {
+        w: rows
+            .iter()
+            .map(|r| r.w.iter().map(|v| search(r) * v).collect())
+            .collect(),
+        b: rows.iter().map(|r| search(r) * r.b).collect(),
+    };
+    let mut refresh = SignRefresh {
+        rows: rows.len(),
+        file_signed: 0,
+        fresh_decided: 0,
+        disagree: 0,
+        kept_from_file: 0,
+        signed: 0,
+        queries: 0,
+        seconds: 0.0,
+        report: None,
+        stopped: None,
+    };
+    let fresh = if rows.is_empty() {
+        Vec::new()
+    } else {
+        match layers::first_layer_signs(oracle, &unsigned, noise.max(1e-9), rng) {
+            Ok((signs, mut sr)) => {
+                sr.queries = oracle.queries() - q0;
+                refresh.report = Some(sr);
+                signs
+            }
+            Err(e @ OracleError::BudgetExhausted { .. }) => {
+                refresh.stopped = Some(e.to_string());
+                vec![0.0; rows.len()]
+            }
+            Err(OracleError::LabelsOnly) => return Err(HybridError::LabelsOnly),
+            Err(e) => return Err(HybridError::Oracle(e)),
+        }
+    };
+    let out = merge_signs(rows, &fresh, &mut refresh);
+    refresh.queries = oracle.queries() - q0;
+    refresh.seconds = start.elapsed().as_secs_f64();
+    Ok((out, refresh))
+}
+
 /// Settings of the completion.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HybridConfig {
@@ -305,7 +445,8 @@ pub struct Completion {
     pub final_loss: f32,
     /// training steps
     pub steps: usize,
-    /// wall time of the training
+    /// wall time of this model's training (not the shared query phase, see
+    /// [`HybridReport::query_seconds`], nor the measurement)
     pub seconds: f64,
     /// against the victim: random inputs and held-out MNIST (agreement, accuracy)
     pub metrics: Option<Metrics>,
@@ -330,6 +471,12 @@ pub struct HybridReport {
     pub learn_queries: u64,
     /// why querying stopped early (budget), if it did
     pub stopped: Option<String>,
+    /// wall time of the logit queries, shared by the hybrid and the control
+    #[serde(default)]
+    pub query_seconds: f64,
+    /// for a loaded first layer: its signs decided again ([`resign`])
+    #[serde(default)]
+    pub signs: Option<SignRefresh>,
     /// the hybrid model
     pub hybrid: Option<Completion>,
     /// the control: the same training with no row fixed
@@ -397,7 +544,9 @@ pub fn complete(
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x4879_6272);
     xs.extend((0..cfg.random_queries).map(|_| (0..d).map(|_| rng.random::<f32>()).collect()));
     let q0 = oracle.queries();
+    let queried = Instant::now();
     let answered = query_logits(oracle, &xs);
+    let query_seconds = queried.elapsed().as_secs_f64();
     let stopped = match answered.error {
         None => None,
         Some(e @ OracleError::BudgetExhausted { .. }) => Some(e.to_string()),
@@ -416,6 +565,8 @@ pub fn complete(
         rows_fixed: fixed.len(),
         learn_queries,
         stopped,
+        query_seconds,
+        signs: None,
         hybrid: None,
         learning_only: None,
     };
@@ -450,13 +601,19 @@ pub fn complete(
         progress: show_progress,
     };
     let heldout: Vec<Vec<f32>> = data.eval_x.rows().into_iter().map(|r| r.to_vec()).collect();
-    for (name, fixed, queries) in [
+    for (is_hybrid, name, fixed, queries) in [
         (
+            true,
             "hybrid (recovered rows fixed)",
             fixed.as_slice(),
             first_layer_queries + learn_queries,
         ),
-        ("learning only (no row fixed)", &[][..], learn_queries),
+        (
+            false,
+            "learning only (no row fixed)",
+            &[][..],
+            learn_queries,
+        ),
     ] {
         bar.set_message(format!("training: {name}"));
         let start = Instant::now();
@@ -492,18 +649,54 @@ pub fn complete(
             heldout_max_logit_error: hmax,
             heldout_mean_logit_error: hmean,
         };
-        if fixed.is_empty() {
-            report.learning_only = Some(c);
-            out.learning_only = Some(model);
-        } else {
+        if is_hybrid {
             report.hybrid = Some(c);
             out.model = Some(model);
+        } else {
+            report.learning_only = Some(c);
+            out.learning_only = Some(model);
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
     out.report = report;
     Ok(out)
+}
+
+/// The completion from a loaded first-layer `file`: its rows' signs decided again
+/// ([`resign`], noise scale of the file's settings, RNG seeded from `cfg.seed`), then
+/// [`complete`] with the signs used, the file's and the sign step's queries counted in
+/// the hybrid's total. Returns the completion (its report's `signs` filled) and the file
+/// of the rows and signs it used.
+#[allow(clippy::too_many_arguments)]
+pub fn complete_loaded(
+    oracle: &mut dyn Oracle,
+    file: &FirstLayerFile,
+    data: &AttackData,
+    cfg: &HybridConfig,
+    victim: Option<(&Model, Arithmetic)>,
+    show_progress: bool,
+) -> Result<(Hybrid, FirstLayerFile), HybridError> {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5369_676e);
+    let (rows, refresh) = resign(oracle, &file.rows, file.config.noise, &mut rng)?;
+    let used = file.resigned(rows, &refresh);
+    let widths = used
+        .dims
+        .get(1..used.dims.len().saturating_sub(1))
+        .map(<[usize]>::to_vec)
+        .unwrap_or_default();
+    let mut h = complete(
+        oracle,
+        &widths,
+        &used.rows,
+        used.queries,
+        data,
+        cfg,
+        victim,
+        show_progress,
+    )?;
+    h.report.signs = Some(refresh);
+    Ok((h, used))
 }
 
 /// Max and mean |logit error| of `stolen` against the victim on `xs` (not queries).
@@ -633,6 +826,212 @@ mod tests {
         assert!(m.mean_logit_error < 1.0, "{}", m.mean_logit_error);
         assert!(hy.heldout_mean_logit_error.unwrap() < 0.8);
         assert!(hy.final_loss.is_finite() && lo.final_loss.is_finite());
+    }
+
+    /// A saved first layer of the 784-16-8-10 victim with 14 of 16 rows whose signs are
+    /// partly missing and partly wrong: rows 0-3 unsigned (true orientation), 4-7 signed
+    /// the wrong way (-1, normal flipped), 8-11 signed right (+1), 12-13 unsigned and
+    /// flipped. The completion from it runs the chain's sign step on all 14 rows, counts
+    /// its queries, and fixes the rows with the victim's orientation; the file of the
+    /// signs used reads back with them.
+    #[test]
+    fn a_loaded_first_layer_gets_its_signs_decided_again() {
+        let victim = random_deep_model(784, 16, 8, 10, 5);
+        let data = data(&victim);
+        let truth = exact_rows(&victim, 16, 0);
+        let mut rows = exact_rows(&victim, 12, 2);
+        for r in &mut rows[..4] {
+            r.sign = 0.0;
+        }
+        for r in &mut rows[4..8] {
+            r.w.iter_mut().for_each(|v| *v = -*v);
+            r.b = -r.b;
+            r.sign = -1.0;
+        }
+        let plain: Vec<Row> = rows.iter().map(SavedRow::row).collect();
+        let signs: Vec<f64> = rows.iter().map(|r| r.sign).collect();
+        let file = FirstLayerFile::new(
+            &victim,
+            &CarliniConfig::default(),
+            1_000,
+            &plain,
+            &signs,
+            None,
+            None,
+        );
+        let mut oracle = LocalFixedOracle::new(victim.clone(), Policy::undefended());
+        let cfg = HybridConfig {
+            learn_queries: 200,
+            epochs: 1,
+            ..HybridConfig::default()
+        };
+        let (h, used) = complete_loaded(&mut oracle, &file, &data, &cfg, None, false).unwrap();
+        let s = h.report.signs.as_ref().unwrap();
+        eprintln!("{s:?}");
+        assert_eq!((s.rows, s.file_signed), (14, 8));
+        // the wiggle decides every row of this net (measured: 14 of 14)
+        assert_eq!(s.fresh_decided, 14);
+        assert_eq!((s.disagree, s.kept_from_file, s.signed), (4, 0, 14));
+        assert_eq!(s.report.as_ref().map(|r| r.decided), Some(14));
+        assert!(s.queries > 0 && s.stopped.is_none());
+        // every row now has the victim's orientation
+        for (i, (u, t)) in used.rows.iter().zip(&truth).enumerate() {
+            let c: f64 = u.w.iter().zip(&t.w).map(|(a, b)| a * b).sum();
+            assert!(
+                u.sign != 0.0 && c > 0.99,
+                "row {i}: sign {} cos {c}",
+                u.sign
+            );
+            assert!((u.b - t.b).abs() < 1e-12, "row {i}");
+        }
+        // the sign step's rows counted like any other: in the oracle, the hybrid's total,
+        // the file of the signs used; not in the control's
+        let r = &h.report;
+        assert_eq!(oracle.queries(), s.queries + 200);
+        assert_eq!(r.first_layer_queries, 1_000 + s.queries);
+        assert_eq!(r.hybrid.as_ref().unwrap().queries, 1_000 + s.queries + 200);
+        assert_eq!(r.learning_only.as_ref().unwrap().queries, 200);
+        assert_eq!(r.rows_fixed, 14);
+        assert_eq!(used.queries, 1_000 + s.queries);
+        let (_dir, p) = temp_file("used.json");
+        used.save(&p).unwrap();
+        let back = FirstLayerFile::load(&p, &victim).unwrap();
+        assert!(back.rows.iter().all(|r| r.sign != 0.0));
+        assert_eq!(back.resigned.as_ref(), Some(s));
+        assert_eq!(back.queries, used.queries);
+    }
+
+    /// Where the step decides no sign, the file's stands; where neither does, the row
+    /// stays unsigned; a decided sign is applied to the search's orientation.
+    #[test]
+    fn merged_signs_keep_the_files_where_the_step_decides_none() {
+        let row = |w: f64, sign: f64| SavedRow {
+            w: vec![w, 0.0],
+            b: w,
+            sign,
+            points: 1,
+            refined: false,
+        };
+        // saved: oriented by the file's sign; the search's orientation is +1 in each
+        let rows = [row(1.0, 0.0), row(-1.0, -1.0), row(1.0, 1.0), row(1.0, 0.0)];
+        let fresh = [-1.0, 0.0, -1.0, 0.0];
+        let mut refresh = SignRefresh {
+            rows: 0,
+            file_signed: 0,
+            fresh_decided: 0,
+            disagree: 0,
+            kept_from_file: 0,
+            signed: 0,
+            queries: 0,
+            seconds: 0.0,
+            report: None,
+            stopped: None,
+        };
+        let out = merge_signs(&rows, &fresh, &mut refresh);
+        let got: Vec<(f64, f64, f64)> = out.iter().map(|r| (r.w[0], r.b, r.sign)).collect();
+        assert_eq!(
+            got,
+            [
+                (-1.0, -1.0, -1.0),
+                (-1.0, -1.0, -1.0),
+                (-1.0, -1.0, -1.0),
+                (1.0, 1.0, 0.0)
+            ]
+        );
+        assert_eq!(
+            (
+                refresh.rows,
+                refresh.file_signed,
+                refresh.fresh_decided,
+                refresh.disagree,
+                refresh.kept_from_file,
+                refresh.signed
+            ),
+            (4, 2, 2, 1, 1, 3)
+        );
+    }
+
+    /// The first-layer figures against a deep victim, with the kink census's last
+    /// bucket unbounded above, read back through serde_json as they were written (the
+    /// bound was an infinite f64 written as `null`, which did not read back).
+    #[test]
+    fn first_layer_report_round_trips_with_its_unbounded_bucket() {
+        let victim = random_deep_model(784, 16, 8, 10, 5);
+        let rows: Vec<Row> = exact_rows(&victim, 12, 0)
+            .iter()
+            .map(SavedRow::row)
+            .collect();
+        let data = data(&victim);
+        let images: Vec<Vec<f64>> = (0..50)
+            .map(|i| data.eval_x.row(i).iter().map(|&v| f64::from(v)).collect())
+            .collect();
+        let m = super::super::deep::measure(&rows, &victim, Arithmetic::Fixed, &images).unwrap();
+        let last = m.kink_buckets.last().unwrap();
+        assert_eq!((last.lo, last.hi), (8.0, None));
+        assert_eq!(m.kink_buckets.iter().filter(|b| b.hi.is_none()).count(), 1);
+        assert_eq!(m.matched, 12);
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains("\"hi\":null"), "{json}");
+        let back: super::super::deep::FirstLayerMetrics = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.kink_buckets, m.kink_buckets);
+        assert_eq!(back.matched, m.matched);
+        // the whole report, inside a saved file, and the file itself
+        let committed: FirstLayerFile = serde_json::from_slice(
+            &std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("src/attack/results/first-layer-dnn-seed1-9m.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut report = committed.first_layer.clone().unwrap();
+        report.metrics = Some(m);
+        let f = FirstLayerFile::new(
+            &victim,
+            &CarliniConfig::default(),
+            5,
+            &rows,
+            &[1.0; 12],
+            Some(report),
+            None,
+        );
+        let (_dir, p) = temp_file("fl.json");
+        f.save(&p).unwrap();
+        let g = FirstLayerFile::load(&p, &victim).unwrap();
+        // serde_json reads floats to within an ulp (no float_roundtrip feature)
+        let (mut a, mut b) = (g.first_layer.unwrap(), f.first_layer.unwrap());
+        let (ma, mb) = (a.metrics.take().unwrap(), b.metrics.take().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(ma.kink_buckets, mb.kink_buckets);
+        assert!(ma.kink_buckets[5].hi.is_none());
+        assert!((ma.row_rel_error_mean - mb.row_rel_error_mean).abs() <= 1e-25);
+        assert_eq!((ma.matched, ma.within_1e3), (mb.matched, mb.within_1e3));
+    }
+
+    /// The committed first-layer file of the 9M-row bundled run (written when the bound
+    /// was an infinite f64, as `null`) still loads, its report typed.
+    #[test]
+    fn the_committed_first_layer_file_loads_with_its_report() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let model = Model::load(root.join("models/mnist-dnn.safetensors")).unwrap();
+        let f = FirstLayerFile::load(
+            &root.join("client/src/attack/results/first-layer-dnn-seed1-9m.json"),
+            &model,
+        )
+        .unwrap();
+        assert_eq!(f.rows.len(), 81);
+        assert_eq!(f.rows.iter().filter(|r| r.sign != 0.0).count(), 75);
+        let fl = f.first_layer.as_ref().unwrap();
+        assert_eq!((fl.recovered, fl.width), (81, 128));
+        let m = fl.metrics.as_ref().unwrap();
+        let b: Vec<(f64, Option<f64>, usize, usize)> = m
+            .kink_buckets
+            .iter()
+            .map(|b| (b.lo, b.hi, b.neurons, b.found))
+            .collect();
+        assert_eq!(b.last(), Some(&(8.0, None, 6, 6)));
+        assert_eq!(b.first(), Some(&(0.0, Some(1.0), 9, 0)));
+        assert_eq!(f.resigned, None);
     }
 
     fn temp_file(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {

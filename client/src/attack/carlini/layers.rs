@@ -312,9 +312,9 @@ fn diff_norm(a: &[f64], b: &[f64]) -> f64 {
 
 /// A layer as recovered: rows and biases.
 #[derive(Debug, Clone)]
-struct Layer {
-    w: Vec<Vec<f64>>,
-    b: Vec<f64>,
+pub(crate) struct Layer {
+    pub(crate) w: Vec<Vec<f64>>,
+    pub(crate) b: Vec<f64>,
 }
 
 impl Layer {
@@ -662,7 +662,7 @@ fn with_linear_units(
 
 /// Step 1: the sign of every first-layer row by a wiggle in the null space of the other
 /// rows. Returns +1 / -1 per row (0: undecided) and the figures.
-fn first_layer_signs(
+pub(crate) fn first_layer_signs(
     oracle: &mut dyn Oracle,
     l1: &Layer,
     noise: f64,

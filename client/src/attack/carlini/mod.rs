@@ -593,16 +593,7 @@ fn deep_first_layer(
                 widths.get(1).copied().unwrap_or(0),
                 rep.linear_units
             ),
-            Some(why) => format!(
-                "recovered {} of {} first-layer rows ({}); {why}",
-                rows.len(),
-                first.width,
-                if first.signed {
-                    "signs by wiggle, see deeper.signs_1"
-                } else {
-                    "up to sign"
-                }
-            ),
+            Some(why) => stopped_note(rows.len(), first.width, &dp.signs_1, why),
         };
         if let (Some(m), Some((v, ar))) = (&dp.model, victim) {
             let fitted = rep.layer_2.as_ref().map_or(0, |l| l.found);
@@ -647,6 +638,29 @@ fn deep_first_layer(
         first_layer: rows,
         first_layer_signs: signs,
     })
+}
+
+/// The first-layer note of a chain that stopped (`why`): rows recovered of `width`, and
+/// how many of their `signs` (+1 / -1 decided, 0 not) the chain decided.
+fn stopped_note(
+    recovered: usize,
+    width: usize,
+    signs: &[f64],
+    why: &impl std::fmt::Display,
+) -> String {
+    let decided = signs.iter().filter(|s| **s != 0.0).count();
+    let signs = match decided {
+        0 => "up to sign: no sign decided".to_string(),
+        d if d == recovered => {
+            format!("all {d} signs decided by the wiggle, see deeper.signs_1")
+        }
+        d => format!(
+            "{d} of {recovered} signs decided by the wiggle, see deeper.signs_1; the other {} \
+             up to sign",
+            recovered - d
+        ),
+    };
+    format!("recovered {recovered} of {width} first-layer rows ({signs}); {why}")
 }
 
 /// What the line scans collected.

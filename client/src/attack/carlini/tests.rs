@@ -389,6 +389,25 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
         "{}",
         fl.note
     );
+    // the note states how many of the rows' signs the chain decided (it said "up to
+    // sign" whatever the chain decided)
+    let decided = r
+        .deeper
+        .as_ref()
+        .and_then(|d| d.signs_1.as_ref())
+        .map_or(0, |s| s.decided);
+    assert_eq!(
+        decided,
+        ex.first_layer_signs.iter().filter(|s| **s != 0.0).count()
+    );
+    assert!(decided > 0, "{}", fl.note);
+    let said = if decided == fl.recovered {
+        format!("(all {decided} signs decided by the wiggle")
+    } else {
+        format!("({decided} of {} signs decided by the wiggle", fl.recovered)
+    };
+    assert!(fl.note.contains(&said), "{}", fl.note);
+    assert!(!fl.note.contains("(up to sign)"), "{}", fl.note);
     assert!(fl.dropped_unrefined + fl.precise_rejected <= 5);
     assert!(fl.accepted_far_away >= 8, "{}", fl.accepted_far_away);
     assert!(fl.cheap_segments > 0);
@@ -404,4 +423,25 @@ fn recovers_first_layer_of_a_deep_network_against_fixed_point() {
     // fifth pass's plus the early abandonment of refits (8 here).
     assert!(cfg.retry_weak_probes);
     assert!(fl.retries_clean <= fl.probes_retried && fl.probes_retried <= fl.probes_rejected);
+}
+
+/// The note of a stopped chain says how many first-layer signs it decided: none, some,
+/// or all (it said "up to sign" unless every one was decided).
+#[test]
+fn a_stopped_chains_note_counts_the_signs_it_decided() {
+    let why = "first layer incomplete";
+    assert_eq!(
+        stopped_note(3, 8, &[0.0; 3], &why),
+        "recovered 3 of 8 first-layer rows (up to sign: no sign decided); first layer incomplete"
+    );
+    assert_eq!(
+        stopped_note(3, 8, &[1.0, 0.0, -1.0], &why),
+        "recovered 3 of 8 first-layer rows (2 of 3 signs decided by the wiggle, see \
+         deeper.signs_1; the other 1 up to sign); first layer incomplete"
+    );
+    assert_eq!(
+        stopped_note(3, 8, &[1.0, -1.0, -1.0], &why),
+        "recovered 3 of 8 first-layer rows (all 3 signs decided by the wiggle, see \
+         deeper.signs_1); first layer incomplete"
+    );
 }
