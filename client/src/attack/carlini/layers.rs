@@ -155,6 +155,23 @@ pub struct SignReport {
     pub queries: u64,
 }
 
+impl SignReport {
+    /// A report of `neurons` with nothing decided yet.
+    fn empty(neurons: usize) -> Self {
+        Self {
+            neurons,
+            decided: 0,
+            votes: 0,
+            min_agreement: 1.0,
+            weak: 0,
+            ambiguous: 0,
+            statistical: 0,
+            passes: 0,
+            queries: 0,
+        }
+    }
+}
+
 /// Figures of the second layer's collection and fit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecondLayerReport {
@@ -501,41 +518,33 @@ pub(crate) fn after_first_layer(
         seconds: t.elapsed().as_secs_f64(),
     });
     report.layer_2 = Some(l2r);
-    if planes.is_empty() {
-        stop(
-            &mut report,
-            ChainStop::SecondLayerIncomplete {
-                found: planes.len(),
-                width: h2,
-            },
-        );
-        out.report = report;
-        return Ok(out);
+    // 3. Second-layer signs (of the planes found).
+    let mut signs2 = Vec::new();
+    if !planes.is_empty() {
+        let t = Instant::now();
+        let q0 = oracle.queries();
+        match second_layer_signs(oracle, &l1, &planes, &collected.crits, noise, h2) {
+            Ok((s, mut sr)) => {
+                sr.queries = oracle.queries() - q0;
+                report.signs_2 = Some(sr);
+                signs2 = s;
+            }
+            Err(e) => {
+                report.stopped = Some(oracle_stop(e)?);
+                out.report = report;
+                return Ok(out);
+            }
+        }
+        report.phases.push(Phase {
+            name: "second-layer signs (neuron wiggle)".into(),
+            queries: oracle.queries() - q0,
+            seconds: t.elapsed().as_secs_f64(),
+        });
     }
-    // 3. Second-layer signs.
-    let t = Instant::now();
-    let q0 = oracle.queries();
-    let signs2 = match second_layer_signs(oracle, &l1, &planes, &collected.crits, noise, h2) {
-        Ok((s, mut sr)) => {
-            sr.queries = oracle.queries() - q0;
-            report.signs_2 = Some(sr);
-            s
-        }
-        Err(e) => {
-            report.stopped = Some(oracle_stop(e)?);
-            out.report = report;
-            return Ok(out);
-        }
-    };
-    report.phases.push(Phase {
-        name: "second-layer signs (neuron wiggle)".into(),
-        queries: oracle.queries() - q0,
-        seconds: t.elapsed().as_secs_f64(),
-    });
-    let mut signs2 = signs2;
-    // Stand-ins for neurons never seen switching are for a few such neurons; with more
-    // planes missing the last layer would fit a model that is mostly linear units.
-    if planes.len() + h2 / 4 < h2 {
+    // None found, or more than a quarter missing: stand-ins for neurons never seen
+    // switching are for a few such neurons; with more planes missing the last layer
+    // would fit a model that is mostly linear units.
+    if planes.is_empty() || planes.len() + h2 / 4 < h2 {
         stop(
             &mut report,
             ChainStop::SecondLayerIncomplete {
@@ -690,15 +699,8 @@ pub(crate) fn first_layer_signs(
     let refs: Vec<&[f64]> = l1.w.iter().map(Vec::as_slice).collect();
     let mut votes: Vec<(usize, usize)> = vec![(0, 0); h];
     let mut rep = SignReport {
-        neurons: h,
-        decided: 0,
-        votes: 0,
-        min_agreement: 1.0,
-        weak: 0,
-        ambiguous: 0,
-        statistical: 0,
         passes: 1,
-        queries: 0,
+        ..SignReport::empty(h)
     };
     // The directions moving one row only (Carlini et al. §4.3 / Canales-Martinez et al.:
     // with d >= h1 the other rows can be held fixed exactly).
@@ -761,11 +763,7 @@ pub(crate) fn first_layer_signs(
         }
         let pts: Vec<Vec<f64>> = jobs
             .iter()
-            .flat_map(|(_, x, s)| {
-                let plus: Vec<f64> = x.iter().zip(s).map(|(a, b)| a + b).collect();
-                let minus: Vec<f64> = x.iter().zip(s).map(|(a, b)| a - b).collect();
-                [x.clone(), plus, minus]
-            })
+            .flat_map(|(_, x, s)| wiggle_triple(x, s))
             .collect();
         let ys = search::eval(oracle, &pts)?;
         for ((i, _, _), g) in jobs.iter().zip(ys.chunks(3)) {
@@ -783,6 +781,13 @@ pub(crate) fn first_layer_signs(
     }
     let signs = tally(&votes, &mut rep);
     Ok((signs, rep))
+}
+
+/// The points a wiggle queries: x, x + s and x - s.
+fn wiggle_triple(x: &[f64], s: &[f64]) -> [Vec<f64>; 3] {
+    let plus = x.iter().zip(s).map(|(a, b)| a + b).collect();
+    let minus = x.iter().zip(s).map(|(a, b)| a - b).collect();
+    [x.to_vec(), plus, minus]
 }
 
 /// Majority signs from (plus, minus) vote counts; fills the report's figures.
@@ -1346,17 +1351,7 @@ fn second_layer_signs(
     width: usize,
 ) -> Result<(Vec<f64>, SignReport), OracleError> {
     let h2 = planes.len();
-    let mut rep = SignReport {
-        neurons: h2,
-        decided: 0,
-        votes: 0,
-        min_agreement: 1.0,
-        weak: 0,
-        ambiguous: 0,
-        statistical: 0,
-        passes: 0,
-        queries: 0,
-    };
+    let mut rep = SignReport::empty(h2);
     let gains = plane_gains(planes, crits);
     let mut signs = vec![0.0; h2];
     // Exact votes of every pass count (the first pass holds every other neuron fixed,
@@ -1384,11 +1379,7 @@ fn second_layer_signs(
         }
         let pts: Vec<Vec<f64>> = jobs
             .iter()
-            .flat_map(|(_, x, s, _)| {
-                let plus: Vec<f64> = x.iter().zip(s).map(|(a, b)| a + b).collect();
-                let minus: Vec<f64> = x.iter().zip(s).map(|(a, b)| a - b).collect();
-                [x.clone(), plus, minus]
-            })
+            .flat_map(|(_, x, s, _)| wiggle_triple(x, s))
             .collect();
         let ys = search::eval(oracle, &pts)?;
         // Votes of exact wiggles (every other neuron that may be on held fixed: one side
@@ -1506,11 +1497,7 @@ fn partial_votes(
     }
     let pts: Vec<Vec<f64>> = jobs
         .iter()
-        .flat_map(|(_, x, s)| {
-            let plus: Vec<f64> = x.iter().zip(s).map(|(a, b)| a + b).collect();
-            let minus: Vec<f64> = x.iter().zip(s).map(|(a, b)| a - b).collect();
-            [x.clone(), plus, minus]
-        })
+        .flat_map(|(_, x, s)| wiggle_triple(x, s))
         .collect();
     let ys = search::eval(oracle, &pts)?;
     Ok(jobs
@@ -2221,15 +2208,9 @@ mod tests {
             partial_votes(&mut oracle, &l1, &planes, &crits, &gains, noise, &all).unwrap();
         let dirs = slope_directions(&planes, &crits);
         let mut rep = SignReport {
-            neurons: planes.len(),
-            decided: 0,
-            votes: 0,
-            min_agreement: 1.0,
-            weak: 0,
-            ambiguous: 0,
-            statistical: 0,
             passes: 1,
             queries: oracle.queries(),
+            ..SignReport::empty(planes.len())
         };
         let signs = partial_signs(&wiggles, &dirs, noise, &mut rep);
         let shares: Vec<Vec<f64>> = dirs
@@ -2629,15 +2610,8 @@ mod tests {
             w.push(v);
         }
         let mut rep = SignReport {
-            neurons: 4,
-            decided: 0,
-            votes: 0,
-            min_agreement: 1.0,
-            weak: 0,
-            ambiguous: 0,
-            statistical: 0,
             passes: 1,
-            queries: 0,
+            ..SignReport::empty(4)
         };
         let dirs = vec![dir.clone(); 4];
         let signs = partial_signs(&w, &dirs, noise, &mut rep);
