@@ -284,8 +284,6 @@ const POINTS_FACTOR: usize = 6;
 /// (exact outputs / rounded outputs).
 const GROUP_COS: f64 = 0.999;
 const GROUP_COS_NOISY: f64 = 0.99;
-/// Smallest cos between the mean directions of two groups merged after collection.
-const MERGE_COS: f64 = 0.95;
 /// Rounds in which the h2 largest groups gained no point (up to their target) after
 /// which collection stops.
 const STALL_ROUNDS: usize = 30;
@@ -1075,40 +1073,7 @@ fn collect_second(
         }
     }
     bar.finish_and_clear();
-    col.groups = merge_groups(&col.groups, MERGE_COS);
     Ok(col)
-}
-
-/// Merges groups whose mean slope-change directions agree within `min_cos`, largest
-/// first. The greedy grouping compares each point with the running means at
-/// [`GROUP_COS_NOISY`], so one neuron's noisy estimates split into many groups (measured
-/// on the bundled model at 2M rows: a neuron's 677 points in 301 groups, the largest 239);
-/// the means of the fragments are far less noisy than single points.
-fn merge_groups(groups: &[(Vec<usize>, Vec<f64>)], min_cos: f64) -> Vec<(Vec<usize>, Vec<f64>)> {
-    let mut order: Vec<usize> = (0..groups.len()).collect();
-    order.sort_by_key(|&g| std::cmp::Reverse(groups[g].0.len()));
-    let mut out: Vec<(Vec<usize>, Vec<f64>)> = Vec::new();
-    for g in order {
-        let (members, dir) = &groups[g];
-        let best = out
-            .iter_mut()
-            .map(|o| (dot(&o.1, dir), o))
-            .filter(|(c, _)| *c >= min_cos)
-            .max_by(|a, b| a.0.total_cmp(&b.0));
-        match best {
-            Some((_, o)) => {
-                let (a, b) = (o.0.len() as f64, members.len() as f64);
-                for (x, y) in o.1.iter_mut().zip(dir) {
-                    *x = *x * a + y * b;
-                }
-                let n = norm(&o.1).max(1e-300);
-                o.1.iter_mut().for_each(|x| *x /= n);
-                o.0.extend_from_slice(members);
-            }
-            None => out.push((members.clone(), dir.clone())),
-        }
-    }
-    out
 }
 
 /// A second-layer hyperplane in hidden-1 space: unit normal, offset, inlier points.
@@ -2486,10 +2451,7 @@ mod tests {
     /// The second-layer wiggle with half of the layer's planes withheld, on the
     /// 784-16-16-10 net under fixed point: the 8 planes kept are decided, none wrong.
     /// Measured: the exact votes decide all 8 here (432 rows), so the statistical form
-    /// (`partial_signs`) is checked alone too: 4 of 8 decided, all right, 4 ambiguous
-    /// (on this random net the neurons not held fixed move the inactive side either way,
-    /// so the rule leaves half undecided; 7 of 8 before the groups were merged, on
-    /// other planes).
+    /// (`partial_signs`) is checked alone too: 7 of 8 decided, all right, 1 ambiguous.
     #[test]
     fn second_layer_signs_with_half_the_planes_missing() {
         let model = super::super::tests::random_deep_model(784, 16, 16, 10, 3);
@@ -2538,46 +2500,8 @@ mod tests {
             .zip(&truth)
             .filter(|(s, (_, c))| **s * c.signum() > 0.0)
             .count();
-        assert!(pr.decided >= kept.len() / 2, "decided {}", pr.decided);
+        assert!(pr.decided >= kept.len() - 2, "decided {}", pr.decided);
         assert_eq!(right, pr.decided);
-    }
-
-    /// Fragments of one direction are merged, largest first, into its group; a direction
-    /// at cos 0.89 to it (the closest pair of the bundled model's output columns) stays
-    /// apart, and so does a fragment off by more than the bar.
-    #[test]
-    fn merge_groups_joins_fragments_of_one_direction_only() {
-        let unit = |v: Vec<f64>| {
-            let n = norm(&v);
-            v.into_iter().map(|x| x / n).collect::<Vec<f64>>()
-        };
-        let a = unit(vec![1.0, 0.0, 0.0]);
-        let b = unit(vec![0.89, 0.456, 0.0]); // cos 0.89 to a
-        let groups = vec![
-            (vec![0, 1], unit(vec![1.0, 0.1, 0.05])), // cos 0.994 to a
-            (vec![2, 3, 4, 5], a.clone()),
-            (vec![6], unit(vec![1.0, -0.2, 0.1])), // cos 0.976 to a
-            (vec![7, 8, 9], b.clone()),
-            (vec![10], unit(vec![1.0, 0.0, 0.5])), // cos 0.894 to a: apart
-            (vec![11, 12], unit(vec![0.88, 0.47, 0.02])), // cos 0.9999 to b
-        ];
-        let merged = merge_groups(&groups, MERGE_COS);
-        let mut sets: Vec<Vec<usize>> = merged
-            .iter()
-            .map(|(m, _)| {
-                let mut m = m.clone();
-                m.sort_unstable();
-                m
-            })
-            .collect();
-        sets.sort();
-        assert_eq!(
-            sets,
-            vec![vec![0, 1, 2, 3, 4, 5, 6], vec![7, 8, 9, 11, 12], vec![10]]
-        );
-        // the merged mean stays a unit vector near a
-        let big = merged.iter().find(|(m, _)| m.contains(&2)).unwrap();
-        assert!((norm(&big.1) - 1.0).abs() < 1e-12 && dot(&big.1, &a) > 0.99);
     }
 
     /// The decision rule of `partial_signs` on synthetic wiggles: the median share decides
