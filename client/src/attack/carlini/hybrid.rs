@@ -1047,10 +1047,8 @@ mod tests {
         let plain: Vec<Row> = rows
             .iter()
             .map(|r| Row {
-                w: r.w.clone(),
-                b: r.b,
                 points: 3,
-                refined: true,
+                ..r.row()
             })
             .collect();
         let signs: Vec<f64> = rows.iter().map(|r| r.sign).collect();
@@ -1090,10 +1088,8 @@ mod tests {
         let plain: Vec<Row> = rows
             .iter()
             .map(|r| Row {
-                w: r.w.clone(),
-                b: r.b,
                 points: 3,
-                refined: true,
+                ..r.row()
             })
             .collect();
         let f = FirstLayerFile::new(

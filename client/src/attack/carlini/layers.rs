@@ -1942,11 +1942,6 @@ mod tests {
             .unwrap_or_else(|| std::env::temp_dir().join("fusion-second-layer.bin"))
     }
 
-    /// The bundled model's first layer with its true signs (unit rows).
-    fn bundled_l1(model: &Model) -> Layer {
-        true_l1(model, Arithmetic::Fixed)
-    }
-
     /// A model's first layer with its true signs (unit rows).
     fn true_l1(model: &Model, ar: Arithmetic) -> Layer {
         let (rows, flips) = rows_up_to_sign(model, ar, 1);
@@ -1985,7 +1980,7 @@ mod tests {
     #[ignore = "measurement: minutes"]
     fn bundled_second_layer_collect() {
         let (_, model) = bundled();
-        let l1 = bundled_l1(&model);
+        let l1 = true_l1(&model, Arithmetic::Fixed);
         let mut oracle = LocalFixedOracle::new(model.clone(), Policy::undefended());
         let max_queries =
             std::env::var("FUSION_SECOND_ROWS").map_or(8_000_000, |s| s.parse().unwrap());
@@ -2123,12 +2118,8 @@ mod tests {
     }
 
     /// The victim's second-layer row best matching each plane (in the unit-row hidden-1
-    /// coordinates of [`bundled_l1`]): (victim index, cos; its sign is the plane's true
+    /// coordinates of [`true_l1`]): (victim index, cos; its sign is the plane's true
     /// sign).
-    fn plane_truth(model: &Model, planes: &[Plane]) -> Vec<(usize, f64)> {
-        plane_truth_in(model, Arithmetic::Fixed, planes)
-    }
-
     fn plane_truth_in(model: &Model, ar: Arithmetic, planes: &[Plane]) -> Vec<(usize, f64)> {
         let layers = reference::dense_layers(model, ar);
         let (w1, _) = &layers[0];
@@ -2163,9 +2154,9 @@ mod tests {
     #[ignore = "measurement: needs the dump"]
     fn bundled_second_layer_signs_from_dump() {
         let (_, model) = bundled();
-        let l1 = bundled_l1(&model);
+        let l1 = true_l1(&model, Arithmetic::Fixed);
         let (noise, planes, crits) = load_dump();
-        let truth = plane_truth(&model, &planes);
+        let truth = plane_truth_in(&model, Arithmetic::Fixed, &planes);
         let mut oracle = LocalFixedOracle::new(model.clone(), Policy::undefended());
         let gains = plane_gains(&planes, &crits);
         let all: Vec<usize> = (0..planes.len()).collect();
