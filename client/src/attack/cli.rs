@@ -599,13 +599,7 @@ fn run_loaded_first_layer(
                 );
             }
         }
-        let extra = serde_json::json!({
-            "loaded_from": file.display().to_string(),
-            "queries": fl.queries,
-            "config": fl.config,
-            "first_layer": fl.first_layer,
-            "deeper": fl.deeper,
-        });
+        let extra = fl.run_summary(file, h.report.signs.as_ref());
         if let (Some(p), Some(m)) = (&a.save, &h.model) {
             m.save(p)
                 .with_context(|| format!("saving {}", p.display()))?;

@@ -216,6 +216,23 @@ impl FirstLayerFile {
         }
     }
 
+    /// What a report says of the run behind this loaded file (`path`), with this run's
+    /// sign step on its rows (`signs`, if it ran): `queries` is the file's own count,
+    /// `sign_step_queries` the step's, and `queries_with_sign_step` both, the first
+    /// layer's cost as the hybrid counts it.
+    pub fn run_summary(&self, path: &Path, signs: Option<&SignRefresh>) -> serde_json::Value {
+        let sign_step = signs.map_or(0, |s| s.queries);
+        serde_json::json!({
+            "loaded_from": path.display().to_string(),
+            "queries": self.queries,
+            "sign_step_queries": sign_step,
+            "queries_with_sign_step": self.queries + sign_step,
+            "config": self.config,
+            "first_layer": self.first_layer,
+            "deeper": self.deeper,
+        })
+    }
+
     /// Writes the file (JSON).
     pub fn save(&self, path: &Path) -> Result<(), HybridError> {
         let name = path.display().to_string();
@@ -893,6 +910,12 @@ mod tests {
         assert_eq!(r.learning_only.as_ref().unwrap().queries, 200);
         assert_eq!(r.rows_fixed, 14);
         assert_eq!(used.queries, 1_000 + s.queries);
+        // the report's record of the loaded run: the file's rows and the step's, apart
+        // and together (as the hybrid counts them)
+        let run = file.run_summary(Path::new("f.json"), Some(s));
+        assert_eq!(run["queries"], 1_000);
+        assert_eq!(run["sign_step_queries"], s.queries);
+        assert_eq!(run["queries_with_sign_step"], r.first_layer_queries);
         let (_dir, p) = temp_file("used.json");
         used.save(&p).unwrap();
         let back = FirstLayerFile::load(&p, &victim).unwrap();
