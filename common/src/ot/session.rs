@@ -612,9 +612,9 @@ impl<C: RandomCot> OtSession<C> {
         self.take(n, false)
     }
 
-    fn take_recv(&mut self, n: usize) -> Result<(u64, Vec<u8>, Vec<Block>), OtError> {
+    fn take_recv(&mut self, n: usize) -> Result<(u64, Zeroizing<Vec<u8>>, Vec<Block>), OtError> {
         let (idx, r) = self.take_recv_range(n)?;
-        let bits = self.buf.recv_bits[r.clone()].to_vec();
+        let bits = Zeroizing::new(self.buf.recv_bits[r.clone()].to_vec());
         let m = self.buf.recv[r.clone()].to_vec();
         // the copies are the caller's (zeroized on drop); the buffer's are gone
         self.buf.recv_bits[r.clone()].zeroize();
@@ -690,7 +690,7 @@ impl<C: RandomCot> OtSession<C> {
         let (idx, bits, m) = self.take_recv(choices.len())?;
         let d: Vec<u8> = choices
             .iter()
-            .zip(&bits)
+            .zip(bits.iter())
             .map(|(&c, &b)| (c ^ b) & 1)
             .collect();
         let choices = choices.iter().map(|c| c & 1).collect();
@@ -758,7 +758,8 @@ impl<C: RandomCot> OtSession<C> {
                 source,
             })?;
         let dir = self.dir_recv();
-        let mut h = vec![0; n];
+        // the receiver's pads H(i, m_i): zeroized when dropped
+        let mut h = Zeroizing::new(vec![0; n]);
         self.hash
             .hash_many(&st.m, |i| tweak(dir, st.idx + i as u64, 0), &mut h);
         let mut y = Vec::with_capacity(n * w);
@@ -809,7 +810,8 @@ impl<C: RandomCot> OtSession<C> {
                 source,
             })?;
         let dir = self.dir_recv();
-        let mut h = vec![0; n];
+        // the receiver's pads H(i, m_i): zeroized when dropped
+        let mut h = Zeroizing::new(vec![0; n]);
         self.hash
             .hash_many(&st.m, |i| tweak(dir, st.idx + i as u64, 0), &mut h);
         Ok((0..n)
