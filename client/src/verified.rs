@@ -319,8 +319,9 @@ impl Setting {
     }
 }
 
-/// A verified result.
-#[derive(Debug, Clone)]
+/// A verified result. `Debug` leaves out the labels and logits (the client's own
+/// results).
+#[derive(Clone)]
 pub struct FusionOutput {
     /// one label per own input, in input order
     pub labels: Vec<usize>,
@@ -338,9 +339,24 @@ pub struct FusionOutput {
     pub p_value: f64,
 }
 
+impl std::fmt::Debug for FusionOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FusionOutput")
+            .field("labels", &format_args!("[{} redacted]", self.labels.len()))
+            .field("logits", &self.logits.as_ref().map(|_| "[redacted]"))
+            .field("setting", &self.setting)
+            .field("public_correct", &self.public_correct)
+            .field("pool_correct", &self.pool_correct)
+            .field("pool_size", &self.pool_size)
+            .field("p_value", &self.p_value)
+            .finish()
+    }
+}
+
 /// The verified results of B own inputs, maybe from several Fusion batches
-/// ([`Setting::split`]); returned only when every batch passed every check.
-#[derive(Debug, Clone)]
+/// ([`Setting::split`]); returned only when every batch passed every check. `Debug` leaves
+/// out the labels and logits (the client's own results).
+#[derive(Clone)]
 pub struct VerifiedOutput {
     /// one label per own input, in input order
     pub labels: Vec<usize>,
@@ -348,6 +364,16 @@ pub struct VerifiedOutput {
     pub logits: Option<Vec<Vec<i64>>>,
     /// each batch's own inputs, parameters, bound and checks, in input order
     pub batches: Vec<FusionOutput>,
+}
+
+impl std::fmt::Debug for VerifiedOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedOutput")
+            .field("labels", &format_args!("[{} redacted]", self.labels.len()))
+            .field("logits", &self.logits.as_ref().map(|_| "[redacted]"))
+            .field("batches", &self.batches)
+            .finish()
+    }
 }
 
 impl VerifiedOutput {
@@ -700,6 +726,56 @@ pub fn is_detected(e: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_of_results_and_inputs_shows_no_label_logit_or_pixel() {
+        use crate::infer::{InferOutput, Inputs};
+        let labels = vec![7, 3, 9];
+        let logits = Some(vec![vec![-424_242, 31_337_000]]);
+        let setting = Setting::choose(Params::Fixed { t: 1, r: 2 }, 3, 4096).unwrap();
+        let fusion = FusionOutput {
+            labels: labels.clone(),
+            logits: logits.clone(),
+            setting,
+            public_correct: 1,
+            pool_correct: 2,
+            pool_size: 3,
+            p_value: 0.25,
+        };
+        let verified = VerifiedOutput {
+            labels: labels.clone(),
+            logits: logits.clone(),
+            batches: vec![fusion.clone()],
+        };
+        let infer = InferOutput {
+            labels: labels.clone(),
+            logits,
+            scale_bits: 12,
+            output: OutputMode::Logits,
+            backend: BackendKind::Cheetah,
+            batches: 1,
+            session_id: 5,
+            cost: CostReport::default(),
+        };
+        for d in [
+            format!("{fusion:?}"),
+            format!("{verified:?}"),
+            format!("{infer:?}"),
+        ] {
+            assert!(!d.contains("424242") && !d.contains("31337000"), "{d}");
+            assert!(!d.contains("[7, 3, 9]"), "{d}");
+            assert!(d.contains("[3 redacted]"), "{d}");
+        }
+        let pixels = [201u8, 202, 203];
+        let d = format!("{:?}", Inputs::Pixels(&pixels));
+        assert!(!d.contains("201") && d.contains("3 bytes redacted"), "{d}");
+        let enc = [77_777_777u64];
+        let d = format!("{:?}", Inputs::Encoded(&enc));
+        assert!(
+            !d.contains("77777777") && d.contains("1 values redacted"),
+            "{d}"
+        );
+    }
 
     #[test]
     fn settings_are_tuned_or_given_and_fit_the_server() {
