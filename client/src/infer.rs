@@ -30,6 +30,7 @@ use fusion_common::net::{ModelSummary, ServiceInfo, SessionStart};
 use fusion_common::nn::mnist::{self, Split};
 use rand::{CryptoRng, Rng};
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::args::ConnectArgs;
 use crate::client::{Client, ClientError};
@@ -287,10 +288,11 @@ pub async fn run_with_info(
         });
     }
     let spec = model_spec(m)?;
-    let x: Vec<u64> = match inputs {
+    // the client's inputs, encoded: zeroized when the session's closure is dropped
+    let x = Zeroizing::new(match inputs {
         Inputs::Pixels(p) => spec.fixed.encode_pixels(p),
         Inputs::Encoded(v) => v.to_vec(),
-    };
+    });
     let cols = spec.input_len;
     if x.is_empty() {
         return Err(InferError::Empty);

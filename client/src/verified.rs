@@ -32,6 +32,7 @@ use fusion_common::net::{ServiceInfo, SessionStart};
 use fusion_common::nn::mnist::{self, Dataset};
 use fusion_common::nn::{ModelDigest, PoolError};
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::client::Client;
 use crate::infer::{InferError, InferOptions, client_batches_sized, model_spec, zeroize_spent};
@@ -610,7 +611,9 @@ pub async fn run_sessions(
     // Mix every batch (OS randomness; the plans never leave this process).
     let mut plans = Vec::with_capacity(own.len());
     let total: usize = settings.iter().map(|s| s.rows).sum();
-    let mut rows: Vec<u64> = Vec::with_capacity(total * cols);
+    // the mixed rows (own inputs among public ones, in the secret order): zeroized when the
+    // session's closure is dropped, each image's encoding as soon as it is copied
+    let mut rows = Zeroizing::new(Vec::<u64>::with_capacity(total * cols));
     {
         let mut rng = rand::rng();
         for (pixels, st) in own.iter().zip(&settings) {
@@ -618,7 +621,7 @@ pub async fn run_sessions(
             let own_rows: Vec<&[u8]> = pixels.chunks(cols).collect();
             let batch = plan.assemble(&own_rows, |p| public.image(p))?;
             for img in batch {
-                rows.extend(spec.fixed.encode_pixels(img));
+                rows.extend_from_slice(&Zeroizing::new(spec.fixed.encode_pixels(img)));
             }
             plans.push(plan);
         }
