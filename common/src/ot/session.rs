@@ -612,9 +612,9 @@ impl<C: RandomCot> OtSession<C> {
         self.take(n, false)
     }
 
-    fn take_recv(&mut self, n: usize) -> Result<(u64, Zeroizing<Vec<u8>>, Vec<Block>), OtError> {
+    fn take_recv(&mut self, n: usize) -> Result<(u64, Vec<u8>, Vec<Block>), OtError> {
         let (idx, r) = self.take_recv_range(n)?;
-        let bits = Zeroizing::new(self.buf.recv_bits[r.clone()].to_vec());
+        let bits = self.buf.recv_bits[r.clone()].to_vec();
         let m = self.buf.recv[r.clone()].to_vec();
         // the copies are the caller's (zeroized on drop); the buffer's are gone
         self.buf.recv_bits[r.clone()].zeroize();
@@ -687,12 +687,14 @@ impl<C: RandomCot> OtSession<C> {
     /// Receiver, step 1 of a chosen-choice COT batch: returns the state and the message
     /// `d = c ⊕ b` (packed bits, `ceil(n/8)` bytes) for the sender.
     pub fn cot_choose(&mut self, choices: &[u8]) -> Result<(CotChosen, Vec<u8>), OtError> {
-        let (idx, bits, m) = self.take_recv(choices.len())?;
+        let (idx, mut bits, m) = self.take_recv(choices.len())?;
         let d: Vec<u8> = choices
             .iter()
-            .zip(bits.iter())
+            .zip(&bits)
             .map(|(&c, &b)| (c ^ b) & 1)
             .collect();
+        // the random choice bits b: with d on the wire they give the choices
+        bits.zeroize();
         let choices = choices.iter().map(|c| c & 1).collect();
         Ok((CotChosen { idx, choices, m }, pack_bit_bytes(&d)))
     }
