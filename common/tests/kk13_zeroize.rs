@@ -12,7 +12,8 @@
 //! the COT-based construction), which no debug accessor can see once they are dropped.
 //! The chosen-message 1-of-2 OTs (`cot_choose` / `ot_respond` / `ot_finish`) are checked
 //! the same way, for their pads and for the receiver's random choice bits (which, with the
-//! corrections on the wire, give its choices).
+//! corrections on the wire, give its choices), and IKNP's set-up for copies of Δ's bits
+//! (its base-OT choices).
 //!
 //! The test allocator is the only `unsafe` of this file: a `GlobalAlloc` over `System`
 //! that quarantines freed blocks while armed, and the read of those blocks (still owned by
@@ -263,6 +264,47 @@ mod tests {
             runs_found, 0,
             "{runs_found} of {runs} runs of the receiver's random choice bits left in freed memory"
         );
+    }
+
+    /// Sets up IKNP in both directions with every free held back; returns how many
+    /// copies of the server's Δ as base-OT choice bits (128 bytes of 0/1, as `Vec<bool>`)
+    /// were found in freed memory.
+    fn delta_bits_left_in_freed_memory() -> usize {
+        use fusion_common::ot::{Iknp, RandomCot};
+        let _one = RUN.lock().unwrap_or_else(|e| e.into_inner());
+        OVERFLOW.store(0, Ordering::SeqCst);
+        ARMED.store(true, Ordering::SeqCst);
+        let (a, b) = memory_pair();
+        let server = std::thread::spawn(move || {
+            let mut ch = a;
+            let mut rng = ChaCha12Rng::seed_from_u64(11);
+            Iknp::setup(&mut ch, Party::Server, &mut rng).unwrap()
+        });
+        let mut ch = b;
+        let mut rng = ChaCha12Rng::seed_from_u64(22);
+        let client = Iknp::setup(&mut ch, Party::Client, &mut rng).unwrap();
+        let server = server.join().unwrap();
+        let delta = server.delta();
+        drop(ch);
+        // the control: Δ's bits freed without zeroizing must be found
+        let bits: Vec<u8> = (0..128).map(|j| ((delta >> j) & 1) as u8).collect();
+        drop(bits.iter().map(|&b| b == 1).collect::<Vec<bool>>());
+        ARMED.store(false, Ordering::SeqCst);
+        assert_eq!(OVERFLOW.load(Ordering::SeqCst), 0, "more frees than slots");
+        let mut found = 0;
+        release(|bytes| {
+            found += bytes.windows(128).filter(|w| *w == &bits[..]).count();
+        });
+        // the states are alive (and hold Δ) until here: only freed copies count
+        drop((client, server));
+        assert!(found >= 1, "the control copy was not found");
+        found - 1
+    }
+
+    #[test]
+    fn iknp_setup_leaves_no_copy_of_delta_bits_in_freed_memory() {
+        let found = delta_bits_left_in_freed_memory();
+        assert_eq!(found, 0, "{found} copies of Δ's bits left in freed memory");
     }
 
     #[test]
