@@ -30,6 +30,7 @@ use fusion_common::net::{ModelSummary, ServiceInfo, SessionStart};
 use fusion_common::nn::mnist::{self, Split};
 use rand::{CryptoRng, Rng};
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::args::ConnectArgs;
 use crate::client::{Client, ClientError};
@@ -37,13 +38,22 @@ use crate::local::{BUNDLED_MNIST, bundled};
 use crate::report::{CostJson, render_tables};
 use crate::verified::FusionError;
 
-/// The rows to infer.
-#[derive(Debug, Clone, Copy)]
+/// The rows to infer (the client's secret: `Debug` shows only their number).
+#[derive(Clone, Copy)]
 pub enum Inputs<'a> {
     /// 8-bit pixels, the model's input length per row (encoded at the model's scale)
     Pixels(&'a [u8]),
     /// ring elements already encoded at the model's scale
     Encoded(&'a [u64]),
+}
+
+impl std::fmt::Debug for Inputs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pixels(p) => write!(f, "Pixels([{} bytes redacted])", p.len()),
+            Self::Encoded(e) => write!(f, "Encoded([{} values redacted])", e.len()),
+        }
+    }
 }
 
 /// How to run. The default runs `cheetah` with preprocessed linear layers (the HE and
@@ -75,8 +85,9 @@ impl Default for InferOptions {
     }
 }
 
-/// What a secure inference returns.
-#[derive(Debug, Clone)]
+/// What a secure inference returns. `Debug` leaves out the labels and logits (the
+/// client's own results).
+#[derive(Clone)]
 pub struct InferOutput {
     /// one label per row
     pub labels: Vec<usize>,
@@ -94,6 +105,21 @@ pub struct InferOutput {
     pub session_id: u64,
     /// the client's costs per step (setup steps start with `setup`)
     pub cost: CostReport,
+}
+
+impl std::fmt::Debug for InferOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InferOutput")
+            .field("labels", &format_args!("[{} redacted]", self.labels.len()))
+            .field("logits", &self.logits.as_ref().map(|_| "[redacted]"))
+            .field("scale_bits", &self.scale_bits)
+            .field("output", &self.output)
+            .field("backend", &self.backend)
+            .field("batches", &self.batches)
+            .field("session_id", &self.session_id)
+            .field("cost", &self.cost)
+            .finish()
+    }
 }
 
 /// Errors of a secure inference.
@@ -262,10 +288,11 @@ pub async fn run_with_info(
         });
     }
     let spec = model_spec(m)?;
-    let x: Vec<u64> = match inputs {
+    // the client's inputs, encoded: zeroized when the session's closure is dropped
+    let x = Zeroizing::new(match inputs {
         Inputs::Pixels(p) => spec.fixed.encode_pixels(p),
         Inputs::Encoded(v) => v.to_vec(),
-    };
+    });
     let cols = spec.input_len;
     if x.is_empty() {
         return Err(InferError::Empty);

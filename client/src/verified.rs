@@ -32,6 +32,7 @@ use fusion_common::net::{ServiceInfo, SessionStart};
 use fusion_common::nn::mnist::{self, Dataset};
 use fusion_common::nn::{ModelDigest, PoolError};
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::client::Client;
 use crate::infer::{InferError, InferOptions, client_batches_sized, model_spec, zeroize_spent};
@@ -319,8 +320,9 @@ impl Setting {
     }
 }
 
-/// A verified result.
-#[derive(Debug, Clone)]
+/// A verified result. `Debug` leaves out the labels and logits (the client's own
+/// results).
+#[derive(Clone)]
 pub struct FusionOutput {
     /// one label per own input, in input order
     pub labels: Vec<usize>,
@@ -338,9 +340,24 @@ pub struct FusionOutput {
     pub p_value: f64,
 }
 
+impl std::fmt::Debug for FusionOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FusionOutput")
+            .field("labels", &format_args!("[{} redacted]", self.labels.len()))
+            .field("logits", &self.logits.as_ref().map(|_| "[redacted]"))
+            .field("setting", &self.setting)
+            .field("public_correct", &self.public_correct)
+            .field("pool_correct", &self.pool_correct)
+            .field("pool_size", &self.pool_size)
+            .field("p_value", &self.p_value)
+            .finish()
+    }
+}
+
 /// The verified results of B own inputs, maybe from several Fusion batches
-/// ([`Setting::split`]); returned only when every batch passed every check.
-#[derive(Debug, Clone)]
+/// ([`Setting::split`]); returned only when every batch passed every check. `Debug` leaves
+/// out the labels and logits (the client's own results).
+#[derive(Clone)]
 pub struct VerifiedOutput {
     /// one label per own input, in input order
     pub labels: Vec<usize>,
@@ -348,6 +365,16 @@ pub struct VerifiedOutput {
     pub logits: Option<Vec<Vec<i64>>>,
     /// each batch's own inputs, parameters, bound and checks, in input order
     pub batches: Vec<FusionOutput>,
+}
+
+impl std::fmt::Debug for VerifiedOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedOutput")
+            .field("labels", &format_args!("[{} redacted]", self.labels.len()))
+            .field("logits", &self.logits.as_ref().map(|_| "[redacted]"))
+            .field("batches", &self.batches)
+            .finish()
+    }
 }
 
 impl VerifiedOutput {
@@ -584,7 +611,9 @@ pub async fn run_sessions(
     // Mix every batch (OS randomness; the plans never leave this process).
     let mut plans = Vec::with_capacity(own.len());
     let total: usize = settings.iter().map(|s| s.rows).sum();
-    let mut rows: Vec<u64> = Vec::with_capacity(total * cols);
+    // the mixed rows (own inputs among public ones, in the secret order): zeroized when the
+    // session's closure is dropped, each image's encoding as soon as it is copied
+    let mut rows = Zeroizing::new(Vec::<u64>::with_capacity(total * cols));
     {
         let mut rng = rand::rng();
         for (pixels, st) in own.iter().zip(&settings) {
@@ -592,7 +621,7 @@ pub async fn run_sessions(
             let own_rows: Vec<&[u8]> = pixels.chunks(cols).collect();
             let batch = plan.assemble(&own_rows, |p| public.image(p))?;
             for img in batch {
-                rows.extend(spec.fixed.encode_pixels(img));
+                rows.extend_from_slice(&Zeroizing::new(spec.fixed.encode_pixels(img)));
             }
             plans.push(plan);
         }
@@ -700,6 +729,56 @@ pub fn is_detected(e: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_of_results_and_inputs_shows_no_label_logit_or_pixel() {
+        use crate::infer::{InferOutput, Inputs};
+        let labels = vec![7, 3, 9];
+        let logits = Some(vec![vec![-424_242, 31_337_000]]);
+        let setting = Setting::choose(Params::Fixed { t: 1, r: 2 }, 3, 4096).unwrap();
+        let fusion = FusionOutput {
+            labels: labels.clone(),
+            logits: logits.clone(),
+            setting,
+            public_correct: 1,
+            pool_correct: 2,
+            pool_size: 3,
+            p_value: 0.25,
+        };
+        let verified = VerifiedOutput {
+            labels: labels.clone(),
+            logits: logits.clone(),
+            batches: vec![fusion.clone()],
+        };
+        let infer = InferOutput {
+            labels: labels.clone(),
+            logits,
+            scale_bits: 12,
+            output: OutputMode::Logits,
+            backend: BackendKind::Cheetah,
+            batches: 1,
+            session_id: 5,
+            cost: CostReport::default(),
+        };
+        for d in [
+            format!("{fusion:?}"),
+            format!("{verified:?}"),
+            format!("{infer:?}"),
+        ] {
+            assert!(!d.contains("424242") && !d.contains("31337000"), "{d}");
+            assert!(!d.contains("[7, 3, 9]"), "{d}");
+            assert!(d.contains("[3 redacted]"), "{d}");
+        }
+        let pixels = [201u8, 202, 203];
+        let d = format!("{:?}", Inputs::Pixels(&pixels));
+        assert!(!d.contains("201") && d.contains("3 bytes redacted"), "{d}");
+        let enc = [77_777_777u64];
+        let d = format!("{:?}", Inputs::Encoded(&enc));
+        assert!(
+            !d.contains("77777777") && d.contains("1 values redacted"),
+            "{d}"
+        );
+    }
 
     #[test]
     fn settings_are_tuned_or_given_and_fit_the_server() {

@@ -35,9 +35,12 @@ pub struct TrainArgs {
     /// Hidden layer widths, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "128,128")]
     pub hidden: Vec<usize>,
-    /// Seed of the training RNG (initialisation and shuffling).
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    /// Seed of the training RNG (initialisation and shuffling), for a reproducible run.
+    /// Default: drawn from the OS CSPRNG, so that the weights cannot be recomputed from
+    /// the public code, data and defaults; the seed used is recorded in the model file
+    /// (as secret as the weights) and not printed.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Peak learning rate of Adam (cosine-decayed to zero).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f32,
@@ -103,6 +106,12 @@ fn pct(x: f64) -> String {
     format!("{:.2}%", 100.0 * x)
 }
 
+/// The training seed: the one given, or a fresh one from the OS CSPRNG (a constant
+/// default would let anyone recompute the weights from the public code and data).
+fn training_seed(given: Option<u64>) -> u64 {
+    given.unwrap_or_else(|| rand::Rng::random(&mut rand::rng()))
+}
+
 /// `fusion-server train`: trains the MLP on MNIST, picks the ring width, evaluates, builds
 /// the public pool and writes the model file.
 pub fn run_train(args: &TrainArgs) -> Result<()> {
@@ -115,14 +124,14 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
         batch: args.batch,
         lr: args.lr,
         schedule: Schedule::Cosine,
-        seed: args.seed,
+        seed: training_seed(args.seed),
         shift: args.shift,
         weight_decay: args.weight_decay,
         max_steps: None,
         progress: !args.quiet,
     };
     eprintln!(
-        "training 784-{}-10 on {} images: {} epochs, batch {}, Adam lr {} (cosine), weight decay {}, shift {}, seed {}",
+        "training 784-{}-10 on {} images: {} epochs, batch {}, Adam lr {} (cosine), weight decay {}, shift {}, {}",
         args.hidden
             .iter()
             .map(ToString::to_string)
@@ -134,7 +143,10 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
         args.lr,
         args.weight_decay,
         args.shift,
-        args.seed
+        match args.seed {
+            Some(s) => format!("seed {s}"),
+            None => "random seed".to_owned(),
+        }
     );
     let started = Instant::now();
     let trained = train(
@@ -519,7 +531,10 @@ mod tests {
         };
         assert_eq!(t.hidden, vec![64, 32]);
         assert_eq!(t.epochs, 3);
-        assert_eq!((t.seed, t.batch, t.shift, t.frac_bits), (1, 128, 1, 12));
+        // no seed given: a fresh one from the OS CSPRNG at training time
+        assert_eq!((t.seed, t.batch, t.shift, t.frac_bits), (None, 128, 1, 12));
+        assert_ne!(training_seed(None), training_seed(None));
+        assert_eq!(training_seed(Some(7)), 7);
         assert_eq!(t.out, PathBuf::from("models/mnist-dnn.safetensors"));
         let cli = Cli::try_parse_from(["x", "eval", "--model", "m", "--range", "3..7", "--json"])
             .unwrap();
@@ -541,7 +556,7 @@ mod tests {
             out: out.clone(),
             epochs: 1,
             hidden: vec![8],
-            seed: 3,
+            seed: Some(3),
             lr: 3e-3,
             batch: 128,
             shift: 0,
@@ -558,6 +573,8 @@ mod tests {
             ring_bits_for(e.max_abs_acc, REQUIRED_HEADROOM_BITS).max(26)
         );
         assert_eq!(model.public_pool().unwrap().len(), MNIST_POOL_SIZE);
+        // the seed given is the one recorded in the (owner-only) model file
+        assert_eq!(model.training().unwrap().seed, 3);
 
         let eval_args = EvalArgs {
             model: out,

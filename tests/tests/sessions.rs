@@ -255,6 +255,52 @@ async fn a_server_side_protocol_error_reaches_the_client_and_the_server_goes_on(
         .unwrap();
 }
 
+/// A runner with a bug a peer's message reaches: it panics on `boom`, else echoes.
+fn panics_on_boom(ch: &mut dyn Channel, _: &StartInfo, _: &ServerState) -> Result<(), RunnerError> {
+    let m = ch.recv()?;
+    if m == b"boom" {
+        panic!("a runner bug reached by a peer's message");
+    }
+    ch.send(&m)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_session_ends_with_internal_and_the_server_goes_on() {
+    let mut registry = Registry::with_builtins();
+    registry.register("buggy", panics_on_boom).unwrap();
+    let s = TestServer::start(Policy::default(), SessionLimits::default(), registry).await;
+    let client = s.client().await;
+    // more panicking sessions than one client may run at once: each one's slot comes back
+    let slots = SessionLimits::default().max_client_sessions as u64;
+    for k in 1..=slots + 1 {
+        let err = client
+            .session(SessionStart::new("buggy"), |ch, _| {
+                ch.send(b"boom")?;
+                ch.recv()
+            })
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("Internal") && text.contains("the buggy runner failed internally"),
+            "{text}"
+        );
+        assert_eq!(s.await_failed_sessions(k).await, k);
+    }
+    // the same runner still serves a good message, and so does echo
+    for backend in ["buggy", ECHO] {
+        let out = client
+            .session(SessionStart::new(backend), |ch, _| {
+                ch.send(b"fine")?;
+                ch.recv()
+            })
+            .await
+            .unwrap();
+        assert_eq!(out.value, b"fine");
+    }
+}
+
 /// A runner that holds 100 MiB per declared row (by its estimate) until its client's
 /// one message, which it echoes.
 struct Heavy;

@@ -744,7 +744,9 @@ fn client_answers(
                 .map(|_| ch.recv())
                 .collect::<Result<Vec<_>, _>>()?,
         );
-        y.extend(he.decrypt_layer(*s, &header, &cts)?);
+        // this chunk's share, zeroized once copied (as the server's in `server_answers`)
+        let part = Zeroizing::new(he.decrypt_layer(*s, &header, &cts)?);
+        y.extend_from_slice(&part);
     }
     Ok(y)
 }

@@ -142,7 +142,9 @@ impl CheckError {
 }
 
 /// The verified results: one per own input, in the order the inputs were given.
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` shows how many there are, not the results (the client's own, like
+/// [`crate::backend::BatchOutput`]'s).
+#[derive(Clone, PartialEq)]
 pub struct Verified<O> {
     /// result of own input s
     pub outputs: Vec<O>,
@@ -154,6 +156,21 @@ pub struct Verified<O> {
     pub pool_size: usize,
     /// the p-value of check (c), P[Bin(P, claimed) <= pool_correct]
     pub p_value: f64,
+}
+
+impl<O> std::fmt::Debug for Verified<O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verified")
+            .field(
+                "outputs",
+                &format_args!("[{} redacted]", self.outputs.len()),
+            )
+            .field("public_correct", &self.public_correct)
+            .field("pool_correct", &self.pool_correct)
+            .field("pool_size", &self.pool_size)
+            .field("p_value", &self.p_value)
+            .finish()
+    }
 }
 
 /// Runs checks (a), (b), (c) on the results of a batch assembled with `plan`.
@@ -278,6 +295,23 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha12Rng;
+
+    #[test]
+    fn verified_debug_shows_no_result() {
+        let v = Verified {
+            outputs: vec![987_654_321u64, 123_456_789],
+            public_correct: 3,
+            pool_correct: 4,
+            pool_size: 5,
+            p_value: 0.5,
+        };
+        let d = format!("{v:?}");
+        assert!(!d.contains("987654321") && !d.contains("123456789"), "{d}");
+        assert!(
+            d.contains("[2 redacted]") && d.contains("pool_size: 5"),
+            "{d}"
+        );
+    }
 
     /// A plan, the honest results for it (label = pool position % 10 for public rows,
     /// `own[s]` for own rows), and the pool.

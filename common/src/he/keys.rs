@@ -3,7 +3,7 @@
 use std::fmt;
 
 use rand::{CryptoRng, Rng};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use super::params::{DEGREE, HeParams};
 use super::rns::{RnsPoly, sample_cbd, sample_ternary};
@@ -84,8 +84,12 @@ impl PublicKey {
         let mut pk0 = a.clone();
         sk.mul_into(&mut pk0, p);
         pk0.intt(p);
-        let e = RnsPoly::from_signed(&sample_cbd(rng, DEGREE), rows, p);
+        // e is as secret as s (with pk0 and a it gives a s, hence s): both of its forms
+        // are zeroized
+        let e_small = Zeroizing::new(sample_cbd(rng, DEGREE));
+        let mut e = RnsPoly::from_signed(&e_small, rows, p);
         pk0.add_assign(&e, p);
+        e.data.zeroize();
         pk0.neg_assign(p);
         Self::from_parts(seed, pk0, p, Some(a))
     }

@@ -142,7 +142,9 @@ type Plan = (Vec<u32>, Vec<Vec<Node>>);
 /// gt and eq shares per leaf position, each over the group's comparisons.
 type LeafShares = (Vec<Vec<u8>>, Vec<Vec<u8>>);
 
-/// This party's share of the correlated triples of one group: a (1 bit), b and c (2 lanes).
+/// This party's share of the correlated triples of one group: a (1 bit), b and c (2 lanes);
+/// zeroized on drop.
+#[derive(zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 struct Triples {
     a: Vec<u8>,
     b: Vec<u8>,

@@ -20,7 +20,9 @@ use super::pool::PublicPool;
 use crate::fixed::FixedPoint;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
 use std::path::Path;
+use zeroize::Zeroizing;
 
 /// The value of the `format` metadata key.
 pub const FORMAT: &str = "fusion-model/1";
@@ -38,6 +40,26 @@ const KEY_EVALUATION: &str = "evaluation";
 const KEY_TRAINING: &str = "training";
 const KEY_POOL: &str = "public_pool";
 
+/// Writes `bytes` to `path`, created or truncated, readable and writable by the owner
+/// only on Unix (an existing file's mode is narrowed too).
+fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 impl Model {
     /// Reads a model file (see the module doc) and checks it completely: container,
     /// format tag, architecture, every tensor's presence, dtype and shape, no extra
@@ -54,15 +76,18 @@ impl Model {
                 reason: format!("file of {len} bytes exceeds the limit of {MAX_FILE_BYTES}"),
             });
         }
-        let bytes = std::fs::read(path).map_err(io)?;
+        // the file's bytes are the weights: zeroized once parsed
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(io)?);
         Self::from_bytes(&bytes)
     }
 
-    /// Writes the model file (see the module doc).
+    /// Writes the model file (see the module doc). The weights are the server's secret:
+    /// on Unix the file is readable by its owner only (mode 0600, also when it existed),
+    /// and the serialised bytes are zeroized once written.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), ModelError> {
         let path = path.as_ref();
-        let bytes = self.to_bytes()?;
-        std::fs::write(path, bytes).map_err(|source| ModelError::Io {
+        let bytes = Zeroizing::new(self.to_bytes()?);
+        write_owner_only(path, &bytes).map_err(|source| ModelError::Io {
             path: path.display().to_string(),
             source,
         })

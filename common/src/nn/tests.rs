@@ -63,6 +63,23 @@ fn full_model(seed: u64) -> Model {
         .unwrap()
 }
 
+#[cfg(unix)]
+#[test]
+fn model_file_is_written_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let m = full_model(1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    m.save(&path).unwrap();
+    assert_eq!(mode(&path), 0o600);
+    // an existing world-readable file is narrowed when overwritten
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    m.save(&path).unwrap();
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(Model::load(&path).unwrap().digest(), m.digest());
+}
+
 #[test]
 fn model_file_round_trip() {
     let m = full_model(1);

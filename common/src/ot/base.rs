@@ -26,6 +26,7 @@ use curve25519_dalek::ristretto::{CompressedRistretto, RistrettoPoint};
 use curve25519_dalek::scalar::Scalar;
 use curve25519_dalek::traits::Identity;
 use rand::{CryptoRng, Rng};
+use subtle::{Choice, ConditionallySelectable};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::Party;
@@ -128,10 +129,14 @@ pub(crate) fn base_ot_both<R: Rng + CryptoRng + ?Sized>(
     let mut msg = Vec::with_capacity(n_recv * POINT);
     for &c in choices {
         let b = random_scalar(rng);
-        let mut p = RistrettoPoint::mul_base(&b);
-        if c {
-            p += peer_a;
-        }
+        // B_i = b_i·G + c_i·A without a branch on c_i (the choices are IKNP's Δ bits): add
+        // A or the identity, chosen in constant time
+        let add = RistrettoPoint::conditional_select(
+            &RistrettoPoint::identity(),
+            &peer_a,
+            Choice::from(u8::from(c)),
+        );
+        let p = RistrettoPoint::mul_base(&b) + add;
         msg.extend_from_slice(p.compress().as_bytes());
         bs.push(b);
     }

@@ -22,7 +22,7 @@
 
 use super::aesni::Aes;
 use rand::{CryptoRng, Rng};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::base::base_ot_both;
 use super::hash::Prg;
@@ -103,7 +103,9 @@ impl Iknp {
         delta: Block,
         rng: &mut R,
     ) -> Result<Self, OtError> {
-        let choices: Vec<bool> = (0..KAPPA).map(|j| (delta >> j) & 1 == 1).collect();
+        // Δ's bits: zeroized when dropped, also on an error
+        let choices: Zeroizing<Vec<bool>> =
+            Zeroizing::new((0..KAPPA).map(|j| (delta >> j) & 1 == 1).collect());
         // As COT receiver we are the base-OT sender (KAPPA pairs); as COT sender we are the
         // base-OT receiver with choices Δ (IKNP Fig. 1, step 1).
         let base = base_ot_both(ch, party, KAPPA, &choices, rng)?;
@@ -181,14 +183,14 @@ impl Iknp {
             for (j, g) in self.send_g.iter().enumerate() {
                 let qj = &mut q[j * CHUNK..j * CHUNK + cn];
                 expand(g, ctr, qj);
-                if (self.delta >> j) & 1 == 1 {
-                    // IKNP Fig. 1 step 3: q_j = G(k_j^{s_j}) ⊕ s_j·u_j
-                    for (b, x) in qj.iter_mut().enumerate() {
-                        let p = off + b * 16;
-                        let mut a = [0u8; 16];
-                        a.copy_from_slice(&u[p..p + 16]);
-                        *x ^= Block::from_le_bytes(a);
-                    }
+                // IKNP Fig. 1 step 3: q_j = G(k_j^{s_j}) ⊕ s_j·u_j, with s_j (a bit of Δ)
+                // as a mask of all zeros or all ones: no branch on Δ
+                let s_j = ((self.delta >> j) & 1).wrapping_neg();
+                for (b, x) in qj.iter_mut().enumerate() {
+                    let p = off + b * 16;
+                    let mut a = [0u8; 16];
+                    a.copy_from_slice(&u[p..p + 16]);
+                    *x ^= Block::from_le_bytes(a) & s_j;
                 }
                 off += cn * 16;
             }

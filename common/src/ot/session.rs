@@ -687,12 +687,14 @@ impl<C: RandomCot> OtSession<C> {
     /// Receiver, step 1 of a chosen-choice COT batch: returns the state and the message
     /// `d = c ⊕ b` (packed bits, `ceil(n/8)` bytes) for the sender.
     pub fn cot_choose(&mut self, choices: &[u8]) -> Result<(CotChosen, Vec<u8>), OtError> {
-        let (idx, bits, m) = self.take_recv(choices.len())?;
+        let (idx, mut bits, m) = self.take_recv(choices.len())?;
         let d: Vec<u8> = choices
             .iter()
             .zip(&bits)
             .map(|(&c, &b)| (c ^ b) & 1)
             .collect();
+        // the random choice bits b: with d on the wire they give the choices
+        bits.zeroize();
         let choices = choices.iter().map(|c| c & 1).collect();
         Ok((CotChosen { idx, choices, m }, pack_bit_bytes(&d)))
     }
@@ -758,7 +760,8 @@ impl<C: RandomCot> OtSession<C> {
                 source,
             })?;
         let dir = self.dir_recv();
-        let mut h = vec![0; n];
+        // the receiver's pads H(i, m_i): zeroized when dropped
+        let mut h = Zeroizing::new(vec![0; n]);
         self.hash
             .hash_many(&st.m, |i| tweak(dir, st.idx + i as u64, 0), &mut h);
         let mut y = Vec::with_capacity(n * w);
@@ -809,7 +812,8 @@ impl<C: RandomCot> OtSession<C> {
                 source,
             })?;
         let dir = self.dir_recv();
-        let mut h = vec![0; n];
+        // the receiver's pads H(i, m_i): zeroized when dropped
+        let mut h = Zeroizing::new(vec![0; n]);
         self.hash
             .hash_many(&st.m, |i| tweak(dir, st.idx + i as u64, 0), &mut h);
         Ok((0..n)
