@@ -18,7 +18,7 @@ pub struct CertsArgs {
     #[arg(long = "client", default_values_t = ["client".to_string()])]
     pub clients: Vec<String>,
     /// Validity in days.
-    #[arg(long, default_value_t = 365)]
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
     pub days: u32,
     /// Overwrite existing files.
     #[arg(long)]

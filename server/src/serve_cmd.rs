@@ -35,7 +35,8 @@ pub struct ServeArgs {
     #[arg(long = "client-ca", env = "FUSION_CLIENT_CA")]
     pub client_ca: PathBuf,
     /// Largest batch (rows) one session may declare.
-    #[arg(long, env = "FUSION_MAX_ROWS", default_value_t = 1024)]
+    #[arg(long, env = "FUSION_MAX_ROWS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub max_rows: u64,
     /// Rows each client certificate may query in total, or `unlimited`.
     #[arg(long, env = "FUSION_BUDGET", default_value_t = RowBudget(Some(DEFAULT_BUDGET)))]
@@ -53,7 +54,8 @@ pub struct ServeArgs {
     #[arg(long, env = "FUSION_MAX_MESSAGE", default_value_t = DEFAULT_MAX_MESSAGE)]
     pub max_message: usize,
     /// Seconds a session may wait for its client before it is ended.
-    #[arg(long, env = "FUSION_IDLE_TIMEOUT", default_value_t = 600)]
+    #[arg(long, env = "FUSION_IDLE_TIMEOUT", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout: u64,
     /// Sessions running at once.
     #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32,
@@ -464,6 +466,27 @@ mod tests {
         );
         assert!(parse(&["--budget", "-3"]).is_err());
         assert!(parse(&["--budget", "lots"]).is_err());
+    }
+
+    #[test]
+    fn limits_that_would_refuse_or_time_out_every_session_are_refused_at_start() {
+        // --max-rows 0 would refuse every batch, --idle-timeout 0 end every session at
+        // its first wait (and a client distrusts a server whose session fails)
+        for flag in ["--max-rows", "--idle-timeout"] {
+            for bad in ["0", "-1", "x"] {
+                assert!(parse(&[flag, bad]).is_err(), "{flag} {bad}");
+            }
+            let e = parse(&[flag, "0"]).unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
+        assert_eq!(parse(&["--max-rows", "1"]).unwrap().policy().max_rows, 1);
+        assert_eq!(
+            parse(&["--idle-timeout", "1"])
+                .unwrap()
+                .limits()
+                .idle_timeout,
+            Duration::from_secs(1)
+        );
     }
 
     #[test]
