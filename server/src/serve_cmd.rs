@@ -36,7 +36,7 @@ pub struct ServeArgs {
     pub client_ca: PathBuf,
     /// Largest batch (rows) one session may declare.
     #[arg(long, env = "FUSION_MAX_ROWS", default_value_t = 1024,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = at_least_one_u64)]
     pub max_rows: u64,
     /// Rows each client certificate may query in total, or `unlimited`.
     #[arg(long, env = "FUSION_BUDGET", default_value_t = RowBudget(Some(DEFAULT_BUDGET)))]
@@ -55,7 +55,7 @@ pub struct ServeArgs {
     pub max_message: usize,
     /// Seconds a session may wait for its client before it is ended.
     #[arg(long, env = "FUSION_IDLE_TIMEOUT", default_value_t = 600,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = at_least_one_u64)]
     pub idle_timeout: u64,
     /// Sessions running at once.
     #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32,
@@ -184,6 +184,14 @@ fn parse_client_memory(s: &str) -> Result<ClientMemory, String> {
                 "{s:?} is not a positive number of MiB (or `half`, `all`)"
             )),
         },
+    }
+}
+
+/// A count of 1 or more (rows, seconds).
+fn at_least_one_u64(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of 1 or more")),
     }
 }
 
