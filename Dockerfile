@@ -9,15 +9,16 @@ RUN cargo build --release --locked --bins -p fusion-server -p fusion-client \
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --home-dir /opt/fusion --shell /usr/sbin/nologin fusion \
- && mkdir -p /opt/fusion /certs /reports \
- && chown fusion:fusion /certs /reports
+ && mkdir -p /opt/fusion /certs /reports /state \
+ && chown fusion:fusion /certs /reports /state
 COPY --from=builder /src/target/release/fusion-server /src/target/release/fusion-client /usr/local/bin/
 COPY --from=builder /src/models /opt/fusion/models
 COPY --from=builder /src/data /opt/fusion/data
 WORKDIR /opt/fusion
 USER fusion
-# the certs job writes /certs, the client its cost reports to /reports; a named volume
-# mounted on either starts with this ownership
-VOLUME ["/certs", "/reports"]
+# the certs job writes /certs, the client its cost reports to /reports and its trust
+# store to /state (its home, /opt/fusion, is not writable); a named volume mounted on
+# any of them starts with this ownership
+VOLUME ["/certs", "/reports", "/state"]
 EXPOSE 50051
 CMD ["fusion-client", "--help"]

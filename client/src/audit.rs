@@ -37,7 +37,8 @@ pub struct AuditArgs {
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// Independent Fusion batches to run.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20,
+          value_parser = crate::args::at_least_one)]
     pub trials: usize,
     /// Own inputs B per batch.
     #[arg(long, default_value_t = 3)]
@@ -45,7 +46,8 @@ pub struct AuditArgs {
     #[command(flatten)]
     pub fusion: FusionArgs,
     /// Batches per protocol session.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10,
+          value_parser = crate::args::at_least_one)]
     pub per_session: usize,
     /// Also report the exact escape probability of a server altering exactly K rows
     /// (e.g. 2 for `flip-rows:2`).

@@ -50,6 +50,7 @@ pub fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(log_colours())
         .init();
     fusion_common::net::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -78,4 +79,11 @@ pub fn main() -> anyhow::Result<()> {
         Command::Attack(args) => attack::run(args),
         Command::Trust(cmd) => trust::run(&cmd),
     }
+}
+
+/// Colours in the log only on a terminal, and never with `NO_COLOR` set: no escape codes
+/// in a log file, a pipe or `docker compose logs`.
+fn log_colours() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

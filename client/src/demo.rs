@@ -34,7 +34,8 @@ pub struct DemoArgs {
     #[arg(long, env = "FUSION_MNIST_DIR")]
     pub mnist_dir: Option<PathBuf>,
     /// MNIST test images to infer (the first ones of the test set; at most 64).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub images: usize,
     /// Print the results and the cost report as JSON instead of text.
     #[arg(long)]

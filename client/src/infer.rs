@@ -155,6 +155,28 @@ pub enum InferError {
     /// No rows.
     #[error("no inputs")]
     Empty,
+    /// The run needs more rows than this client's budget has left: refused before any
+    /// session starts (a batch the server refuses mid-session would end the session).
+    #[error(
+        "this run needs {rows} rows and this client's budget has {remaining} left (the server's --budget)"
+    )]
+    OverBudget {
+        /// rows the run would send
+        rows: u64,
+        /// rows left, as the server reported them
+        remaining: u64,
+    },
+}
+
+/// Refuses a run of `rows` rows that the budget `info` reports cannot pay for (`infer`
+/// and Fusion check before a session starts; [`run_with_info`] leaves it to the server).
+pub(crate) fn check_budget(info: &ServiceInfo, rows: usize) -> Result<(), InferError> {
+    let rows = u64::try_from(rows).unwrap_or(u64::MAX);
+    let remaining = info.budget.remaining();
+    if rows > remaining {
+        return Err(InferError::OverBudget { rows, remaining });
+    }
+    Ok(())
 }
 
 /// The public model description a backend needs, from the server's `GetModelInfo`.
@@ -397,8 +419,10 @@ pub struct InferArgs {
     /// The output to ask for: `labels` or `logits` (default: the server's policy).
     #[arg(long, env = "FUSION_INFER_OUTPUT")]
     pub output: Option<OutputMode>,
-    /// The largest batch to send (default: the server's largest).
-    #[arg(long, env = "FUSION_BATCH")]
+    /// The largest batch to send, in rows, Fusion's public rows and copies included
+    /// (default: the server's largest).
+    #[arg(long, env = "FUSION_BATCH",
+          value_parser = crate::args::at_least_one)]
     pub batch: Option<usize>,
     /// Linear layers `preprocessed` (Delphi: HE on random masks and the OT extension in
     /// each batch's offline phase, then a masked reshare) or `online` (Cheetah: HE on the
@@ -412,7 +436,7 @@ pub struct InferArgs {
     #[arg(long, env = "FUSION_REPORT_DIR")]
     pub report: Option<PathBuf>,
     /// Run the bare protocol, without Fusion's mix-and-check (results NOT verified).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["t", "r", "target", "confidence"])]
     pub no_fusion: bool,
     #[command(flatten)]
     pub fusion: FusionArgs,
@@ -434,8 +458,19 @@ pub struct FusionArgs {
     pub target: f64,
     /// Confidence of check (c) (the published pool labels' accuracy against the server's
     /// claim).
-    #[arg(long, default_value_t = crate::verified::DEFAULT_CONFIDENCE)]
+    #[arg(long, default_value_t = crate::verified::DEFAULT_CONFIDENCE,
+          value_parser = parse_confidence)]
     pub confidence: f64,
+}
+
+/// A confidence strictly between 0 and 1.
+fn parse_confidence(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(c) if c > 0.0 && c < 1.0 => Ok(c),
+        _ => Err(format!(
+            "{s:?} is not a confidence strictly between 0 and 1"
+        )),
+    }
 }
 
 impl FusionArgs {
@@ -529,6 +564,8 @@ pub async fn run_cmd(args: InferArgs) -> anyhow::Result<()> {
     eprintln!("Fusion disabled (--no-fusion): the bare protocol; results are NOT verified");
     // the trust store guards the bare protocol too (an abort can leak there as well)
     let (mut store, fp) = args.trust.admit(&client)?;
+    // a batch the server refuses over the budget would end the session after it started
+    check_budget(&info, pixels.len() / mnist::PIXELS)?;
     let out = run_with_info(&client, &info, Inputs::Pixels(&pixels), &opts)
         .await
         .map_err(|e| {

@@ -43,7 +43,7 @@ const VERSION: u32 = 1;
 pub enum TrustError {
     /// The server is distrusted: no batch is run with it.
     #[error(
-        "refusing {server}: this client distrusts its certificate {fingerprint} since unix time {since} ({reason}); recorded in {}; run again with --trust-again or `fusion-client trust reset {server}` to trust it again",
+        "refusing the server: this client distrusts the certificate it presented, {fingerprint}, since unix time {since}, when the server at {server} presented it ({reason}); recorded in {}; run again with --trust-again or `fusion-client trust reset {fingerprint}` to trust it again",
         path.display()
     )]
     Distrusted {
@@ -436,6 +436,16 @@ mod tests {
         let e = s.check(&fp).unwrap_err();
         assert!(matches!(&e, TrustError::Distrusted { server, .. } if server == "https://h:1"));
         assert!(e.to_string().contains("--trust-again"));
+        // the store binds to the certificate: the same certificate at another address is
+        // refused too, so the message names the certificate (and where it was recorded),
+        // not the recorded address as if it were the one asked for
+        let text = e.to_string();
+        assert!(text.starts_with("refusing the server:"), "{text}");
+        assert!(
+            text.contains(&format!("trust reset {fp}`"))
+                && text.contains("when the server at https://h:1 presented it"),
+            "{text}"
+        );
         assert_eq!(s.reset("https://h:1").unwrap(), 1);
         assert_eq!(s.reset(&fingerprint(b"other")).unwrap(), 1);
         assert_eq!(s.reset("nothing").unwrap(), 0);

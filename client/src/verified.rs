@@ -35,7 +35,9 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::client::Client;
-use crate::infer::{InferError, InferOptions, client_batches_sized, model_spec, zeroize_spent};
+use crate::infer::{
+    InferError, InferOptions, check_budget, client_batches_sized, model_spec, zeroize_spent,
+};
 
 /// The default target for the escape probability, 2^-40 (DESIGN: 40-bit statistical).
 pub const DEFAULT_TARGET: f64 = 9.094_947_017_729_282e-13;
@@ -68,8 +70,10 @@ pub enum FusionError {
     /// The batch cannot be built.
     #[error(transparent)]
     Mix(#[from] MixError),
-    /// T + R*B exceeds the server's largest batch.
-    #[error("a Fusion batch of {rows} rows exceeds the server's largest batch of {max}")]
+    /// T + R*B exceeds the largest batch (the server's, or the caller's where smaller).
+    #[error(
+        "a Fusion batch of {rows} rows exceeds the largest batch of {max} rows (the server's --max-rows, or --batch where smaller)"
+    )]
     TooManyRows {
         /// T + R*B
         rows: usize,
@@ -209,8 +213,9 @@ impl Default for Params {
 /// How to run a verified inference.
 #[derive(Debug, Clone)]
 pub struct FusionOptions {
-    /// the secure inference's options (backend, output mode; `batch_rows` is ignored: a
-    /// Fusion batch is one protocol batch)
+    /// the secure inference's options (backend, output mode; `batch_rows`, where smaller
+    /// than the server's largest batch, bounds the rows T + R*B of each Fusion batch,
+    /// which is one protocol batch)
     pub infer: InferOptions,
     /// (T, R)
     pub params: Params,
@@ -513,6 +518,15 @@ pub struct SessionOutcomes {
     pub cost: CostReport,
 }
 
+/// The most rows of one Fusion batch: the server's largest batch, or the caller's
+/// `batch_rows` where smaller.
+fn row_limit(info: &ServiceInfo, opts: &InferOptions) -> u64 {
+    let mine = opts
+        .batch_rows
+        .map_or(u64::MAX, |b| u64::try_from(b).unwrap_or(u64::MAX));
+    info.max_rows.min(mine)
+}
+
 /// Verifies the B images of `own_pixels`: one Fusion batch, or the fewest that fit the
 /// server's largest batch ([`Setting::split`]), in one protocol session. Fetches nothing;
 /// `info` and `public` are already in hand. A failed check in any batch is the error
@@ -532,7 +546,11 @@ pub async fn run_verified(
         }
         .into());
     }
-    let settings = Setting::split(opts.params, own_pixels.len() / cols, info.max_rows)?;
+    let settings = Setting::split(
+        opts.params,
+        own_pixels.len() / cols,
+        row_limit(info, &opts.infer),
+    )?;
     let mut own = Vec::with_capacity(settings.len());
     let mut at = 0;
     for st in &settings {
@@ -603,14 +621,15 @@ pub async fn run_sessions(
         let b = o.len() / cols;
         let st = match settings.iter().find(|s| s.b == b) {
             Some(s) => *s,
-            None => Setting::choose(opts.params, b, info.max_rows)?,
+            None => Setting::choose(opts.params, b, row_limit(info, &opts.infer))?,
         };
         settings.push(st);
     }
+    let total: usize = settings.iter().map(|s| s.rows).sum();
+    check_budget(info, total)?;
 
     // Mix every batch (OS randomness; the plans never leave this process).
     let mut plans = Vec::with_capacity(own.len());
-    let total: usize = settings.iter().map(|s| s.rows).sum();
     // the mixed rows (own inputs among public ones, in the secret order): zeroized when the
     // session's closure is dropped, each image's encoding as soon as it is copied
     let mut rows = Zeroizing::new(Vec::<u64>::with_capacity(total * cols));

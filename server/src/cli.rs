@@ -39,6 +39,7 @@ pub fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(log_colours())
         .init();
     fusion_common::net::install_crypto_provider();
     match command {
@@ -50,4 +51,11 @@ pub fn main() -> anyhow::Result<()> {
         Command::Train(args) => run_train(&args),
         Command::Eval(args) => run_eval(&args),
     }
+}
+
+/// Colours in the log only on a terminal, and never with `NO_COLOR` set: no escape codes
+/// in a log file, a pipe or `docker compose logs`.
+fn log_colours() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

@@ -35,7 +35,8 @@ pub struct ServeArgs {
     #[arg(long = "client-ca", env = "FUSION_CLIENT_CA")]
     pub client_ca: PathBuf,
     /// Largest batch (rows) one session may declare.
-    #[arg(long, env = "FUSION_MAX_ROWS", default_value_t = 1024)]
+    #[arg(long, env = "FUSION_MAX_ROWS", default_value_t = 1024,
+          value_parser = at_least_one_u64)]
     pub max_rows: u64,
     /// Rows each client certificate may query in total, or `unlimited`.
     #[arg(long, env = "FUSION_BUDGET", default_value_t = RowBudget(Some(DEFAULT_BUDGET)))]
@@ -53,7 +54,8 @@ pub struct ServeArgs {
     #[arg(long, env = "FUSION_MAX_MESSAGE", default_value_t = DEFAULT_MAX_MESSAGE)]
     pub max_message: usize,
     /// Seconds a session may wait for its client before it is ended.
-    #[arg(long, env = "FUSION_IDLE_TIMEOUT", default_value_t = 600)]
+    #[arg(long, env = "FUSION_IDLE_TIMEOUT", default_value_t = 600,
+          value_parser = at_least_one_u64)]
     pub idle_timeout: u64,
     /// Sessions running at once.
     #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32,
@@ -182,6 +184,14 @@ fn parse_client_memory(s: &str) -> Result<ClientMemory, String> {
                 "{s:?} is not a positive number of MiB (or `half`, `all`)"
             )),
         },
+    }
+}
+
+/// A count of 1 or more (rows, seconds).
+fn at_least_one_u64(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of 1 or more")),
     }
 }
 
@@ -464,6 +474,27 @@ mod tests {
         );
         assert!(parse(&["--budget", "-3"]).is_err());
         assert!(parse(&["--budget", "lots"]).is_err());
+    }
+
+    #[test]
+    fn limits_that_would_refuse_or_time_out_every_session_are_refused_at_start() {
+        // --max-rows 0 would refuse every batch, --idle-timeout 0 end every session at
+        // its first wait (and a client distrusts a server whose session fails)
+        for flag in ["--max-rows", "--idle-timeout"] {
+            for bad in ["0", "-1", "x"] {
+                assert!(parse(&[flag, bad]).is_err(), "{flag} {bad}");
+            }
+            let e = parse(&[flag, "0"]).unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
+        assert_eq!(parse(&["--max-rows", "1"]).unwrap().policy().max_rows, 1);
+        assert_eq!(
+            parse(&["--idle-timeout", "1"])
+                .unwrap()
+                .limits()
+                .idle_timeout,
+            Duration::from_secs(1)
+        );
     }
 
     #[test]

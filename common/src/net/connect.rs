@@ -66,10 +66,20 @@ impl FromStr for ServerAddress {
         if host.is_empty() {
             return Err(err("no host"));
         }
-        Ok(Self {
-            host,
-            port: uri.port_u16().unwrap_or(443),
-        })
+        // a port that is there must be one: `uri.port_u16()` is `None` for `:99999` or
+        // `:abc` as for no port at all, which would silently mean 443
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        let after_host = authority
+            .rsplit_once(']')
+            .map_or(authority, |(_, rest)| rest);
+        let port = match after_host.rsplit_once(':') {
+            None => 443,
+            Some((_, p)) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(err("the port must be a number from 1 to 65535")),
+            },
+        };
+        Ok(Self { host, port })
     }
 }
 
@@ -268,12 +278,21 @@ mod tests {
         assert_eq!(b.authority(), "[::1]:7");
         let c: ServerAddress = "https://fusion.example".parse().unwrap();
         assert_eq!(c.port(), 443);
+        let d: ServerAddress = "https://h:65535".parse().unwrap();
+        assert_eq!(d.port(), 65535);
+        let e = "https://h:99999".parse::<ServerAddress>().unwrap_err();
+        assert!(e.to_string().contains("port"), "{e}");
         for bad in [
             "http://localhost:1",
             "localhost:1",
             "https://h:1/path",
             "",
             "https://",
+            "https://h:99999",
+            "https://h:abc",
+            "https://h:0",
+            "https://h:",
+            "https://[::1]:65536",
         ] {
             assert!(bad.parse::<ServerAddress>().is_err(), "{bad}");
         }

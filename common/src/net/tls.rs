@@ -36,11 +36,20 @@ pub enum TlsError {
         source: std::io::Error,
     },
     /// No certificate in a PEM input.
-    #[error("no PEM certificate in {what}")]
+    #[error("no PEM certificate in the {what} file")]
     NoCertificate {
         /// which input
         what: &'static str,
     },
+    /// No private key in a PEM input.
+    #[error("no PEM private key in the {what} file")]
+    NoKey {
+        /// which input
+        what: &'static str,
+    },
+    /// The private key is not the key of the certificate it is given with.
+    #[error("the private key does not match the certificate (check that --key belongs to --cert)")]
+    KeyMismatch,
     /// A PEM section that does not parse.
     #[error("bad PEM in {what}: {detail}")]
     BadPem {
@@ -125,7 +134,7 @@ impl Identity {
     fn parts(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
         let chain = certificates(&self.cert_pem, "certificate")?;
         let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| match e {
-            rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoCertificate {
+            rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
                 what: "private key",
             },
             other => TlsError::BadPem {
@@ -194,7 +203,8 @@ pub fn server_config(
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_single_cert(chain, key)
+        .map_err(key_error)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
@@ -209,9 +219,20 @@ pub fn client_config(
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(server_ca_pem, "server CA")?)
-        .with_client_auth_cert(chain, key)?;
+        .with_client_auth_cert(chain, key)
+        .map_err(key_error)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// rustls' refusal of a certificate and key pair, named when the key is another's.
+fn key_error(e: rustls::Error) -> TlsError {
+    match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            TlsError::KeyMismatch
+        }
+        other => TlsError::Config(other),
+    }
 }
 
 /// A client configuration that presents no certificate. Only useful to show that the
@@ -321,7 +342,19 @@ mod tests {
         let other = generate(&CertSpec::default()).unwrap();
         // a key that does not belong to the certificate
         let mixed = Identity::from_pem(b.server.cert_pem.clone(), other.server.key_pem());
-        assert!(server_config(&mixed, b.ca_pem.as_bytes()).is_err());
+        assert!(matches!(
+            server_config(&mixed, b.ca_pem.as_bytes()),
+            Err(TlsError::KeyMismatch)
+        ));
+        let mixed = Identity::from_pem(b.clients[0].cert_pem.clone(), other.server.key_pem());
+        let e = client_config(&mixed, b.ca_pem.as_bytes()).unwrap_err();
+        assert!(matches!(e, TlsError::KeyMismatch), "{e}");
+        assert!(e.to_string().contains("does not match"), "{e}");
+        // a key file without a key is named as such (not as a missing certificate)
+        let keyless = Identity::from_pem(b.clients[0].cert_pem.clone(), b"garbage\n".to_vec());
+        let e = client_config(&keyless, b.ca_pem.as_bytes()).unwrap_err();
+        assert!(matches!(e, TlsError::NoKey { .. }), "{e}");
+        assert_eq!(e.to_string(), "no PEM private key in the private key file");
         assert!(matches!(
             server_name("not a name"),
             Err(TlsError::BadServerName(_))
