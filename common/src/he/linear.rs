@@ -558,7 +558,7 @@ pub fn recv_query_ct<C: Channel + ?Sized>(ch: &mut C, p: &HeParams) -> Result<Ve
     let m = ch.recv()?;
     if m.len() != p.upload_ct_bytes() {
         return Err(HeError::MalformedLength {
-            what: "query ciphertext",
+            what: "input ciphertext",
             expected: p.upload_ct_bytes(),
             actual: m.len(),
         });

@@ -740,7 +740,7 @@ fn a_query_ciphertext_of_the_wrong_length_is_refused_before_the_next_is_read() {
     for len in [n - 1, n + 1, 0, 4 * n] {
         let r = recv_query_ct(&mut b, &params);
         assert!(
-            matches!(r, Err(HeError::MalformedLength { what: "query ciphertext", expected, actual }) if expected == n && actual == len),
+            matches!(r, Err(HeError::MalformedLength { what: "input ciphertext", expected, actual }) if expected == n && actual == len),
             "{len}: {r:?}"
         );
     }
