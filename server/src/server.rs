@@ -142,7 +142,13 @@ pub async fn spawn(
     let service = FusionServer::new(service)
         .max_decoding_message_size(grpc_limit)
         .max_encoding_message_size(grpc_limit);
-    let incoming = tls_incoming(listener, tls, limits.handshake_timeout, stats.clone());
+    let incoming = tls_incoming(
+        listener,
+        tls,
+        limits.handshake_timeout,
+        limits.max_handshakes,
+        stats.clone(),
+    );
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()

@@ -33,6 +33,8 @@ const MIB: u64 = 1 << 20;
 #[derive(Debug, Default)]
 pub struct ServerStats {
     pub(crate) handshakes_failed: AtomicU64,
+    pub(crate) handshakes_running: AtomicU64,
+    pub(crate) handshakes_peak: AtomicU64,
     pub(crate) sessions_accepted: AtomicU64,
     pub(crate) sessions_refused: AtomicU64,
     pub(crate) sessions_ok: AtomicU64,
@@ -44,6 +46,10 @@ pub struct ServerStats {
 pub struct StatsSnapshot {
     /// TLS handshakes that failed (no or bad client certificate, not TLS, ...)
     pub handshakes_failed: u64,
+    /// TLS handshakes under way now
+    pub handshakes_running: u64,
+    /// the most TLS handshakes that were ever under way at once
+    pub handshakes_peak: u64,
     /// sessions accepted
     pub sessions_accepted: u64,
     /// sessions refused at the start
@@ -60,11 +66,31 @@ impl ServerStats {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatsSnapshot {
             handshakes_failed: g(&self.handshakes_failed),
+            handshakes_running: g(&self.handshakes_running),
+            handshakes_peak: g(&self.handshakes_peak),
             sessions_accepted: g(&self.sessions_accepted),
             sessions_refused: g(&self.sessions_refused),
             sessions_ok: g(&self.sessions_ok),
             sessions_failed: g(&self.sessions_failed),
         }
+    }
+}
+
+/// One running TLS handshake, counted in [`ServerStats`] until dropped.
+pub(crate) struct HandshakeRunning(Arc<ServerStats>);
+
+impl ServerStats {
+    /// Counts a handshake as running (and the peak) until the guard is dropped.
+    pub(crate) fn handshake_started(self: &Arc<Self>) -> HandshakeRunning {
+        let now = self.handshakes_running.fetch_add(1, Ordering::Relaxed) + 1;
+        self.handshakes_peak.fetch_max(now, Ordering::Relaxed);
+        HandshakeRunning(self.clone())
+    }
+}
+
+impl Drop for HandshakeRunning {
+    fn drop(&mut self) {
+        self.0.handshakes_running.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

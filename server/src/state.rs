@@ -206,6 +206,10 @@ pub struct SessionLimits {
     pub max_client_sessions: usize,
     /// time allowed for a TLS handshake
     pub handshake_timeout: Duration,
+    /// TLS handshakes running at once; further connections wait in the listen backlog
+    /// until one ends (so connections that never finish their handshake hold at most
+    /// this many sockets and tasks, each for at most `handshake_timeout`)
+    pub max_handshakes: usize,
     /// memory the running sessions may hold together, bytes, by their runners'
     /// estimates ([`crate::runner::SessionRunner::memory_estimate`]); `None`: no cap
     /// (`serve` sets three quarters of the machine's memory unless told otherwise)
@@ -246,6 +250,11 @@ impl ClientMemory {
     }
 }
 
+/// Default of [`SessionLimits::max_handshakes`]: twice the default session slots (a
+/// handshake takes a few milliseconds of CPU; a peer that stalls holds its slot for at
+/// most the handshake timeout).
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
+
 impl Default for SessionLimits {
     fn default() -> Self {
         Self {
@@ -255,6 +264,7 @@ impl Default for SessionLimits {
             max_sessions: 32,
             max_client_sessions: 4,
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_memory: None,
             max_client_memory: ClientMemory::Half,
         }

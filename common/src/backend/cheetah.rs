@@ -877,8 +877,11 @@ fn server_queries(
     for (_, s) in &calls {
         let header = ch.recv()?;
         let count = he.check_query_header(*s, &header)?;
+        // each ciphertext's length is checked as it arrives: the layer's queries are
+        // held until all are in, so `count` messages of the transport's largest size
+        // must not be
         let cts = (0..count)
-            .map(|_| ch.recv())
+            .map(|_| he::recv_query_ct(ch, he.params()))
             .collect::<Result<Vec<_>, _>>()?;
         queries.push((header, cts));
     }

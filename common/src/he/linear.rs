@@ -552,6 +552,20 @@ where
 /// The server's side of one linear layer: receives the client's query, computes
 /// W X + b - R under encryption (X = Xc + Xs), re-randomises, floods, switches and trims,
 /// sends it back and returns its own output share R (B x n_o).
+/// Receives one query ciphertext, its length checked before the next is read (the
+/// server holds a layer's queries until all are in).
+pub fn recv_query_ct<C: Channel + ?Sized>(ch: &mut C, p: &HeParams) -> Result<Vec<u8>, HeError> {
+    let m = ch.recv()?;
+    if m.len() != p.upload_ct_bytes() {
+        return Err(HeError::MalformedLength {
+            what: "input ciphertext",
+            expected: p.upload_ct_bytes(),
+            actual: m.len(),
+        });
+    }
+    Ok(m)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn server_linear<C, R>(
     ch: &mut C,
@@ -570,7 +584,7 @@ where
         let header = ch.recv()?;
         let count = session.check_query_header(shape, &header)?;
         let cts = (0..count)
-            .map(|_| ch.recv())
+            .map(|_| recv_query_ct(ch, session.params()))
             .collect::<Result<Vec<_>, _>>()?;
         let (msgs, ys) = session.evaluate_layer(weights, bias, xs, shape, &header, &cts, rng)?;
         for msg in msgs {

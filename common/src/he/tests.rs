@@ -725,3 +725,24 @@ fn nonzero_padding_in_a_result_is_refused() {
         Err(HeError::Malformed { .. })
     ));
 }
+
+#[test]
+fn a_query_ciphertext_of_the_wrong_length_is_refused_before_the_next_is_read() {
+    // the server holds a layer's queries until all are in: each is checked as it comes
+    let params = HeParams::new(32, 16).unwrap();
+    let n = params.upload_ct_bytes();
+    let (mut a, mut b) = memory_pair();
+    for len in [n, n - 1, n + 1, 0, 4 * n] {
+        a.send_vec(vec![7; len]).unwrap();
+    }
+    a.send(b"next").unwrap();
+    assert_eq!(recv_query_ct(&mut b, &params).unwrap().len(), n);
+    for len in [n - 1, n + 1, 0, 4 * n] {
+        let r = recv_query_ct(&mut b, &params);
+        assert!(
+            matches!(r, Err(HeError::MalformedLength { what: "input ciphertext", expected, actual }) if expected == n && actual == len),
+            "{len}: {r:?}"
+        );
+    }
+    assert_eq!(b.recv().unwrap(), b"next");
+}

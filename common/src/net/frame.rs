@@ -18,8 +18,19 @@ pub const MIN_FRAME_LIMIT: usize = 4 << 10;
 /// Largest frame limit a party may ask for.
 pub const MAX_FRAME_LIMIT: usize = 64 << 20;
 
-/// Default limit on one reassembled message: 1 GiB.
-pub const DEFAULT_MAX_MESSAGE: usize = crate::channel::DEFAULT_MAX_MESSAGE;
+/// Default limit on one reassembled message: 64 MiB.
+///
+/// Derived from the largest message the protocols send, measured on the bundled model at
+/// the default largest batch (two 1,024-row batches in one session, both linear modes,
+/// labels and logits, in-process): the largest is a Ferret extension iteration, server
+/// to client, 4,325,376 bytes (fixed by the Ferret parameters, not by the rows); client
+/// to server, the preprocessed mode's masked input of the first layer, 3,311,616 bytes
+/// (`rows x 784` ring elements of 33 bits, packed: the only message that grows with the
+/// batch), then the base OTs of the set-up, 1,185,792 bytes. 64 MiB leaves a margin of
+/// 15 at the default batch and covers batches up to about 20,000 rows in the
+/// preprocessed mode. A session may hold about two such messages of inbound data (see
+/// [`super::stream::inbound_bytes`]), which the server counts against its memory cap.
+pub const DEFAULT_MAX_MESSAGE: usize = 64 << 20;
 
 /// What a gRPC message may carry beyond a chunk's payload (protobuf framing, a start
 /// frame's parameters, the unary replies). tonic's encoding and decoding limits are set

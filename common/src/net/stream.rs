@@ -54,6 +54,27 @@ pub fn inbound_capacity(limits: &FrameLimits) -> usize {
     frames.clamp(16, 4096) + 1
 }
 
+/// Receive window HTTP/2 may fill ahead of the pump task: hyper's adaptive window (which
+/// both ends enable) grows to at most 16 MiB (`BDP_LIMIT` in hyper's `proto/h2/ping.rs`).
+pub const HTTP2_WINDOW_BYTES: usize = 16 << 20;
+
+/// The most inbound data one session's transport holds at once, whatever its peer sends
+/// (bytes): the HTTP/2 receive window, the frame tonic is decoding, the inbound queue
+/// ([`inbound_capacity`] frames of at most `frame_limit + FRAME_OVERHEAD` bytes: tonic
+/// refuses larger ones), the message being reassembled (at most `max_message`: a larger
+/// declared length is [`ChannelError::TooLarge`] before anything is kept) and the last
+/// whole message, which the protocol holds while it checks it. About 214 MiB with the
+/// default limits. Protocol messages the protocol keeps beyond that are its own memory
+/// (its runner's estimate), each of a length it checks as it takes it.
+pub fn inbound_bytes(limits: &FrameLimits) -> u64 {
+    let frame = limits.grpc_message_limit() as u64;
+    let queue = (inbound_capacity(limits) as u64).saturating_mul(frame);
+    (HTTP2_WINDOW_BYTES as u64)
+        .saturating_add(frame)
+        .saturating_add(queue)
+        .saturating_add((limits.max_message as u64).saturating_mul(2))
+}
+
 /// Spawns the task that moves frames from a tonic stream into a queue; the task ends
 /// when the stream ends or fails (the failure is forwarded) or the queue's receiver is
 /// dropped (the stream is dropped with it, which cancels it).
