@@ -356,8 +356,31 @@ fn policies(c: &CommonArgs) -> Vec<Policy> {
     }]
 }
 
+/// The directories the run will write into (the report's, and those of the files
+/// `--save` and `--save-first-layer` name), made before any query: a run of hours must
+/// not end in "No such file or directory" with its results lost.
+fn make_output_dirs(args: &AttackArgs) -> anyhow::Result<()> {
+    let (common, files): (&CommonArgs, Vec<&PathBuf>) = match &args.attack {
+        AttackCommand::Papernot(a) => (&a.common, Vec::new()),
+        AttackCommand::Carlini(a) => (
+            &a.common,
+            a.save.iter().chain(&a.save_first_layer).collect(),
+        ),
+    };
+    let parents = files
+        .into_iter()
+        .filter_map(|f| f.parent())
+        .filter(|p| !p.as_os_str().is_empty());
+    for dir in common.report.as_deref().into_iter().chain(parents) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the output directory {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// Runs `fusion-client attack ...`.
 pub fn run(args: AttackArgs) -> anyhow::Result<()> {
+    make_output_dirs(&args)?;
     let (records, common) = match args.attack {
         AttackCommand::Papernot(a) => (run_papernot(&a)?, a.common),
         AttackCommand::Carlini(a) => (run_carlini(&a)?, a.common),
@@ -790,6 +813,45 @@ fn runtime(c: &CommonArgs) -> anyhow::Result<Runtime> {
 mod tests {
     use super::hybrid::Completion;
     use super::*;
+
+    /// The report directory and the parents of `--save` and `--save-first-layer` exist
+    /// before the run (a missing one failed only at the end of the run, its results lost).
+    #[test]
+    fn output_directories_are_made_before_the_run() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            attack: AttackArgs,
+        }
+        use clap::Parser;
+        let tmp = tempfile::tempdir().unwrap();
+        let at = |p: &str| tmp.path().join(p).display().to_string();
+        let cli = Cli::try_parse_from([
+            "x",
+            "carlini",
+            "--report",
+            &at("r/a"),
+            "--save",
+            &at("s/b/stolen.safetensors"),
+            "--save-first-layer",
+            &at("f/first.json"),
+        ])
+        .unwrap();
+        for d in ["r/a", "s/b", "f"] {
+            assert!(!tmp.path().join(d).exists(), "{d}");
+        }
+        make_output_dirs(&cli.attack).unwrap();
+        for d in ["r/a", "s/b", "f"] {
+            assert!(tmp.path().join(d).is_dir(), "{d}");
+        }
+        // a bare file name has no directory to make; a path under a file is refused by name
+        let bare = Cli::try_parse_from(["x", "carlini", "--save", "stolen.safetensors"]).unwrap();
+        make_output_dirs(&bare.attack).unwrap();
+        std::fs::write(tmp.path().join("file"), b"").unwrap();
+        let under = Cli::try_parse_from(["x", "carlini", "--report", &at("file/r")]).unwrap();
+        let e = make_output_dirs(&under.attack).unwrap_err();
+        assert!(e.to_string().contains("output directory"), "{e}");
+    }
 
     /// The hybrid and the control each carry their own training time, not the
     /// completion's total; the shared query phase is in the details, once per record.
