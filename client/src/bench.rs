@@ -11,7 +11,8 @@
 //!   session per batch size (set-up apart), checked against the fixed-point evaluator:
 //!   in memory (both roles of `fusion_common::backend` on two threads) or over TLS (the
 //!   real `cheetah` runner of an in-process server and [`crate::infer::run_with_info`]).
-//! - `--link lan|wan|wan100|RATE_MBIT/DELAY_MS` (implies `--transport tls`): the client
+//! - `--link lan|wan|wan100|RATE_MBIT/DELAY_MS` (implies `--transport tls`; an explicit
+//!   `--transport memory` with it is refused, [`BenchError::MemoryWithLink`]): the client
 //!   reaches the in-process server through the [`LinkEmulator`] (a TCP relay adding the
 //!   profile's one-way delay and rate per direction; the TLS bytes pass unchanged). Each
 //!   run is made twice, first straight over loopback TLS (the compute term), then through
@@ -95,9 +96,10 @@ pub struct InferBenchArgs {
     /// rows in the batch; a comma list (1,16,256) runs one session per value
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub rows: Vec<usize>,
-    /// transport between the two parties
-    #[arg(long, value_enum, default_value_t = Transport::Memory)]
-    pub transport: Transport,
+    /// transport between the two parties: `memory` (the default without --link) or
+    /// `tls` (implied by --link; `--transport memory` with --link is refused)
+    #[arg(long, value_enum)]
+    pub transport: Option<Transport>,
     /// what leaves the protocol: `labels` or `logits`
     #[arg(long, default_value = "labels")]
     pub output: OutputMode,
@@ -134,9 +136,10 @@ pub struct ReluArgs {
     /// ring width l (2..=64)
     #[arg(long, default_value_t = 32)]
     pub bits: u32,
-    /// transport between the two parties
-    #[arg(long, value_enum, default_value_t = Transport::Memory)]
-    pub transport: Transport,
+    /// transport between the two parties: `memory` (the default without --link) or
+    /// `tls` (implied by --link; `--transport memory` with --link is refused)
+    #[arg(long, value_enum)]
+    pub transport: Option<Transport>,
     /// core OT extension (Ferret by default, as in the backend); a comma list
     /// (iknp,ferret) runs one bench per kind and compares them
     #[arg(long, value_enum, value_delimiter = ',', default_value = "ferret")]
@@ -195,8 +198,26 @@ pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
     }
 }
 
+/// The transport a bench runs over: the one given, `tls` with a link (which runs over
+/// TLS), else `memory`. An explicit `memory` with a link is refused: a link cannot carry
+/// the in-memory duplex.
+pub fn bench_transport(
+    transport: Option<Transport>,
+    link: Option<&LinkArg>,
+) -> Result<Transport, BenchError> {
+    match (transport, link) {
+        (Some(Transport::Memory), Some(l)) => Err(BenchError::MemoryWithLink {
+            link: l.label.clone(),
+        }),
+        (Some(t), _) => Ok(t),
+        (None, Some(_)) => Ok(Transport::Tls),
+        (None, None) => Ok(Transport::Memory),
+    }
+}
+
 /// Runs `bench relu` (one bench per `--ot` value) and returns the text to print.
 fn run_relu_cmd(a: &ReluArgs) -> Result<String, BenchError> {
+    let transport = bench_transport(a.transport, a.link.as_ref())?;
     if a.ot.is_empty() {
         return Err(BenchError::Setup("--ot needs at least one OT kind".into()));
     }
@@ -221,7 +242,7 @@ fn run_relu_cmd(a: &ReluArgs) -> Result<String, BenchError> {
         };
         reports.push(match &a.link {
             Some(l) => run_relu_bench_link(b, l)?,
-            None => run_relu_bench(b, a.transport)?,
+            None => run_relu_bench(b, transport)?,
         });
     }
     let mut notes = String::new();
@@ -289,6 +310,7 @@ fn relu_line(r: &ReluReport) -> String {
 
 /// Runs `bench infer` and returns the text to print.
 fn run_infer_cmd(a: &InferBenchArgs) -> Result<String, BenchError> {
+    let transport = bench_transport(a.transport, a.link.as_ref())?;
     let model_path = match &a.model {
         Some(p) => p.clone(),
         None => bundled(BUNDLED_MODEL)
@@ -306,7 +328,7 @@ fn run_infer_cmd(a: &InferBenchArgs) -> Result<String, BenchError> {
         &images,
         &a.rows,
         a.output,
-        a.transport,
+        transport,
         a.link.as_ref(),
         a.linear,
     )?;
@@ -553,18 +575,18 @@ pub fn run_infer_bench(
             "--rows needs positive batch sizes".into(),
         ));
     }
+    // a link runs over the product transport
+    if let (Transport::Memory, Some(l)) = (transport, link) {
+        return Err(BenchError::MemoryWithLink {
+            link: l.label.clone(),
+        });
+    }
     let config = CheetahConfig {
         linear,
         ..CheetahConfig::default()
     };
     let model = Model::load(model_path).map_err(|e| BenchError::Setup(e.to_string()))?;
     let fm = model.fixed_model();
-    // a link implies the product transport
-    let transport = if link.is_some() {
-        Transport::Tls
-    } else {
-        transport
-    };
     match transport {
         Transport::Memory => rows
             .iter()
@@ -815,6 +837,16 @@ pub enum BenchError {
     /// the report directory could not be written
     #[error(transparent)]
     Report(#[from] crate::charts::ReportError),
+    /// `--transport memory` with `--link`: the link emulator relays TCP, so a link runs
+    /// over TLS
+    #[error(
+        "--transport memory conflicts with --link {link}: a link runs over TLS (drop \
+         --transport or give --transport tls)"
+    )]
+    MemoryWithLink {
+        /// the --link value given
+        link: String,
+    },
 }
 
 /// Runs the bench over the chosen transport.
@@ -1215,7 +1247,7 @@ mod tests {
         let args = BenchArgs {
             what: BenchCmd::Infer(InferBenchArgs {
                 rows: vec![1, 3],
-                transport: Transport::Memory,
+                transport: Some(Transport::Memory),
                 output: OutputMode::Labels,
                 linear: LinearMode::Preprocessed,
                 model: None,
@@ -1300,6 +1332,66 @@ mod tests {
         }
     }
 
+    /// `bench ... --link` runs over TLS; an explicit `--transport memory` with it is a
+    /// named conflict, refused before anything runs (not silently run over TLS).
+    #[test]
+    fn an_explicit_memory_transport_with_a_link_is_refused() {
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let parse = |args: &[&str]| {
+            let argv = ["bench"].iter().chain(args).copied();
+            <Cmd as clap::Parser>::try_parse_from(argv).unwrap().bench
+        };
+        let transport = |b: &BenchArgs| match &b.what {
+            BenchCmd::Infer(a) => bench_transport(a.transport, a.link.as_ref()),
+            BenchCmd::Relu(a) => bench_transport(a.transport, a.link.as_ref()),
+        };
+        for cmd in ["infer", "relu"] {
+            let b = parse(&[cmd, "--transport", "memory", "--link", "lan"]);
+            let r = transport(&b);
+            assert!(
+                matches!(&r, Err(BenchError::MemoryWithLink { link }) if link == "lan"),
+                "{r:?}"
+            );
+            // the command itself refuses it, before it loads or runs anything
+            let e = run(&b).unwrap_err();
+            assert!(matches!(e, BenchError::MemoryWithLink { .. }), "{e:?}");
+            assert!(
+                e.to_string()
+                    .contains("--transport memory conflicts with --link lan"),
+                "{e}"
+            );
+            // a link alone, or with tls, runs over TLS; memory is the default without
+            for (args, t) in [
+                (&[cmd, "--link", "wan"][..], Transport::Tls),
+                (
+                    &[cmd, "--transport", "tls", "--link", "lan"],
+                    Transport::Tls,
+                ),
+                (&[cmd], Transport::Memory),
+                (&[cmd, "--transport", "memory"], Transport::Memory),
+                (&[cmd, "--transport", "tls"], Transport::Tls),
+            ] {
+                assert_eq!(transport(&parse(args)).unwrap(), t, "{args:?}");
+            }
+        }
+        // the library entry point refuses the pair too
+        let link = parse_link("lan").unwrap();
+        let r = run_infer_bench(
+            std::path::Path::new("/nonexistent"),
+            &[],
+            &[1],
+            OutputMode::Labels,
+            Transport::Memory,
+            Some(&link),
+            LinearMode::Online,
+        );
+        assert!(matches!(r, Err(BenchError::MemoryWithLink { .. })), "{r:?}");
+    }
+
     #[test]
     fn link_flags_parse_and_refuse_nonsense() {
         assert_eq!(parse_link("wan").unwrap().profile, LinkProfile::WAN);
@@ -1314,7 +1406,7 @@ mod tests {
             what: BenchCmd::Relu(ReluArgs {
                 count: 500,
                 bits: 37,
-                transport: Transport::Memory,
+                transport: Some(Transport::Memory),
                 ot: vec![OtArg::Iknp, OtArg::Ferret],
                 leaf_bits: None,
                 kn: None,

@@ -15,7 +15,6 @@ use fusion_common::backend::{
 };
 use fusion_common::fixed::{FixedLayer, FixedModel};
 use fusion_common::net::session::SessionStart;
-use fusion_common::net::stream::inbound_bytes;
 use fusion_common::ot::Ferret;
 use fusion_common::ot::ferret::{MAIN, OtKind};
 use tonic::Code;
@@ -183,8 +182,9 @@ const CHEETAH_ROW_UNIT_BYTES: u64 = 1024;
 /// `units` Dense outputs per row holds at once, bytes (the server's admission estimate):
 /// the base, what Ferret holds beyond a batch's COTs ([`Ferret::max_surplus_bytes`],
 /// about 346 MiB once a main iteration has run in both directions) and the rows. For
-/// the bundled model at 1,024 rows about 676 MiB (the admission estimate,
-/// [`cheetah_session_memory`], adds the transport's inbound data).
+/// the bundled model at 1,024 rows about 676 MiB (what the server charges the session,
+/// [`admission_memory`](crate::runner::admission_memory), adds the transport's inbound
+/// data).
 ///
 /// `None` for a configuration over IKNP: not estimated. The row term was measured over
 /// Ferret, which writes its COTs into the session's buffers; IKNP also holds, while it
@@ -224,12 +224,13 @@ fn model_units(state: &ServerState) -> u64 {
         .sum()
 }
 
-/// The admission estimate of a `cheetah`-family session under `config`: batches of up to
-/// the rows it declared (the policy's largest if none), plus the inbound data its
-/// transport may hold whatever the client sends ([`inbound_bytes`] of the server's frame
-/// limits: about 214 MiB with the defaults; the measured figures above are of honest
-/// clients, whose messages are far below the limits); `u64::MAX` (not estimated, see
-/// [`SessionRunner::memory_estimate`]) where [`cheetah_memory_estimate`] has none.
+/// The runner's estimate of a `cheetah`-family session under `config`: batches of up to
+/// the rows it declared (the policy's largest if none); `u64::MAX` (not estimated, see
+/// [`SessionRunner::memory_estimate`]) where [`cheetah_memory_estimate`] has none. The
+/// server adds the inbound data the session's transport may hold whatever the client
+/// sends ([`admission_memory`](crate::runner::admission_memory): about 214 MiB with the
+/// default limits; the measured figures above are of honest clients, whose messages are
+/// far below the limits).
 pub(crate) fn cheetah_session_memory(
     config: &CheetahConfig,
     start: &SessionStart,
@@ -239,9 +240,7 @@ pub(crate) fn cheetah_session_memory(
         0 => state.policy.max_rows,
         r => r.min(state.policy.max_rows),
     };
-    cheetah_memory_estimate(config, model_units(state), rows).map_or(u64::MAX, |m| {
-        m.saturating_add(inbound_bytes(&state.limits.frames))
-    })
+    cheetah_memory_estimate(config, model_units(state), rows).unwrap_or(u64::MAX)
 }
 
 /// The server role of `cheetah`.
@@ -288,8 +287,10 @@ impl SessionRunner for CheetahRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runner::admission_memory;
     use crate::state::{Policy, SessionLimits};
     use fusion_common::channel::ChannelError;
+    use fusion_common::net::stream::inbound_bytes;
     use std::collections::BTreeMap;
 
     fn start(rows: u64) -> StartInfo {
@@ -314,9 +315,10 @@ mod tests {
         assert_eq!(model_units(&state), 128 + 128 + 10);
         let ferret = CheetahConfig::with_ot(OtKind::Ferret);
         let iknp = CheetahConfig::with_ot(OtKind::Iknp);
+        // what the server charges a session against its cap
         let session = |config: &CheetahConfig, rows: u64| {
             let start = SessionStart::new("cheetah").with_batch(rows, 784);
-            cheetah_session_memory(config, &start, &state)
+            admission_memory(&CheetahRunner { config: *config }, &start, &state)
         };
         // no rows declared: the policy's largest batch (1,024)
         assert_eq!(session(&ferret, 0), session(&ferret, 1024));

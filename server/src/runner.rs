@@ -35,7 +35,7 @@ use std::sync::Arc;
 use fusion_common::channel::{Channel, ChannelError};
 use fusion_common::net::info::OutputMode;
 use fusion_common::net::session::SessionStart;
-use fusion_common::net::stream::status_code;
+use fusion_common::net::stream::{inbound_bytes, status_code};
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Code, Status};
 
@@ -203,12 +203,14 @@ pub trait SessionRunner: Send + Sync + 'static {
         false
     }
 
-    /// The most memory a session started with `start` may hold at once, bytes: the server
-    /// admits sessions while their estimates fit its cap
+    /// The most memory the runner of a session started with `start` may hold at once,
+    /// bytes, not counting the session's transport: the server charges each session this
+    /// plus the inbound data its transport may hold ([`admission_memory`]) and admits
+    /// sessions while their charges fit its cap
     /// ([`SessionLimits::max_memory`](crate::state::SessionLimits::max_memory)). The
-    /// policy checks are done. Default: 0 (a runner that holds little). `u64::MAX` says
-    /// the runner cannot estimate the session: under a cap it is refused
-    /// (`RESOURCE_EXHAUSTED`), without one it runs.
+    /// policy checks are done. Default: 0 (a runner that holds little beyond what it
+    /// receives). `u64::MAX` says the runner cannot estimate the session: under a cap it
+    /// is refused (`RESOURCE_EXHAUSTED`), without one it runs.
     fn memory_estimate(&self, _start: &SessionStart, _state: &ServerState) -> u64 {
         0
     }
@@ -236,6 +238,23 @@ where
         state: &ServerState,
     ) -> Result<(), RunnerError> {
         self(ch, start, state)
+    }
+}
+
+/// What the server charges a session started with `start` against its memory cap, bytes:
+/// the runner's [`SessionRunner::memory_estimate`] plus the most inbound data the
+/// session's transport may hold whatever the client sends ([`inbound_bytes`] of the
+/// server's frame limits: about 214 MiB with the defaults), which any session may be
+/// sent, whatever its backend (an `echo` session too); `u64::MAX` (not estimated) where
+/// the runner's estimate is.
+pub fn admission_memory(
+    runner: &dyn SessionRunner,
+    start: &SessionStart,
+    state: &ServerState,
+) -> u64 {
+    match runner.memory_estimate(start, state) {
+        u64::MAX => u64::MAX,
+        m => m.saturating_add(inbound_bytes(&state.limits.frames)),
     }
 }
 

@@ -68,9 +68,10 @@ pub struct ServeArgs {
     #[arg(long, env = "FUSION_MAX_CLIENT_SESSIONS", default_value_t = 4,
           value_parser = at_least_one)]
     pub max_client_sessions: usize,
-    /// Memory the running sessions may hold together, by each backend's estimate (a
-    /// `cheetah` session of 1,024-row batches: about 890 MiB, 214 of them for what a
-    /// client may have in flight under the default --max-message), in MiB; `auto`: three
+    /// Memory the running sessions may hold together, by each backend's estimate plus
+    /// what a client may have in flight to the session, which every session is charged
+    /// (214 MiB under the default --max-message: an `echo` session counts that; a
+    /// `cheetah` session of 1,024-row batches about 890 MiB), in MiB; `auto`: three
     /// quarters of the machine's memory (or of its cgroup's limit: a container's, a
     /// systemd unit's); `unlimited`. A session over the whole cap is refused
     /// (RESOURCE_EXHAUSTED), one that does not fit beside the running ones is refused as

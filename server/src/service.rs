@@ -23,7 +23,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::runner::{MemoryHold, Refusal, Registry, RunnerError, SessionRunner, StartInfo};
+use crate::runner::{
+    MemoryHold, Refusal, Registry, RunnerError, SessionRunner, StartInfo, admission_memory,
+};
 use crate::state::ServerState;
 
 /// Bytes per MiB (the memory cap's unit).
@@ -249,7 +251,8 @@ impl FusionService {
         refusal.to_status()
     }
 
-    /// The session's share of the memory cap, by its runner's estimate: refused with
+    /// The session's share of the memory cap, by its runner's estimate and its transport's
+    /// inbound data ([`admission_memory`]): refused with
     /// `RESOURCE_EXHAUSTED` if it exceeds the whole cap (or the runner cannot estimate
     /// it), `UNAVAILABLE` while the running sessions hold too much of it, or `client`'s
     /// running sessions hold so much that this one would take them over the client's
@@ -268,7 +271,7 @@ impl FusionService {
         else {
             return Ok(MemoryHold::default());
         };
-        let estimate = runner.memory_estimate(start, &self.state);
+        let estimate = admission_memory(runner, start, &self.state);
         if estimate == u64::MAX {
             return Err(Refusal {
                 code: tonic::Code::ResourceExhausted,
@@ -290,7 +293,7 @@ impl FusionService {
             let fits = |rows: u64| {
                 let mut s = start.clone();
                 s.rows = rows;
-                runner.memory_estimate(&s, &self.state).div_ceil(MIB) <= *cap as u64
+                admission_memory(runner, &s, &self.state).div_ceil(MIB) <= *cap as u64
             };
             let advice = if fits(1) {
                 let (mut lo, mut hi) = match start.rows {
@@ -646,9 +649,11 @@ fn run_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runner::ECHO;
     use crate::state::{ClientMemory, Policy, SessionLimits};
 
-    /// Estimates 100 MiB per declared row (IKNP-like `u64::MAX` for 999 rows).
+    /// Estimates 100 MiB per declared row (IKNP-like `u64::MAX` for 999 rows); the
+    /// server adds the transport's inbound data.
     struct Heavy;
 
     impl SessionRunner for Heavy {
@@ -700,18 +705,93 @@ mod tests {
         }
     }
 
+    /// What every session is charged for its transport's inbound data under the default
+    /// frame limits (1 MiB frames, 64 MiB messages), MiB, rounded up.
+    const INBOUND_MIB: usize = 215;
+
     #[test]
-    fn one_clients_sessions_hold_at_most_its_share_of_the_cap() {
-        // cap 1,000 MiB, half of it per client
-        let s = service(1000, ClientMemory::Half, Policy::default());
-        let a1 = s.admit("CN=a", &heavy(3)).unwrap();
-        assert_eq!(a1.1.2.mib(), 300);
-        // 300 + 300 > 500: busy, naming the share
-        let r = refusal(s.admit("CN=a", &heavy(3)));
+    fn every_session_is_charged_its_transports_inbound_data() {
+        use fusion_common::net::frame::FrameLimits;
+        use fusion_common::net::stream::inbound_bytes;
+        // 16 MiB window + 1 frame + 65 queued frames of 1 MiB + 64 KiB + 2 x 64 MiB
+        let inbound = inbound_bytes(&FrameLimits::default());
+        assert_eq!(
+            inbound,
+            (16 << 20) + 66 * ((1 << 20) + (64 << 10)) + 2 * (64 << 20)
+        );
+        assert_eq!(inbound.div_ceil(MIB) as usize, INBOUND_MIB);
+        // `echo` estimates nothing of its own: it is charged the inbound data
+        let limits = SessionLimits {
+            max_memory: Some(500 << 20),
+            max_client_memory: ClientMemory::Whole,
+            ..SessionLimits::default()
+        };
+        let state = Arc::new(ServerState::new(None, Policy::default(), limits));
+        let s = FusionService::new(
+            state,
+            Registry::with_builtins(),
+            vec![ECHO.into()],
+            Default::default(),
+        );
+        let echo = SessionStart::new(ECHO);
+        let a = s.admit("CN=a", &echo).unwrap();
+        assert_eq!(a.1.2.mib(), INBOUND_MIB);
+        let b = s.admit("CN=a", &echo).unwrap();
+        assert_eq!(
+            usage(&s, "CN=a"),
+            (
+                500 - 2 * INBOUND_MIB,
+                Some(ClientUse {
+                    sessions: 2,
+                    mib: 2 * INBOUND_MIB
+                })
+            )
+        );
+        // a third does not fit beside them
+        let r = refusal(s.admit("CN=b", &echo));
         assert_eq!(r.code, tonic::Code::Unavailable, "{r:?}");
         assert!(
             r.message
-                .contains("CN=a's running sessions hold 300 MiB of its 500 MiB share"),
+                .contains("hold 430 of its 500 MiB memory cap, this one needs about 215 MiB"),
+            "{}",
+            r.message
+        );
+        drop((a, b));
+        assert_eq!(usage(&s, "CN=a"), (500, None));
+        // under a cap below the inbound data no echo session is admitted
+        let limits = SessionLimits {
+            max_memory: Some(200 << 20),
+            ..SessionLimits::default()
+        };
+        let state = Arc::new(ServerState::new(None, Policy::default(), limits));
+        let s = FusionService::new(
+            state,
+            Registry::with_builtins(),
+            vec![ECHO.into()],
+            Default::default(),
+        );
+        let r = refusal(s.admit("CN=a", &echo));
+        assert_eq!(r.code, tonic::Code::ResourceExhausted, "{r:?}");
+        assert!(
+            r.message
+                .contains("needs about 215 MiB, more than this server's memory cap of 200 MiB"),
+            "{}",
+            r.message
+        );
+    }
+
+    #[test]
+    fn one_clients_sessions_hold_at_most_its_share_of_the_cap() {
+        // cap 1,200 MiB, half of it per client; heavy(r) holds 100 r + 215 MiB
+        let s = service(1200, ClientMemory::Half, Policy::default());
+        let a1 = s.admit("CN=a", &heavy(1)).unwrap();
+        assert_eq!(a1.1.2.mib(), 315);
+        // 315 + 315 > 600: busy, naming the share
+        let r = refusal(s.admit("CN=a", &heavy(1)));
+        assert_eq!(r.code, tonic::Code::Unavailable, "{r:?}");
+        assert!(
+            r.message
+                .contains("CN=a's running sessions hold 315 MiB of its 600 MiB share"),
             "{}",
             r.message
         );
@@ -719,23 +799,23 @@ mod tests {
         assert_eq!(
             usage(&s, "CN=a"),
             (
-                700,
+                885,
                 Some(ClientUse {
                     sessions: 1,
-                    mib: 300
+                    mib: 315
                 })
             )
         );
-        // 300 + 200 fits the share
-        let a2 = s.admit("CN=a", &heavy(2)).unwrap();
-        // another client has its own share: 500 MiB of the 500 left
-        let b1 = s.admit("CN=b", &heavy(5)).unwrap();
-        assert_eq!(usage(&s, "CN=b").1.unwrap().mib, 500);
-        // the cap is full: the global refusal
-        let r = refusal(s.admit("CN=c", &heavy(1)));
+        // 315 + 215 fits the share
+        let a2 = s.admit("CN=a", &heavy(0)).unwrap();
+        // another client has its own share: 515 MiB of the 670 left
+        let b1 = s.admit("CN=b", &heavy(3)).unwrap();
+        assert_eq!(usage(&s, "CN=b").1.unwrap().mib, 515);
+        // 215 more do not fit the 155 left of the cap: the global refusal
+        let r = refusal(s.admit("CN=c", &heavy(0)));
         assert_eq!(r.code, tonic::Code::Unavailable);
         assert!(
-            r.message.contains("1000 of its 1000 MiB memory cap"),
+            r.message.contains("1045 of its 1200 MiB memory cap"),
             "{r:?}"
         );
         // ending sessions gives back both the cap's permits and the client's share
@@ -743,51 +823,59 @@ mod tests {
         assert_eq!(
             usage(&s, "CN=a"),
             (
-                300,
+                470,
                 Some(ClientUse {
                     sessions: 1,
-                    mib: 200
+                    mib: 215
                 })
             )
         );
         drop((a2, b1));
-        assert_eq!(usage(&s, "CN=a"), (1000, None));
-        assert_eq!(usage(&s, "CN=b"), (1000, None));
-        // with `Whole` one client may hold all of it
-        let s = service(1000, ClientMemory::Whole, Policy::default());
+        assert_eq!(usage(&s, "CN=a"), (1200, None));
+        assert_eq!(usage(&s, "CN=b"), (1200, None));
+        // with `Whole` one client may hold all of it: 4 x 215 MiB, over half
+        let s = service(1200, ClientMemory::Whole, Policy::default());
         let held: Vec<_> = (0..4)
-            .map(|_| s.admit("CN=a", &heavy(2)).unwrap())
+            .map(|_| s.admit("CN=a", &heavy(0)).unwrap())
             .collect();
-        assert_eq!(usage(&s, "CN=a").0, 200);
+        assert_eq!(usage(&s, "CN=a").0, 340);
         drop(held);
-        assert_eq!(usage(&s, "CN=a"), (1000, None));
+        assert_eq!(usage(&s, "CN=a"), (1200, None));
     }
 
     #[test]
     fn a_client_holding_nothing_may_start_one_session_that_fits_the_cap() {
-        // cap 250 MiB, share 125: a 200 MiB session is over the share but fits the cap
-        let s = service(250, ClientMemory::Half, Policy::default());
+        // cap 500 MiB, share 250: a 415 MiB session is over the share but fits the cap
+        let s = service(500, ClientMemory::Half, Policy::default());
         let a1 = s.admit("CN=a", &heavy(2)).unwrap();
-        // a second one of the same client is over its share (and over the cap)
-        let s2 = service(1000, ClientMemory::Bytes(125 << 20), Policy::default());
+        assert_eq!(a1.1.2.mib(), 415);
+        // a second one of the same client is over its share (not over the cap)
+        let s2 = service(1000, ClientMemory::Bytes(300 << 20), Policy::default());
         let b1 = s2.admit("CN=a", &heavy(2)).unwrap();
         let r = refusal(s2.admit("CN=a", &heavy(1)));
         assert_eq!(r.code, tonic::Code::Unavailable);
-        assert!(r.message.contains("200 MiB of its 125 MiB share"), "{r:?}");
-        // sessions that hold nothing of the cap are not held back
+        assert!(r.message.contains("415 MiB of its 300 MiB share"), "{r:?}");
+        // a session whose runner estimates nothing still holds its inbound data, which
+        // counts against its client's share
         let s3 = service(1000, ClientMemory::Half, Policy::default());
         let light = s3.admit("CN=a", &heavy(0)).unwrap();
-        let big = s3.admit("CN=a", &heavy(9)).unwrap();
-        assert_eq!(big.1.2.mib(), 900);
+        assert_eq!(light.1.2.mib(), INBOUND_MIB);
+        let r = refusal(s3.admit("CN=a", &heavy(3)));
+        assert_eq!(r.code, tonic::Code::Unavailable);
+        assert!(
+            r.message.contains("hold 215 MiB of its 500 MiB share"),
+            "{r:?}"
+        );
         // over the cap itself is still refused as such
         drop(a1);
         let r = refusal(s.admit("CN=a", &heavy(3)));
         assert_eq!(r.code, tonic::Code::ResourceExhausted);
+        assert!(r.message.contains("needs about 515 MiB"), "{r:?}");
         assert!(r.message.contains("declare at most 2 rows"), "{r:?}");
-        drop((b1, light, big));
+        drop((b1, light));
         assert_eq!(usage(&s2, "CN=a"), (1000, None));
         assert_eq!(usage(&s3, "CN=a"), (1000, None));
-        assert_eq!(usage(&s, "CN=a"), (250, None));
+        assert_eq!(usage(&s, "CN=a"), (500, None));
     }
 
     #[test]
@@ -812,7 +900,7 @@ mod tests {
         let a = s.admit("CN=b", &heavy(1)).unwrap();
         let clone = a.1.2.clone();
         drop(a);
-        assert_eq!(usage(&s, "CN=b").1.unwrap().mib, 100);
+        assert_eq!(usage(&s, "CN=b").1.unwrap().mib, 100 + INBOUND_MIB);
         assert_eq!(usage(&s, "CN=b").1.unwrap().sessions, 0);
         std::thread::spawn(move || drop(clone)).join().unwrap();
         assert_eq!(usage(&s, "CN=b"), (1000, None));

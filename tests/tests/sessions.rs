@@ -5,6 +5,7 @@ use fusion_client::echo::echo_exchange;
 use fusion_client::{Client, ClientError, ClientOptions, SessionOutput};
 use fusion_common::channel::{Channel, ChannelError};
 use fusion_common::fixed::FixedPoint;
+use fusion_common::net::stream::inbound_bytes;
 use fusion_common::net::{Budget, DEFAULT_FRAME_LIMIT, OutputMode, SessionStart};
 use fusion_common::nn::{Architecture, Model, PublicPool, Tensor};
 use fusion_server::runner::{ECHO, Registry, RunnerError, StartInfo};
@@ -301,8 +302,19 @@ async fn a_panicking_session_ends_with_internal_and_the_server_goes_on() {
     }
 }
 
-/// A runner that holds 100 MiB per declared row (by its estimate) until its client's
-/// one message, which it echoes.
+/// What the server charges every session for the inbound data its transport may hold
+/// under the default frame limits, MiB (rounded up), on top of its runner's estimate.
+const INBOUND_MIB: u64 = 215;
+
+#[test]
+fn the_inbound_charge_is_that_of_the_default_limits() {
+    let inbound = inbound_bytes(&SessionLimits::default().frames);
+    assert_eq!(inbound.div_ceil(1 << 20), INBOUND_MIB);
+}
+
+/// A runner that holds 100 MiB per declared row (by its estimate; the server charges the
+/// session 215 MiB more for its transport) until its client's one message, which it
+/// echoes.
 struct Heavy;
 
 impl fusion_server::SessionRunner for Heavy {
@@ -314,9 +326,14 @@ impl fusion_server::SessionRunner for Heavy {
         &self,
         ch: &mut dyn Channel,
         start: &StartInfo,
-        _: &ServerState,
+        state: &ServerState,
     ) -> Result<(), RunnerError> {
-        assert_eq!(start.memory.mib() as u64, start.rows * 100);
+        // held of the cap: its estimate and the inbound data (nothing without a cap)
+        let held = match state.limits.max_memory {
+            Some(_) => start.rows * 100 + INBOUND_MIB,
+            None => 0,
+        };
+        assert_eq!(start.memory.mib() as u64, held);
         let m = ch.recv()?;
         ch.send(&m)?;
         Ok(())
@@ -332,9 +349,20 @@ async fn hold(
     std::sync::mpsc::Sender<()>,
     tokio::task::JoinHandle<Result<SessionOutput<Vec<u8>>, ClientError>>,
 ) {
+    hold_as(s, s.client().await, start).await
+}
+
+/// [`hold`] for the given client.
+async fn hold_as(
+    s: &TestServer,
+    client: Client,
+    start: SessionStart,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    tokio::task::JoinHandle<Result<SessionOutput<Vec<u8>>, ClientError>>,
+) {
     let accepted = s.handle.stats().sessions_accepted;
     let (go, wait) = std::sync::mpsc::channel::<()>();
-    let client = s.client().await;
     let a = tokio::spawn(async move {
         client
             .session(start, move |ch, _| {
@@ -380,40 +408,58 @@ async fn echo_when_free(client: &Client, start: SessionStart) -> Vec<u8> {
 async fn sessions_are_admitted_by_memory_and_refused_with_named_codes() {
     let mut registry = Registry::with_builtins();
     registry.register("heavy", Heavy).unwrap();
+    // a cap of 700 MiB, each session charged 100 MiB a row and 215 MiB of inbound data
     let limits = SessionLimits {
-        max_memory: Some(250 << 20),
+        max_memory: Some(700 << 20),
         ..SessionLimits::default()
     };
     let s = TestServer::start(Policy::default(), limits, registry).await;
     let client = s.client().await;
     let heavy = |rows| SessionStart::new("heavy").with_batch(rows, 1);
-    // session A holds 200 of the 250 MiB until it is told to finish
+    // session A holds 415 of the 700 MiB until it is told to finish
     let (go, a) = hold(&s, heavy(2)).await;
-    // 100 more MiB do not fit beside it: busy
+    // 315 more MiB do not fit beside it: busy
     let err = client
         .session(heavy(1), |_, _| Ok::<_, ChannelError>(()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
     assert!(
-        err.to_string().contains("200 of its 250 MiB memory cap"),
+        err.to_string()
+            .contains("415 of its 700 MiB memory cap, this one needs about 315 MiB"),
         "{err}"
     );
-    // 300 MiB never fit: exhausted, whatever runs
+    // 715 MiB never fit: exhausted, whatever runs
     let err = client
-        .session(heavy(3), |_, _| Ok::<_, ChannelError>(()))
+        .session(heavy(5), |_, _| Ok::<_, ChannelError>(()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
-    assert!(err.to_string().contains("declare at most 2 rows"), "{err}");
-    // a runner that estimates nothing is not held back
-    client
-        .session(SessionStart::new(ECHO), |ch, _| {
-            ch.send(b"light")?;
-            ch.recv()
-        })
+    assert!(err.to_string().contains("needs about 715 MiB"), "{err}");
+    assert!(err.to_string().contains("declare at most 4 rows"), "{err}");
+    // a runner that estimates nothing (echo) is charged its inbound data alone: 215 MiB
+    // fit beside A (another client's: A's client is over its 350 MiB share)
+    let alice = s.client_as("alice").await.unwrap();
+    let light = |ch: &mut dyn Channel, _: &_| {
+        ch.send(b"light")?;
+        ch.recv()
+    };
+    let out = alice.session(SessionStart::new(ECHO), light).await.unwrap();
+    assert_eq!(out.value, b"light");
+    // while one runs beside A (630 MiB), another does not fit: busy
+    let (go_echo, e) = hold_as(&s, alice.clone(), SessionStart::new(ECHO)).await;
+    let err = alice
+        .session(SessionStart::new(ECHO), light)
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(
+        err.to_string()
+            .contains("630 of its 700 MiB memory cap, this one needs about 215 MiB"),
+        "{err}"
+    );
+    go_echo.send(()).unwrap();
+    assert_eq!(e.await.unwrap().unwrap().value, b"done");
     // a client that waits up to 1 s asks again at least once (first pause 0.15-0.25 s)
     // and returns the last refusal, saying how often it asked
     let brief = patient(&s, Duration::from_secs(1)).await;
@@ -499,9 +545,10 @@ async fn one_client_may_run_only_so_many_sessions_at_once() {
 async fn one_clients_sessions_hold_at_most_its_share_of_the_memory_cap() {
     let mut registry = Registry::with_builtins();
     registry.register("heavy", Heavy).unwrap();
-    // a cap of 300 MiB, each client's share half of it (the default)
+    // a cap of 900 MiB, each client's share half of it (the default); a session is
+    // charged 100 MiB a row and 215 MiB of inbound data
     let limits = SessionLimits {
-        max_memory: Some(300 << 20),
+        max_memory: Some(900 << 20),
         ..SessionLimits::default()
     };
     let s = TestServer::start(Policy::default(), limits, registry).await;
@@ -510,9 +557,9 @@ async fn one_clients_sessions_hold_at_most_its_share_of_the_memory_cap() {
         ch.send(b"hi")?;
         ch.recv()
     };
-    // session A of CN=client holds 100 MiB
+    // session A of CN=client holds 315 MiB
     let (go, a) = hold(&s, heavy(1)).await;
-    // 100 more of the same client: the cap has room, its 150 MiB share has not: busy
+    // 315 more of the same client: the cap has room, its 450 MiB share has not: busy
     let client = s.client().await;
     let err = client
         .session(heavy(1), |_, _| Ok::<_, ChannelError>(()))
@@ -521,7 +568,7 @@ async fn one_clients_sessions_hold_at_most_its_share_of_the_memory_cap() {
     assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
     assert!(
         err.to_string()
-            .contains("CN=client's running sessions hold 100 MiB of its 150 MiB share"),
+            .contains("CN=client's running sessions hold 315 MiB of its 450 MiB share"),
         "{err}"
     );
     // another client is served beside A
@@ -539,10 +586,10 @@ async fn one_clients_sessions_hold_at_most_its_share_of_the_memory_cap() {
         let out = retrying.session(heavy(1), echo).await.unwrap();
         assert_eq!(out.value, b"hi");
         // a client holding nothing may start one session over its share if it fits the
-        // cap: 200 MiB
-        hold(&s, heavy(2)).await
+        // cap: 515 MiB
+        hold(&s, heavy(3)).await
     };
-    // while it runs (200 of the 300 MiB), its client may not add 100 MiB more: its share
+    // while it runs (515 of the 900 MiB), its client may not add 315 MiB more: its share
     let err = client
         .session(heavy(1), |_, _| Ok::<_, ChannelError>(()))
         .await
@@ -550,7 +597,7 @@ async fn one_clients_sessions_hold_at_most_its_share_of_the_memory_cap() {
     assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
     assert!(
         err.to_string()
-            .contains("hold 200 MiB of its 150 MiB share"),
+            .contains("hold 515 MiB of its 450 MiB share"),
         "{err}"
     );
     go.send(()).unwrap();

@@ -51,7 +51,7 @@ use super::{
 };
 use crate::channel::{Channel, ChannelError, StepCost};
 use crate::fixed::{FixedLayer, FixedModel, first_argmax};
-use crate::he::{self, HeParams, LinearShape, Packing};
+use crate::he::{self, HeParams, LinearShape};
 use crate::mpc::{MpcConfig, MpcError, MpcSession, Party, cost};
 use crate::ot::{CoreOt, KkotConfig, OtKind};
 use crate::ring::Ring;
@@ -737,13 +737,10 @@ fn client_answers(
 ) -> Result<Zeroizing<Vec<u64>>, BackendError> {
     let mut y = Zeroizing::new(Vec::with_capacity(rows * outputs));
     for (_, s) in &calls(plan, rows, inputs, outputs) {
-        let header = ch.recv()?;
-        let count = Packing::choose(he.params(), s)?.output_cts(s);
-        let cts = Zeroizing::new(
-            (0..count)
-                .map(|_| ch.recv())
-                .collect::<Result<Vec<_>, _>>()?,
-        );
+        // the header and each ciphertext checked as they arrive: the chunk's answers are
+        // held until all are in
+        let (header, cts) = he::recv_response(ch, he.params(), *s)?;
+        let cts = Zeroizing::new(cts);
         // this chunk's share, zeroized once copied (as the server's in `server_answers`)
         let part = Zeroizing::new(he.decrypt_layer(*s, &header, &cts)?);
         y.extend_from_slice(&part);

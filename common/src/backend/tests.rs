@@ -1082,3 +1082,105 @@ fn a_prepared_batch_runs_only_its_online_phase_and_equals_the_evaluator() {
         assert!(matches!(e, BackendError::BadBatch(_)), "{e}");
     });
 }
+
+/// A channel that rewrites the `nth` message received during step `step` and counts the
+/// messages received in that step.
+struct TamperRecv<C> {
+    inner: C,
+    step: &'static str,
+    current: String,
+    nth: usize,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    edit: Edit,
+}
+
+impl<C: Channel> Channel for TamperRecv<C> {
+    fn send(&mut self, msg: &[u8]) -> Result<(), ChannelError> {
+        self.inner.send(msg)
+    }
+    fn send_vec(&mut self, msg: Vec<u8>) -> Result<(), ChannelError> {
+        self.inner.send_vec(msg)
+    }
+    fn recv(&mut self) -> Result<Vec<u8>, ChannelError> {
+        let mut m = self.inner.recv()?;
+        if self.current == self.step {
+            use std::sync::atomic::Ordering;
+            if self.seen.fetch_add(1, Ordering::SeqCst) == self.nth {
+                (self.edit)(&mut m);
+            }
+        }
+        Ok(m)
+    }
+    fn flush(&mut self) -> Result<(), ChannelError> {
+        self.inner.flush()
+    }
+    fn set_step(&mut self, step: &str) {
+        self.current = step.into();
+        self.inner.set_step(step);
+    }
+}
+
+#[test]
+fn a_result_ciphertext_of_the_wrong_length_is_refused_before_the_next_is_read() {
+    // the client holds a layer's answers until all are in: each ciphertext's length is
+    // checked as it arrives, in both linear modes
+    let model = small();
+    let fm = model.fixed_model();
+    let spec = ModelSpec::of(fm);
+    let n = 1024;
+    let online = CheetahConfig {
+        linear: LinearMode::Online,
+        ..CheetahConfig::default()
+    };
+    let pre = CheetahConfig {
+        linear: LinearMode::Preprocessed,
+        ..CheetahConfig::default()
+    };
+    for (cfg, step) in [(online, "layer1/linear"), (pre, "offline/linear")] {
+        // `nth` received message of the step one byte short (none: honest); the client's
+        // result and the messages it read in the step
+        let run = |nth: usize| {
+            let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counter = seen.clone();
+            let o = session(
+                fm,
+                &spec,
+                cfg,
+                cfg,
+                LocalPolicy::new(n as u64, OutputMode::Labels, None),
+                vec![(rows(n), n, OutputMode::Labels)],
+                move |c| {
+                    Box::new(TamperRecv {
+                        inner: c,
+                        step,
+                        current: String::new(),
+                        nth,
+                        seen: counter,
+                        edit: Box::new(|m: &mut Vec<u8>| {
+                            m.pop();
+                        }),
+                    })
+                },
+            );
+            (o.client, seen.load(std::sync::atomic::Ordering::SeqCst))
+        };
+        let (honest, all) = run(usize::MAX);
+        assert!(honest.is_ok(), "{step}");
+        // the header and at least two ciphertexts
+        assert!(all >= 3, "{step}: {all}");
+        // the first ciphertext one byte short: refused by name, nothing after it read
+        let (r, read) = run(1);
+        let e = r.err().unwrap();
+        assert!(
+            matches!(
+                e,
+                BackendError::He(HeError::MalformedLength {
+                    what: "result ciphertext",
+                    ..
+                })
+            ),
+            "{step}: {e}"
+        );
+        assert_eq!(read, 2, "{step}");
+    }
+}

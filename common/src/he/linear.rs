@@ -539,14 +539,45 @@ where
             ch.send_vec(msg)?;
         }
         ch.flush()?;
-        let header = ch.recv()?;
-        let count = Packing::choose(session.params(), &shape)?.output_cts(&shape);
-        decode_response_header(&header, session.params(), &shape, count)?;
-        let cts = (0..count)
-            .map(|_| ch.recv())
-            .collect::<Result<Vec<_>, _>>()?;
+        let (header, cts) = recv_response(ch, session.params(), shape)?;
         session.decrypt_layer(shape, &header, &cts)
     })
+}
+
+/// Receives the server's response to a layer of `shape`: the header, checked (shape,
+/// parameters, ciphertext count) before any ciphertext is read, then each result
+/// ciphertext, its length checked (against the result coefficients its block keeps)
+/// before the next is read. The client holds a layer's response until all of it is in:
+/// unchecked, a server could make it hold `count` messages of the transport's largest
+/// size.
+pub fn recv_response<C: Channel + ?Sized>(
+    ch: &mut C,
+    p: &HeParams,
+    shape: LinearShape,
+) -> Result<(Vec<u8>, Vec<Vec<u8>>), HeError> {
+    let pk = Packing::choose(p, &shape)?;
+    let count = pk.output_cts(&shape);
+    let header = ch.recv()?;
+    decode_response_header(&header, p, &shape, count)?;
+    let rbs = pk.row_blocks(&shape);
+    let mut cts = Vec::with_capacity(count);
+    // in the order of `decrypt_raw`: output block k, then row block rb
+    for k in 0..pk.out_blocks(&shape) {
+        for rb in 0..rbs {
+            let kept = pk.rows_in(&shape, rb) * pk.outputs_in(&shape, k);
+            let expected = Packing::response_ct_bytes(p, kept);
+            let m = ch.recv()?;
+            if m.len() != expected {
+                return Err(HeError::MalformedLength {
+                    what: "result ciphertext",
+                    expected,
+                    actual: m.len(),
+                });
+            }
+            cts.push(m);
+        }
+    }
+    Ok((header, cts))
 }
 
 /// The server's side of one linear layer: receives the client's query, computes

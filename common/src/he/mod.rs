@@ -141,8 +141,8 @@ mod wire;
 mod tests;
 
 pub use linear::{
-    ClientSession, ServerSession, client_linear, client_setup, recv_query_ct, server_linear,
-    server_setup,
+    ClientSession, ServerSession, client_linear, client_setup, recv_query_ct, recv_response,
+    server_linear, server_setup,
 };
 pub use packing::{LayerCost, LinearShape, MAX_DIM, Packing, layer_cost};
 pub use params::{

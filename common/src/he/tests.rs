@@ -746,3 +746,68 @@ fn a_query_ciphertext_of_the_wrong_length_is_refused_before_the_next_is_read() {
     }
     assert_eq!(b.recv().unwrap(), b"next");
 }
+
+#[test]
+fn a_result_ciphertext_of_the_wrong_length_is_refused_before_the_next_is_read() {
+    // the client holds a layer's response until all is in: each ciphertext is checked as
+    // it comes, against the coefficients its block keeps
+    let mut rng = ChaCha12Rng::seed_from_u64(31);
+    let params = Arc::new(HeParams::new(37, 37).unwrap());
+    let (client, server) = setup_pair(&params, &mut rng);
+    let shape = LinearShape::new(3, 200, 40);
+    let ring = params.ring();
+    let xc = random_vec(ring, 600, &mut rng);
+    let (w, b) = (
+        random_vec(ring, 8000, &mut rng),
+        random_vec(ring, 40, &mut rng),
+    );
+    let q = client.encrypt_layer(&xc, shape, &mut rng).unwrap();
+    let (resp, _) = server
+        .evaluate_layer(&w, &b, None, shape, &q[0], &q[1..], &mut rng)
+        .unwrap();
+    let (header, cts) = (&resp[0], &resp[1..]);
+    let count = Packing::choose(&params, &shape).unwrap().output_cts(&shape);
+    assert_eq!(cts.len(), count);
+    assert!(count >= 2, "{count}");
+    // the whole response is taken and decrypts as the messages do
+    let (mut a, mut bch) = memory_pair();
+    for m in &resp {
+        a.send(m).unwrap();
+    }
+    let (h, got) = recv_response(&mut bch, &params, shape).unwrap();
+    assert_eq!((&h, got.as_slice()), (header, cts));
+    assert_eq!(
+        client.decrypt_layer(shape, &h, &got).unwrap(),
+        client.decrypt_layer(shape, header, cts).unwrap()
+    );
+    // a wrong length at the first or the last ciphertext: refused by name, the message
+    // after it unread
+    for at in [0, count - 1] {
+        let n = cts[at].len();
+        for len in [n - 1, n + 1, 0, 4 * n] {
+            let (mut a, mut bch) = memory_pair();
+            a.send(header).unwrap();
+            for ct in &cts[..at] {
+                a.send(ct).unwrap();
+            }
+            a.send_vec(vec![7; len]).unwrap();
+            a.send(b"next").unwrap();
+            let r = recv_response(&mut bch, &params, shape);
+            assert!(
+                matches!(r, Err(HeError::MalformedLength { what: "result ciphertext", expected, actual }) if expected == n && actual == len),
+                "{at} {len}: {r:?}"
+            );
+            assert_eq!(bch.recv().unwrap(), b"next");
+        }
+    }
+    // a header announcing another count is refused before any ciphertext is read
+    let mut bad = header.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let (mut a, mut bch) = memory_pair();
+    a.send(&bad).unwrap();
+    a.send(&cts[0]).unwrap();
+    let r = recv_response(&mut bch, &params, shape);
+    assert!(matches!(r, Err(HeError::CountMismatch { .. })), "{r:?}");
+    assert_eq!(&bch.recv().unwrap(), &cts[0]);
+}
