@@ -183,7 +183,7 @@ impl<C: RandomCot> MpcSession<C> {
         }
         // c = a·b ⊕ (own pad s0 of a_peer·b) ⊕ (received pad of a·b_peer)
         let c = (0..t)
-            .map(|i| (if a[i] == 1 { b[i] } else { 0 }) ^ s0[i] ^ got[i])
+            .map(|i| (b[i] & 0u8.wrapping_sub(a[i] & 1)) ^ s0[i] ^ got[i])
             .collect();
         s0.zeroize();
         got.zeroize();
@@ -342,12 +342,9 @@ impl<C: RandomCot> MpcSession<C> {
                     self.ot.kn_respond_row(&msg, g.n, mk, w, |i| {
                         let a = ((x[i] >> shift) & digit_mask) as usize;
                         let mut r = rows[a];
-                        if rg[i] == 1 {
-                            r ^= gt_pat;
-                        }
-                        if re[i] == 1 {
-                            r ^= eq_pat;
-                        }
+                        // masked, no branch on the random bits
+                        r ^= gt_pat & 0u128.wrapping_sub(u128::from(rg[i] & 1));
+                        r ^= eq_pat & 0u128.wrapping_sub(u128::from(re[i] & 1));
                         r
                     })?
                 } else {

@@ -32,6 +32,12 @@ use crate::channel::Channel;
 use crate::ot::{Party, RandomCot};
 use crate::ring::Ring;
 
+/// All ones where bit 0 of `d` is 1, else zero: selects by a secret bit without a branch.
+#[inline]
+fn bit_mask(d: u8) -> u64 {
+    0u64.wrapping_sub(u64::from(d & 1))
+}
+
 impl<C: RandomCot> MpcSession<C> {
     pub(crate) fn kn_from_cots(&self) -> bool {
         !self.ot.uses_kk13()
@@ -144,7 +150,7 @@ impl<C: RandomCot> MpcSession<C> {
         let corr: Vec<u64> = x
             .iter()
             .enumerate()
-            .map(|(k, &v)| if d[k / w] & 1 == 1 { ring.neg(v) } else { v })
+            .map(|(k, &v)| v ^ ((ring.neg(v) ^ v) & bit_mask(d[k / w])))
             .collect();
         let (r, reply) = self.ot.cot_respond(ring, &peer_d, &corr, w)?;
         ch.send_vec(reply)?;
@@ -152,7 +158,7 @@ impl<C: RandomCot> MpcSession<C> {
         let y = self.ot.cot_finish(st, ring, &peer_reply, w)?;
         Ok((0..n * w)
             .map(|k| {
-                let own = if d[k / w] & 1 == 1 { x[k] } else { 0 };
+                let own = x[k] & bit_mask(d[k / w]);
                 ring.add(ring.sub(own, r[k]), y[k])
             })
             .collect())

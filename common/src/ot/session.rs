@@ -766,13 +766,11 @@ impl<C: RandomCot> OtSession<C> {
             .hash_many(&st.m, |i| tweak(dir, st.idx + i as u64, 0), &mut h);
         let mut y = Vec::with_capacity(n * w);
         for i in 0..n {
+            // all ones where the choice bit is 1: a masked add, no branch on the secret bit
+            let mask = 0u64.wrapping_sub(u64::from(st.choices[i] & 1));
             for v in 0..w {
                 let a = lane(h[i], v, ring);
-                y.push(if st.choices[i] == 1 {
-                    ring.add(a, t[i * w + v])
-                } else {
-                    a
-                });
+                y.push(ring.add(a, t[i * w + v] & mask));
             }
         }
         Ok(y)
