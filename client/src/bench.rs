@@ -44,6 +44,7 @@ use fusion_server::state::{Policy, ServedModel, ServerState, SessionLimits};
 use serde::Serialize;
 
 use crate::charts::{RunCost, write_report};
+use crate::client::ClientOptions;
 use crate::infer::{InferError, InferOptions, InferOutput, Inputs, run_with_info};
 use crate::link::{LinkEmulator, LinkError, LinkProfile};
 use crate::local::{BUNDLED_MNIST, BUNDLED_MODEL, LocalServer, bundled};
@@ -931,8 +932,18 @@ fn run_relu_bench_tls(
             },
         )
         .map_err(|e| BenchError::Setup(e.to_string()))?;
+    // One call of `MpcSession::relu` on the whole count sends messages in proportion to
+    // it (an IKNP extension of 96 MiB at 2^20 ReLUs, over the 64 MiB default; the product
+    // backends call it on at most 2^17 values). Both ends of this in-process pair allow
+    // 1 KiB a ReLU, the default at least.
+    let mut limits = SessionLimits::default();
+    limits.frames.max_message = relu_bench_max_message(b.count, limits.frames.max_message);
+    let options = ClientOptions {
+        frames: limits.frames,
+        ..ClientOptions::default()
+    };
     let client_out = runtime()?.block_on(async {
-        let state = ServerState::new(None, Policy::default(), SessionLimits::default());
+        let state = ServerState::new(None, Policy::default(), limits);
         let server = LocalServer::start(state, registry)
             .await
             .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
@@ -940,11 +951,14 @@ fn run_relu_bench_tls(
             .map(|p| LinkEmulator::start(server.handle.local_addr(), p))
             .transpose()
             .map_err(|e| BenchError::Setup(e.to_string()))?;
-        let client = match &emu {
-            Some(e) => server.client_at(e.local_addr().port()).await,
-            None => server.client().await,
-        }
-        .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
+        let port = match &emu {
+            Some(e) => e.local_addr().port(),
+            None => server.handle.local_addr().port(),
+        };
+        let client = server
+            .client_with(port, options)
+            .await
+            .map_err(|e| BenchError::Setup(format!("{e:#}")))?;
         // the TLS handshake and HTTP/2 set-up before the counters are read
         client.model_info().await.map_err(InferError::from)?;
         let before = emu.as_ref().map(|e| e.counters().snapshot());
@@ -971,6 +985,11 @@ fn run_relu_bench_tls(
     let rs = rx.recv().map_err(|_| BenchError::Panicked)?;
     let r = relu_report(b, ring, &x, Ok(client_out.value), rs, "tls")?;
     Ok((r, wire))
+}
+
+/// The message limit of the ReLU bench's in-process pair: 1 KiB a ReLU, at least `floor`.
+fn relu_bench_max_message(count: usize, floor: usize) -> usize {
+    count.saturating_mul(1 << 10).max(floor)
 }
 
 fn party(
@@ -1083,6 +1102,18 @@ fn relu_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ReLU bench's pair allows the largest message measured at 2^20 ReLUs (the IKNP
+    /// extension, 100,663,296 bytes at l = 32, refused by the 64 MiB default before) and
+    /// keeps the default for small counts.
+    #[test]
+    fn the_relu_bench_limit_covers_its_largest_message() {
+        let default = fusion_common::net::frame::DEFAULT_MAX_MESSAGE;
+        assert!(relu_bench_max_message(1 << 20, default) >= 100_663_296);
+        assert!(100_663_296 > default);
+        assert_eq!(relu_bench_max_message(65_536, default), default);
+        assert_eq!(relu_bench_max_message(usize::MAX, default), usize::MAX);
+    }
 
     #[test]
     fn relu_bench_runs_and_reports_consistent_figures() {

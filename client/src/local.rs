@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 
 use fusion_common::net::certs::{CertBundle, CertSpec, generate};
 use fusion_common::net::connect::ServerAddress;
-use fusion_common::net::tls::server_config;
+use fusion_common::net::tls::{client_config, server_config};
 use fusion_server::runner::Registry;
 use fusion_server::state::ServerState;
 use fusion_server::{ServerHandle, spawn};
 
-use crate::client::Client;
+use crate::client::{Client, ClientOptions};
 
 /// The bundled model, relative to the workspace root.
 pub const BUNDLED_MODEL: &str = "models/mnist-dnn.safetensors";
@@ -72,16 +72,23 @@ impl LocalServer {
     /// server (a relay such as [`crate::link::LinkEmulator`]), checking the server's
     /// certificate against the name `localhost`.
     pub async fn client_at(&self, port: u16) -> anyhow::Result<Client> {
+        self.client_with(port, ClientOptions::default()).await
+    }
+
+    /// As [`LocalServer::client_at`], with these transport settings (e.g. a bench's own
+    /// message limit).
+    pub async fn client_with(&self, port: u16, options: ClientOptions) -> anyhow::Result<Client> {
         let cert = self
             .pki
             .clients
             .first()
             .ok_or_else(|| anyhow::anyhow!("no client certificate was made"))?;
-        Ok(Client::connect(
+        let config = client_config(&cert.identity(), self.pki.ca_pem.as_bytes())?;
+        Ok(Client::connect_with_config(
             &ServerAddress::new("127.0.0.1", port),
             Some("localhost"),
-            &cert.identity(),
-            self.pki.ca_pem.as_bytes(),
+            config,
+            options,
         )
         .await?)
     }
