@@ -126,3 +126,43 @@ impl TestServer {
         self.handle.stats().sessions_failed
     }
 }
+
+/// The real binaries as child processes (the two-process and CLI tests).
+pub mod process {
+    use std::io::{BufRead, BufReader};
+    use std::process::Child;
+    use std::time::Duration;
+
+    /// Kills the child when the test ends, whatever happens.
+    #[derive(Debug)]
+    pub struct Reaper(pub Child);
+
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// The port of a `fusion-server serve` child started with its stdout piped: read from
+    /// the line `fusion-server listening on ADDR` it prints (within 60 s).
+    pub fn listening_port(server: &mut Reaper) -> String {
+        let out = server
+            .0
+            .stdout
+            .take()
+            .expect("the server's stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("fusion-server listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server prints its address");
+        addr.rsplit(':').next().unwrap_or_default().to_owned()
+    }
+}

@@ -20,6 +20,7 @@ use fusion_client::trust::{FILE_NAME, TrustArgs, run_verified_trusted};
 use fusion_client::verified::{FusionError, FusionOptions, Params, PublicRows, run_verified};
 use fusion_common::nn::mnist::{self, Dataset, Split};
 use fusion_server::state::Policy;
+use fusion_tests::process::{Reaper, listening_port};
 
 fn server_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fusion-server-e2e"))
@@ -380,7 +381,7 @@ async fn the_batch_flag_bounds_the_rows_of_each_fusion_batch() {
 /// `fusion-server serve` of the small model with `extra` flags, on port 0; its port.
 fn serve(dir: &Path, extra: &[&str]) -> (Reaper, String) {
     let d = |f: &str| dir.join(f);
-    let mut child = Command::new(server_bin())
+    let child = Command::new(server_bin())
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(extra)
         .arg("--model")
@@ -397,31 +398,9 @@ fn serve(dir: &Path, extra: &[&str]) -> (Reaper, String) {
         .stderr(Stdio::null())
         .spawn()
         .expect("the server starts");
-    let out = child.stdout.take().expect("the server's stdout");
-    let reaper = Reaper(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("fusion-server listening on ") {
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server prints its address");
-    let port = addr.rsplit(':').next().unwrap_or_default().to_owned();
+    let mut reaper = Reaper(child);
+    let port = listening_port(&mut reaper);
     (reaper, port)
-}
-
-/// Kills the child when the test ends, whatever happens.
-struct Reaper(std::process::Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -9,10 +9,10 @@
 //! the test build itself (a `cargo build` of the other packages from inside the test
 //! would build the whole workspace a second time, with other features).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
+
+use fusion_tests::process::{Reaper, listening_port};
 
 /// The paths of the two binaries, built by cargo with this test.
 fn build_binaries() -> (PathBuf, PathBuf) {
@@ -20,16 +20,6 @@ fn build_binaries() -> (PathBuf, PathBuf) {
         PathBuf::from(env!("CARGO_BIN_EXE_fusion-server-e2e")),
         PathBuf::from(env!("CARGO_BIN_EXE_fusion-client-e2e")),
     )
-}
-
-/// Kills the child when the test ends, whatever happens.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -73,19 +63,8 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
             .spawn()
             .unwrap(),
     );
-    let stdout = server.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("fusion-server listening on ") {
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server prints its address");
-    let port = addr.rsplit(':').next().unwrap();
+    let port = listening_port(&mut server);
+    let port = port.as_str();
 
     let info = Command::new(&client_bin)
         .args(["info", "--json", "--server"])
