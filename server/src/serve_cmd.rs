@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use fusion_common::net::frame::DEFAULT_MAX_MESSAGE;
+use fusion_common::net::stream::inbound_bytes;
 use fusion_common::net::tls::{Identity, read, server_config};
 use fusion_common::net::{DEFAULT_FRAME_LIMIT, FrameLimits, OutputMode};
 use tracing::info;
@@ -310,15 +311,33 @@ impl ServeArgs {
     }
 }
 
+/// Refuses a memory cap under what every session is charged for its transport's inbound
+/// data ([`inbound_bytes`] of the frame limits): such a server would refuse every session.
+fn check_memory_cap(limits: &SessionLimits) -> anyhow::Result<()> {
+    let inbound = inbound_bytes(&limits.frames);
+    match limits.max_memory {
+        Some(cap) if cap < inbound => anyhow::bail!(
+            "the memory cap of {} MiB is under the {} MiB every session is charged for the \
+             inbound data its transport may hold (--max-message {} bytes): every session \
+             would be refused; raise --max-memory or lower --max-message",
+            cap >> 20,
+            inbound.div_ceil(1 << 20),
+            limits.frames.max_message
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Runs the server until Ctrl-C or SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     fusion_common::net::install_crypto_provider();
     let identity = Identity::from_files(&args.cert, &args.key)?;
     let client_ca = read(&args.client_ca, "client CA")?;
     let tls = server_config(&identity, &client_ca).context("building the TLS configuration")?;
-    let mut state =
-        ServerState::from_model_path(args.model.as_deref(), args.policy(), args.limits())
-            .context("loading the model")?;
+    let limits = args.limits();
+    check_memory_cap(&limits)?;
+    let mut state = ServerState::from_model_path(args.model.as_deref(), args.policy(), limits)
+        .context("loading the model")?;
     if let Some(m) = &mut state.model {
         claim_accuracy(m, args.claimed_accuracy, &args.mnist_dir)?;
     }
@@ -500,6 +519,26 @@ mod tests {
                 .idle_timeout,
             Duration::from_secs(1)
         );
+    }
+
+    /// A cap under the inbound charge of one session would refuse every session: refused
+    /// at start, naming both flags; a cap that holds it, or none, is taken.
+    #[test]
+    fn a_memory_cap_under_one_sessions_inbound_charge_is_refused_at_start() {
+        let inbound = inbound_bytes(&parse(&[]).unwrap().limits().frames);
+        let e = check_memory_cap(&parse(&["--max-memory", "200"]).unwrap().limits())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--max-memory") && e.contains("--max-message"),
+            "{e}"
+        );
+        assert!(inbound > 200 << 20, "{inbound}");
+        check_memory_cap(&parse(&["--max-memory", "216"]).unwrap().limits()).unwrap();
+        check_memory_cap(&parse(&["--max-memory", "unlimited"]).unwrap().limits()).unwrap();
+        // a smaller --max-message lowers the charge
+        let small = parse(&["--max-memory", "200", "--max-message", "33554432"]).unwrap();
+        check_memory_cap(&small.limits()).unwrap();
     }
 
     #[test]
