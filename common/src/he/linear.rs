@@ -580,9 +580,6 @@ pub fn recv_response<C: Channel + ?Sized>(
     Ok((header, cts))
 }
 
-/// The server's side of one linear layer: receives the client's query, computes
-/// W X + b - R under encryption (X = Xc + Xs), re-randomises, floods, switches and trims,
-/// sends it back and returns its own output share R (B x n_o).
 /// Receives one query ciphertext, its length checked before the next is read (the
 /// server holds a layer's queries until all are in).
 pub fn recv_query_ct<C: Channel + ?Sized>(ch: &mut C, p: &HeParams) -> Result<Vec<u8>, HeError> {
@@ -597,6 +594,9 @@ pub fn recv_query_ct<C: Channel + ?Sized>(ch: &mut C, p: &HeParams) -> Result<Ve
     Ok(m)
 }
 
+/// The server's side of one linear layer: receives the client's query, computes
+/// W X + b - R under encryption (X = Xc + Xs), re-randomises, floods, switches and trims,
+/// sends it back and returns its own output share R (B x n_o).
 #[allow(clippy::too_many_arguments)]
 pub fn server_linear<C, R>(
     ch: &mut C,
