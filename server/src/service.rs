@@ -677,15 +677,25 @@ mod tests {
     /// A service with a cap of `cap_mib` MiB (per-client share `share`), `policy`, and the
     /// `heavy` backend.
     fn service(cap_mib: u64, share: ClientMemory, policy: Policy) -> FusionService {
+        service_offering("heavy", cap_mib, share, policy)
+    }
+
+    /// As [`service`], offering `backend` (`heavy` or a built-in) alone.
+    fn service_offering(
+        backend: &str,
+        cap_mib: u64,
+        share: ClientMemory,
+        policy: Policy,
+    ) -> FusionService {
         let limits = SessionLimits {
             max_memory: Some(cap_mib << 20),
             max_client_memory: share,
             ..SessionLimits::default()
         };
-        let mut registry = Registry::empty();
+        let mut registry = Registry::with_builtins();
         registry.register("heavy", Heavy).unwrap();
         let state = Arc::new(ServerState::new(None, policy, limits));
-        FusionService::new(state, registry, vec!["heavy".into()], Default::default())
+        FusionService::new(state, registry, vec![backend.into()], Default::default())
     }
 
     fn heavy(rows: u64) -> SessionStart {
@@ -721,18 +731,7 @@ mod tests {
         );
         assert_eq!(inbound.div_ceil(MIB) as usize, INBOUND_MIB);
         // `echo` estimates nothing of its own: it is charged the inbound data
-        let limits = SessionLimits {
-            max_memory: Some(500 << 20),
-            max_client_memory: ClientMemory::Whole,
-            ..SessionLimits::default()
-        };
-        let state = Arc::new(ServerState::new(None, Policy::default(), limits));
-        let s = FusionService::new(
-            state,
-            Registry::with_builtins(),
-            vec![ECHO.into()],
-            Default::default(),
-        );
+        let s = service_offering(ECHO, 500, ClientMemory::Whole, Policy::default());
         let echo = SessionStart::new(ECHO);
         let a = s.admit("CN=a", &echo).unwrap();
         assert_eq!(a.1.2.mib(), INBOUND_MIB);
@@ -759,17 +758,7 @@ mod tests {
         drop((a, b));
         assert_eq!(usage(&s, "CN=a"), (500, None));
         // under a cap below the inbound data no echo session is admitted
-        let limits = SessionLimits {
-            max_memory: Some(200 << 20),
-            ..SessionLimits::default()
-        };
-        let state = Arc::new(ServerState::new(None, Policy::default(), limits));
-        let s = FusionService::new(
-            state,
-            Registry::with_builtins(),
-            vec![ECHO.into()],
-            Default::default(),
-        );
+        let s = service_offering(ECHO, 200, ClientMemory::default(), Policy::default());
         let r = refusal(s.admit("CN=a", &echo));
         assert_eq!(r.code, tonic::Code::ResourceExhausted, "{r:?}");
         assert!(
