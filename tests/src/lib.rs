@@ -130,8 +130,22 @@ impl TestServer {
 /// The real binaries as child processes (the two-process and CLI tests).
 pub mod process {
     use std::io::{BufRead, BufReader};
-    use std::process::Child;
+    use std::path::Path;
+    use std::process::{Child, Command};
     use std::time::Duration;
+
+    /// `bin serve --listen 127.0.0.1:0` with the server certificate, key and client CA that
+    /// `fusion-server certs --out pki` wrote; the caller adds its flags and spawns it.
+    pub fn serve_command(bin: &Path, pki: &Path) -> Command {
+        let mut c = Command::new(bin);
+        c.args(["serve", "--listen", "127.0.0.1:0", "--cert"])
+            .arg(pki.join("server.pem"))
+            .arg("--key")
+            .arg(pki.join("server.key"))
+            .arg("--client-ca")
+            .arg(pki.join("ca.pem"));
+        c
+    }
 
     /// Kills the child when the test ends, whatever happens.
     #[derive(Debug)]

@@ -20,7 +20,7 @@ use fusion_client::trust::{FILE_NAME, TrustArgs, run_verified_trusted};
 use fusion_client::verified::{FusionError, FusionOptions, Params, PublicRows, run_verified};
 use fusion_common::nn::mnist::{self, Dataset, Split};
 use fusion_server::state::Policy;
-use fusion_tests::process::{Reaper, listening_port};
+use fusion_tests::process::{Reaper, listening_port, serve_command};
 
 fn server_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fusion-server-e2e"))
@@ -80,6 +80,20 @@ fn arguments_that_were_once_taken_silently_are_refused_by_name() {
         v.into_iter().map(str::to_owned).collect::<Vec<_>>()
     };
     let own = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    // `serve` with (unread) certificate paths and `flag` at 0
+    let serve_zero = |flag: &str| {
+        own(&[
+            "serve",
+            "--cert",
+            "a",
+            "--key",
+            "b",
+            "--client-ca",
+            "c",
+            flag,
+            "0",
+        ])
+    };
     // (binary, arguments, what the message must name)
     let cases: Vec<(PathBuf, Vec<String>, &str)> = vec![
         (
@@ -154,36 +168,8 @@ fn arguments_that_were_once_taken_silently_are_refused_by_name() {
             with("audit", &["--per-session", "0"]),
             "--per-session",
         ),
-        (
-            server_bin(),
-            own(&[
-                "serve",
-                "--cert",
-                "a",
-                "--key",
-                "b",
-                "--client-ca",
-                "c",
-                "--max-rows",
-                "0",
-            ]),
-            "--max-rows",
-        ),
-        (
-            server_bin(),
-            own(&[
-                "serve",
-                "--cert",
-                "a",
-                "--key",
-                "b",
-                "--client-ca",
-                "c",
-                "--idle-timeout",
-                "0",
-            ]),
-            "--idle-timeout",
-        ),
+        (server_bin(), serve_zero("--max-rows"), "--max-rows"),
+        (server_bin(), serve_zero("--idle-timeout"), "--idle-timeout"),
         (
             server_bin(),
             own(&["certs", "--out", "unused", "--days", "0"]),
@@ -241,14 +227,7 @@ fn key_files_without_a_key_or_with_another_key_are_named() {
 #[test]
 fn the_servers_log_has_no_colour_codes_off_a_terminal() {
     let dir = certs();
-    let d = |f: &str| dir.path().join(f);
-    let mut child = Command::new(server_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--cert"])
-        .arg(d("server.pem"))
-        .arg("--key")
-        .arg(d("server.key"))
-        .arg("--client-ca")
-        .arg(d("ca.pem"))
+    let mut child = serve_command(&server_bin(), dir.path())
         .env("RUST_LOG", "info")
         .env_remove("NO_COLOR")
         .stdout(Stdio::null())
@@ -380,20 +359,12 @@ async fn the_batch_flag_bounds_the_rows_of_each_fusion_batch() {
 
 /// `fusion-server serve` of the small model with `extra` flags, on port 0; its port.
 fn serve(dir: &Path, extra: &[&str]) -> (Reaper, String) {
-    let d = |f: &str| dir.join(f);
-    let child = Command::new(server_bin())
-        .args(["serve", "--listen", "127.0.0.1:0"])
+    let child = serve_command(&server_bin(), dir)
         .args(extra)
         .arg("--model")
         .arg(repo("models/mnist-784-32-10.safetensors"))
         .arg("--mnist-dir")
         .arg(repo("data/mnist"))
-        .arg("--cert")
-        .arg(d("server.pem"))
-        .arg("--key")
-        .arg(d("server.key"))
-        .arg("--client-ca")
-        .arg(d("ca.pem"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

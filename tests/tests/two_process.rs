@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use fusion_tests::process::{Reaper, listening_port};
+use fusion_tests::process::{Reaper, listening_port, serve_command};
 
 /// The paths of the two binaries, built by cargo with this test.
 fn build_binaries() -> (PathBuf, PathBuf) {
@@ -45,18 +45,12 @@ fn serve_and_info_in_two_processes_with_certificates_from_certs() {
     }
 
     let mut server = Reaper(
-        Command::new(&server_bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--budget", "500"])
+        serve_command(&server_bin, dir.path())
+            .args(["--budget", "500"])
             .arg("--mnist-dir")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist"))
             .arg("--model")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/mnist-dnn.safetensors"))
-            .arg("--cert")
-            .arg(d("server.pem"))
-            .arg("--key")
-            .arg(d("server.key"))
-            .arg("--client-ca")
-            .arg(d("ca.pem"))
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
