@@ -1523,6 +1523,17 @@ fn plus_share(w: &WiggleVote, dir: &[f64], noise: f64) -> Option<f64> {
     Some(pu / (pu + pd))
 }
 
+/// The valid + shares ([`plus_share`]) of plane `j`'s wiggles among `w`, ascending.
+fn plane_shares(w: &[WiggleVote], j: usize, dir: &[f64], noise: f64) -> Vec<f64> {
+    let mut shares: Vec<f64> = w
+        .iter()
+        .filter(|v| v.plane == j)
+        .filter_map(|v| plus_share(v, dir, noise))
+        .collect();
+    shares.sort_by(f64::total_cmp);
+    shares
+}
+
 /// Signs from the wiggles of [`partial_votes`]. With j on the + side, a wiggle's changes
 /// are up = L + S and down = -L (S: j's own term, along its output direction; L: the
 /// linear change of the neurons not held fixed), so its + share is p = 1 + l with l the
@@ -1550,17 +1561,12 @@ fn partial_signs(
     dirs.iter()
         .enumerate()
         .map(|(j, dir)| {
-            let mut shares: Vec<f64> = w
-                .iter()
-                .filter(|v| v.plane == j)
-                .filter_map(|v| plus_share(v, dir, noise))
-                .collect();
+            let shares = plane_shares(w, j, dir, noise);
             let n = shares.len();
             rep.votes += n;
             if n < PARTIAL_MIN_VOTES {
                 return 0.0;
             }
-            shares.sort_by(f64::total_cmp);
             let median = shares[n / 2];
             let plus = shares.iter().filter(|p| **p > 0.5).count();
             let agree = plus.max(n - plus) as f64 / n as f64;
@@ -2172,15 +2178,7 @@ mod tests {
         let shares: Vec<Vec<f64>> = dirs
             .iter()
             .enumerate()
-            .map(|(j, d)| {
-                let mut v: Vec<f64> = wiggles
-                    .iter()
-                    .filter(|w| w.plane == j)
-                    .filter_map(|w| plus_share(w, d, noise))
-                    .collect();
-                v.sort_by(f64::total_cmp);
-                v
-            })
+            .map(|(j, d)| plane_shares(&wiggles, j, d, noise))
             .collect();
         let (mut right, mut wrong) = (0, 0);
         for (j, ((k, c), s)) in truth.iter().zip(&signs).enumerate() {
