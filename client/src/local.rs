@@ -54,18 +54,7 @@ impl LocalServer {
 
     /// Connects as the bundle's client.
     pub async fn client(&self) -> anyhow::Result<Client> {
-        let cert = self
-            .pki
-            .clients
-            .first()
-            .ok_or_else(|| anyhow::anyhow!("no client certificate was made"))?;
-        Ok(Client::connect(
-            &self.addr,
-            Some("localhost"),
-            &cert.identity(),
-            self.pki.ca_pem.as_bytes(),
-        )
-        .await?)
+        self.client_at(self.addr.port()).await
     }
 
     /// Connects as the bundle's client to another port of 127.0.0.1 that leads to this

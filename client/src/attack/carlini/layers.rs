@@ -1388,7 +1388,7 @@ fn second_layer_signs(
     if h2 < width && !open.is_empty() {
         let wiggles = partial_votes(oracle, l1, planes, crits, &gains, noise, &open)?;
         let dirs = slope_directions(planes, crits);
-        let mut pr = rep.clone();
+        let mut pr = SignReport::empty(h2);
         let ps = partial_signs(&wiggles, &dirs, noise, &mut pr);
         for &j in &open {
             signs[j] = ps[j];
