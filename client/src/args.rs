@@ -46,14 +46,6 @@ fn seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-/// A count of 1 or more (`--batch`, `audit --trials`, `--per-session`).
-pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("{s:?} is not a whole number of 1 or more")),
-    }
-}
-
 impl ConnectArgs {
     /// Loads the certificates and connects.
     pub async fn connect(&self) -> Result<Client, ClientError> {

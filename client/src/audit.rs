@@ -38,7 +38,7 @@ pub struct AuditArgs {
     pub connect: ConnectArgs,
     /// Independent Fusion batches to run.
     #[arg(long, default_value_t = 20,
-          value_parser = crate::args::at_least_one)]
+          value_parser = fusion_server::cli::at_least_one::<usize>)]
     pub trials: usize,
     /// Own inputs B per batch.
     #[arg(long, default_value_t = 3)]
@@ -47,7 +47,7 @@ pub struct AuditArgs {
     pub fusion: FusionArgs,
     /// Batches per protocol session.
     #[arg(long, default_value_t = 10,
-          value_parser = crate::args::at_least_one)]
+          value_parser = fusion_server::cli::at_least_one::<usize>)]
     pub per_session: usize,
     /// Also report the exact escape probability of a server altering exactly K rows
     /// (e.g. 2 for `flip-rows:2`).

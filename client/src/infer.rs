@@ -422,7 +422,7 @@ pub struct InferArgs {
     /// The largest batch to send, in rows, Fusion's public rows and copies included
     /// (default: the server's largest).
     #[arg(long, env = "FUSION_BATCH",
-          value_parser = crate::args::at_least_one)]
+          value_parser = fusion_server::cli::at_least_one::<usize>)]
     pub batch: Option<usize>,
     /// Linear layers `preprocessed` (Delphi: HE on random masks and the OT extension in
     /// each batch's offline phase, then a masked reshare) or `online` (Cheetah: HE on the

@@ -17,20 +17,13 @@ pub struct CertsArgs {
     /// A client to issue a certificate for, written as NAME.pem / NAME.key (repeat for more).
     #[arg(long = "client", default_values_t = ["client".to_string()])]
     pub clients: Vec<String>,
-    /// Validity in days.
-    #[arg(long, default_value_t = 365, value_parser = days)]
+    /// Validity in days (at least 1: 0 would make certificates that expire as they are
+    /// made).
+    #[arg(long, default_value_t = 365, value_parser = crate::cli::at_least_one::<u32>)]
     pub days: u32,
     /// Overwrite existing files.
     #[arg(long)]
     pub force: bool,
-}
-
-/// A validity of 1 day or more (0 would make certificates that expire as they are made).
-fn days(s: &str) -> Result<u32, String> {
-    match s.parse::<u32>() {
-        Ok(d) if d >= 1 => Ok(d),
-        _ => Err(format!("{s:?} is not a whole number of days, 1 or more")),
-    }
 }
 
 /// Writes the files and lists them.

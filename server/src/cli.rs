@@ -3,6 +3,7 @@
 use crate::model_cmd::{EvalArgs, TrainArgs, run_eval, run_train};
 use crate::{certs_cmd, serve_cmd};
 use clap::{Parser, Subcommand};
+use std::str::FromStr;
 
 /// Fusion model owner: serves a DNN for two-party secure inference over mutual TLS.
 #[derive(Debug, Parser)]
@@ -22,6 +23,16 @@ pub enum Command {
     Train(TrainArgs),
     /// Evaluate a model file on the MNIST test set in f32 and in fixed point.
     Eval(EvalArgs),
+}
+
+/// A count of 1 or more (`--max-rows`, `--idle-timeout`, `--max-sessions`, `certs --days`,
+/// and the client's `--batch`, `audit --trials`, `--per-session`): clap's own range parser
+/// would name the type's whole range in its message.
+pub fn at_least_one<T: FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of 1 or more")),
+    }
 }
 
 /// The whole `fusion-server` program: parses the command line, sets up logging and the

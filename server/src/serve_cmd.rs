@@ -12,6 +12,7 @@ use fusion_common::net::tls::{Identity, read, server_config};
 use fusion_common::net::{DEFAULT_FRAME_LIMIT, FrameLimits, OutputMode};
 use tracing::info;
 
+use crate::cli::at_least_one;
 use crate::runner::Registry;
 use crate::server::spawn;
 use crate::state::{ClientMemory, DEFAULT_BUDGET, Policy, ServerState, SessionLimits};
@@ -37,7 +38,7 @@ pub struct ServeArgs {
     pub client_ca: PathBuf,
     /// Largest batch (rows) one session may declare.
     #[arg(long, env = "FUSION_MAX_ROWS", default_value_t = 1024,
-          value_parser = at_least_one_u64)]
+          value_parser = at_least_one::<u64>)]
     pub max_rows: u64,
     /// Rows each client certificate may query in total, or `unlimited`.
     #[arg(long, env = "FUSION_BUDGET", default_value_t = RowBudget(Some(DEFAULT_BUDGET)))]
@@ -59,15 +60,15 @@ pub struct ServeArgs {
     pub max_message: usize,
     /// Seconds a session may wait for its client before it is ended.
     #[arg(long, env = "FUSION_IDLE_TIMEOUT", default_value_t = 600,
-          value_parser = at_least_one_u64)]
+          value_parser = at_least_one::<u64>)]
     pub idle_timeout: u64,
     /// Sessions running at once.
     #[arg(long, env = "FUSION_MAX_SESSIONS", default_value_t = 32,
-          value_parser = at_least_one)]
+          value_parser = at_least_one::<usize>)]
     pub max_sessions: usize,
     /// Sessions one client certificate may run at once.
     #[arg(long, env = "FUSION_MAX_CLIENT_SESSIONS", default_value_t = 4,
-          value_parser = at_least_one)]
+          value_parser = at_least_one::<usize>)]
     pub max_client_sessions: usize,
     /// Memory the running sessions may hold together, by each backend's estimate plus
     /// what a client may have in flight to the session, which every session is charged
@@ -190,22 +191,6 @@ fn parse_client_memory(s: &str) -> Result<ClientMemory, String> {
                 "{s:?} is not a positive number of MiB (or `half`, `all`)"
             )),
         },
-    }
-}
-
-/// A count of 1 or more (rows, seconds).
-fn at_least_one_u64(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("{s:?} is not a whole number of 1 or more")),
-    }
-}
-
-/// A count of 1 or more.
-fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("{s:?} is not a whole number of 1 or more")),
     }
 }
 
