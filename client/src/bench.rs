@@ -576,12 +576,8 @@ pub fn run_infer_bench(
             "--rows needs positive batch sizes".into(),
         ));
     }
-    // a link runs over the product transport
-    if let (Transport::Memory, Some(l)) = (transport, link) {
-        return Err(BenchError::MemoryWithLink {
-            link: l.label.clone(),
-        });
-    }
+    // a link runs over the product transport (the command's own rule)
+    bench_transport(Some(transport), link)?;
     let config = CheetahConfig {
         linear,
         ..CheetahConfig::default()

@@ -72,7 +72,7 @@ pub struct ServeArgs {
     pub max_client_sessions: usize,
     /// Memory the running sessions may hold together, by each backend's estimate plus
     /// what a client may have in flight to the session, which every session is charged
-    /// (214 MiB under the default --max-message: an `echo` session counts that; a
+    /// (215 MiB under the default --max-message: an `echo` session counts that; a
     /// `cheetah` session of 1,024-row batches about 890 MiB), in MiB; `auto`: three
     /// quarters of the machine's memory (or of its cgroup's limit: a container's, a
     /// systemd unit's); `unlimited`. A session over the whole cap is refused
