@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod channel;
 pub mod cost;
+pub(crate) mod files;
 pub mod fixed;
 pub mod fusion;
 pub mod he;

@@ -4,7 +4,6 @@
 //! written anywhere: to add a client later, make a new set (or use your own CA).
 
 use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -222,28 +221,13 @@ impl CertBundle {
             return Err(CertError::Exists(p.clone()));
         }
         for (path, bytes, secret) in &files {
-            write_file(path, bytes, *secret).map_err(|source| CertError::Write {
+            crate::files::write_file(path, bytes, *secret).map_err(|source| CertError::Write {
                 path: path.clone(),
                 source,
             })?;
         }
         Ok(files.into_iter().map(|(p, _, _)| p).collect())
     }
-}
-
-fn write_file(path: &Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(if secret { 0o600 } else { 0o644 });
-    }
-    #[cfg(not(unix))]
-    let _ = secret;
-    let mut f = opts.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 #[cfg(test)]
@@ -292,6 +276,16 @@ mod tests {
             Err(CertError::Exists(_))
         ));
         assert!(b.write_to(dir.path(), true).is_ok());
+        // overwriting narrows a key that had been left readable by others
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let key = dir.path().join("client.key");
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+            b.write_to(dir.path(), true).unwrap();
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 
     #[test]

@@ -20,7 +20,6 @@ use super::pool::PublicPool;
 use crate::fixed::FixedPoint;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write as _;
 use std::path::Path;
 use zeroize::Zeroizing;
 
@@ -39,26 +38,6 @@ const KEY_DIGEST: &str = "model_digest";
 const KEY_EVALUATION: &str = "evaluation";
 const KEY_TRAINING: &str = "training";
 const KEY_POOL: &str = "public_pool";
-
-/// Writes `bytes` to `path`, created or truncated, readable and writable by the owner
-/// only on Unix (an existing file's mode is narrowed too).
-fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    f.write_all(bytes)?;
-    f.sync_all()
-}
 
 impl Model {
     /// Reads a model file (see the module doc) and checks it completely: container,
@@ -87,7 +66,7 @@ impl Model {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), ModelError> {
         let path = path.as_ref();
         let bytes = Zeroizing::new(self.to_bytes()?);
-        write_owner_only(path, &bytes).map_err(|source| ModelError::Io {
+        crate::files::write_file(path, &bytes, true).map_err(|source| ModelError::Io {
             path: path.display().to_string(),
             source,
         })
